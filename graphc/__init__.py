@@ -1,0 +1,21 @@
+"""graphc: a declarative computation-graph compiler for neural networks.
+
+`compile_file` and `compile_source` are imported lazily, so `graphc.runtime` (which runs built
+artifacts) never pulls in the front end or lark.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["compile_file", "compile_source", "load_artifact", "GraphcError", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("compile_file", "compile_source"):
+        from graphc import compiler
+        return getattr(compiler, name)
+    if name == "load_artifact":
+        from graphc.runtime import load_artifact
+        return load_artifact
+    if name == "GraphcError":
+        from graphc.errors import GraphcError
+        return GraphcError
+    raise AttributeError(f"module 'graphc' has no attribute {name!r}")

@@ -1,0 +1,2 @@
+from graphc.cli import main
+raise SystemExit(main())

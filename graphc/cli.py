@@ -1,0 +1,248 @@
+"""The graphc command line: check, build, graph and run. Exit status 1 for mistakes in the input,
+2 for bad usage; a Python traceback only for graphc's own bugs (and with --debug)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import graphc
+from graphc.errors import GraphcError, error
+
+log = logging.getLogger("graphc")
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME", help="which model, when the file holds several")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graphc", description="Compile neural networks declared in .nn files.",
+        epilog="Run `graphc COMMAND --help` for each command's options.")
+    parser.add_argument("--version", action="version", version=f"graphc {graphc.__version__}")
+    parser.add_argument("--debug", action="store_true", help="log what the compiler does")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("check", help="parse and check a .nn file; list its parameters",
+                       description="Parse, resolve and shape-check every model and train block "
+                                   "of FILE, then print each model's parameters.")
+    p.add_argument("file", metavar="FILE")
+    _add_model_arg(p)
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("build", help="compile a model into an artifact folder",
+                       description="Compile a model and write an artifact: graph.json, "
+                                   "params.npz (initialized parameters) and manifest.json.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--out", metavar="DIR", required=True, help="artifact folder to write")
+    _add_model_arg(p)
+    p.add_argument("--seed", type=int, help="seed for parameter initialization "
+                                            "(default: the train block's, else 0)")
+    p.add_argument("--backend", default="numpy", choices=["numpy"], help="backend to build for")
+    p.add_argument("--verify", action="store_true", help="check IR invariants after every pass")
+    p.add_argument("--dump-after", metavar="PASS", action="append", default=[],
+                   help="print the IR after a pass (repeatable)")
+    p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser("graph", help="print a model's graph (text or Graphviz DOT)",
+                       description="Print the IR of a model, one node per line, or as DOT.")
+    p.add_argument("file", metavar="FILE")
+    _add_model_arg(p)
+    p.add_argument("--format", choices=["text", "dot"], default="text")
+    p.add_argument("--lowered", action="store_true",
+                   help="show the graph after the pass pipeline (primitives only)")
+    p.add_argument("-o", "--out", metavar="PATH", help="write to a file instead of stdout")
+    p.set_defaults(run=cmd_graph)
+
+    p = sub.add_parser("run", help="run a built artifact on inputs from .npy/.npz files",
+                       description="Run an artifact's forward pass. Inputs are NAME=FILE.npy, "
+                                   "or a .npz file whose arrays are named after the inputs.")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("--input", "-i", metavar="NAME=FILE", action="append", default=[],
+                   help="an input array (repeatable)")
+    p.add_argument("-o", "--out", metavar="FILE.npz", help="save the outputs to a .npz file")
+    p.set_defaults(run=cmd_run)
+    return parser
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+def cmd_check(args) -> int:
+    from graphc.compiler import check_source, read_source
+    checked = check_source(read_source(args.file), args.file)
+    names = [args.model] if args.model else list(checked.models)
+    if args.model:
+        checked.pick(args.model)
+    for name in names:
+        print(_model_table(checked.models[name]))
+        if name in checked.trains:
+            print(_train_summary(checked.trains[name]))
+        print()
+    print(f"{args.file}: ok ({len(checked.models)} model{'s' if len(checked.models) != 1 else ''})")
+    return 0
+
+
+def _model_table(model) -> str:
+    from graphc.ir.types import format_shape
+    rows = [("parameter", "role", "shape", "dtype", "count", "init")]
+    total = 0
+    for p in model.params.values():
+        count = p.type.size()
+        total += count
+        opts = ", ".join(f"{k}={v}" for k, v in p.init[1] if v is not None)
+        rows.append((p.name, p.role or "", format_shape(p.type.shape), p.type.dtype.value,
+                     f"{count:,}", f"{p.init[0]}({opts})"))
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    lines = [f"model {model.name}"]
+    for name, node in model.inputs.items():
+        lines.append(f"  input  {name}: {node.type}")
+    for name, node in model.outputs.items():
+        lines.append(f"  output {name}: {node.type}")
+    if model.loss is not None:
+        lines.append(f"  loss: {model.loss.type}")
+    lines.append("")
+    for i, r in enumerate(rows):
+        cells = [r[c].rjust(widths[c]) if c == 4 else r[c].ljust(widths[c]) for c in range(6)]
+        lines.append("  " + "  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    lines.append(f"  total: {total:,} parameters in {len(model.params)} tensors")
+    return "\n".join(lines)
+
+
+def _train_summary(train) -> str:
+    parts = []
+    for key, value in train.settings.items():
+        if isinstance(value, tuple):
+            name, opts = value
+            inner = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None)
+            value = f"{name}({inner})"
+        parts.append(f"{key}={value}")
+    return "  train: " + ", ".join(parts)
+
+
+def cmd_build(args) -> int:
+    from graphc.compiler import build_program, check_source, read_source
+    from graphc.passes import PipelineOptions, pass_names
+    unknown = [p for p in args.dump_after if p not in pass_names()]
+    if unknown:
+        raise _usage(f"--dump-after: unknown pass '{unknown[0]}' (passes: {', '.join(pass_names())})")
+    checked = check_source(read_source(args.file), args.file)
+    options = PipelineOptions(verify=args.verify, dump_after=args.dump_after)
+    program = build_program(checked, args.model, args.backend, args.seed, options)
+    out = _writable_dir(args.out)
+    program.save(out)
+    count = sum(p.count for p in program.param_info.values())
+    print(f"built {program.name} -> {out} ({len(program.graph.nodes())} nodes, {count:,} parameters)")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from graphc.compiler import check_source, lower, model_graph, read_source
+    from graphc.ir.printer import format_dot, format_graph
+    checked = check_source(read_source(args.file), args.file)
+    graph = model_graph(checked.pick(args.model))
+    if args.lowered:
+        graph = lower(graph)
+    text = format_dot(graph) if args.format == "dot" else format_graph(graph) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from graphc.runtime import load_artifact
+    program = load_artifact(args.artifact)
+    inputs: dict[str, np.ndarray] = {}
+    for spec in args.input:
+        if "=" in spec:
+            name, path = spec.split("=", 1)
+            if not name:
+                raise _usage(f"--input {spec}: expected NAME=FILE.npy")
+            inputs[name] = _load_array(path)
+        else:
+            inputs.update(_load_npz(spec))
+    try:
+        outputs = program.forward(**inputs)
+    except ValueError as err:
+        raise error(f"{args.artifact}: {err}") from None
+    if args.out:
+        np.savez(args.out, **outputs)
+        print(f"wrote {', '.join(outputs)} to {args.out}")
+    else:
+        with np.printoptions(precision=4, suppress=True, threshold=50, edgeitems=3):
+            for name, value in outputs.items():
+                print(f"{name}: {value.dtype}{list(value.shape)}\n{value}")
+    return 0
+
+
+def _load_array(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except ValueError as err:
+        raise error(f"{path}: not a .npy array file ({err})") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err}") from None
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    data = _load_array(path)
+    if isinstance(data, np.ndarray):
+        raise error(f"{path}: a single array; name the input it is for, as NAME={path}")
+    with data:
+        return {k: data[k] for k in data.files}
+
+
+def _writable_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise error(f"{out}: exists and is not a folder")
+    return out
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="graphc: %(message)s")
+    try:
+        return args.run(args)
+    except GraphcError as err:
+        print(err.render(), file=sys.stderr)
+        return 1
+    except _UsageError as err:
+        parser.print_usage(sys.stderr)
+        print(f"graphc: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("graphc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug in graphc, not a user mistake
+        if args.debug or os.environ.get("GRAPHC_DEBUG"):
+            raise
+        print(f"graphc: internal error: {type(err).__name__}: {err}\n"
+              f"(this is a bug in graphc; rerun with --debug for a traceback)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

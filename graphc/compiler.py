@@ -1,0 +1,140 @@
+"""The compiler driver: source -> checked models -> pipeline -> a runnable Program."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean, error
+from graphc.frontend import ast
+from graphc.frontend.builder import ModelBuilder, ModelIR
+from graphc.frontend.calls import CALLABLE_OPS, LAYERS
+from graphc.frontend.parser import parse
+from graphc.frontend.train_spec import TrainConfig, check_train
+from graphc.initializers import initialize
+from graphc.ir.node import Graph
+from graphc.passes import PipelineOptions, run_pipeline
+from graphc.runtime.program import ParamInfo, Program
+
+
+@dataclass
+class CheckedFile:
+    """Every model and train block of a file, checked."""
+    path: str
+    models: dict[str, ModelIR] = field(default_factory=dict)
+    trains: dict[str, TrainConfig] = field(default_factory=dict)
+
+    def pick(self, model: str | None) -> ModelIR:
+        if model is not None:
+            if model not in self.models:
+                raise error(f"{self.path}: no model named '{model}'",
+                            hint=did_you_mean(model, self.models) or
+                            f"models here: {', '.join(self.models) or 'none'}")
+            return self.models[model]
+        if not self.models:
+            raise error(f"{self.path}: no model in this file",
+                        hint="declare one with `model NAME { ... }`")
+        if len(self.models) > 1:
+            raise error(f"{self.path} holds {len(self.models)} models ({', '.join(self.models)}); "
+                        f"choose one", hint="pass model=NAME (or --model NAME on the command line)")
+        return next(iter(self.models.values()))
+
+
+def check_source(text: str, path: str = "<string>") -> CheckedFile:
+    """Parse and check every model and train block; all errors of the file in one GraphcError."""
+    src = SourceText(path, text)
+    module = parse(text, path)
+    errors: list[Diagnostic] = []
+    checked = CheckedFile(path)
+    _check_names(module, src, errors)
+    for model in module.models:
+        if model.name in checked.models:
+            continue
+        try:
+            checked.models[model.name] = ModelBuilder(module, model, src).build()
+        except GraphcError as err:
+            errors.extend(err.diagnostics)
+            checked.models[model.name] = None  # type: ignore[assignment]
+    model_names = {m.name for m in module.models}
+    for train in module.trains:
+        try:
+            if train.model not in model_names:
+                raise src.error(f"train block for unknown model '{train.model}'", train.name_loc,
+                                did_you_mean(train.model, model_names))
+            if train.model in checked.trains:
+                raise src.error(f"a second train block for model '{train.model}'", train.name_loc)
+            checked.trains[train.model] = check_train(train, src)
+        except GraphcError as err:
+            errors.extend(err.diagnostics)
+    if errors:
+        raise GraphcError(errors)
+    return checked
+
+
+def _check_names(module: ast.Module, src: SourceText, errors: list[Diagnostic]) -> None:
+    seen: dict[str, SourceLoc] = {}
+    for kind, items in (("model", module.models), ("function", module.defs)):
+        for item in items:
+            if item.name in seen:
+                errors.append(src.diagnostic(
+                    f"{kind} '{item.name}' is already defined at line {seen[item.name].line}",
+                    item.loc))
+            seen[item.name] = item.loc
+    builtin = set(LAYERS) | set(CALLABLE_OPS) | {"dropout"}
+    for d in module.defs:
+        if d.name in builtin:
+            errors.append(src.diagnostic(f"function '{d.name}' would hide the built-in {d.name}",
+                                         d.loc, "choose another name"))
+        if len(set(d.params)) != len(d.params):
+            errors.append(src.diagnostic(f"function '{d.name}' repeats a parameter name", d.loc))
+
+
+def model_graph(model: ModelIR, include_loss: bool = True) -> Graph:
+    """The model as written (composite ops), outputs and loss."""
+    outputs = tuple(model.outputs.items())
+    if include_loss and model.loss is not None:
+        outputs += (("loss", model.loss),)
+    return Graph(model.name, outputs, "eval")
+
+
+def lower(graph: Graph, options: PipelineOptions | None = None) -> Graph:
+    return run_pipeline(graph, options)
+
+
+def build_program(checked: CheckedFile, model: str | None = None, backend: str = "numpy",
+                  seed: int | None = None, options: PipelineOptions | None = None) -> Program:
+    ir = checked.pick(model)
+    train = checked.trains.get(ir.name)
+    if seed is None:
+        seed = train.settings["seed"] if train else 0
+    forward = lower(model_graph(ir, include_loss=False), options)
+    infos = {name: ParamInfo(name, p.type, p.role, p.init) for name, p in ir.params.items()}
+    values = {name: initialize(name, p.type.shape, p.type.dtype.numpy, p.init, seed)
+              for name, p in ir.params.items()}
+    meta = {"source": checked.path, "seed": seed}
+    return Program(ir.name, {"forward": forward}, infos, values, backend=backend, meta=meta)
+
+
+def compile_source(text: str, backend: str = "numpy", model: str | None = None,
+                   seed: int | None = None, path: str = "<string>") -> Program:
+    """Compile .nn source text. `model` picks one when the text holds several."""
+    return build_program(check_source(text, path), model, backend, seed)
+
+
+def read_source(path) -> str:
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a .nn file") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (it is not valid UTF-8)") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err.strerror}") from None
+
+
+def compile_file(path, backend: str = "numpy", model: str | None = None,
+                 seed: int | None = None) -> Program:
+    """Compile a .nn file. `model` picks one when the file holds several."""
+    return compile_source(read_source(path), backend, model, seed, str(path))

@@ -1,0 +1,553 @@
+"""AST -> IR: evaluates a model's statements into typed IR nodes, creating parameters for layers,
+naming them after where they are used, inferring parameter roles, and collecting every error
+(a failed statement poisons its name, so one mistake is reported once, not at each later use)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean
+from graphc.frontend import ast
+from graphc.frontend.calls import (CALLABLE_OPS, LAYERS, ArgError, DimName, bind_op_args,
+                                   convert_attr, is_layer_call, unknown_dtype)
+from graphc.frontend.transform import label_span
+from graphc.frontend.values import (POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar,
+                                    Tensor, describe)
+from graphc.initializers import INITIALIZERS
+from graphc.ir import ops as op_table
+from graphc.ir.node import Node
+from graphc.ir.ops import Attr, TypeError_
+from graphc.ir.types import DTYPE_NAMES, DType, TensorType
+
+ROLES = ("weight", "bias", "other")
+_FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+         "div": lambda a, b: a / b, "pow": lambda a, b: a ** b,
+         "greater": lambda a, b: a > b, "greater_equal": lambda a, b: a >= b,
+         "less": lambda a, b: a < b, "less_equal": lambda a, b: a <= b,
+         "equal": lambda a, b: a == b, "not_equal": lambda a, b: a != b}
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "pow": "**"}
+
+
+@dataclass
+class ParamSpec:
+    name: str
+    type: TensorType
+    init: tuple                 # (initializer, ((option, value), ...))
+    role: str | None            # None until inferred
+    loc: SourceLoc
+    node: Node
+    explicit_role: bool = False
+
+
+@dataclass
+class ModelIR:
+    """A checked model: its outputs, loss, parameters and inputs, all as IR."""
+    name: str
+    outputs: dict[str, Node]
+    loss: Node | None
+    params: dict[str, ParamSpec]
+    inputs: dict[str, Node]
+    loc: SourceLoc
+
+
+@dataclass
+class _Frame:
+    """Where layer parameters created now get their names."""
+    path: tuple[str, ...]
+    collapse: bool               # exactly one parameter-creating call here: it takes the path itself
+    counts: dict[str, int] = field(default_factory=dict)
+    used_collapse: bool = False
+
+
+class ModelBuilder:
+    def __init__(self, module: ast.Module, model: ast.Model, src: SourceText):
+        self.module, self.model, self.src = module, model, src
+        self.defs = {d.name: d for d in module.defs}
+        self.env: dict[str, object] = {}
+        self.declared: dict[str, SourceLoc] = {}
+        self.dims: set[str] = set()
+        self.params: dict[str, ParamSpec] = {}
+        self.inputs: dict[str, Node] = {}
+        self.outputs: dict[str, Node] = {}
+        self.loss: Node | None = None
+        self.errors: list[Diagnostic] = []
+        self.frames: list[_Frame] = []
+        self.scope_uses: dict[str, int] = {}
+        self.def_stack: list[str] = []
+        self.param_sets: list[tuple[ast.Var, str, tuple[str, ...]]] = []
+
+    # --- driving ----------------------------------------------------------------------------------
+
+    def build(self) -> ModelIR:
+        for stmt in self.model.stmts:
+            try:
+                self.statement(stmt)
+            except GraphcError as err:
+                self.errors.extend(err.diagnostics)
+                self.poison(stmt)
+            except Poisoned:
+                self.poison(stmt)
+        if not self.errors:
+            self.finish()
+        if self.errors:
+            raise GraphcError(self.errors)
+        return ModelIR(self.model.name, self.outputs, self.loss, self.params, self.inputs,
+                       self.model.loc)
+
+    def poison(self, stmt) -> None:
+        if isinstance(stmt, (ast.Binding, ast.InputDecl, ast.ParamDecl)):
+            self.env[stmt.name] = POISON
+        elif isinstance(stmt, ast.OutputDecl):
+            for item in stmt.items:
+                if item.name:
+                    self.env[item.name] = POISON
+
+    def error(self, message: str, loc: SourceLoc | None, hint: str | None = None) -> GraphcError:
+        return self.src.error(message, loc, hint)
+
+    def finish(self) -> None:
+        if not self.outputs:
+            name_loc = SourceLoc(self.src.path, self.model.loc.line, self.model.loc.col)
+            self.errors.append(self.src.diagnostic(
+                f"model '{self.model.name}' declares no output", name_loc,
+                "add `output NAME` for the values forward() should return"))
+            return
+        infer_roles(self)
+        for var, role, members in self.param_sets:
+            final = tuple(n for n, p in self.params.items() if p.role == role)
+            missing = [n for n in final if n not in members]
+            if missing:
+                self.errors.append(self.src.diagnostic(
+                    f"'{var.name}' here does not include {', '.join(missing)}, which "
+                    f"{'is' if len(missing) == 1 else 'are'} created or first used further down",
+                    var.loc, "move this line below the layers it should cover, or list the "
+                    "parameters by name"))
+
+    # --- statements -------------------------------------------------------------------------------
+
+    def statement(self, stmt) -> None:
+        if isinstance(stmt, ast.InputDecl):
+            self.check_new_name(stmt.name, stmt.loc)
+            ttype = self.tensor_type(stmt.type, allow_symbols=True)
+            node = op_table.source("input", ttype, loc=stmt.loc, name=stmt.name)
+            self.inputs[stmt.name] = node
+            self.env[stmt.name] = Tensor(node, stmt.name)
+        elif isinstance(stmt, ast.ParamDecl):
+            self.param_decl(stmt)
+        elif isinstance(stmt, ast.Binding):
+            value = self.in_scope(stmt.name, stmt.expr)
+            if stmt.name == "loss":
+                self.set_loss(value, stmt)
+            self.bind(stmt.name, value)
+        else:
+            for item in stmt.items:
+                self.output(item)
+
+    def check_new_name(self, name: str, loc: SourceLoc) -> None:
+        if name in self.declared:
+            first = self.declared[name]
+            raise self.error(f"'{name}' is already declared at line {first.line}", loc,
+                             "inputs and parameters are declared once; give this one another name")
+        self.declared[name] = loc
+
+    def param_decl(self, stmt: ast.ParamDecl) -> None:
+        self.check_new_name(stmt.name, stmt.loc)
+        ttype = self.tensor_type(stmt.type, allow_symbols=False)
+        if not ttype.dtype.is_float:
+            raise self.error(f"param {stmt.name}: parameters must be floating point, not "
+                             f"{ttype.dtype}", stmt.type.dtype_loc)
+        if stmt.init is None:
+            raise self.error(f"param {stmt.name} needs an initializer", stmt.loc,
+                             f"for example: param {stmt.name}: {ttype} = "
+                             f"{'zeros()' if ttype.ndim == 1 else 'kaiming()'}")
+        init = self.initializer(stmt.init)
+        role = None
+        if stmt.role is not None:
+            role, role_loc = stmt.role
+            if role not in ROLES:
+                raise self.error(f"unknown parameter role '{role}'", role_loc,
+                                 did_you_mean(role, ROLES) or "roles are weight, bias and other")
+        tensor = self.new_param(stmt.name, ttype, init, role, stmt.loc)
+        self.params[stmt.name].explicit_role = role is not None
+        self.env[stmt.name] = tensor
+
+    def initializer(self, expr: ast.Expr) -> tuple:
+        if not isinstance(expr, ast.Call):
+            raise self.error("a parameter's initializer must be a call such as kaiming() or "
+                             "zeros()", expr.loc)
+        spec = INITIALIZERS.get(expr.func)
+        if spec is None:
+            raise self.error(f"unknown initializer '{expr.func}'", expr.func_loc,
+                             did_you_mean(expr.func, INITIALIZERS) or
+                             f"initializers: {', '.join(INITIALIZERS)}")
+        names = list(spec.options)
+        if len(expr.args) > len(names):
+            raise self.error(f"{expr.func}() takes at most {len(names)} argument"
+                             f"{'s' if len(names) != 1 else ''}, got {len(expr.args)}", expr.loc)
+        options = dict(spec.options)
+        given = list(zip(names, expr.args)) + [(k.name, k.value) for k in expr.kwargs]
+        for key, value_expr in given:
+            if key not in spec.options:
+                raise self.error(f"{expr.func}() has no option '{key}'", value_expr.loc,
+                                 did_you_mean(key, names) or
+                                 (f"{expr.func}() takes {', '.join(names)}" if names
+                                  else f"{expr.func}() takes no options"))
+            kind = "int" if key.startswith("fan_") else "float"
+            value = convert_attr(expr.func, key, Attr(kind), self.eval(value_expr), value_expr.loc)
+            if key in ("std", "fan_in", "fan_out") and value <= 0:
+                raise self.error(f"{expr.func}(): {key} must be positive, got {value}",
+                                 value_expr.loc)
+            options[key] = value
+        for key in spec.required:
+            if options[key] is None:
+                raise self.error(f"{expr.func}() needs {key}", expr.loc)
+        if expr.func == "uniform" and options["low"] >= options["high"]:
+            raise self.error(f"uniform(): low must be below high, got {options['low']} and "
+                             f"{options['high']}", expr.loc)
+        return expr.func, tuple(options.items())
+
+    def tensor_type(self, t: ast.TypeExpr, allow_symbols: bool) -> TensorType:
+        dtype = DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise self.error(f"unknown dtype '{t.dtype}'", t.dtype_loc,
+                             unknown_dtype(t.dtype) or "dtypes: f32, f64, i32, i64")
+        shape = []
+        for dim, loc in t.dims:
+            if isinstance(dim, str):
+                if not allow_symbols:
+                    raise self.error(f"parameter shapes must be concrete: '{dim}' is a symbolic "
+                                     f"dimension", loc, "only inputs may have symbolic sizes")
+                self.dims.add(dim)
+            elif dim == 0:
+                raise self.error("a dimension must be at least 1", loc)
+            shape.append(dim)
+        return TensorType(dtype, tuple(shape))
+
+    def set_loss(self, value, stmt: ast.Binding) -> None:
+        if not isinstance(value, Tensor):
+            raise self.error(f"the loss must be a tensor expression, got {describe(value)}",
+                             stmt.expr.loc)
+        ttype = value.node.type
+        if ttype.shape != () or not ttype.dtype.is_float:
+            raise self.error(f"the loss must be a floating-point scalar: it is {ttype}",
+                             stmt.expr.loc, "reduce it with mean(...) or sum(...)"
+                             if ttype.shape else None)
+        self.loss = value.node if value.node.name else op_table.renamed(value.node, "loss")
+
+    def output(self, item: ast.OutputItem) -> None:
+        if item.name is None and isinstance(item.expr, ast.Var):
+            name = item.expr.name
+        else:
+            name = item.name or f"output{len(self.outputs)}"
+        if name in self.outputs:
+            raise self.error(f"output '{name}' is declared twice", item.loc)
+        value = self.in_scope(name, item.expr)
+        if not isinstance(value, Tensor):
+            raise self.error(f"an output must be a tensor, got {describe(value)}", item.expr.loc)
+        node = value.node
+        self.outputs[name] = node if node.name == name else op_table.renamed(node, name)
+        if item.name is not None:
+            self.bind(item.name, value)
+
+    def bind(self, name: str, value) -> None:
+        if isinstance(value, Tensor) and value.node.name is None:
+            value = Tensor(op_table.renamed(value.node, name), name)
+        elif isinstance(value, Tensor):
+            value = Tensor(value.node, name)
+        self.env[name] = value
+
+    # --- naming of layer parameters -----------------------------------------------------------------
+
+    def in_scope(self, name: str, expr: ast.Expr):
+        uses = self.scope_uses.get(name, 0) + 1
+        self.scope_uses[name] = uses
+        path = (name if uses == 1 else f"{name}_{uses}",)
+        self.frames.append(_Frame(path, self.count_param_sites(expr, self.is_tensor_name) == 1))
+        try:
+            return self.eval(expr)
+        finally:
+            self.frames.pop()
+
+    def is_tensor_name(self, name: str) -> bool:
+        return isinstance(self.env.get(name), Tensor)
+
+    def count_param_sites(self, expr: ast.Expr, is_tensor) -> int:
+        count = 0
+        for call in _calls(expr):
+            if is_layer_call(call, is_tensor):
+                count += 1
+            elif call.func in self.defs and self.def_creates_params(call.func, set()):
+                count += 1
+        return count
+
+    def def_creates_params(self, name: str, seen: set[str]) -> bool:
+        if name in seen:
+            return False
+        seen.add(name)
+        for call in _calls(self.defs[name].body):
+            if is_layer_call(call, lambda n: False):
+                return True
+            if call.func in self.defs and self.def_creates_params(call.func, seen):
+                return True
+        return False
+
+    def layer_prefix(self, kind: str) -> str:
+        frame = self.frames[-1]
+        if frame.collapse and not frame.used_collapse:
+            frame.used_collapse = True
+            return ".".join(frame.path)
+        k = frame.counts.get(kind, 0) + 1
+        frame.counts[kind] = k
+        return ".".join(frame.path + (kind if k == 1 else f"{kind}_{k}",))
+
+    def new_param(self, name: str, ttype: TensorType, init: tuple, role: str | None,
+                  loc: SourceLoc) -> Tensor:
+        assert name not in self.params, f"internal error: parameter {name} created twice"
+        node = op_table.source("param", ttype, loc=loc, name=name)
+        self.params[name] = ParamSpec(name, ttype, init, role, loc, node)
+        return Tensor(node, name)
+
+    # --- expressions ----------------------------------------------------------------------------------
+
+    def label(self, expr: ast.Expr) -> str:
+        if isinstance(expr, ast.Var):
+            return expr.name
+        return self.src.snippet(label_span(expr)) or "<expression>"
+
+    def eval(self, expr: ast.Expr):
+        if isinstance(expr, ast.Number):
+            return Scalar(expr.value, expr.loc)
+        if isinstance(expr, (ast.String, ast.Bool)):
+            return Scalar(expr.value, expr.loc)
+        if isinstance(expr, ast.Var):
+            return self.lookup(expr)
+        if isinstance(expr, ast.ListExpr):
+            return ListValue(tuple(self.eval(i) for i in expr.items), expr.loc)
+        if isinstance(expr, ast.Neg):
+            value = self.eval(expr.operand)
+            if isinstance(value, Scalar) and isinstance(value.value, (int, float)) \
+                    and not isinstance(value.value, bool):
+                return Scalar(-value.value, expr.loc)
+            return self.apply_op("neg", [self.tensor_arg("-", value, expr.operand)], {}, expr)
+        if isinstance(expr, ast.BinOp):
+            return self.binop(expr)
+        if isinstance(expr, ast.Call):
+            return self.call(expr)
+        raise AssertionError(f"internal error: cannot evaluate {expr!r}")
+
+    def lookup(self, var: ast.Var):
+        name = var.name
+        if name in self.env:
+            value = self.env[name]
+            if value is POISON:
+                raise Poisoned()
+            return value
+        if name in DTYPE_NAMES:
+            return DTypeValue(DTYPE_NAMES[name])
+        if name in self.dims:
+            return DimName(name)
+        if name in ("weights", "biases"):
+            role = name[:-1] if name == "weights" else "bias"
+            roles = infer_roles(self, final=False)
+            members = tuple(n for n, r in roles.items() if r == role)
+            self.param_sets.append((var, role, members))
+            return ParamSet(role, tuple(Tensor(self.params[n].node, n) for n in members))
+        if name in self.defs or name in LAYERS or name in CALLABLE_OPS:
+            raise self.error(f"'{name}' is a function; call it as {name}(...)", var.loc)
+        candidates = [k for k, v in self.env.items()] + ["weights", "biases"]
+        raise self.error(f"unknown name '{name}'", var.loc, did_you_mean(name, candidates))
+
+    def tensor_arg(self, fn: str, value, expr: ast.Expr) -> Tensor:
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, ParamSet):
+            raise self.error(f"{fn}: '{value.role}s' is a set of parameters; only l1(...) and "
+                             f"l2(...) take it", expr.loc)
+        raise self.error(f"{fn}: expected a tensor, got {describe(value)}", expr.loc)
+
+    def operand(self, fn: str, value, expr: ast.Expr, like: Tensor | None) -> tuple[Node, str]:
+        """A tensor operand, turning a plain number into a constant of its partner's dtype."""
+        if isinstance(value, Scalar) and isinstance(value.value, (int, float)) \
+                and not isinstance(value.value, bool):
+            dtype = like.node.type.dtype if like else DType.f32
+            if dtype.is_int and isinstance(value.value, float):
+                raise self.error(f"{fn}: cannot mix the number {value.value} with the integer "
+                                 f"tensor {like.label} ({like.node.type})", expr.loc,
+                                 f"convert it first: cast({like.label}, f32)")
+            if dtype is DType.bool:
+                raise self.error(f"{fn}: cannot combine a number with the bool tensor "
+                                 f"{like.label}", expr.loc)
+            node = op_table.source("const", TensorType(dtype, ()), loc=expr.loc, value=value.value)
+            return node, self.label(expr)
+        tensor = self.tensor_arg(fn, value, expr)
+        return tensor.node, tensor.label
+
+    def binop(self, expr: ast.BinOp):
+        left, right = self.eval(expr.left), self.eval(expr.right)
+        numbers = all(isinstance(v, Scalar) and isinstance(v.value, (int, float)) for v in
+                      (left, right))
+        if numbers and expr.op in _FOLD:
+            try:
+                return Scalar(_FOLD[expr.op](left.value, right.value), expr.loc)
+            except (ZeroDivisionError, OverflowError) as err:
+                raise self.error(f"cannot compute {self.label(expr)}: {err}", expr.loc) from None
+        sym = _SYMBOLS.get(expr.op, expr.op)
+        like = left if isinstance(left, Tensor) else right if isinstance(right, Tensor) else None
+        a = self.operand(sym, left, expr.left, like)
+        b = self.operand(sym, right, expr.right, like)
+        return self.make(expr.op, [a, b], {}, expr)
+
+    def apply_op(self, op: str, operands: list, attrs: dict, expr: ast.Expr) -> Tensor:
+        pairs = [(o.node, o.label) if isinstance(o, Tensor) else o for o in operands]
+        return self.make(op, pairs, attrs, expr)
+
+    def make(self, op: str, pairs: list[tuple[Node, str]], attrs: dict, expr: ast.Expr) -> Tensor:
+        try:
+            node = op_table.apply(op, [n for n, _ in pairs], attrs, loc=expr.loc,
+                                  labels=[lab for _, lab in pairs])
+        except TypeError_ as err:
+            raise self.error(err.message, expr.loc, err.hint) from None
+        return Tensor(node, self.label(expr))
+
+    def call(self, expr: ast.Call):
+        fn = expr.func
+        args = [self.eval(a) for a in expr.args]
+        kwargs = {k.name: self.eval(k.value) for k in expr.kwargs}
+        seen = set()
+        for k in expr.kwargs:
+            if k.name in seen:
+                raise self.error(f"{fn}: {k.name} is given twice", k.loc)
+            seen.add(k.name)
+        try:
+            if fn in self.defs:
+                return self.call_def(expr, args, kwargs)
+            if fn == "dropout":
+                return self.dropout(expr, args, kwargs)
+            if fn in LAYERS and (fn != "linear" or (len(args) == 2 and isinstance(args[1], Scalar))):
+                return LAYERS[fn].build(self, expr, args, kwargs)
+            if fn in CALLABLE_OPS:
+                return self.call_op(expr, args, kwargs)
+        except ArgError as err:
+            raise self.error(err.message, err.loc or expr.loc, err.hint) from None
+        if fn in INITIALIZERS:
+            raise self.error(f"{fn}() is an initializer; use it in a parameter declaration",
+                             expr.func_loc, f"param W: f32[...] = {fn}()")
+        known = list(self.defs) + list(LAYERS) + list(CALLABLE_OPS) + ["dropout"]
+        raise self.error(f"unknown function '{fn}'", expr.func_loc, did_you_mean(fn, known))
+
+    def call_op(self, expr: ast.Call, args: list, kwargs: dict) -> Tensor:
+        op = CALLABLE_OPS[expr.func]
+        operands, attrs = bind_op_args(op, expr.func, args, kwargs, expr)
+        like = next((o for o in operands if isinstance(o, Tensor)), None)
+        arg_exprs = list(expr.args)
+        pairs = []
+        for i, value in enumerate(operands):
+            sub = arg_exprs[i] if i < len(arg_exprs) else expr
+            if isinstance(value, Tensor) and i >= len(arg_exprs):
+                pairs.append((value.node, value.label))
+            else:
+                pairs.append(self.operand(expr.func, value, sub, like))
+        return self.make(expr.func, pairs, attrs, expr)
+
+    def dropout(self, expr: ast.Call, args: list, kwargs: dict):
+        if not args:
+            raise ArgError("dropout needs a tensor argument", expr.loc)
+        x = self.tensor_arg("dropout", args[0], expr.args[0])
+        p_value = args[1] if len(args) > 1 else kwargs.get("p")
+        if len(args) > 2 or set(kwargs) - {"p"}:
+            extra = sorted(set(kwargs) - {"p"})
+            raise ArgError(f"dropout has no option '{extra[0]}'" if extra else
+                           "dropout takes a tensor and p", expr.loc,
+                           did_you_mean(extra[0], ["p"]) if extra else None)
+        p = 0.5 if p_value is None else convert_attr("dropout", "p", Attr("float"), p_value, expr.loc)
+        if not 0.0 <= p < 1.0:
+            raise ArgError(f"dropout: p must be in [0, 1), got {p}", expr.loc,
+                           "p is the probability of dropping a unit")
+        # The inference graph keeps every unit: inverted dropout needs no rescaling at test time.
+        return x
+
+    def call_def(self, expr: ast.Call, args: list, kwargs: dict):
+        d = self.defs[expr.func]
+        if expr.func in self.def_stack:
+            raise self.error(f"{expr.func} calls itself; functions cannot be recursive", expr.loc)
+        if kwargs:
+            raise self.error(f"{expr.func}: arguments of user functions are positional", expr.loc)
+        if len(args) != len(d.params):
+            taken = "x" if expr.piped else ""
+            raise self.error(f"{expr.func} takes {len(d.params)} argument"
+                             f"{'s' if len(d.params) != 1 else ''} ({', '.join(d.params)}), got "
+                             f"{len(args)}", expr.loc,
+                             "in a pipeline the value on the left is the first argument"
+                             if expr.piped or taken else None)
+        local = dict(zip(d.params, args))
+        outer_env = self.env
+        frame = self.frames[-1]
+        if self.def_creates_params(d.name, set()):
+            prefix = self.layer_prefix(d.name)
+            path = tuple(prefix.split("."))
+        else:
+            path = frame.path
+        sites = self.count_param_sites(d.body, lambda n: isinstance(local.get(n), Tensor))
+        self.frames.append(_Frame(path, sites == 1))
+        self.env, self.def_stack = local, self.def_stack + [d.name]
+        try:
+            return self.eval(d.body)
+        except GraphcError as err:
+            note = self.src.diagnostic(f"in {d.name}(...) called here", expr.loc, severity="note")
+            raise GraphcError(err.diagnostics + [note]) from None
+        finally:
+            self.env, self.def_stack = outer_env, self.def_stack[:-1]
+            self.frames.pop()
+
+
+def _calls(expr: ast.Expr) -> Iterator[ast.Call]:
+    if isinstance(expr, ast.Call):
+        yield expr
+        for a in expr.args:
+            yield from _calls(a)
+        for k in expr.kwargs:
+            yield from _calls(k.value)
+    elif isinstance(expr, ast.BinOp):
+        yield from _calls(expr.left)
+        yield from _calls(expr.right)
+    elif isinstance(expr, ast.Neg):
+        yield from _calls(expr.operand)
+    elif isinstance(expr, ast.ListExpr):
+        for i in expr.items:
+            yield from _calls(i)
+
+
+_SEE_THROUGH = {"transpose", "reshape", "cast"}
+
+
+def _param_under(node: Node) -> Node | None:
+    while node.op in _SEE_THROUGH:
+        node = node.inputs[0]
+    return node if node.op == "param" else None
+
+
+def infer_roles(b: ModelBuilder, final: bool = True) -> dict[str, str]:
+    """Roles of explicit parameters from their uses: multiplied in by a matrix product, a weight;
+    added to a layer's output, a bias; anything else, other. Stated roles win."""
+    from graphc.ir.node import topo_order
+    roots = list(b.outputs.values()) + ([b.loss] if b.loss is not None else [])
+    roots += [v.node for v in b.env.values() if isinstance(v, Tensor)]
+    found: dict[str, str] = {}
+    for node in topo_order(roots):
+        if node.op in ("matmul", "linear"):
+            for inp in node.inputs[:2]:
+                p = _param_under(inp)
+                if p is not None:
+                    found[p.attr["name"]] = "weight"
+        if node.op in ("add", "sub") or (node.op == "linear" and len(node.inputs) == 3):
+            for inp in (node.inputs if node.op != "linear" else node.inputs[2:]):
+                p = _param_under(inp)
+                if p is not None:
+                    found.setdefault(p.attr["name"], "bias")
+    roles = {}
+    for name, spec in b.params.items():
+        role = spec.role if spec.role is not None else found.get(name, "other")
+        roles[name] = role
+        if final and spec.role is None:
+            spec.role = role
+    return roles

@@ -1,0 +1,173 @@
+"""Calling things from .nn code: binding arguments to an op's operands and attributes (read from
+the op table), layers that create their own parameters, and the functions the builder special-cases."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from graphc.errors import did_you_mean
+from graphc.frontend import ast
+from graphc.frontend.values import DTypeValue, ListValue, ParamSet, Scalar, Tensor, describe
+from graphc.ir import ops as op_table
+from graphc.ir.ops import Attr, OpDef
+from graphc.ir.types import DType, TensorType
+
+if TYPE_CHECKING:
+    from graphc.frontend.builder import ModelBuilder
+
+# Ops a user may call by name: everything but the source ops.
+CALLABLE_OPS = {name: op for name, op in op_table.OPS.items() if op.kind != "source"}
+
+
+class ArgError(Exception):
+    def __init__(self, message: str, loc=None, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.loc, self.hint = message, loc, hint
+
+
+def convert_attr(fn: str, key: str, spec: Attr, value, loc):
+    """A .nn value as an attribute of the kind the op table declares."""
+    def fail(what: str):
+        return ArgError(f"{fn}: {key} must be {what}, got {describe(value)}", loc)
+
+    raw = value.value if isinstance(value, Scalar) else None
+    if spec.kind in ("int", "axis"):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise fail("an integer")
+        return raw
+    if spec.kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise fail("a number")
+        return float(raw)
+    if spec.kind == "bool":
+        if not isinstance(raw, bool):
+            raise fail("true or false")
+        return raw
+    if spec.kind == "str":
+        if not isinstance(raw, str):
+            raise fail("a string")
+        return raw
+    if spec.kind == "dtype":
+        if isinstance(value, DTypeValue):
+            return value.dtype.value
+        raise fail("a dtype such as f32")
+    if spec.kind == "axes":
+        if isinstance(value, ListValue):
+            return tuple(convert_attr(fn, key, Attr("int"), v, loc) for v in value.items)
+        return convert_attr(fn, key, Attr("int"), value, loc)
+    if spec.kind == "ints":
+        if not isinstance(value, ListValue):
+            raise fail("a list of sizes such as [N, 784]")
+        out = []
+        for v in value.items:
+            if isinstance(v, DimName):
+                out.append(v.name)
+            else:
+                out.append(convert_attr(fn, key, Attr("int"), v, loc))
+        return tuple(out)
+    raise AssertionError(f"internal error: attribute kind {spec.kind}")
+
+
+@dataclass(frozen=True)
+class DimName:
+    """A symbolic dimension named in an expression (only shapes may use one)."""
+    name: str
+
+
+def bind_op_args(op: OpDef, fn: str, args: list, kwargs: dict, call: ast.Call):
+    """Split a call's values into operands and attributes by the op's declaration."""
+    lo, hi = (op.arity, op.arity) if isinstance(op.arity, int) else op.arity
+    operands: list = []
+    rest = list(args)
+    if hi is None:
+        for v in rest:
+            operands.extend(v.params if isinstance(v, ParamSet) else [v])
+        rest = []
+    else:
+        while rest and len(operands) < hi and (len(operands) < lo or isinstance(rest[0], Tensor)):
+            operands.append(rest.pop(0))
+    if len(operands) < lo:
+        problem = op.check_arity(len(operands))
+        raise ArgError(problem.replace(" operands", " tensor arguments")
+                       .replace(" operand,", " tensor argument,"), call.loc)
+    attr_names = list(op.attrs)
+    if len(rest) > len(attr_names):
+        extra = len(operands) + len(attr_names)
+        raise ArgError(f"{fn} takes at most {extra} positional argument{'s' if extra != 1 else ''}"
+                       f", got {len(args)}", call.loc)
+    attrs = {}
+    arg_locs = [a.loc for a in call.args]
+    for key, value, idx in zip(attr_names, rest, range(len(operands), len(args))):
+        attrs[key] = convert_attr(fn, key, op.attrs[key], value, arg_locs[idx])
+    for kw in call.kwargs:
+        if kw.name not in op.attrs:
+            known = list(op.attrs)
+            hint = did_you_mean(kw.name, known) or (
+                f"{fn} takes {', '.join(known)}" if known else f"{fn} takes no options")
+            raise ArgError(f"{fn} has no option '{kw.name}'", kw.loc, hint)
+        if kw.name in attrs:
+            raise ArgError(f"{fn}: {kw.name} is given twice", kw.loc)
+        attrs[kw.name] = convert_attr(fn, kw.name, op.attrs[kw.name], kwargs[kw.name], kw.value.loc)
+    for key, spec in op.attrs.items():
+        if spec.required and key not in attrs:
+            raise ArgError(f"{fn} needs {key}", call.loc)
+    return operands, attrs
+
+
+# --- layers: functions that own parameters ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    build: Callable[["ModelBuilder", ast.Call, list, dict], Tensor]
+    signature: str
+
+
+def _linear_layer(b: "ModelBuilder", call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    if len(args) != 2 or not isinstance(args[1], Scalar):
+        raise AssertionError("internal error: dispatch sends only linear(x, n) here")
+    x = b.tensor_arg("linear", args[0], call.args[0])
+    n = convert_attr("linear", "n", Attr("int"), args[1], call.args[1].loc)
+    if n < 1:
+        raise ArgError(f"linear: the number of outputs must be at least 1, got {n}", call.args[1].loc)
+    unknown = set(kwargs) - {"bias"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ArgError(f"linear has no option '{name}'",
+                       next(k.loc for k in call.kwargs if k.name == name),
+                       did_you_mean(name, ["bias"]) or "linear takes n and bias")
+    bias = True
+    if "bias" in kwargs:
+        bias = convert_attr("linear", "bias", Attr("bool"), kwargs["bias"], call.loc)
+    if not x.node.type.dtype.is_float or not x.node.type.shape:
+        raise ArgError(f"linear: needs floating-point features: {x.label} is {x.node.type}", call.loc)
+    fan_in = x.node.type.shape[-1]
+    if isinstance(fan_in, str):
+        raise ArgError(f"linear: the feature axis of {x.label} is symbolic ({fan_in}); "
+                       f"its size must be known", call.loc)
+    dtype = x.node.type.dtype
+    prefix = b.layer_prefix("linear")
+    w = b.new_param(f"{prefix}.W", TensorType(dtype, (fan_in, n)), ("kaiming", (("fan_in", None),)),
+                    "weight", call.loc)
+    operands = [x, w]
+    if bias:
+        operands.append(b.new_param(f"{prefix}.b", TensorType(dtype, (n,)), ("zeros", ()), "bias",
+                                    call.loc))
+    return b.apply_op("linear", operands, {}, call)
+
+
+LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)")}
+
+
+def is_layer_call(call: ast.Call, is_tensor: Callable[[str], bool]) -> bool:
+    """Does this call create parameters? `linear(x, 10)` is the layer, `linear(x, W)` the op."""
+    if call.func != "linear":
+        return call.func in LAYERS
+    if len(call.args) != 2:
+        return False
+    size = call.args[1]
+    return isinstance(size, ast.Number) or (isinstance(size, ast.Var) and not is_tensor(size.name))
+
+
+def unknown_dtype(name: str) -> str | None:
+    return did_you_mean(name, [d.value for d in DType])

@@ -1,0 +1,201 @@
+"""The `train` block: every setting checked (known names, types, ranges) with errors at the
+offending line, and resolved into a plain `TrainConfig` that the training runtime consumes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
+from graphc.frontend import ast
+
+
+@dataclass(frozen=True)
+class Opt:
+    kind: str                  # float | int | bool | str | choice
+    default: Any = None
+    low: float | None = None   # inclusive lower bound
+    high: float | None = None  # inclusive upper bound
+    low_open: bool = False     # lower bound excluded
+    high_open: bool = False
+    choices: tuple = ()
+    required: bool = False
+
+
+def _pos(kind="float", default=None, required=False):
+    return Opt(kind, default, low=0, low_open=True, required=required)
+
+
+def _frac(default, open_high=True):
+    return Opt("float", default, low=0, high=1, high_open=open_high)
+
+
+_NONNEG = Opt("float", 0.0, low=0)
+
+# name -> options (in positional order)
+OPTIMIZERS = {
+    "sgd": {"lr": _pos(required=True), "momentum": _frac(0.0), "nesterov": Opt("bool", False),
+            "weight_decay": _NONNEG, "dampening": _frac(0.0, open_high=False)},
+    "adagrad": {"lr": _pos(required=True), "eps": _pos(default=1e-10),
+                "initial_accumulator": _NONNEG, "weight_decay": _NONNEG},
+    "rmsprop": {"lr": _pos(required=True), "alpha": _frac(0.99), "eps": _pos(default=1e-8),
+                "momentum": _frac(0.0), "centered": Opt("bool", False), "weight_decay": _NONNEG},
+    "adam": {"lr": _pos(required=True), "beta1": _frac(0.9), "beta2": _frac(0.999),
+             "eps": _pos(default=1e-8), "weight_decay": _NONNEG, "amsgrad": Opt("bool", False)},
+    "adamw": {"lr": _pos(required=True), "beta1": _frac(0.9), "beta2": _frac(0.999),
+              "eps": _pos(default=1e-8), "weight_decay": Opt("float", 0.01, low=0)},
+}
+SCHEDULES = {
+    "constant": {},
+    "step": {"every": Opt("int", required=True, low=1), "gamma": _frac(0.1, open_high=False)},
+    "exponential": {"gamma": Opt("float", required=True, low=0, low_open=True, high=1)},
+    "plateau": {"patience": Opt("int", 10, low=0), "factor": _frac(0.1),
+                "min_lr": Opt("float", 0.0, low=0)},
+    "cosine": {"epochs": Opt("int", required=True, low=1)},
+}
+DATASETS = {"digits": {}, "mnist": {}, "fashion_mnist": {},
+            "npz": {"path": Opt("str", required=True)},
+            "csv": {"path": Opt("str", required=True), "label": Opt("str", required=True)}}
+EARLY_STOP = {"early_stop": {"patience": Opt("int", required=True, low=1),
+                             "on": Opt("choice", "val_loss", choices=("val_loss", "val_accuracy"))}}
+SCALINGS = ("none", "unit", "standardize")
+
+# setting -> (what it is, how it is checked)
+SETTINGS = {
+    "data": ("a data set", DATASETS),
+    "optimizer": ("an optimizer", OPTIMIZERS),
+    "schedule": ("a learning-rate schedule", SCHEDULES),
+    "early_stop": ("early stopping", EARLY_STOP),
+    "batch": ("the batch size", Opt("int", 32, low=1)),
+    "epochs": ("the number of epochs", Opt("int", 10, low=1)),
+    "seed": ("the random seed", Opt("int", 0, low=0)),
+    "validation": ("the validation fraction", Opt("float", 0.2, low=0, high=1, low_open=True,
+                                                 high_open=True)),
+    "test": ("the test fraction", Opt("float", 0.2, low=0, high=1, low_open=True, high_open=True)),
+    "scale": ("input scaling", Opt("choice", "unit", choices=SCALINGS)),
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    settings: dict[str, Any] = field(default_factory=dict)   # plain values and (name, {opts}) calls
+
+
+class _Checker:
+    def __init__(self, src: SourceText):
+        self.src = src
+        self.errors: list[Diagnostic] = []
+
+    def fail(self, message: str, loc, hint: str | None = None) -> None:
+        raise GraphcError(self.src.diagnostic(message, loc, hint))
+
+    def scalar(self, what: str, opt: Opt, expr: ast.Expr):
+        if opt.kind == "choice":
+            if not isinstance(expr, (ast.Var, ast.String)):
+                self.fail(f"{what} must be one of {', '.join(opt.choices)}", expr.loc)
+            value = expr.name if isinstance(expr, ast.Var) else expr.value
+            if value not in opt.choices:
+                self.fail(f"{what}: unknown value '{value}'", expr.loc,
+                          did_you_mean(value, opt.choices) or f"choose {', '.join(opt.choices)}")
+            return value
+        value = None
+        if isinstance(expr, ast.Number):
+            value = expr.value
+        elif isinstance(expr, ast.Neg) and isinstance(expr.operand, ast.Number):
+            value = -expr.operand.value
+        elif isinstance(expr, (ast.Bool, ast.String)):
+            value = expr.value
+        if opt.kind == "bool":
+            if not isinstance(value, bool):
+                self.fail(f"{what} must be true or false", expr.loc)
+            return value
+        if opt.kind == "str":
+            if not isinstance(value, str):
+                self.fail(f"{what} must be a string in double quotes", expr.loc)
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(f"{what} must be {'an integer' if opt.kind == 'int' else 'a number'}",
+                      expr.loc)
+        if opt.kind == "int" and not isinstance(value, int):
+            self.fail(f"{what} must be an integer, got {value}", expr.loc)
+        self.check_range(what, opt, value, expr)
+        return value
+
+    def check_range(self, what: str, opt: Opt, value, expr) -> None:
+        low_bad = opt.low is not None and (value < opt.low or (opt.low_open and value == opt.low))
+        high_bad = opt.high is not None and (value > opt.high or (opt.high_open and value == opt.high))
+        if low_bad or high_bad:
+            lo = "" if opt.low is None else f"{'(' if opt.low_open else '['}{opt.low}"
+            hi = "" if opt.high is None else f"{opt.high}{')' if opt.high_open else ']'}"
+            if opt.high is None:
+                rule = f"> {opt.low}" if opt.low_open else f">= {opt.low}"
+            else:
+                rule = f"in {lo or '(-inf'}, {hi}"
+            self.fail(f"{what} must be {rule}, got {value}", expr.loc)
+
+    def call(self, setting: str, what: str, table: dict, expr: ast.Expr):
+        if isinstance(expr, ast.Var):
+            name, args, kwargs = expr.name, (), ()
+            name_loc = expr.loc
+        elif isinstance(expr, ast.Call):
+            name, args, kwargs, name_loc = expr.func, expr.args, expr.kwargs, expr.func_loc
+        else:
+            self.fail(f"{setting} must be {what} such as {next(iter(table))}", expr.loc)
+        if name not in table:
+            self.fail(f"unknown {what[2:] if what.startswith('a ') else what} '{name}'", name_loc,
+                      did_you_mean(name, table) or f"choose one of: {', '.join(table)}")
+        opts = table[name]
+        names = list(opts)
+        if len(args) > len(names):
+            self.fail(f"{name} takes at most {len(names)} positional argument"
+                      f"{'s' if len(names) != 1 else ''}, got {len(args)}", expr.loc)
+        values: dict[str, Any] = {}
+        for key, arg in list(zip(names, args)) + [(k.name, k.value) for k in kwargs]:
+            if key not in opts:
+                self.fail(f"{name} has no option '{key}'", arg.loc,
+                          did_you_mean(key, names) or (f"{name} takes {', '.join(names)}"
+                                                       if names else f"{name} takes no options"))
+            if key in values:
+                self.fail(f"{name}: {key} is given twice", arg.loc)
+            values[key] = self.scalar(f"{name}: {key}", opts[key], arg)
+        for key, opt in opts.items():
+            if key not in values:
+                if opt.required:
+                    self.fail(f"{name} needs {key}", expr.loc,
+                              f"for example {name}({key}=...)")
+                values[key] = opt.default
+        return name, values
+
+
+def check_train(train: ast.Train, src: SourceText) -> TrainConfig:
+    checker = _Checker(src)
+    config = TrainConfig(train.model)
+    seen: dict[str, int] = {}
+    for s in train.settings:
+        try:
+            if s.name not in SETTINGS:
+                checker.fail(f"unknown train setting '{s.name}'", s.loc,
+                             did_you_mean(s.name, SETTINGS) or
+                             f"settings: {', '.join(SETTINGS)}")
+            if s.name in seen:
+                checker.fail(f"'{s.name}' is set twice (first at line {seen[s.name]})", s.loc)
+            seen[s.name] = s.loc.line
+            what, rule = SETTINGS[s.name]
+            if isinstance(rule, Opt):
+                config.settings[s.name] = checker.scalar(s.name, rule, s.value)
+            else:
+                config.settings[s.name] = checker.call(s.name, what, rule, s.value)
+        except GraphcError as err:
+            checker.errors.extend(err.diagnostics)
+    if "optimizer" not in config.settings and "optimizer" not in seen:
+        checker.errors.append(src.diagnostic(
+            f"train {train.model}: no optimizer", train.name_loc,
+            "add, for example, optimizer = adam(lr=1e-3)"))
+    if checker.errors:
+        raise GraphcError(checker.errors)
+    for key, (_, rule) in SETTINGS.items():
+        if isinstance(rule, Opt) and key not in config.settings:
+            config.settings[key] = rule.default
+    config.settings.setdefault("data", ("digits", {}))
+    config.settings.setdefault("schedule", ("constant", {}))
+    return config

@@ -1,0 +1,8 @@
+"""The graph IR: types, immutable nodes, the op table (primitives and composites)."""
+from graphc.ir import composites, primitives  # noqa: F401  (fill the op table)
+from graphc.ir.node import Graph, Node, topo_order
+from graphc.ir.ops import OPS, Operand, TypeError_, apply, source
+from graphc.ir.types import DType, TensorType
+
+__all__ = ["Graph", "Node", "topo_order", "OPS", "Operand", "TypeError_", "apply", "source",
+           "DType", "TensorType"]

@@ -1,0 +1,271 @@
+"""Composite ops: declared in the op table like primitives (rules, numpy reference) and decomposed
+into primitives by the `decompose` pass. The numpy references here are the oracles the tests hold
+the decompositions to; fused kernels recover the speed of the decomposed forms.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from graphc.errors import SourceLoc
+from graphc.ir import ops as op_table
+from graphc.ir.node import Node
+from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
+from graphc.ir.shapes import broadcast, float_dtype, matmul_shape, normalize_axis, same_dtype
+from graphc.ir.types import DType, TensorType
+
+
+class Emit:
+    """Builds the primitive nodes of a decomposition, all carrying the composite's location."""
+
+    def __init__(self, loc: SourceLoc | None, tags: frozenset[str] = frozenset()):
+        self.loc, self.tags = loc, tags
+
+    def __call__(self, op: str, *inputs: Node, **attrs) -> Node:
+        return op_table.apply(op, inputs, attrs, loc=self.loc, tags=self.tags)
+
+    def const(self, value, dtype: DType) -> Node:
+        return op_table.source("const", TensorType(dtype, ()), loc=self.loc, value=value)
+
+
+def composite(name, arity, dtype_rule, shape_rule, numpy_ref, decompose, attrs=None, doc=""):
+    register(OpDef(name, arity, dtype_rule, shape_rule, numpy_ref, attrs=attrs or {},
+                   kind="composite", decompose=decompose, doc=doc))
+
+
+def _same_shape(ops):
+    return ops[0].type.shape
+
+
+def _scalar(ops, attrs):
+    return ()
+
+
+# --- activations and normalizers ------------------------------------------------------------------
+
+def _axis_attr_rule(name):
+    def rule(ops, attrs):
+        normalize_axis(name, ops[0], attrs["axis"])
+        return ops[0].type.shape
+    return rule
+
+
+def _np_log_softmax(x, axis):
+    s = x - np.max(x, axis=axis, keepdims=True)
+    return s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))
+
+
+def _shifted(emit: Emit, x: Node, axis: int) -> Node:
+    # The max is a constant shift: it cancels in the result, so no gradient flows through it.
+    m = emit("stop_gradient", emit("max", x, axis=axis, keepdims=True))
+    return emit("sub", x, m)
+
+
+def _softmax_decompose(emit, inputs, attrs):
+    e = emit("exp", _shifted(emit, inputs[0], attrs["axis"]))
+    return emit("div", e, emit("sum", e, axis=attrs["axis"], keepdims=True))
+
+
+def _log_softmax_decompose(emit, inputs, attrs):
+    s = _shifted(emit, inputs[0], attrs["axis"])
+    return emit("sub", s, emit("log", emit("sum", emit("exp", s), axis=attrs["axis"], keepdims=True)))
+
+
+composite("softmax", 1, lambda ops, a: float_dtype("softmax", ops), _axis_attr_rule("softmax"),
+          lambda x, axis: np.exp(_np_log_softmax(x, axis)), _softmax_decompose,
+          {"axis": Attr("axis", -1)}, "exp(x) / sum(exp(x)) along an axis, shifted by the max")
+composite("log_softmax", 1, lambda ops, a: float_dtype("log_softmax", ops),
+          _axis_attr_rule("log_softmax"), _np_log_softmax, _log_softmax_decompose,
+          {"axis": Attr("axis", -1)}, "x - logsumexp(x) along an axis, no overflow")
+
+
+def _leaky_decompose(emit, inputs, attrs):
+    x = inputs[0]
+    slope = emit.const(attrs["slope"], x.dtype)
+    return emit("where", emit("greater", x, emit.const(0.0, x.dtype)), x, emit("mul", x, slope))
+
+
+composite("leaky_relu", 1, lambda ops, a: float_dtype("leaky_relu", ops),
+          lambda ops, a: ops[0].type.shape,
+          lambda x, slope: np.where(x > 0, x, slope * x), _leaky_decompose,
+          {"slope": Attr("float", 0.01)}, "x where x > 0 else slope * x")
+
+
+def _prelu_slope_shape(x: TensorType, a: TensorType):
+    # PyTorch's PReLU: one slope per channel, the channel being axis 1 (NCHW or [N, C]).
+    if a.ndim == 1 and x.ndim > 2 and a.shape[0] != 1:
+        return (a.shape[0],) + (1,) * (x.ndim - 2)
+    return a.shape
+
+
+def _prelu_shape(ops, attrs):
+    x, a = ops
+    if a.type.ndim > 1:
+        raise TypeError_(f"prelu: the slope must be a scalar or a vector of channels: {a}")
+    if a.type.ndim == 1 and a.type.shape[0] not in (1,) and (x.type.ndim < 2
+                                                             or x.type.shape[1] != a.type.shape[0]):
+        raise TypeError_(f"prelu: one slope per channel (axis 1) expected: {x}, {a}")
+    return x.type.shape
+
+
+def _prelu_np(x, a):
+    a = a.reshape(_prelu_slope_shape(TensorType(DType.f64, x.shape), TensorType(DType.f64, a.shape)))
+    return np.where(x > 0, x, a * x)
+
+
+def _prelu_decompose(emit, inputs, attrs):
+    x, a = inputs
+    shape = _prelu_slope_shape(x.type, a.type)
+    if shape != a.shape:
+        a = emit("reshape", a, shape=shape)
+    return emit("where", emit("greater", x, emit.const(0.0, x.dtype)), x, emit("mul", x, a))
+
+
+composite("prelu", 2, lambda ops, a: float_dtype("prelu", ops), _prelu_shape, _prelu_np,
+          _prelu_decompose, doc="leaky ReLU with a learned slope (per channel or shared)")
+
+
+def _linear_shape(ops, attrs):
+    shape = matmul_shape(ops[0], ops[1])
+    if len(ops) == 3:
+        shape = broadcast("linear", [Operand(ops[0].type.with_shape(shape), "x @ W"), ops[2]])
+    return shape
+
+
+def _linear_decompose(emit, inputs, attrs):
+    y = emit("matmul", inputs[0], inputs[1])
+    return emit("add", y, inputs[2]) if len(inputs) == 3 else y
+
+
+composite("linear", (2, 3), lambda ops, a: same_dtype("linear", ops), _linear_shape,
+          lambda x, w, b=None: x @ w if b is None else x @ w + b, _linear_decompose,
+          doc="x @ W + b")
+
+
+def _flatten_shape(ops, attrs):
+    shape = ops[0].type.shape
+    if len(shape) < 2:
+        raise TypeError_(f"flatten: needs a batch axis and at least one more: {ops[0]}")
+    rest = 1
+    for d in shape[1:]:
+        if isinstance(d, str):
+            raise TypeError_(f"flatten: only the batch axis may be symbolic: {ops[0]}")
+        rest *= d
+    return (shape[0], rest)
+
+
+composite("flatten", 1, lambda ops, a: ops[0].type.dtype, _flatten_shape,
+          lambda x: x.reshape(x.shape[0], -1),
+          lambda emit, inputs, attrs: emit("reshape", inputs[0], shape=(inputs[0].shape[0], -1)),
+          doc="[N, ...] -> [N, prod(...)], keeping the batch axis")
+
+
+# --- losses (averaged over the batch, as PyTorch's defaults are) ----------------------------------
+
+def _same_shape_loss(name):
+    def rule(ops, attrs):
+        a, b = ops
+        if a.type.shape != b.type.shape:
+            raise TypeError_(f"{name}: shapes differ: {a}, {b}",
+                             hint="the prediction and the target must have the same shape")
+        return ()
+    return rule
+
+
+def _mse_decompose(emit, inputs, attrs):
+    d = emit("sub", inputs[0], inputs[1])
+    return emit("mean", emit("mul", d, d))
+
+
+composite("mse", 2, lambda ops, a: float_dtype("mse", ops), _same_shape_loss("mse"),
+          lambda f, t: np.mean((f - t) ** 2), _mse_decompose,
+          doc="mean squared error over all elements")
+
+
+def _class_loss_rule(name, what):
+    def dtype_rule(ops, attrs):
+        scores, labels = ops
+        if not scores.type.dtype.is_float:
+            raise TypeError_(f"{name}: {what} must be floating point: {scores}")
+        if not labels.type.dtype.is_int:
+            raise TypeError_(f"{name}: labels must be integer class indices: {labels}",
+                             hint=f"declare {labels.label} as i64[N]")
+        return scores.type.dtype
+
+    def shape_rule(ops, attrs):
+        scores, labels = ops
+        if scores.type.ndim != 2:
+            raise TypeError_(f"{name}: {what} must be [batch, classes]: {scores}")
+        if labels.type.ndim != 1:
+            raise TypeError_(f"{name}: labels must be [batch]: {labels}")
+        if scores.type.shape[0] != labels.type.shape[0]:
+            raise TypeError_(f"{name}: batch sizes differ: {scores}, {labels} "
+                             f"({scores.type.shape[0]} != {labels.type.shape[0]})")
+        return ()
+    return dtype_rule, shape_rule
+
+
+def _nll_np(logp, y):
+    return -np.mean(logp[np.arange(len(y)), y])
+
+
+def _nll_decompose(emit, inputs, attrs):
+    logp, y = inputs
+    picked = emit("sum", emit("mul", logp, emit("one_hot", y, depth=logp.shape[1],
+                                                dtype=logp.dtype.value)), axis=1)
+    return emit("neg", emit("mean", picked))
+
+
+composite("nll", 2, *_class_loss_rule("nll", "log-probabilities"), _nll_np, _nll_decompose,
+          doc="negative log-likelihood of integer labels under log-probabilities")
+composite("cross_entropy", 2, *_class_loss_rule("cross_entropy", "logits"),
+          lambda z, y: _nll_np(_np_log_softmax(z, 1), y),
+          lambda emit, inputs, attrs: _nll_decompose(
+              emit, [_log_softmax_decompose(emit, inputs[:1], {"axis": 1}), inputs[1]], {}),
+          doc="cross-entropy of integer labels under logits (log_softmax + nll)")
+
+
+def _bce_np(z, t):
+    return np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z))))
+
+
+def _bce_decompose(emit, inputs, attrs):
+    z, t = inputs
+    zero = emit.const(0.0, z.dtype)
+    soft = emit("log1p", emit("exp", emit("neg", emit("abs", z))))
+    return emit("mean", emit("add", emit("sub", emit("maximum", z, zero), emit("mul", z, t)), soft))
+
+
+composite("binary_cross_entropy_with_logits", 2,
+          lambda ops, a: float_dtype("binary_cross_entropy_with_logits", ops),
+          _same_shape_loss("binary_cross_entropy_with_logits"), _bce_np, _bce_decompose,
+          doc="logistic negative log-likelihood of 0/1 targets under logits")
+
+
+# --- regularizers ---------------------------------------------------------------------------------
+
+def _norm_composite(name, np_term, term_decompose, doc):
+    def decompose(emit, inputs, attrs):
+        total = None
+        for x in inputs:
+            s = emit("sum", term_decompose(emit, x))
+            total = s if total is None else emit("add", total, s)
+        return total
+    composite(name, (1, None), lambda ops, a: float_dtype(name, ops), _scalar,
+              lambda *xs: sum(np.sum(np_term(x)) for x in xs), decompose, doc=doc)
+
+
+_norm_composite("l2", np.square, lambda emit, x: emit("mul", x, x),
+                "sum of squares of every element (squared Frobenius norm)")
+_norm_composite("l1", np.abs, lambda emit, x: emit("abs", x), "sum of absolute values")
+
+
+def decompose_node(node: Node, inputs: Sequence[Node]) -> Node:
+    """The primitive form of a composite node over (already decomposed) inputs."""
+    op = op_table.OPS[node.op]
+    emit = Emit(node.loc, node.tags)
+    out = op.decompose(emit, list(inputs), node.attr)
+    assert out.type == node.type, (f"internal error: decomposition of {node.op} gives {out.type}, "
+                                   f"expected {node.type}")
+    return op_table.renamed(out, node.name, node.loc)

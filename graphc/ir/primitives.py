@@ -1,0 +1,200 @@
+"""Primitive ops: the small set every backend implements. Composites decompose into these."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
+from graphc.ir.shapes import (broadcast, float_dtype, matmul_shape, normalize_axes,
+                              normalize_axis, reduced_shape, reshape_shape, same_dtype)
+from graphc.ir.types import DType
+
+
+def _no_dtype(ops, attrs):
+    raise AssertionError("internal error: source ops get their type at construction")
+
+
+for _name, _doc in [("input", "a value fed at run time"),
+                    ("param", "a trained parameter, initialized by the build"),
+                    ("const", "a scalar constant")]:
+    register(OpDef(_name, 0, _no_dtype, _no_dtype, None, kind="source", doc=_doc,
+                   attrs={"input": {"name": Attr("str", required=True)},
+                          "param": {"name": Attr("str", required=True), "init": Attr("any"),
+                                    "role": Attr("str", "other")},
+                          "const": {"value": Attr("any", required=True)}}[_name]))
+
+
+# --- elementwise -----------------------------------------------------------------------------------
+
+def _unary(name, fn, doc, floats=True, grad_note=""):
+    def dtype_rule(ops, attrs):
+        return float_dtype(name, ops) if floats else ops[0].type.dtype
+    register(OpDef(name, 1, dtype_rule, lambda ops, attrs: ops[0].type.shape,
+                   lambda x, out=None: fn(x, out=out), numpy_out=True, doc=doc))
+
+
+def _sigmoid(x, out=None):
+    # exp(-log(1 + exp(-x))) is exact in both tails and never overflows.
+    out = np.logaddexp(0, -x, out=out)
+    np.negative(out, out=out)
+    return np.exp(out, out=out)
+
+
+def _copy(x, out=None):
+    if out is None:
+        return np.array(x, copy=True)
+    np.copyto(out, x)
+    return out
+
+
+_unary("neg", np.negative, "-x", floats=False)
+_unary("exp", np.exp, "e to the x")
+_unary("log", np.log, "natural logarithm")
+_unary("log1p", np.log1p, "log(1 + x), exact for small x")
+_unary("sqrt", np.sqrt, "square root")
+_unary("abs", np.abs, "absolute value", floats=False)
+_unary("tanh", np.tanh, "hyperbolic tangent")
+_unary("sigmoid", _sigmoid, "1 / (1 + exp(-x)), stable in both tails")
+_unary("relu", lambda x, out=None: np.maximum(x, 0, out=out), "max(x, 0)", floats=False)
+_unary("stop_gradient", _copy, "identity whose gradient is zero", floats=False)
+
+
+def _binary(name, fn, doc, floats=False, compare=False):
+    def dtype_rule(ops, attrs):
+        dtype = float_dtype(name, ops) if floats else same_dtype(name, ops)
+        return DType.bool if compare else dtype
+    register(OpDef(name, 2, dtype_rule, lambda ops, attrs: broadcast(name, ops),
+                   lambda a, b, out=None: fn(a, b, out=out), numpy_out=True, doc=doc))
+
+
+_binary("add", np.add, "a + b")
+_binary("sub", np.subtract, "a - b")
+_binary("mul", np.multiply, "a * b")
+_binary("div", np.divide, "a / b", floats=True)
+_binary("pow", np.power, "a ** b", floats=True)
+_binary("maximum", np.maximum, "elementwise max(a, b)")
+_binary("minimum", np.minimum, "elementwise min(a, b)")
+for _name, _fn, _sym in [("greater", np.greater, ">"), ("greater_equal", np.greater_equal, ">="),
+                         ("less", np.less, "<"), ("less_equal", np.less_equal, "<="),
+                         ("equal", np.equal, "=="), ("not_equal", np.not_equal, "!=")]:
+    _binary(_name, _fn, f"a {_sym} b (bool)", compare=True)
+
+
+def _where_dtype(ops, attrs):
+    if ops[0].type.dtype is not DType.bool:
+        raise TypeError_(f"where: the condition must be bool: {ops[0]}",
+                         hint=f"compare it, e.g. {ops[0].label} > 0")
+    return same_dtype("where", ops[1:])
+
+
+register(OpDef("where", 3, _where_dtype, lambda ops, attrs: broadcast("where", ops),
+               lambda c, a, b: np.where(c, a, b), doc="a where cond else b"))
+
+
+def _cast_numpy(x, dtype, out=None):
+    if out is None:
+        return x.astype(DType(dtype).numpy)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
+register(OpDef("cast", 1, lambda ops, attrs: DType(attrs["dtype"]),
+               lambda ops, attrs: ops[0].type.shape, _cast_numpy, numpy_out=True,
+               attrs={"dtype": Attr("dtype", required=True)}, doc="convert to another dtype"))
+
+
+def _one_hot_dtype(ops, attrs):
+    if not ops[0].type.dtype.is_int:
+        raise TypeError_(f"one_hot: class labels must be integers: {ops[0]}")
+    return DType(attrs["dtype"])
+
+
+def _one_hot(y, depth, dtype):
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= depth):
+        bad = y[(y < 0) | (y >= depth)].flat[0]
+        raise ValueError(f"class label {int(bad)} is out of range [0, {depth})")
+    return (y[..., None] == np.arange(depth)).astype(DType(dtype).numpy)
+
+
+register(OpDef("one_hot", 1, _one_hot_dtype, lambda ops, attrs: ops[0].type.shape + (attrs["depth"],),
+               _one_hot, attrs={"depth": Attr("int", required=True), "dtype": Attr("dtype", "f32")},
+               doc="one-hot rows of integer labels"))
+
+
+# --- reductions ------------------------------------------------------------------------------------
+
+def _reduction(name, fn, doc):
+    def shape_rule(ops, attrs):
+        axes = normalize_axes(name, ops[0], attrs["axis"])
+        return reduced_shape(ops[0].type.shape, axes, attrs["keepdims"])
+
+    def dtype_rule(ops, attrs):
+        return float_dtype(name, ops) if name == "mean" else ops[0].type.dtype
+
+    def run(x, axis, keepdims, out=None):
+        return fn(x, axis=axis, keepdims=keepdims, out=out)
+
+    register(OpDef(name, 1, dtype_rule, shape_rule, run, kind="reduction", numpy_out=True,
+                   attrs={"axis": Attr("axes", None), "keepdims": Attr("bool", False)}, doc=doc))
+
+
+_reduction("sum", np.sum, "sum over axes (all when axis is omitted)")
+_reduction("mean", np.mean, "mean over axes (all when axis is omitted)")
+_reduction("max", np.max, "maximum over axes (all when axis is omitted)")
+
+
+# --- matrix products and layout --------------------------------------------------------------------
+
+register(OpDef("matmul", 2, lambda ops, attrs: same_dtype("matmul", ops),
+               lambda ops, attrs: matmul_shape(*ops),
+               lambda a, b, out=None: np.matmul(a, b, out=out), kind="matmul", numpy_out=True,
+               doc="matrix product with numpy's rules (1-D operands, batched)"))
+
+register(OpDef("reshape", 1, lambda ops, attrs: ops[0].type.dtype,
+               lambda ops, attrs: reshape_shape(ops[0], attrs["shape"]),
+               lambda x, shape: np.reshape(x, [-1 if isinstance(d, str) else d for d in shape]),
+               kind="layout", attrs={"shape": Attr("ints", required=True)},
+               doc="same elements, another shape (-1 and symbolic dims allowed)"))
+
+
+def _transpose_axes(ops, attrs):
+    ndim = ops[0].type.ndim
+    axes = attrs["axes"]
+    if axes is None:
+        return tuple(reversed(range(ndim)))
+    norm = tuple(normalize_axis("transpose", ops[0], a) for a in axes)
+    if sorted(norm) != list(range(ndim)):
+        raise TypeError_(f"transpose: axes {list(axes)} are not a permutation of the "
+                         f"{ndim} axes of {ops[0]}")
+    return norm
+
+
+register(OpDef("transpose", 1, lambda ops, attrs: ops[0].type.dtype,
+               lambda ops, attrs: tuple(ops[0].type.shape[a] for a in _transpose_axes(ops, attrs)),
+               lambda x, axes: np.transpose(x, axes), kind="layout",
+               attrs={"axes": Attr("axes", None)}, doc="permute axes (reverse them by default)"))
+
+
+def _concat_shape(ops, attrs):
+    first = ops[0]
+    axis = normalize_axis("concat", first, attrs["axis"])
+    total = 0
+    for o in ops:
+        if o.type.ndim != first.type.ndim:
+            raise TypeError_(f"concat: operands differ in rank: {first}, {o}")
+        for i, (a, b) in enumerate(zip(first.type.shape, o.type.shape)):
+            if i != axis and a != b:
+                raise TypeError_(f"concat: shapes differ off the concatenation axis {axis}: "
+                                 f"{first}, {o} ({a} != {b} on axis {i})")
+        d = o.type.shape[axis]
+        if isinstance(d, str):
+            raise TypeError_(f"concat: cannot concatenate along the symbolic axis {d} of {o}")
+        total += d
+    shape = list(first.type.shape)
+    shape[axis] = total
+    return tuple(shape)
+
+
+register(OpDef("concat", (1, None), lambda ops, attrs: same_dtype("concat", ops), _concat_shape,
+               lambda *xs, axis: np.concatenate(xs, axis=axis), kind="layout",
+               attrs={"axis": Attr("axis", 0)}, doc="join along an axis"))

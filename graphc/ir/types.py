@@ -1,0 +1,91 @@
+"""Tensor types: dtypes, shapes with symbolic dimensions, and their printed form (`f32[N, 784]`)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+Dim = int | str          # a concrete size, or a symbolic one such as "N"
+Shape = tuple[Dim, ...]
+
+
+class DType(enum.Enum):
+    f16 = "f16"
+    bf16 = "bf16"
+    f32 = "f32"
+    f64 = "f64"
+    i32 = "i32"
+    i64 = "i64"
+    bool = "bool"
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.f16, DType.bf16, DType.f32, DType.f64)
+
+    @property
+    def is_int(self) -> bool:
+        return self in (DType.i32, DType.i64)
+
+    @property
+    def numpy(self) -> np.dtype:
+        if self is DType.bf16:
+            raise NotImplementedError("bf16 has no numpy dtype; the numpy backend does not run it")
+        return np.dtype(_NUMPY_NAMES[self])
+
+    @classmethod
+    def from_numpy(cls, dtype) -> "DType":
+        name = np.dtype(dtype).name
+        for dt, np_name in _NUMPY_NAMES.items():
+            if np_name == name:
+                return dt
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_NUMPY_NAMES = {DType.f16: "float16", DType.f32: "float32", DType.f64: "float64",
+                DType.i32: "int32", DType.i64: "int64", DType.bool: "bool"}
+
+DTYPE_NAMES = {d.value: d for d in DType}
+
+
+def format_shape(shape: Shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: DType
+    shape: Shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_concrete(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def size(self) -> int:
+        assert self.is_concrete, f"internal error: size of symbolic type {self}"
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def with_shape(self, shape: Shape) -> "TensorType":
+        return TensorType(self.dtype, tuple(shape))
+
+    def with_dtype(self, dtype: DType) -> "TensorType":
+        return TensorType(dtype, self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{format_shape(self.shape)}"
+
+
+def symbols(shape: Shape) -> set[str]:
+    return {d for d in shape if isinstance(d, str)}
+
+
+def bind_shape(shape: Shape, dims: dict[str, int]) -> tuple[int, ...]:
+    """Substitute concrete sizes for symbolic dimensions."""
+    return tuple(d if isinstance(d, int) else dims[d] for d in shape)

@@ -1,0 +1,144 @@
+"""Build artifacts: a folder with the graphs (versioned JSON), the parameters (.npz) and a manifest.
+
+Loading never executes anything from the files: JSON is parsed, arrays are read with
+`allow_pickle=False`, every node is rebuilt through the op table, and file hashes are checked.
+Every file is written to a temporary name and renamed into place, the manifest last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import graphc
+from graphc.errors import GraphcError, error
+from graphc.ir.serialize import FORMAT as GRAPH_FORMAT
+from graphc.ir.serialize import VERSION as GRAPH_VERSION
+from graphc.ir.serialize import graph_from_json, graph_to_json, type_from_json, type_to_json
+
+FORMAT = "graphc-artifact"
+VERSION = 1
+GRAPH_FILE, PARAMS_FILE, MANIFEST_FILE = "graph.json", "params.npz", "manifest.json"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_artifact(program, path) -> Path:
+    import io
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    graph_bytes = json.dumps({"format": GRAPH_FORMAT, "version": GRAPH_VERSION,
+                              "graphs": {k: graph_to_json(g) for k, g in program.graphs.items()}},
+                             indent=1).encode()
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.asarray(v) for name, v in program.params.items()})
+    params_bytes = buf.getvalue()
+    manifest = {
+        "format": FORMAT, "version": VERSION, "graphc_version": graphc.__version__,
+        "model": program.name, "backend": program.backend,
+        "inputs": {k: type_to_json(t) for k, t in program.inputs.items()},
+        "outputs": program.outputs,
+        "params": [{"name": p.name, "type": type_to_json(p.type), "role": p.role,
+                    "init": [p.init[0], [list(kv) for kv in p.init[1]]]}
+                   for p in program.param_info.values()],
+        "files": {GRAPH_FILE: _sha256(graph_bytes), PARAMS_FILE: _sha256(params_bytes)},
+        **program.meta,
+    }
+    atomic_write(out / GRAPH_FILE, graph_bytes)
+    atomic_write(out / PARAMS_FILE, params_bytes)
+    atomic_write(out / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    return out
+
+
+def _read(folder: Path, name: str) -> bytes:
+    try:
+        return (folder / name).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{folder}: not a graphc artifact: {name} is missing",
+                    hint="build one with `graphc build FILE.nn -o DIR`") from None
+    except OSError as err:
+        raise error(f"{folder / name}: cannot read: {err.strerror}") from None
+
+
+def load_artifact(path, backend: str = "numpy"):
+    """Restore a `Program` from an artifact folder. Any problem is a `GraphcError` naming the file."""
+    from graphc.runtime.program import ParamInfo, Program
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise error(f"{folder}: no such artifact folder")
+    try:
+        manifest = json.loads(_read(folder, MANIFEST_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{folder / MANIFEST_FILE}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise error(f"{folder / MANIFEST_FILE}: not a graphc artifact manifest")
+    if manifest.get("version") != VERSION:
+        raise error(f"{folder}: artifact format version {manifest.get('version')!r} is not "
+                    f"supported (this graphc reads version {VERSION})",
+                    hint="rebuild it with this version of graphc")
+    blobs = {}
+    for name in (GRAPH_FILE, PARAMS_FILE):
+        data = _read(folder, name)
+        if _sha256(data) != manifest.get("files", {}).get(name):
+            raise error(f"{folder / name}: contents do not match the manifest (corrupt or edited)")
+        blobs[name] = data
+    try:
+        graph_doc = json.loads(blobs[GRAPH_FILE])
+        if graph_doc.get("format") != GRAPH_FORMAT or graph_doc.get("version") != GRAPH_VERSION:
+            raise ValueError("unknown graph format or version")
+        graphs = {str(k): graph_from_json(g, f"{folder / GRAPH_FILE}: graph {k}")
+                  for k, g in graph_doc["graphs"].items()}
+        infos = {}
+        for p in manifest["params"]:
+            init = (str(p["init"][0]), tuple((str(k), v) for k, v in p["init"][1]))
+            infos[p["name"]] = ParamInfo(str(p["name"]), type_from_json(p["type"]), str(p["role"]),
+                                         init)
+    except GraphcError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise error(f"{folder}: malformed artifact: {err}") from None
+    values = _load_params(folder / PARAMS_FILE, blobs[PARAMS_FILE], infos)
+    meta = {k: manifest[k] for k in ("source", "seed") if k in manifest}
+    return Program(str(manifest["model"]), graphs, infos, values, backend=backend, meta=meta)
+
+
+def _load_params(path: Path, data: bytes, infos: dict) -> dict[str, np.ndarray]:
+    import io
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as err:   # object arrays need pickle, which is refused
+        raise error(f"{path}: refused: {err}") from None
+    except Exception as err:    # a damaged zip raises many kinds of errors
+        raise error(f"{path}: not a readable .npz file ({err})") from None
+    values = {}
+    for name, info in infos.items():
+        if name not in arrays:
+            raise error(f"{path}: parameter {name} is missing")
+        array = arrays[name]
+        if array.dtype != info.type.dtype.numpy or array.shape != tuple(info.type.shape):
+            raise error(f"{path}: parameter {name} should be {info.type}, found "
+                        f"{array.dtype}{list(array.shape)}")
+        values[name] = array
+    return values

@@ -88,7 +88,11 @@ def error(message: str, loc: SourceLoc | None = None, hint: str | None = None,
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate most like `name`, for 'did you mean' hints."""
-    matches = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    pool = sorted(set(candidates))
+    same_but_case = [c for c in pool if c.lower() == name.lower() and c != name]
+    if same_but_case:
+        return same_but_case[0]
+    matches = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
     return matches[0] if matches else None
 
 

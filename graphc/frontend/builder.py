@@ -350,6 +350,9 @@ class ModelBuilder:
             role = name[:-1] if name == "weights" else "bias"
             roles = infer_roles(self, final=False)
             members = tuple(n for n, r in roles.items() if r == role)
+            if not members:
+                raise self.error(f"'{name}' is empty here: no {role} parameter is declared or "
+                                 f"created above this line", var.loc)
             self.param_sets.append((var, role, members))
             return ParamSet(role, tuple(Tensor(self.params[n].node, n) for n in members))
         if name in self.defs or name in LAYERS or name in CALLABLE_OPS:

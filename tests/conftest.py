@@ -1,0 +1,39 @@
+"""Shared test helpers: the repository root, the bundled models, and running one op on arrays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphc.ir import ops as op_table
+from graphc.ir.node import Graph
+from graphc.ir.types import DType, TensorType
+from graphc.passes import PipelineOptions, run_pipeline
+from graphc.runtime.numpy_backend import NumpyExecutor
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = sorted((REPO / "models").glob("*.nn"))
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+def op_graph(op: str, arrays: list[np.ndarray], attrs: dict | None = None) -> Graph:
+    """A graph computing `op` over inputs a0, a1, ... shaped like `arrays`."""
+    inputs = [op_table.source("input", TensorType(DType.from_numpy(a.dtype), a.shape), name=f"a{i}")
+              for i, a in enumerate(arrays)]
+    return Graph(op, (("out", op_table.apply(op, inputs, attrs or {})),))
+
+
+def run_graph(graph: Graph, arrays: list[np.ndarray]) -> np.ndarray:
+    lowered = run_pipeline(graph, PipelineOptions(verify=True))
+    feeds = {f"a{i}": a for i, a in enumerate(arrays)}
+    return NumpyExecutor(lowered).run(feeds, {}, {})["out"]
+
+
+def run_op(op: str, arrays: list[np.ndarray], attrs: dict | None = None) -> np.ndarray:
+    """Run one op through the whole pipeline (decomposition included) on the numpy backend."""
+    return run_graph(op_graph(op, arrays, attrs), arrays)

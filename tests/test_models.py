@@ -1,0 +1,111 @@
+"""The bundled models and the issue's three examples: they compile, and their outputs (and loss)
+match hand-written numpy computed from the same parameters."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MODELS, REPO
+
+import graphc
+from graphc.compiler import check_source, lower, model_graph
+from graphc.passes import PipelineOptions
+from graphc.runtime.numpy_backend import NumpyExecutor
+
+rng = np.random.default_rng(1)
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def loss_of(path, params, feeds, dims):
+    """Evaluate a model's loss (eval mode) on the numpy backend."""
+    checked = check_source((REPO / path).read_text(), str(path))
+    graph = lower(model_graph(next(iter(checked.models.values()))), PipelineOptions(verify=True))
+    return NumpyExecutor(graph).run(feeds, dict(params), dims)["loss"]
+
+
+def log_softmax(z):
+    s = z - z.max(axis=1, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+
+
+def test_mnist_mlp_matches_numpy():
+    p = graphc.compile_file(REPO / "models/mnist_mlp.nn")
+    x = rng.random((16, 784), dtype=np.float32)
+    y = rng.integers(0, 10, 16)
+    W1, b1, W2, b2 = (p.params[k] for k in ("W1", "b1", "W2", "b2"))
+    logp = log_softmax(np.maximum(x @ W1 + b1, 0) @ W2 + b2)      # dropout is off at inference
+    np.testing.assert_allclose(p.forward(x=x)["logp"], logp, **TOL)
+    expected_loss = -logp[np.arange(16), y].mean() + 1e-4 * ((W1 ** 2).sum() + (W2 ** 2).sum())
+    got = loss_of("models/mnist_mlp.nn", p.params, {"x": x, "y": y}, {"N": 16})
+    np.testing.assert_allclose(got, expected_loss, **TOL)
+
+
+def test_mnist_layers_matches_numpy():
+    p = graphc.compile_file(REPO / "models/mnist_layers.nn")
+    assert sorted(p.params) == ["logits.block.W", "logits.block.b", "logits.linear.W",
+                                "logits.linear.b"]
+    x = rng.random((8, 784), dtype=np.float32)
+    y = rng.integers(0, 10, 8)
+    W1, b1 = p.params["logits.block.W"], p.params["logits.block.b"]
+    W2, b2 = p.params["logits.linear.W"], p.params["logits.linear.b"]
+    logits = np.maximum(x @ W1 + b1, 0) @ W2 + b2
+    probs = np.exp(log_softmax(logits))
+    np.testing.assert_allclose(p.forward(x=x)["probs"], probs, **TOL)
+    # l2(weights) covers the two weight matrices and never a bias.
+    expected = -log_softmax(logits)[np.arange(8), y].mean() + 1e-4 * ((W1 ** 2).sum() + (W2 ** 2).sum())
+    got = loss_of("models/mnist_layers.nn", p.params, {"x": x, "y": y}, {"N": 8})
+    np.testing.assert_allclose(got, expected, **TOL)
+
+
+def test_backprop_example_matches_numpy():
+    p = graphc.compile_file(REPO / "models/backprop_example.nn")
+    x = rng.standard_normal((10, 3)).astype(np.float32)
+    t = rng.standard_normal(10).astype(np.float32)
+    W, beta = p.params["W"], p.params["beta"]
+    f = (1 / (1 + np.exp(-(x @ W.T)))) @ beta
+    np.testing.assert_allclose(p.forward(x=x)["f"], f, **TOL)
+    got = loss_of("models/backprop_example.nn", p.params, {"x": x, "t": t}, {"N": 10})
+    np.testing.assert_allclose(got, np.mean((f - t) ** 2), **TOL)
+    assert p.param_info["beta"].role == "weight"   # multiplied in by a matrix product
+
+
+def test_float64_model_matches_numpy_tightly():
+    src = (REPO / "models/mnist_mlp.nn").read_text().replace("f32", "f64")
+    p = graphc.compile_source(src)
+    x = rng.random((4, 784))
+    W1, b1, W2, b2 = (p.params[k] for k in ("W1", "b1", "W2", "b2"))
+    assert W1.dtype == np.float64
+    expected = log_softmax(np.maximum(x @ W1 + b1, 0) @ W2 + b2)
+    np.testing.assert_allclose(p.forward(x=x)["logp"], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", MODELS, ids=[m.name for m in MODELS])
+def test_every_bundled_model_compiles_and_runs(path):
+    p = graphc.compile_file(path)
+    feeds = {}
+    for name, ttype in p.inputs.items():
+        shape = [3 if isinstance(d, str) else d for d in ttype.shape]
+        feeds[name] = rng.random(shape).astype(ttype.dtype.numpy)
+    outs = p.forward(**feeds)
+    assert set(outs) == set(p.outputs)
+    for value in outs.values():
+        assert np.all(np.isfinite(value))
+
+
+def test_initialization_follows_the_declared_initializers():
+    p = graphc.compile_file(REPO / "models/mnist_mlp.nn")
+    W1 = p.params["W1"]
+    assert np.all(p.params["b1"] == 0) and np.all(p.params["b2"] == 0)
+    assert abs(W1.std() - np.sqrt(2 / 784)) < 0.02 * np.sqrt(2 / 784)   # Kaiming: N(0, 2/fan_in)
+    assert abs(W1.mean()) < 1e-3
+    q = graphc.compile_file(REPO / "models/backprop_example.nn", seed=5)
+    W = q.params["W"]
+    assert W.shape == (4, 3)
+
+
+def test_initialization_is_seeded_and_per_parameter():
+    a = graphc.compile_file(REPO / "models/mnist_mlp.nn")
+    b = graphc.compile_file(REPO / "models/mnist_mlp.nn")
+    c = graphc.compile_file(REPO / "models/mnist_mlp.nn", seed=2)
+    np.testing.assert_array_equal(a.params["W1"], b.params["W1"])     # the train block's seed
+    assert not np.array_equal(a.params["W1"], c.params["W1"])
+    assert not np.array_equal(a.params["W1"][:256, :10], a.params["W2"])

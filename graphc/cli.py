@@ -133,7 +133,7 @@ def cmd_build(args) -> int:
     if unknown:
         raise _usage(f"--dump-after: unknown pass '{unknown[0]}' (passes: {', '.join(pass_names())})")
     checked = check_source(read_source(args.file), args.file)
-    options = PipelineOptions(verify=args.verify, dump_after=args.dump_after)
+    options = PipelineOptions(verify=args.verify, dump_after=args.dump_after, dump=print)
     program = build_program(checked, args.model, args.backend, args.seed, options)
     out = _writable_dir(args.out)
     program.save(out)

@@ -26,16 +26,16 @@ class CheckedFile:
     def pick(self, model: str | None) -> ModelIR:
         if model is not None:
             if model not in self.models:
-                raise error(f"{self.path}: no model named '{model}'",
+                raise error(f"no model named '{model}'", file=self.path,
                             hint=did_you_mean(model, self.models) or
                             f"models here: {', '.join(self.models) or 'none'}")
             return self.models[model]
         if not self.models:
-            raise error(f"{self.path}: no model in this file",
+            raise error("no model in this file", file=self.path,
                         hint="declare one with `model NAME { ... }`")
         if len(self.models) > 1:
-            raise error(f"{self.path} holds {len(self.models)} models ({', '.join(self.models)}); "
-                        f"choose one", hint="pass model=NAME (or --model NAME on the command line)")
+            raise error(f"the file holds {len(self.models)} models ({', '.join(self.models)}); "
+                        f"choose one", file=self.path, hint="pass model=NAME (or --model NAME on the command line)")
         return next(iter(self.models.values()))
 
 
@@ -77,13 +77,13 @@ def _check_names(module: ast.Module, src: SourceText, errors: list[Diagnostic]) 
             if item.name in seen:
                 errors.append(src.diagnostic(
                     f"{kind} '{item.name}' is already defined at line {seen[item.name].line}",
-                    item.loc))
+                    item.name_loc))
             seen[item.name] = item.loc
     builtin = set(LAYERS) | set(CALLABLE_OPS) | {"dropout"}
     for d in module.defs:
         if d.name in builtin:
             errors.append(src.diagnostic(f"function '{d.name}' would hide the built-in {d.name}",
-                                         d.loc, "choose another name"))
+                                         d.name_loc, "choose another name"))
         if len(set(d.params)) != len(d.params):
             errors.append(src.diagnostic(f"function '{d.name}' repeats a parameter name", d.loc))
 
@@ -125,13 +125,13 @@ def read_source(path) -> str:
     try:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise error(f"{path}: no such file") from None
+        raise error("no such file", file=path) from None
     except IsADirectoryError:
-        raise error(f"{path}: is a folder, not a .nn file") from None
+        raise error("is a folder, not a .nn file", file=path) from None
     except UnicodeDecodeError:
-        raise error(f"{path}: not a text file (it is not valid UTF-8)") from None
+        raise error("not a text file (it is not valid UTF-8)", file=path) from None
     except OSError as err:
-        raise error(f"{path}: cannot read: {err.strerror}") from None
+        raise error(f"cannot read: {err.strerror}", file=path) from None
 
 
 def compile_file(path, backend: str = "numpy", model: str | None = None,

@@ -43,9 +43,10 @@ class Diagnostic:
     hint: str | None = None
     severity: str = "error"
     line_text: str | None = None   # the source line the location points into
+    file: str | None = None        # for problems with a whole file (no line to point at)
 
     def render(self) -> str:
-        where = f"{self.loc}: " if self.loc else ""
+        where = f"{self.loc}: " if self.loc else f"{self.file}: " if self.file else ""
         out = [f"{where}{self.severity}: {self.message}"]
         if self.loc and self.line_text is not None:
             out.extend(_caret_lines(self.loc, self.line_text))
@@ -54,12 +55,13 @@ class Diagnostic:
         return "\n".join(out)
 
 
-def _caret_lines(loc: SourceLoc, text: str) -> list[str]:
-    text = text.rstrip("\n").expandtabs(4) if "\t" not in text else text.rstrip("\n")
+def _caret_lines(loc: SourceLoc, raw: str) -> list[str]:
+    raw = raw.rstrip("\n")
+    text = raw.expandtabs(4)    # columns count characters; the caret must count display cells
     gutter = f"{loc.line:>4} | "
-    start = max(loc.col - 1, 0)
+    start = len(raw[:max(loc.col - 1, 0)].expandtabs(4))
     if loc.end_line == loc.line and loc.end_col and loc.end_col > loc.col:
-        width = loc.end_col - loc.col
+        width = len(raw[:loc.end_col - 1].expandtabs(4)) - start
     else:
         width = 1
     width = max(1, min(width, max(len(text) - start, 1)))
@@ -82,8 +84,17 @@ class GraphcError(Exception):
 
 
 def error(message: str, loc: SourceLoc | None = None, hint: str | None = None,
-          line_text: str | None = None) -> GraphcError:
-    return GraphcError(Diagnostic(message, loc, hint, "error", line_text))
+          line_text: str | None = None, file: str | None = None) -> GraphcError:
+    return GraphcError(Diagnostic(message, loc, hint, "error", line_text, str(file) if file else None))
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) == 1
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
 def closest(name: str, candidates: Iterable[str]) -> str | None:
@@ -93,7 +104,10 @@ def closest(name: str, candidates: Iterable[str]) -> str | None:
     if same_but_case:
         return same_but_case[0]
     matches = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
-    return matches[0] if matches else None
+    if matches:
+        return matches[0]
+    near = [c for c in pool if _one_edit_apart(name, c)]   # short names: W2 -> W1
+    return near[0] if near else None
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:

@@ -97,30 +97,69 @@ def load_artifact(path, backend: str = "numpy"):
         raise error(f"{folder}: artifact format version {manifest.get('version')!r} is not "
                     f"supported (this graphc reads version {VERSION})",
                     hint="rebuild it with this version of graphc")
-    blobs = {}
-    for name in (GRAPH_FILE, PARAMS_FILE):
-        data = _read(folder, name)
-        if _sha256(data) != manifest.get("files", {}).get(name):
-            raise error(f"{folder / name}: contents do not match the manifest (corrupt or edited)")
-        blobs[name] = data
     try:
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise ValueError("'files' must map file names to hashes")
+        blobs = {}
+        for name in (GRAPH_FILE, PARAMS_FILE):
+            data = _read(folder, name)
+            if _sha256(data) != files.get(name):
+                raise error(f"{folder / name}: contents do not match the manifest "
+                            f"(corrupt or edited)")
+            blobs[name] = data
+        model = manifest["model"]
+        if not isinstance(model, str):
+            raise ValueError("'model' must be a name")
+        infos = {}
+        for p in manifest["params"]:
+            init = (str(p["init"][0]), tuple((str(k), v) for k, v in p["init"][1]))
+            info = ParamInfo(str(p["name"]), type_from_json(p["type"]), str(p["role"]), init)
+            _ = info.type.dtype.numpy   # a dtype the numpy backend cannot hold is refused here
+            infos[info.name] = info
+        inputs = {str(k): type_from_json(v) for k, v in manifest["inputs"].items()}
         graph_doc = json.loads(blobs[GRAPH_FILE])
         if graph_doc.get("format") != GRAPH_FORMAT or graph_doc.get("version") != GRAPH_VERSION:
             raise ValueError("unknown graph format or version")
         graphs = {str(k): graph_from_json(g, f"{folder / GRAPH_FILE}: graph {k}")
                   for k, g in graph_doc["graphs"].items()}
-        infos = {}
-        for p in manifest["params"]:
-            init = (str(p["init"][0]), tuple((str(k), v) for k, v in p["init"][1]))
-            infos[p["name"]] = ParamInfo(str(p["name"]), type_from_json(p["type"]), str(p["role"]),
-                                         init)
+        if "forward" not in graphs:
+            raise ValueError(f"{GRAPH_FILE} has no forward graph")
+        for key, graph in graphs.items():
+            _check_sources(key, graph, infos, inputs)
     except GraphcError:
         raise
+    except NotImplementedError as err:
+        raise error(f"{folder}: unsupported artifact: {err}") from None
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-        raise error(f"{folder}: malformed artifact: {err}") from None
+        raise error(f"{folder}: malformed artifact: {_reason(err)}") from None
     values = _load_params(folder / PARAMS_FILE, blobs[PARAMS_FILE], infos)
     meta = {k: manifest[k] for k in ("source", "seed") if k in manifest}
-    return Program(str(manifest["model"]), graphs, infos, values, backend=backend, meta=meta)
+    return Program(model, graphs, infos, values, backend=backend, meta=meta)
+
+
+def _reason(err: Exception) -> str:
+    return f"missing field {err}" if isinstance(err, KeyError) else str(err)
+
+
+def _check_sources(key: str, graph, infos: dict, inputs: dict) -> None:
+    """Artifacts hold lowered graphs whose inputs and parameters are the manifest's."""
+    from graphc.ir import OPS
+    for node in graph.nodes():
+        if OPS[node.op].is_composite:
+            raise ValueError(f"graph {key} holds the composite op {node.op}; artifacts hold "
+                             f"lowered graphs")
+        if node.op in ("param", "input"):
+            name = node.attr["name"]
+            table = infos if node.op == "param" else inputs
+            want = table.get(name)
+            want = want.type if node.op == "param" and want is not None else want
+            if want is None:
+                raise ValueError(f"graph {key} uses {node.op} {name!r}, which the manifest "
+                                 f"does not declare")
+            if want != node.type:
+                raise ValueError(f"graph {key} uses {node.op} {name} as {node.type}, the manifest "
+                                 f"says {want}")
 
 
 def _load_params(path: Path, data: bytes, infos: dict) -> dict[str, np.ndarray]:

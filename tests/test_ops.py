@@ -222,7 +222,7 @@ def test_reductions_and_axes():
     assert op_table.apply("sum", [x], {"axis": 1}).shape == ("N",)
     assert op_table.apply("mean", [x], {"axis": 0, "keepdims": True}).shape == (1, 10)
     assert op_table.apply("max", [x]).shape == ()
-    with pytest.raises(TypeError_, match="axis 2 is out of range for x is f32\\[N, 10\\]"):
+    with pytest.raises(TypeError_, match=r"axis 2 is out of range for x \(f32\[N, 10\], 2 axes\)"):
         op_table.apply("sum", [x], {"axis": 2})
 
 

@@ -120,6 +120,7 @@ class Model:
     name: str
     stmts: tuple[Stmt, ...]
     loc: SourceLoc
+    name_loc: SourceLoc
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Def:
     params: tuple[str, ...]
     body: Expr
     loc: SourceLoc
+    name_loc: SourceLoc
 
 
 @dataclass

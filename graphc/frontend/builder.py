@@ -3,6 +3,7 @@ naming them after where they are used, inferring parameter roles, and collecting
 (a failed statement poisons its name, so one mistake is reported once, not at each later use)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -25,7 +26,6 @@ _FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, 
          "greater": lambda a, b: a > b, "greater_equal": lambda a, b: a >= b,
          "less": lambda a, b: a < b, "less_equal": lambda a, b: a <= b,
          "equal": lambda a, b: a == b, "not_equal": lambda a, b: a != b}
-_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@", "pow": "**"}
 
 
 @dataclass
@@ -107,9 +107,8 @@ class ModelBuilder:
 
     def finish(self) -> None:
         if not self.outputs:
-            name_loc = SourceLoc(self.src.path, self.model.loc.line, self.model.loc.col)
             self.errors.append(self.src.diagnostic(
-                f"model '{self.model.name}' declares no output", name_loc,
+                f"model '{self.model.name}' declares no output", self.model.name_loc,
                 "add `output NAME` for the values forward() should return"))
             return
         infer_roles(self)
@@ -182,8 +181,9 @@ class ModelBuilder:
                              f"initializers: {', '.join(INITIALIZERS)}")
         names = list(spec.options)
         if len(expr.args) > len(names):
-            raise self.error(f"{expr.func}() takes at most {len(names)} argument"
-                             f"{'s' if len(names) != 1 else ''}, got {len(expr.args)}", expr.loc)
+            takes = (f"takes at most {len(names)} argument{'s' if len(names) != 1 else ''}"
+                     if names else "takes no arguments")
+            raise self.error(f"{expr.func}() {takes}, got {len(expr.args)}", expr.loc)
         options = dict(spec.options)
         given = list(zip(names, expr.args)) + [(k.name, k.value) for k in expr.kwargs]
         for key, value_expr in given:
@@ -193,7 +193,14 @@ class ModelBuilder:
                                  (f"{expr.func}() takes {', '.join(names)}" if names
                                   else f"{expr.func}() takes no options"))
             kind = "int" if key.startswith("fan_") else "float"
-            value = convert_attr(expr.func, key, Attr(kind), self.eval(value_expr), value_expr.loc)
+            try:
+                value = convert_attr(f"{expr.func}()", key, Attr(kind), self.eval(value_expr),
+                                     value_expr.loc)
+            except ArgError as err:
+                raise self.error(err.message, err.loc, err.hint) from None
+            if not math.isfinite(value):
+                raise self.error(f"{expr.func}(): {key} must be finite, got {value}",
+                                 value_expr.loc)
             if key in ("std", "fan_in", "fan_out") and value <= 0:
                 raise self.error(f"{expr.func}(): {key} must be positive, got {value}",
                                  value_expr.loc)
@@ -211,6 +218,9 @@ class ModelBuilder:
         if dtype is None:
             raise self.error(f"unknown dtype '{t.dtype}'", t.dtype_loc,
                              unknown_dtype(t.dtype) or "dtypes: f32, f64, i32, i64")
+        if dtype is DType.bf16:
+            raise self.error("bf16 is reserved: no backend runs it yet", t.dtype_loc,
+                             "use f32 (or f16)")
         shape = []
         for dim, loc in t.dims:
             if isinstance(dim, str):
@@ -357,8 +367,23 @@ class ModelBuilder:
             return ParamSet(role, tuple(Tensor(self.params[n].node, n) for n in members))
         if name in self.defs or name in LAYERS or name in CALLABLE_OPS:
             raise self.error(f"'{name}' is a function; call it as {name}(...)", var.loc)
-        candidates = [k for k, v in self.env.items()] + ["weights", "biases"]
+        later = self.bound_later(name, var.loc)
+        if later is not None:
+            raise self.error(f"'{name}' is used before it is defined", var.loc,
+                             f"it is defined further down, at line {later.line}; "
+                             f"bind a name before using it")
+        candidates = list(self.env) + ["weights", "biases"] + list(DTYPE_NAMES)
         raise self.error(f"unknown name '{name}'", var.loc, did_you_mean(name, candidates))
+
+    def bound_later(self, name: str, loc: SourceLoc) -> SourceLoc | None:
+        for stmt in self.model.stmts:
+            names = [(stmt.name, stmt.loc)] if isinstance(stmt, (ast.Binding, ast.InputDecl,
+                                                                 ast.ParamDecl)) else \
+                [(i.name, i.loc) for i in stmt.items if i.name]
+            for bound, where in names:
+                if bound == name and (where.line, where.col) > (loc.line, loc.col):
+                    return where
+        return None
 
     def tensor_arg(self, fn: str, value, expr: ast.Expr) -> Tensor:
         if isinstance(value, Tensor):
@@ -390,30 +415,54 @@ class ModelBuilder:
         numbers = all(isinstance(v, Scalar) and isinstance(v.value, (int, float)) for v in
                       (left, right))
         if numbers and expr.op in _FOLD:
-            try:
-                return Scalar(_FOLD[expr.op](left.value, right.value), expr.loc)
-            except (ZeroDivisionError, OverflowError) as err:
-                raise self.error(f"cannot compute {self.label(expr)}: {err}", expr.loc) from None
-        sym = _SYMBOLS.get(expr.op, expr.op)
+            return Scalar(self.fold(expr, left.value, right.value), expr.loc)
         like = left if isinstance(left, Tensor) else right if isinstance(right, Tensor) else None
-        a = self.operand(sym, left, expr.left, like)
-        b = self.operand(sym, right, expr.right, like)
+        a = self.operand(expr.op, left, expr.left, like)
+        b = self.operand(expr.op, right, expr.right, like)
         return self.make(expr.op, [a, b], {}, expr)
+
+    def fold(self, expr: ast.BinOp, a, b):
+        """Arithmetic on plain numbers, done now; results are kept to what a float can hold."""
+        if expr.op == "pow" and isinstance(a, int) and isinstance(b, int):
+            a = float(a)     # integer powers are exact but unbounded: 10 ** 10 ** 10 never ends
+        try:
+            value = _FOLD[expr.op](a, b)
+        except ZeroDivisionError:
+            raise self.error(f"cannot compute {self.label(expr)}: division by zero",
+                             expr.loc) from None
+        except OverflowError:
+            raise self.error(f"cannot compute {self.label(expr)}: the result is too large",
+                             expr.loc) from None
+        if isinstance(value, complex):
+            raise self.error(f"cannot compute {self.label(expr)}: the result is not a real number",
+                             expr.loc)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(f"cannot compute {self.label(expr)}: the result is too large",
+                             expr.loc)
+        return value
 
     def apply_op(self, op: str, operands: list, attrs: dict, expr: ast.Expr) -> Tensor:
         pairs = [(o.node, o.label) if isinstance(o, Tensor) else o for o in operands]
         return self.make(op, pairs, attrs, expr)
 
-    def make(self, op: str, pairs: list[tuple[Node, str]], attrs: dict, expr: ast.Expr) -> Tensor:
+    def make(self, op: str, pairs: list[tuple[Node, str]], attrs: dict, expr: ast.Expr,
+             attr_locs: dict[str, SourceLoc] | None = None) -> Tensor:
         try:
             node = op_table.apply(op, [n for n, _ in pairs], attrs, loc=expr.loc,
                                   labels=[lab for _, lab in pairs])
         except TypeError_ as err:
-            raise self.error(err.message, expr.loc, err.hint) from None
+            loc = (attr_locs or {}).get(err.attr, expr.loc)
+            raise self.error(err.message, loc, err.hint) from None
         return Tensor(node, self.label(expr))
 
     def call(self, expr: ast.Call):
         fn = expr.func
+        known = {*self.defs, *LAYERS, *CALLABLE_OPS, "dropout"}
+        if fn not in known:
+            if fn in INITIALIZERS:
+                raise self.error(f"{fn}() is an initializer; use it in a parameter declaration",
+                                 expr.func_loc, f"param W: f32[...] = {fn}()")
+            raise self.error(f"unknown function '{fn}'", expr.func_loc, did_you_mean(fn, known))
         args = [self.eval(a) for a in expr.args]
         kwargs = {k.name: self.eval(k.value) for k in expr.kwargs}
         seen = set()
@@ -432,15 +481,15 @@ class ModelBuilder:
                 return self.call_op(expr, args, kwargs)
         except ArgError as err:
             raise self.error(err.message, err.loc or expr.loc, err.hint) from None
-        if fn in INITIALIZERS:
-            raise self.error(f"{fn}() is an initializer; use it in a parameter declaration",
-                             expr.func_loc, f"param W: f32[...] = {fn}()")
-        known = list(self.defs) + list(LAYERS) + list(CALLABLE_OPS) + ["dropout"]
-        raise self.error(f"unknown function '{fn}'", expr.func_loc, did_you_mean(fn, known))
+        raise AssertionError(f"internal error: {fn} is known but was not dispatched")
 
     def call_op(self, expr: ast.Call, args: list, kwargs: dict) -> Tensor:
         op = CALLABLE_OPS[expr.func]
         operands, attrs = bind_op_args(op, expr.func, args, kwargs, expr)
+        attr_locs = {k.name: k.loc for k in expr.kwargs}
+        positional_attrs = list(op.attrs)[:max(len(expr.args) - len(operands), 0)]
+        for key, arg in zip(positional_attrs, expr.args[len(operands):]):
+            attr_locs[key] = arg.loc
         like = next((o for o in operands if isinstance(o, Tensor)), None)
         arg_exprs = list(expr.args)
         pairs = []
@@ -450,21 +499,25 @@ class ModelBuilder:
                 pairs.append((value.node, value.label))
             else:
                 pairs.append(self.operand(expr.func, value, sub, like))
-        return self.make(expr.func, pairs, attrs, expr)
+        return self.make(expr.func, pairs, attrs, expr, attr_locs)
 
     def dropout(self, expr: ast.Call, args: list, kwargs: dict):
         if not args:
             raise ArgError("dropout needs a tensor argument", expr.loc)
         x = self.tensor_arg("dropout", args[0], expr.args[0])
         p_value = args[1] if len(args) > 1 else kwargs.get("p")
-        if len(args) > 2 or set(kwargs) - {"p"}:
-            extra = sorted(set(kwargs) - {"p"})
-            raise ArgError(f"dropout has no option '{extra[0]}'" if extra else
-                           "dropout takes a tensor and p", expr.loc,
-                           did_you_mean(extra[0], ["p"]) if extra else None)
-        p = 0.5 if p_value is None else convert_attr("dropout", "p", Attr("float"), p_value, expr.loc)
+        p_loc = expr.args[1].loc if len(args) > 1 else next(
+            (k.loc for k in expr.kwargs if k.name == "p"), expr.loc)
+        extra = sorted(set(kwargs) - {"p"})
+        if extra:
+            raise ArgError(f"dropout has no option '{extra[0]}'",
+                           next(k.loc for k in expr.kwargs if k.name == extra[0]),
+                           "dropout takes p, the probability of dropping a unit")
+        if len(args) > 2:
+            raise ArgError(f"dropout takes a tensor and p, got {len(args)} arguments", expr.loc)
+        p = 0.5 if p_value is None else convert_attr("dropout", "p", Attr("float"), p_value, p_loc)
         if not 0.0 <= p < 1.0:
-            raise ArgError(f"dropout: p must be in [0, 1), got {p}", expr.loc,
+            raise ArgError(f"dropout: p must be in [0, 1), got {p}", p_loc,
                            "p is the probability of dropping a unit")
         # The inference graph keeps every unit: inverted dropout needs no rescaling at test time.
         return x
@@ -472,7 +525,10 @@ class ModelBuilder:
     def call_def(self, expr: ast.Call, args: list, kwargs: dict):
         d = self.defs[expr.func]
         if expr.func in self.def_stack:
-            raise self.error(f"{expr.func} calls itself; functions cannot be recursive", expr.loc)
+            cycle = self.def_stack[self.def_stack.index(expr.func) + 1:]
+            through = f" through {' and '.join(cycle)}" if cycle else ""
+            raise self.error(f"{expr.func} calls itself{through}; functions cannot be recursive",
+                             expr.loc)
         if kwargs:
             raise self.error(f"{expr.func}: arguments of user functions are positional", expr.loc)
         if len(args) != len(d.params):

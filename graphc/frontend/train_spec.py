@@ -59,12 +59,12 @@ EARLY_STOP = {"early_stop": {"patience": Opt("int", required=True, low=1),
                              "on": Opt("choice", "val_loss", choices=("val_loss", "val_accuracy"))}}
 SCALINGS = ("none", "unit", "standardize")
 
-# setting -> (what it is, how it is checked)
+# setting -> (what it is, how it is checked); for calls, what one of them is called
 SETTINGS = {
-    "data": ("a data set", DATASETS),
-    "optimizer": ("an optimizer", OPTIMIZERS),
-    "schedule": ("a learning-rate schedule", SCHEDULES),
-    "early_stop": ("early stopping", EARLY_STOP),
+    "data": ("data set", DATASETS),
+    "optimizer": ("optimizer", OPTIMIZERS),
+    "schedule": ("learning-rate schedule", SCHEDULES),
+    "early_stop": ("early-stopping rule", EARLY_STOP),
     "batch": ("the batch size", Opt("int", 32, low=1)),
     "epochs": ("the number of epochs", Opt("int", 10, low=1)),
     "seed": ("the random seed", Opt("int", 0, low=0)),
@@ -79,6 +79,24 @@ SETTINGS = {
 class TrainConfig:
     model: str
     settings: dict[str, Any] = field(default_factory=dict)   # plain values and (name, {opts}) calls
+
+
+_ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+          "div": lambda a, b: a / b if b else None}
+
+
+def _constant(expr: ast.Expr):
+    """The value of a constant setting: a literal, or arithmetic on numbers (`1e-3 * 2`)."""
+    if isinstance(expr, (ast.Number, ast.Bool, ast.String)):
+        return expr.value
+    if isinstance(expr, ast.Neg):
+        inner = _constant(expr.operand)
+        return -inner if isinstance(inner, (int, float)) and not isinstance(inner, bool) else None
+    if isinstance(expr, ast.BinOp) and expr.op in _ARITH:
+        a, b = _constant(expr.left), _constant(expr.right)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+            return _ARITH[expr.op](a, b)
+    return None
 
 
 class _Checker:
@@ -98,13 +116,7 @@ class _Checker:
                 self.fail(f"{what}: unknown value '{value}'", expr.loc,
                           did_you_mean(value, opt.choices) or f"choose {', '.join(opt.choices)}")
             return value
-        value = None
-        if isinstance(expr, ast.Number):
-            value = expr.value
-        elif isinstance(expr, ast.Neg) and isinstance(expr.operand, ast.Number):
-            value = -expr.operand.value
-        elif isinstance(expr, (ast.Bool, ast.String)):
-            value = expr.value
+        value = _constant(expr)
         if opt.kind == "bool":
             if not isinstance(value, bool):
                 self.fail(f"{what} must be true or false", expr.loc)
@@ -133,16 +145,16 @@ class _Checker:
                 rule = f"in {lo or '(-inf'}, {hi}"
             self.fail(f"{what} must be {rule}, got {value}", expr.loc)
 
-    def call(self, setting: str, what: str, table: dict, expr: ast.Expr):
+    def call(self, setting: str, noun: str, table: dict, expr: ast.Expr):
         if isinstance(expr, ast.Var):
             name, args, kwargs = expr.name, (), ()
             name_loc = expr.loc
         elif isinstance(expr, ast.Call):
             name, args, kwargs, name_loc = expr.func, expr.args, expr.kwargs, expr.func_loc
         else:
-            self.fail(f"{setting} must be {what} such as {next(iter(table))}", expr.loc)
+            self.fail(f"{setting} must be a {noun} such as {next(iter(table))}", expr.loc)
         if name not in table:
-            self.fail(f"unknown {what[2:] if what.startswith('a ') else what} '{name}'", name_loc,
+            self.fail(f"unknown {noun} '{name}'", name_loc,
                       did_you_mean(name, table) or f"choose one of: {', '.join(table)}")
         opts = table[name]
         names = list(opts)
@@ -152,9 +164,10 @@ class _Checker:
         values: dict[str, Any] = {}
         for key, arg in list(zip(names, args)) + [(k.name, k.value) for k in kwargs]:
             if key not in opts:
+                takes = f"{name} takes {', '.join(names)}" if names else f"{name} takes no options"
+                guess = did_you_mean(key, names)
                 self.fail(f"{name} has no option '{key}'", arg.loc,
-                          did_you_mean(key, names) or (f"{name} takes {', '.join(names)}"
-                                                       if names else f"{name} takes no options"))
+                          f"{guess} ({takes})" if guess else takes)
             if key in values:
                 self.fail(f"{name}: {key} is given twice", arg.loc)
             values[key] = self.scalar(f"{name}: {key}", opts[key], arg)

@@ -41,7 +41,7 @@ class ToAst:
                 name, *rest = item.children
                 params = [p for p in rest[:-1] if p is not None]
                 mod.defs.append(ast.Def(str(name), tuple(str(p) for p in params),
-                                        self.expr(rest[-1]), self.loc(item)))
+                                        self.expr(rest[-1]), self.loc(item), self.loc(name)))
         return mod
 
     def setting(self, tree: Tree) -> ast.Setting:
@@ -50,7 +50,8 @@ class ToAst:
 
     def model(self, tree: Tree) -> ast.Model:
         name, *stmts = tree.children
-        return ast.Model(str(name), tuple(self.stmt(s) for s in stmts), self.loc(tree))
+        return ast.Model(str(name), tuple(self.stmt(s) for s in stmts), self.loc(tree),
+                         self.loc(name))
 
     def stmt(self, tree: Tree):
         kind, ch, loc = tree.data, tree.children, self.loc(tree)

@@ -19,10 +19,11 @@ from graphc.ir.types import DType, TensorType
 class TypeError_(Exception):
     """A dtype or shape rule was broken; the message names the op's operands. Callers add the location."""
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, attr: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.attr = attr        # the attribute at fault, so the caret can point at it
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Operand:
 
     def __str__(self) -> str:
         return f"{self.label} is {self.type}"
+
+    def described(self) -> str:
+        """For the middle of a sentence: `x @ W (f32[N, 3])`."""
+        return f"{self.label} ({self.type})"
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,35 @@ def resolve_attrs(op: OpDef, attrs: Mapping[str, Any]) -> dict:
             assert not spec.required, f"internal error: {op.name} needs attribute {key}"
             out[key] = spec.default
     return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def attr_fits(spec: Attr, value) -> bool:
+    """Does `value` have the kind the op table declares? (Used where attributes come from files.)"""
+    from graphc.ir.types import DTYPE_NAMES
+    if value is None:
+        return not spec.required and spec.default is None
+    kind = spec.kind
+    if kind in ("int", "axis"):
+        return _is_int(value)
+    if kind == "float":
+        return _is_int(value) or isinstance(value, float)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "dtype":
+        return value in DTYPE_NAMES
+    if kind == "axes":
+        return _is_int(value) or (isinstance(value, tuple) and all(_is_int(v) for v in value))
+    if kind == "ints":
+        return isinstance(value, tuple) and all(_is_int(v) or isinstance(v, str) for v in value)
+    if kind == "any":   # a constant's value
+        return _is_int(value) or isinstance(value, (float, bool))
+    raise AssertionError(f"internal error: attribute kind {kind}")
 
 
 def infer_type(op: OpDef, operands: Sequence[Operand], attrs: dict) -> TensorType:

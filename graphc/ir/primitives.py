@@ -162,10 +162,10 @@ def _transpose_axes(ops, attrs):
     axes = attrs["axes"]
     if axes is None:
         return tuple(reversed(range(ndim)))
-    norm = tuple(normalize_axis("transpose", ops[0], a) for a in axes)
+    norm = tuple(normalize_axis("transpose", ops[0], a, attr="axes") for a in axes)
     if sorted(norm) != list(range(ndim)):
         raise TypeError_(f"transpose: axes {list(axes)} are not a permutation of the "
-                         f"{ndim} axes of {ops[0]}")
+                         f"{ndim} axes of {ops[0].described()}", attr="axes")
     return norm
 
 
@@ -177,18 +177,20 @@ register(OpDef("transpose", 1, lambda ops, attrs: ops[0].type.dtype,
 
 def _concat_shape(ops, attrs):
     first = ops[0]
-    axis = normalize_axis("concat", first, attrs["axis"])
-    total = 0
     for o in ops:
         if o.type.ndim != first.type.ndim:
             raise TypeError_(f"concat: operands differ in rank: {first}, {o}")
+    axis = normalize_axis("concat", first, attrs["axis"])
+    total = 0
+    for o in ops:
         for i, (a, b) in enumerate(zip(first.type.shape, o.type.shape)):
             if i != axis and a != b:
                 raise TypeError_(f"concat: shapes differ off the concatenation axis {axis}: "
                                  f"{first}, {o} ({a} != {b} on axis {i})")
         d = o.type.shape[axis]
         if isinstance(d, str):
-            raise TypeError_(f"concat: cannot concatenate along the symbolic axis {d} of {o}")
+            raise TypeError_(f"concat: cannot concatenate along the symbolic axis {d} of "
+                             f"{o.described()}", attr="axis")
         total += d
     shape = list(first.type.shape)
     shape[axis] = total

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from graphc.ir.node import Graph, Node
 from graphc.ir.ops import OPS
+from graphc.ir.types import format_shape
 
 
 def _attrs_text(node: Node) -> str:
@@ -71,7 +72,7 @@ def format_dot(graph: Graph) -> str:
         out.append(f'  n{idx} [label="{label}", fillcolor="{colour}"{shape}{tip}];')
     for a, b in nxg.edges():
         src = nxg.nodes[a]["node"]
-        out.append(f'  n{a} -> n{b} [label="{_dot_escape(str(src.type.shape and list(src.type.shape)))}"];')
+        out.append(f'  n{a} -> n{b} [label="{format_shape(src.type.shape)}"];')
     ids = {id(data["node"]): idx for idx, data in nxg.nodes(data=True)}
     for name, node in graph.outputs:
         out.append(f'  out_{_safe(name)} [label="{_dot_escape(name)}", shape=plaintext];')

@@ -29,6 +29,10 @@ def type_from_json(data) -> TensorType:
     return TensorType(DTYPE_NAMES[dtype], tuple(dims))
 
 
+def _attr_from_json(v):
+    return tuple(_attr_from_json(x) for x in v) if isinstance(v, list) else v
+
+
 def _attr_to_json(v):
     return [_attr_to_json(x) for x in v] if isinstance(v, tuple) else v
 
@@ -48,6 +52,10 @@ def graph_to_json(graph: Graph) -> dict:
     }
 
 
+def _is_index(ref, size: int) -> bool:
+    return isinstance(ref, int) and not isinstance(ref, bool) and 0 <= ref < size
+
+
 def _node_from_json(entry: dict, built: list[Node]) -> Node:
     op_name = entry["op"]
     if op_name not in op_table.OPS:
@@ -57,12 +65,14 @@ def _node_from_json(entry: dict, built: list[Node]) -> Node:
     unknown = set(attrs) - set(op.attrs)
     if unknown:
         raise ValueError(f"op {op_name} has no attribute {sorted(unknown)[0]!r}")
+    attrs = {k: _attr_from_json(v) for k, v in attrs.items()}
     for key, value in attrs.items():
-        if op.attrs[key].kind == "dtype" and value not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {value!r}")
+        if not op_table.attr_fits(op.attrs[key], value):
+            raise ValueError(f"attribute {key} of {op_name} must be of kind "
+                             f"{op.attrs[key].kind}, not {value!r}")
     inputs = []
     for ref in entry["inputs"]:
-        if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(built):
+        if not _is_index(ref, len(built)):
             raise ValueError(f"input {ref!r} does not name an earlier node")
         inputs.append(built[ref])
     ttype = type_from_json(entry["type"])
@@ -72,8 +82,6 @@ def _node_from_json(entry: dict, built: list[Node]) -> Node:
     if op.kind == "source":
         if inputs:
             raise ValueError(f"{op_name} takes no inputs")
-        if op_name == "const" and not isinstance(attrs.get("value"), (int, float, bool)):
-            raise ValueError("a constant must hold a number")
         missing = [k for k, spec in op.attrs.items() if spec.required and k not in attrs]
         if missing:
             raise ValueError(f"{op_name} needs attribute {missing[0]!r}")
@@ -97,8 +105,12 @@ def graph_from_json(data: dict, what: str = "graph") -> Graph:
                 built.append(_node_from_json(entry, built))
             except (ValueError, KeyError, TypeError, AssertionError) as err:
                 raise ValueError(f"node {i}: {err}") from None
-        outputs = tuple((str(name), built[int(ref)]) for name, ref in data["outputs"])
-        return Graph(str(data["name"]), outputs, str(data.get("mode", "eval")))
+        outputs = []
+        for name, ref in data["outputs"]:
+            if not isinstance(name, str) or not _is_index(ref, len(built)):
+                raise ValueError(f"output {name!r} -> {ref!r} does not name a node")
+            outputs.append((name, built[ref]))
+        return Graph(str(data["name"]), tuple(outputs), str(data.get("mode", "eval")))
     except GraphcError:
         raise
     except (ValueError, KeyError, TypeError, IndexError) as err:

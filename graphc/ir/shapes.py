@@ -53,11 +53,11 @@ def float_dtype(op: str, operands: Sequence[Operand]) -> DType:
     return dtype
 
 
-def normalize_axis(op: str, operand: Operand, axis: int) -> int:
+def normalize_axis(op: str, operand: Operand, axis: int, attr: str = "axis") -> int:
     ndim = operand.type.ndim
     if not -ndim <= axis < max(ndim, 1):
-        raise TypeError_(f"{op}: axis {axis} is out of range for {operand} "
-                         f"({ndim} ax{'i' if ndim == 1 else 'e'}s)")
+        raise TypeError_(f"{op}: axis {axis} is out of range for {operand.label} "
+                         f"({operand.type}, {ndim} ax{'i' if ndim == 1 else 'e'}s)", attr=attr)
     return axis % ndim if ndim else 0
 
 
@@ -67,7 +67,7 @@ def normalize_axes(op: str, operand: Operand, axis) -> tuple[int, ...]:
     axes = axis if isinstance(axis, tuple) else (axis,)
     out = tuple(sorted({normalize_axis(op, operand, a) for a in axes}))
     if len(out) != len(axes):
-        raise TypeError_(f"{op}: repeated axis in {list(axes)}")
+        raise TypeError_(f"{op}: repeated axis in {list(axes)}", attr="axis")
     return out
 
 
@@ -87,9 +87,9 @@ def matmul_shape(a: Operand, b: Operand) -> Shape:
     if ka != kb:
         hint = None
         if len(sb) == 2 and sb[-1] == ka:
-            hint = f"did you mean {a.label} @ transpose({b.label})?"
+            hint = f"did you mean {a.label} @ {_transposed(b.label)}?"
         elif len(sa) == 2 and len(sb) >= 2 and sa[0] == kb:
-            hint = f"did you mean transpose({a.label}) @ {b.label}?"
+            hint = f"did you mean {_transposed(a.label)} @ {b.label}?"
         raise TypeError_(f"matmul: inner dimensions differ: {a}, {b} ({ka} != {kb})", hint=hint)
     if len(sa) == 1 and len(sb) == 1:
         return ()
@@ -103,6 +103,15 @@ def matmul_shape(a: Operand, b: Operand) -> Shape:
     return tuple(batch) + (sa[-2], sb[-1])
 
 
+def _transposed(label: str) -> str:
+    """`transpose(W)` for `W`, and `W` for `transpose(W)`."""
+    inner = label[len("transpose("):-1] if label.startswith("transpose(") and label.endswith(")") \
+        else None
+    if inner is not None and inner.count("(") == inner.count(")") and "," not in inner:
+        return inner
+    return f"transpose({label})"
+
+
 def reshape_shape(x: Operand, target: Sequence) -> Shape:
     """Reshape with -1 and symbolic dims: a symbolic factor must carry over as a whole."""
     src = x.type.shape
@@ -114,15 +123,17 @@ def reshape_shape(x: Operand, target: Sequence) -> Shape:
     # The runtime resolves a symbolic or -1 entry from the total size, so there can be one of them.
     if sum(1 for d in target if d == -1 or isinstance(d, str)) > 1:
         raise TypeError_(f"reshape: at most one -1 or symbolic size in the target shape "
-                         f"{format_shape(tuple(target))}")
+                         f"{format_shape(tuple(target))}", attr="shape")
     tgt_syms = [d for d in target if isinstance(d, str)]
     tgt_const = 1
     for d in target:
         if isinstance(d, int) and d != -1:
             if d < 0:
-                raise TypeError_(f"reshape: negative size {d} in {format_shape(tuple(target))}")
+                raise TypeError_(f"reshape: negative size {d} in {format_shape(tuple(target))}",
+                                 attr="shape")
             tgt_const *= d
-    fail = TypeError_(f"reshape: cannot reshape {x} into {format_shape(tuple(target))}")
+    fail = TypeError_(f"reshape: cannot reshape {x.described()} into {format_shape(tuple(target))}",
+                      attr="shape")
     if -1 in target:
         missing_syms = list(src_syms)
         for s in tgt_syms:

@@ -2,6 +2,8 @@
 after a pass and verifying after every pass are switches of the runner, not code in each pass."""
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -9,6 +11,8 @@ from graphc.ir.node import Graph
 from graphc.ir.printer import format_graph
 from graphc.ir.verify import verify_graph
 from graphc.passes.rewrite import cse, decompose
+
+log = logging.getLogger("graphc")
 
 Pass = tuple[str, Callable[[Graph], Graph]]
 
@@ -22,7 +26,7 @@ PIPELINE: list[Pass] = [
 class PipelineOptions:
     verify: bool = False
     dump_after: Sequence[str] = ()
-    dump: Callable[[str], None] = print
+    dump: Callable[[str], None] = log.info   # the CLI passes print
 
 
 def pass_names() -> list[str]:
@@ -35,7 +39,10 @@ def run_pipeline(graph: Graph, options: PipelineOptions | None = None,
     if options.verify:
         verify_graph(graph)
     for name, fn in passes:
+        start = time.perf_counter()
         graph = fn(graph)
+        log.debug("pass %s: %d nodes in %.1f ms", name, len(graph.nodes()),
+                  1e3 * (time.perf_counter() - start))
         if options.verify:
             verify_graph(graph)
         if name in options.dump_after:

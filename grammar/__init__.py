@@ -1,1 +1,1 @@
-"""grammar"""
+"""The .nn grammar (graphc.lark), shipped inside the package as data."""

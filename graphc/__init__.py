@@ -15,6 +15,9 @@ def __getattr__(name):
     if name == "load_artifact":
         from graphc.runtime import load_artifact
         return load_artifact
+    if name == "runtime":
+        import importlib
+        return importlib.import_module("graphc.runtime")
     if name == "GraphcError":
         from graphc.errors import GraphcError
         return GraphcError

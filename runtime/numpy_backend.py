@@ -19,6 +19,7 @@ from graphc.ir.types import bind_shape
 @dataclass
 class _Plan:
     buffers: list[np.ndarray | None]
+    attrs: list[dict]           # attributes with symbolic sizes bound for this batch shape
 
 
 class NumpyExecutor:
@@ -48,7 +49,9 @@ class NumpyExecutor:
                     buffers.append(np.empty(bind_shape(node.shape, dims), dtype=node.dtype.numpy))
                 else:
                     buffers.append(None)
-            plan = self.plans[key] = _Plan(buffers)
+            attrs = [{k: _bind_sizes(v, dims) if op.attrs[k].kind == "ints" else v
+                      for k, v in a.items()} for op, a, _ in self.steps]
+            plan = self.plans[key] = _Plan(buffers, attrs)
         return plan
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
@@ -56,6 +59,7 @@ class NumpyExecutor:
         plan = self.plan(dims)
         values: list = [None] * len(self.order)
         for i, (node, (op, attrs, ins)) in enumerate(zip(self.order, self.steps)):
+            attrs = plan.attrs[i]
             if node.op == "input":
                 values[i] = feeds[attrs["name"]]
             elif node.op == "param":
@@ -64,16 +68,19 @@ class NumpyExecutor:
                 values[i] = self.consts[i]
             else:
                 args = [values[j] for j in ins]
-                kwargs = {k: v for k, v in attrs.items()}
                 try:
                     if plan.buffers[i] is not None:
-                        values[i] = op.numpy(*args, out=plan.buffers[i], **kwargs)
+                        values[i] = op.numpy(*args, out=plan.buffers[i], **attrs)
                     else:
-                        values[i] = op.numpy(*args, **kwargs)
+                        values[i] = op.numpy(*args, **attrs)
                 except ValueError as err:
                     raise _runtime_error(node, err) from None
         # Buffers are reused by the next call: hand out copies.
         return {name: np.array(values[i], copy=True) for name, i in self.outputs}
+
+
+def _bind_sizes(sizes: tuple, dims: dict[str, int]) -> tuple:
+    return tuple(dims[d] if isinstance(d, str) else d for d in sizes)
 
 
 def _runtime_error(node: Node, err: Exception) -> GraphcError:

@@ -631,3 +631,14 @@ def test_cli_run_broken_artifact(art, x_file, capsys):
     (art / "manifest.json").write_text("{")
     err = _cli_error(["run", str(art), "--input", f"x={x_file}"], capsys)
     assert "manifest.json" in err
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        graphc.compile_file(ROOT / "models" / "backprop_example.nn").save(tmp_path / "a")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "a").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f

@@ -227,3 +227,37 @@ def test_buffers_are_planned_once_per_batch_shape():
     second = p.forward(x=np.zeros((2, 3), np.float32))["z"]
     np.testing.assert_array_equal(first, kept)       # outputs are copies, not planned buffers
     assert np.all(second == 0)
+
+
+def test_flatten_and_reshape_keep_a_symbolic_batch():
+    src = """model m { input x: f32[N, 2, 3]
+        output f = flatten(x), r = reshape(x, [N, -1]), s = reshape(x, [N, 3, -1]) }"""
+    p = graphc.compile_source(src)
+    x = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+    out = p.forward(x=x)
+    np.testing.assert_array_equal(out["f"], x.reshape(4, 6))
+    np.testing.assert_array_equal(out["r"], x.reshape(4, 6))
+    np.testing.assert_array_equal(out["s"], x.reshape(4, 3, 2))
+    with pytest.raises(GraphcError, match=r"hint: -1 would be 2\*N"):
+        graphc.compile_source(src.replace("[N, 3, -1]", "[-1, 3]"))
+
+
+def test_a_number_takes_the_dtype_of_the_values_not_of_a_condition():
+    src = """model m { input x: f64[N]
+        output y = where(x > 0, x, 0.5) }"""
+    out = graphc.compile_source(src).forward(x=np.array([-1.0, 2.0]))["y"]
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, [0.5, 2.0])
+
+
+def test_outputs_of_inputs_are_not_copied_nodes():
+    src = """model m { input x: f32[N]
+        output a = x -> dropout(0.2), b = x }"""
+    from graphc.compiler import model_graph
+    graph = model_graph(check_source(src, "t.nn").pick(None))
+    assert len(graph.nodes()) == 1 and [n for n, _ in graph.outputs] == ["a", "b"]
+
+
+def test_runtime_is_reachable_from_the_package():
+    import graphc as g
+    assert g.runtime.load_artifact is g.load_artifact

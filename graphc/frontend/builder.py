@@ -4,13 +4,13 @@ naming them after where they are used, inferring parameter roles, and collecting
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
 
 from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.frontend.calls import (CALLABLE_OPS, LAYERS, ArgError, DimName, bind_op_args,
-                                   convert_attr, is_layer_call, unknown_dtype)
+                                   convert_attr, unknown_dtype)
+from graphc.frontend.params import Scope, count_param_sites, def_creates_params, infer_roles
 from graphc.frontend.transform import label_span
 from graphc.frontend.values import (POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar,
                                     Tensor, describe)
@@ -50,15 +50,6 @@ class ModelIR:
     loc: SourceLoc
 
 
-@dataclass
-class _Frame:
-    """Where layer parameters created now get their names."""
-    path: tuple[str, ...]
-    collapse: bool               # exactly one parameter-creating call here: it takes the path itself
-    counts: dict[str, int] = field(default_factory=dict)
-    used_collapse: bool = False
-
-
 class ModelBuilder:
     def __init__(self, module: ast.Module, model: ast.Model, src: SourceText):
         self.module, self.model, self.src = module, model, src
@@ -71,7 +62,7 @@ class ModelBuilder:
         self.outputs: dict[str, Node] = {}
         self.loss: Node | None = None
         self.errors: list[Diagnostic] = []
-        self.frames: list[_Frame] = []
+        self.frames: list[Scope] = []
         self.scope_uses: dict[str, int] = {}
         self.def_stack: list[str] = []
         self.param_sets: list[tuple[ast.Var, str, tuple[str, ...]]] = []
@@ -254,10 +245,10 @@ class ModelBuilder:
         value = self.in_scope(name, item.expr)
         if not isinstance(value, Tensor):
             raise self.error(f"an output must be a tensor, got {describe(value)}", item.expr.loc)
-        node = value.node
-        self.outputs[name] = node if node.name == name else op_table.renamed(node, name)
         if item.name is not None:
             self.bind(item.name, value)
+            value = self.env[item.name]
+        self.outputs[name] = value.node   # the graph names its outputs; the node keeps its name
 
     def bind(self, name: str, value) -> None:
         if isinstance(value, Tensor) and value.node.name is None:
@@ -272,7 +263,7 @@ class ModelBuilder:
         uses = self.scope_uses.get(name, 0) + 1
         self.scope_uses[name] = uses
         path = (name if uses == 1 else f"{name}_{uses}",)
-        self.frames.append(_Frame(path, self.count_param_sites(expr, self.is_tensor_name) == 1))
+        self.frames.append(Scope(path, self.count_param_sites(expr, self.is_tensor_name) == 1))
         try:
             return self.eval(expr)
         finally:
@@ -282,24 +273,10 @@ class ModelBuilder:
         return isinstance(self.env.get(name), Tensor)
 
     def count_param_sites(self, expr: ast.Expr, is_tensor) -> int:
-        count = 0
-        for call in _calls(expr):
-            if is_layer_call(call, is_tensor):
-                count += 1
-            elif call.func in self.defs and self.def_creates_params(call.func, set()):
-                count += 1
-        return count
+        return count_param_sites(expr, self.defs, is_tensor)
 
-    def def_creates_params(self, name: str, seen: set[str]) -> bool:
-        if name in seen:
-            return False
-        seen.add(name)
-        for call in _calls(self.defs[name].body):
-            if is_layer_call(call, lambda n: False):
-                return True
-            if call.func in self.defs and self.def_creates_params(call.func, seen):
-                return True
-        return False
+    def def_creates_params(self, name: str) -> bool:
+        return def_creates_params(name, self.defs)
 
     def layer_prefix(self, kind: str) -> str:
         frame = self.frames[-1]
@@ -490,7 +467,10 @@ class ModelBuilder:
         positional_attrs = list(op.attrs)[:max(len(expr.args) - len(operands), 0)]
         for key, arg in zip(positional_attrs, expr.args[len(operands):]):
             attr_locs[key] = arg.loc
-        like = next((o for o in operands if isinstance(o, Tensor)), None)
+        # A plain number takes the dtype of the values beside it (not of a where's condition).
+        tensors = [o for o in operands if isinstance(o, Tensor)]
+        like = next((t for t in tensors if t.node.dtype is not DType.bool), None) or \
+            next(iter(tensors), None)
         arg_exprs = list(expr.args)
         pairs = []
         for i, value in enumerate(operands):
@@ -541,13 +521,13 @@ class ModelBuilder:
         local = dict(zip(d.params, args))
         outer_env = self.env
         frame = self.frames[-1]
-        if self.def_creates_params(d.name, set()):
+        if self.def_creates_params(d.name):
             prefix = self.layer_prefix(d.name)
             path = tuple(prefix.split("."))
         else:
             path = frame.path
         sites = self.count_param_sites(d.body, lambda n: isinstance(local.get(n), Tensor))
-        self.frames.append(_Frame(path, sites == 1))
+        self.frames.append(Scope(path, sites == 1))
         self.env, self.def_stack = local, self.def_stack + [d.name]
         try:
             return self.eval(d.body)
@@ -557,56 +537,3 @@ class ModelBuilder:
         finally:
             self.env, self.def_stack = outer_env, self.def_stack[:-1]
             self.frames.pop()
-
-
-def _calls(expr: ast.Expr) -> Iterator[ast.Call]:
-    if isinstance(expr, ast.Call):
-        yield expr
-        for a in expr.args:
-            yield from _calls(a)
-        for k in expr.kwargs:
-            yield from _calls(k.value)
-    elif isinstance(expr, ast.BinOp):
-        yield from _calls(expr.left)
-        yield from _calls(expr.right)
-    elif isinstance(expr, ast.Neg):
-        yield from _calls(expr.operand)
-    elif isinstance(expr, ast.ListExpr):
-        for i in expr.items:
-            yield from _calls(i)
-
-
-_SEE_THROUGH = {"transpose", "reshape", "cast"}
-
-
-def _param_under(node: Node) -> Node | None:
-    while node.op in _SEE_THROUGH:
-        node = node.inputs[0]
-    return node if node.op == "param" else None
-
-
-def infer_roles(b: ModelBuilder, final: bool = True) -> dict[str, str]:
-    """Roles of explicit parameters from their uses: multiplied in by a matrix product, a weight;
-    added to a layer's output, a bias; anything else, other. Stated roles win."""
-    from graphc.ir.node import topo_order
-    roots = list(b.outputs.values()) + ([b.loss] if b.loss is not None else [])
-    roots += [v.node for v in b.env.values() if isinstance(v, Tensor)]
-    found: dict[str, str] = {}
-    for node in topo_order(roots):
-        if node.op in ("matmul", "linear"):
-            for inp in node.inputs[:2]:
-                p = _param_under(inp)
-                if p is not None:
-                    found[p.attr["name"]] = "weight"
-        if node.op in ("add", "sub") or (node.op == "linear" and len(node.inputs) == 3):
-            for inp in (node.inputs if node.op != "linear" else node.inputs[2:]):
-                p = _param_under(inp)
-                if p is not None:
-                    found.setdefault(p.attr["name"], "bias")
-    roles = {}
-    for name, spec in b.params.items():
-        role = spec.role if spec.role is not None else found.get(name, "other")
-        roles[name] = role
-        if final and spec.role is None:
-            spec.role = role
-    return roles

@@ -157,7 +157,8 @@ def _flatten_shape(ops, attrs):
 
 composite("flatten", 1, lambda ops, a: ops[0].type.dtype, _flatten_shape,
           lambda x: x.reshape(x.shape[0], -1),
-          lambda emit, inputs, attrs: emit("reshape", inputs[0], shape=(inputs[0].shape[0], -1)),
+          lambda emit, inputs, attrs: emit("reshape", inputs[0], shape=_flatten_shape(
+              [Operand(inputs[0].type, "x")], {})),
           doc="[N, ...] -> [N, prod(...)], keeping the batch axis")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
+from graphc.ir.ops import Attr, OpDef, TypeError_, register
 from graphc.ir.shapes import (broadcast, float_dtype, matmul_shape, normalize_axes,
                               normalize_axis, reduced_shape, reshape_shape, same_dtype)
 from graphc.ir.types import DType
@@ -17,9 +17,9 @@ for _name, _doc in [("input", "a value fed at run time"),
                     ("param", "a trained parameter, initialized by the build"),
                     ("const", "a scalar constant")]:
     register(OpDef(_name, 0, _no_dtype, _no_dtype, None, kind="source", doc=_doc,
+                   # Roles and initializers are metadata of the program, not of the computation.
                    attrs={"input": {"name": Attr("str", required=True)},
-                          "param": {"name": Attr("str", required=True), "init": Attr("any"),
-                                    "role": Attr("str", "other")},
+                          "param": {"name": Attr("str", required=True)},
                           "const": {"value": Attr("any", required=True)}}[_name]))
 
 
@@ -152,7 +152,7 @@ register(OpDef("matmul", 2, lambda ops, attrs: same_dtype("matmul", ops),
 
 register(OpDef("reshape", 1, lambda ops, attrs: ops[0].type.dtype,
                lambda ops, attrs: reshape_shape(ops[0], attrs["shape"]),
-               lambda x, shape: np.reshape(x, [-1 if isinstance(d, str) else d for d in shape]),
+               lambda x, shape: np.reshape(x, shape),   # symbolic sizes are bound by the executor
                kind="layout", attrs={"shape": Attr("ints", required=True)},
                doc="same elements, another shape (-1 and symbolic dims allowed)"))
 

@@ -120,9 +120,8 @@ def reshape_shape(x: Operand, target: Sequence) -> Shape:
     for d in src:
         if isinstance(d, int):
             src_const *= d
-    # The runtime resolves a symbolic or -1 entry from the total size, so there can be one of them.
-    if sum(1 for d in target if d == -1 or isinstance(d, str)) > 1:
-        raise TypeError_(f"reshape: at most one -1 or symbolic size in the target shape "
+    if list(target).count(-1) > 1:
+        raise TypeError_(f"reshape: at most one -1 in the target shape "
                          f"{format_shape(tuple(target))}", attr="shape")
     tgt_syms = [d for d in target if isinstance(d, str)]
     tgt_const = 1
@@ -145,7 +144,10 @@ def reshape_shape(x: Operand, target: Sequence) -> Shape:
         fill_const = src_const // tgt_const
         if missing_syms:
             if len(missing_syms) > 1 or fill_const != 1:
-                raise fail
+                product = "*".join([str(fill_const)] * (fill_const != 1) + missing_syms)
+                raise TypeError_(fail.message, attr="shape",
+                                 hint=f"-1 would be {product}: a size is a number or one symbolic "
+                                      f"dimension; keep {missing_syms[0]} on its own axis")
             fill = missing_syms[0]
         else:
             fill = fill_const

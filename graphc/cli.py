@@ -56,6 +56,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "dot"], default="text")
     p.add_argument("--lowered", action="store_true",
                    help="show the graph after the pass pipeline (primitives only)")
+    p.add_argument("--backward", action="store_true",
+                   help="show the derived backward graph: the loss and d loss / d param for "
+                        "every parameter")
     p.add_argument("-o", "--out", metavar="PATH", help="write to a file instead of stdout")
     p.set_defaults(run=cmd_graph)
 
@@ -146,8 +149,15 @@ def cmd_graph(args) -> int:
     from graphc.compiler import check_source, lower, model_graph, read_source
     from graphc.ir.printer import format_dot, format_graph
     checked = check_source(read_source(args.file), args.file)
-    graph = model_graph(checked.pick(args.model))
-    if args.lowered:
+    model = checked.pick(args.model)
+    graph = model_graph(model)
+    if args.backward:
+        from graphc.autodiff import backward_graph
+        if model.loss is None:
+            raise error(f"model '{model.name}' has no loss to differentiate", file=args.file,
+                        hint="declare one: loss = ...")
+        graph = lower(backward_graph(lower(graph)))
+    elif args.lowered:
         graph = lower(graph)
     text = format_dot(graph) if args.format == "dot" else format_graph(graph) + "\n"
     if args.out:

@@ -147,6 +147,9 @@ PRIMITIVE_CASES = [
     ("transpose", [randn(2, 3, 4)], {"axes": (1, 0, 2)}, lambda x: x.transpose(1, 0, 2)),
     ("cast", [randn(3)], {"dtype": "f32"}, lambda x: x.astype(np.float32)),
     ("one_hot", [np.array([2, 0])], {"depth": 3}, lambda y: np.eye(3)[y].astype(np.float32)),
+    ("broadcast_to", [randn(3, 1)], {"shape": (2, 3, 4)}, lambda x: np.broadcast_to(x, (2, 3, 4))),
+    ("slice", [randn(3, 5)], {"axis": 1, "start": 1, "stop": 4}, lambda x: x[:, 1:4]),
+    ("size", [randn(3, 5, 2)], {"axis": (0, 2), "dtype": "f64"}, lambda x: np.float64(6)),
 ]
 
 

@@ -200,3 +200,66 @@ def _concat_shape(ops, attrs):
 register(OpDef("concat", (1, None), lambda ops, attrs: same_dtype("concat", ops), _concat_shape,
                lambda *xs, axis: np.concatenate(xs, axis=axis), kind="layout",
                attrs={"axis": Attr("axis", 0)}, doc="join along an axis"))
+
+
+# --- helpers the backward graphs need ----------------------------------------------------------------
+
+def _broadcast_to_shape(ops, attrs):
+    target = tuple(attrs["shape"])
+    x = ops[0].type.shape
+    if len(x) > len(target) or any(d != 1 and d != t for d, t in zip(reversed(x), reversed(target))):
+        raise TypeError_(f"broadcast_to: cannot broadcast {ops[0].described()} to "
+                         f"[{', '.join(map(str, target))}]", attr="shape")
+    return target
+
+
+register(OpDef("broadcast_to", 1, lambda ops, attrs: ops[0].type.dtype, _broadcast_to_shape,
+               lambda x, shape, out=None: _copy(np.broadcast_to(x, shape), out=out),
+               kind="layout", numpy_out=True, attrs={"shape": Attr("ints", required=True)},
+               doc="repeat along axes of size 1 (and new leading axes) to reach a shape"))
+
+
+def _slice_shape(ops, attrs):
+    x = ops[0]
+    axis = normalize_axis("slice", x, attrs["axis"])
+    size = x.type.shape[axis]
+    start, stop = attrs["start"], attrs["stop"]
+    if isinstance(size, str) or not 0 <= start < stop <= size:
+        raise TypeError_(f"slice: [{start}:{stop}] does not fit axis {axis} of {x.described()}",
+                         attr="start")
+    shape = list(x.type.shape)
+    shape[axis] = stop - start
+    return tuple(shape)
+
+
+def _slice(x, axis, start, stop):
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, stop)
+    return x[tuple(index)]
+
+
+register(OpDef("slice", 1, lambda ops, attrs: ops[0].type.dtype, _slice_shape, _slice,
+               kind="layout", attrs={"axis": Attr("axis", required=True),
+                                     "start": Attr("int", required=True),
+                                     "stop": Attr("int", required=True)},
+               doc="elements start..stop-1 along an axis"))
+
+
+def _size_dtype(ops, attrs):
+    return DType(attrs["dtype"])
+
+
+def _size(x, axis, dtype, out=None):
+    axes = range(x.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    value = np.asarray(np.prod([x.shape[a] for a in axes], dtype=np.int64), DType(dtype).numpy)
+    if out is None:
+        return value
+    out[...] = value
+    return out
+
+
+register(OpDef("size", 1, _size_dtype,
+               lambda ops, attrs: (normalize_axes("size", ops[0], attrs["axis"]), ())[1],
+               _size, kind="layout", numpy_out=True,
+               attrs={"axis": Attr("axes", None), "dtype": Attr("dtype", "f32")},
+               doc="the number of elements over axes (all by default), as a scalar"))

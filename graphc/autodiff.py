@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from graphc.ir import gradients  # noqa: F401  (installs the rules)
 from graphc.ir import ops as op_table
 from graphc.ir.composites import Emit
 from graphc.ir.node import Graph, Node, topo_order

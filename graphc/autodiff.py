@@ -82,6 +82,6 @@ def backward_graph(graph: Graph, loss_name: str = "loss", inputs: Sequence[str] 
     wrt = [n for n in topo_order([loss]) if n.op == "param" or
            (n.op == "input" and n.attr["name"] in inputs)]
     grads = derive_backward(loss, wrt)
-    outputs = [(loss_name, loss)] + [(f"grad {w.attr['name']}", op_table.renamed(g, f"grad {w.attr['name']}"))
-                                     for w, g in grads.items()]
+    named = [(f"grad {w.attr['name']}", g) for w, g in grads.items()]
+    outputs = [(loss_name, loss)] + [(name, op_table.renamed(g, name)) for name, g in named]
     return Graph(f"{graph.name}.backward", tuple(outputs), graph.mode)

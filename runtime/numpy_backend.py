@@ -49,7 +49,7 @@ class NumpyExecutor:
                     buffers.append(np.empty(bind_shape(node.shape, dims), dtype=node.dtype.numpy))
                 else:
                     buffers.append(None)
-            attrs = [{k: _bind_sizes(v, dims) if op.attrs[k].kind == "ints" else v
+            attrs = [{k: bind_shape(v, dims) if op.attrs[k].kind == "ints" else v
                       for k, v in a.items()} for op, a, _ in self.steps]
             plan = self.plans[key] = _Plan(buffers, attrs)
         return plan
@@ -58,7 +58,7 @@ class NumpyExecutor:
             dims: dict[str, int]) -> dict[str, np.ndarray]:
         plan = self.plan(dims)
         values: list = [None] * len(self.order)
-        for i, (node, (op, attrs, ins)) in enumerate(zip(self.order, self.steps)):
+        for i, (node, (op, _, ins)) in enumerate(zip(self.order, self.steps)):
             attrs = plan.attrs[i]
             if node.op == "input":
                 values[i] = feeds[attrs["name"]]
@@ -77,10 +77,6 @@ class NumpyExecutor:
                     raise _runtime_error(node, err) from None
         # Buffers are reused by the next call: hand out copies.
         return {name: np.array(values[i], copy=True) for name, i in self.outputs}
-
-
-def _bind_sizes(sizes: tuple, dims: dict[str, int]) -> tuple:
-    return tuple(dims[d] if isinstance(d, str) else d for d in sizes)
 
 
 def _runtime_error(node: Node, err: Exception) -> GraphcError:

@@ -49,6 +49,13 @@ class Call(Expr):
     piped: bool = False          # written as `a -> f(...)`: args[0] came from the pipeline
     span: SourceLoc | None = None
 
+    def kwarg_loc(self, name: str, value: bool = False) -> SourceLoc | None:
+        """Where keyword argument `name` (or, with value=True, its value) is written."""
+        for k in self.kwargs:
+            if k.name == name:
+                return k.value.loc if value else k.loc
+        return None
+
 
 @dataclass(frozen=True)
 class BinOp(Expr):

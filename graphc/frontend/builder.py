@@ -486,12 +486,10 @@ class ModelBuilder:
             raise ArgError("dropout needs a tensor argument", expr.loc)
         x = self.tensor_arg("dropout", args[0], expr.args[0])
         p_value = args[1] if len(args) > 1 else kwargs.get("p")
-        p_loc = expr.args[1].loc if len(args) > 1 else next(
-            (k.loc for k in expr.kwargs if k.name == "p"), expr.loc)
+        p_loc = expr.args[1].loc if len(args) > 1 else expr.kwarg_loc("p") or expr.loc
         extra = sorted(set(kwargs) - {"p"})
         if extra:
-            raise ArgError(f"dropout has no option '{extra[0]}'",
-                           next(k.loc for k in expr.kwargs if k.name == extra[0]),
+            raise ArgError(f"dropout has no option '{extra[0]}'", expr.kwarg_loc(extra[0]),
                            "dropout takes p, the probability of dropping a unit")
         if len(args) > 2:
             raise ArgError(f"dropout takes a tensor and p, got {len(args)} arguments", expr.loc)
@@ -512,12 +510,11 @@ class ModelBuilder:
         if kwargs:
             raise self.error(f"{expr.func}: arguments of user functions are positional", expr.loc)
         if len(args) != len(d.params):
-            taken = "x" if expr.piped else ""
             raise self.error(f"{expr.func} takes {len(d.params)} argument"
                              f"{'s' if len(d.params) != 1 else ''} ({', '.join(d.params)}), got "
                              f"{len(args)}", expr.loc,
                              "in a pipeline the value on the left is the first argument"
-                             if expr.piped or taken else None)
+                             if expr.piped else None)
         local = dict(zip(d.params, args))
         outer_env = self.env
         frame = self.frames[-1]

@@ -133,13 +133,12 @@ def _linear_layer(b: "ModelBuilder", call: ast.Call, args: list, kwargs: dict) -
     unknown = set(kwargs) - {"bias"}
     if unknown:
         name = sorted(unknown)[0]
-        raise ArgError(f"linear has no option '{name}'",
-                       next(k.loc for k in call.kwargs if k.name == name),
+        raise ArgError(f"linear has no option '{name}'", call.kwarg_loc(name),
                        did_you_mean(name, ["bias"]) or "linear takes n and bias")
     bias = True
     if "bias" in kwargs:
         bias = convert_attr("linear", "bias", Attr("bool"), kwargs["bias"],
-                            next(k.value.loc for k in call.kwargs if k.name == "bias"))
+                            call.kwarg_loc("bias", value=True))
     if not x.node.type.dtype.is_float or not x.node.type.shape:
         raise ArgError(f"linear: needs floating-point features: {x.label} is {x.node.type}", call.loc)
     fan_in = x.node.type.shape[-1]

@@ -55,7 +55,8 @@ class NumpyExecutor:
         return plan
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
-            dims: dict[str, int]) -> dict[str, np.ndarray]:
+            dims: dict[str, int], state: dict[str, np.ndarray] | None = None
+            ) -> dict[str, np.ndarray]:
         plan = self.plan(dims)
         values: list = [None] * len(self.order)
         for i, (node, (op, _, ins)) in enumerate(zip(self.order, self.steps)):
@@ -64,6 +65,8 @@ class NumpyExecutor:
                 values[i] = feeds[attrs["name"]]
             elif node.op == "param":
                 values[i] = params[attrs["name"]]
+            elif node.op == "state":
+                values[i] = state[attrs["name"]]
             elif node.op == "const":
                 values[i] = self.consts[i]
             else:

@@ -39,7 +39,8 @@ def grad_check(op: str, arrays: list[np.ndarray], attrs: dict | None = None, dif
     r_value = randn(*out.shape)
 
     def run(values):
-        feeds = {f"a{i}": v for i, v in enumerate(values)} | {"r": r_value}
+        # "#rng" keys dropout masks in training graphs (ignored where no op draws random numbers).
+        feeds = {f"a{i}": v for i, v in enumerate(values)} | {"r": r_value, "#rng": np.int64(11)}
         return ex.run(feeds, {}, {})
 
     derived = run(arrays)
@@ -85,6 +86,7 @@ CASES = [
     ("cross_entropy", [randn(4, 5), LABELS], {}),
     ("binary_cross_entropy_with_logits", [randn(5) * 3, (randn(5) > 0).astype(float)], {}),
     ("l2", [randn(2, 3), randn(3)], {}), ("l1", [randn(4)], {}),
+    ("dropout", [randn(4, 6)], {"p": 0.3, "train": True}), ("dropout", [randn(5)], {"p": 0.5}),
 ]
 
 
@@ -99,7 +101,7 @@ def test_every_differentiable_op_has_a_rule_and_a_case():
     assert all(CALLABLE_OPS[n] is OPS[n] for n in CALLABLE_OPS)   # no stale snapshot of the table
     covered = {c[0] for c in CASES}
     for name, op in OPS.items():
-        if op.kind == "source" or name in ("slice", "stop_gradient", "one_hot", "size") \
+        if op.kind in ("source", "random") or name in ("slice", "stop_gradient", "one_hot", "size") \
                 or name in ("greater", "greater_equal", "less", "less_equal", "equal", "not_equal"):
             continue
         assert op.grad is not None or op.is_composite, f"{name} has no gradient rule"

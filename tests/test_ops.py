@@ -10,7 +10,10 @@ from graphc.ir import OPS
 from graphc.ir import ops as op_table
 from graphc.ir.ops import Operand, TypeError_
 from graphc.ir.shapes import broadcast, matmul_shape, reshape_shape
+from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType
+from graphc.passes import PipelineOptions, run_pipeline
+from graphc.runtime.numpy_backend import NumpyExecutor
 
 rng = np.random.default_rng(0)
 
@@ -60,6 +63,7 @@ COMPOSITE_CASES = [
     ("binary_cross_entropy_with_logits", [randn(6) * 5, (randn(6) > 0).astype(np.float64)], {}),
     ("l2", [randn(3, 4), randn(5)], {}),
     ("l1", [randn(3, 4)], {}),
+    ("dropout", [randn(4, 6)], {"p": 0.4}),       # evaluation: the identity
 ]
 
 
@@ -249,3 +253,57 @@ def test_nodes_are_immutable_and_structurally_equal():
     assert a != op_table.apply("log", [x])
     with pytest.raises(AttributeError):
         a.op = "log"
+
+
+# --- random numbers and dropout -------------------------------------------------------------------
+
+def _draw(key: int, shape, stream: int = 0, dtype: str = "f32") -> np.ndarray:
+    k = op_table.source("input", TensorType(DType.i64, ()), name="k")
+    graph = Graph("u", (("out", op_table.apply("uniform", [k], {"shape": shape, "stream": stream,
+                                                               "dtype": dtype})),))
+    return NumpyExecutor(graph).run({"k": np.int64(key)}, {}, {})["out"]
+
+
+def test_uniform_is_a_pure_function_of_key_stream_and_index():
+    a = _draw(5, (200, 50))
+    assert a.dtype == np.float32 and a.shape == (200, 50)
+    assert 0.0 <= a.min() and a.max() < 1.0
+    np.testing.assert_array_equal(a, _draw(5, (200, 50)))
+    # Element i does not depend on the shape it is drawn in: counters are flat indices.
+    np.testing.assert_array_equal(a.ravel()[:1000], _draw(5, (1000,)))
+    assert not np.array_equal(a, _draw(6, (200, 50)))
+    assert not np.array_equal(a, _draw(5, (200, 50), stream=1))
+    # f32 and f64 draws agree exactly (24-bit values), so masks match across precisions.
+    np.testing.assert_array_equal(a, _draw(5, (200, 50), dtype="f64"))
+
+
+def test_uniform_looks_uniform():
+    a = _draw(1 << 40 | 3, (100_000,)).astype(np.float64)
+    assert abs(a.mean() - 0.5) < 0.005 and abs(a.var() - 1 / 12) < 0.002
+    counts = np.histogram(a, bins=10, range=(0, 1))[0]
+    assert counts.min() > 9_500 and counts.max() < 10_500
+    # neighbouring elements and neighbouring keys are uncorrelated
+    assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.01
+    b = _draw(1 << 40 | 4, (100_000,)).astype(np.float64)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
+
+
+def test_uniform_needs_an_integer_key():
+    k = op_table.source("input", TensorType(DType.f32, ()), name="k")
+    with pytest.raises(TypeError_, match="key must be an integer scalar"):
+        op_table.apply("uniform", [k], {"shape": (3,)})
+
+
+def test_training_dropout_matches_its_oracle_and_drops_about_p():
+    x = np.ones((400, 250))
+    graph = op_graph("dropout", [x], {"p": 0.3, "train": True, "stream": 2})
+    lowered = run_pipeline(graph, PipelineOptions(verify=True))
+    assert "#rng" in {n.attr["name"] for n in lowered.inputs}
+    ex = NumpyExecutor(lowered)
+    out = ex.run({"a0": x, "#rng": np.int64(9)}, {}, {})["out"]
+    np.testing.assert_array_equal(out, OPS["dropout"].numpy(x, 0.3, 2, True, key=9))
+    kept = out != 0
+    assert abs(kept.mean() - 0.7) < 0.01
+    np.testing.assert_allclose(out[kept], 1 / 0.7)          # inverted: kept units scaled up
+    other = ex.run({"a0": x, "#rng": np.int64(10)}, {}, {})["out"]
+    assert not np.array_equal(kept, other != 0)                # a new mask every step

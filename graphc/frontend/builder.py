@@ -66,6 +66,7 @@ class ModelBuilder:
         self.scope_uses: dict[str, int] = {}
         self.def_stack: list[str] = []
         self.param_sets: list[tuple[ast.Var, str, tuple[str, ...]]] = []
+        self.random_streams = 0     # each dropout site draws its own stream of random numbers
 
     # --- driving ----------------------------------------------------------------------------------
 
@@ -497,8 +498,11 @@ class ModelBuilder:
         if not 0.0 <= p < 1.0:
             raise ArgError(f"dropout: p must be in [0, 1), got {p}", p_loc,
                            "p is the probability of dropping a unit")
-        # The inference graph keeps every unit: inverted dropout needs no rescaling at test time.
-        return x
+        if p == 0.0:
+            return x
+        self.random_streams += 1
+        return self.make("dropout", [(x.node, x.label)], {"p": p, "stream": self.random_streams - 1},
+                         expr)
 
     def call_def(self, expr: ast.Call, args: list, kwargs: dict):
         d = self.defs[expr.func]

@@ -270,3 +270,41 @@ def decompose_node(node: Node, inputs: Sequence[Node]) -> Node:
     assert out.type == node.type, (f"internal error: decomposition of {node.op} gives {out.type}, "
                                    f"expected {node.type}")
     return op_table.renamed(out, node.name, node.loc)
+
+
+# --- mode-dependent ops ---------------------------------------------------------------------------
+# An op with a `train` attribute behaves differently in training; `passes.train_mode` sets it on
+# every such node of a training graph, so one model graph yields both programs.
+
+RNG_INPUT = "#rng"   # the per-step random key that training programs are fed ('#' is no identifier)
+
+
+def rng_key(emit: Emit) -> Node:
+    return op_table.source("input", TensorType(DType.i64, ()), loc=emit.loc, name=RNG_INPUT)
+
+
+def _dropout_decompose(emit, inputs, attrs):
+    (x,) = inputs
+    if not attrs["train"] or attrs["p"] == 0.0:
+        return x
+    keep = emit("greater_equal", emit("uniform", rng_key(emit), shape=x.shape,
+                                      stream=attrs["stream"], dtype=x.dtype.value),
+                emit.const(attrs["p"], x.dtype))
+    # Inverted dropout: scale the kept units in training so evaluation needs no rescaling.
+    return emit("where", keep, emit("mul", x, emit.const(1.0 / (1.0 - attrs["p"]), x.dtype)),
+                emit.const(0.0, x.dtype))
+
+
+def _dropout_np(x, p=0.5, stream=0, train=False, key=None):
+    """The oracle; in training it needs the step's key, which the graph takes as input #rng."""
+    if not train or p == 0.0:
+        return x
+    u = op_table.OPS["uniform"].numpy(key, shape=x.shape, stream=stream, dtype="f64")
+    return np.where(u >= x.dtype.type(p), x * x.dtype.type(1.0 / (1.0 - p)), 0).astype(x.dtype)
+
+
+composite("dropout", 1, lambda ops, a: float_dtype("dropout", ops), lambda ops, a: _same_shape(ops),
+          _dropout_np, _dropout_decompose,
+          {"p": Attr("float", 0.5), "stream": Attr("int", 0), "train": Attr("bool", False)},
+          "inverted dropout with probability p in training (masks hashed from the step's key "
+          "and the op's stream); the identity in evaluation")

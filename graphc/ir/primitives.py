@@ -15,11 +15,13 @@ def _no_dtype(ops, attrs):
 
 for _name, _doc in [("input", "a value fed at run time"),
                     ("param", "a trained parameter, initialized by the build"),
+                    ("state", "optimizer state (moments, accumulators, the step count)"),
                     ("const", "a scalar constant")]:
     register(OpDef(_name, 0, _no_dtype, _no_dtype, None, kind="source", doc=_doc,
                    # Roles and initializers are metadata of the program, not of the computation.
                    attrs={"input": {"name": Attr("str", required=True)},
                           "param": {"name": Attr("str", required=True)},
+                          "state": {"name": Attr("str", required=True)},
                           "const": {"value": Attr("any", required=True)}}[_name]))
 
 
@@ -263,3 +265,67 @@ register(OpDef("size", 1, _size_dtype,
                _size, kind="layout", numpy_out=True,
                attrs={"axis": Attr("axes", None), "dtype": Attr("dtype", "f32")},
                doc="the number of elements over axes (all by default), as a scalar"))
+
+
+# --- random numbers --------------------------------------------------------------------------------
+# Counter-based: element i of a draw is a hash of (key, stream, i), so a mask is a pure function of
+# the run's seed, the step and the op, identical on every backend, with no generator state to carry.
+# The hash is "lowbias32" (Wellons), two rounds; backends reimplement these few integer ops.
+
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x: int) -> int:
+    """lowbias32 on one 32-bit word (Python ints, for the per-draw seed words)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _hash32_array(x: np.ndarray) -> np.ndarray:
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def draw_words(key: int, stream: int) -> tuple[int, int]:
+    """The two 32-bit words that seed draw `stream` under `key`."""
+    key &= (1 << 64) - 1
+    first = hash32((key & _M32) ^ hash32(stream + 0x9E3779B9))
+    return first, hash32((key >> 32) ^ first)
+
+
+def _uniform(key, shape, stream, dtype, out=None):
+    w0, w1 = draw_words(int(key), stream)
+    n = int(np.prod(shape, dtype=np.int64))
+    bits = _hash32_array(np.arange(n, dtype=np.uint32) ^ np.uint32(w0))
+    bits ^= np.uint32(w1)
+    bits = _hash32_array(bits)
+    # The top 24 bits: exactly representable in f32, so every backend gets the same value in [0, 1).
+    value = ((bits >> np.uint32(8)).astype(np.float64) * 2.0 ** -24).reshape(shape)
+    if out is None:
+        return value.astype(DType(dtype).numpy)
+    np.copyto(out, value, casting="unsafe")
+    return out
+
+
+def _uniform_dtype(ops, attrs):
+    if not (ops[0].type.dtype.is_int and ops[0].type.shape == ()):
+        raise TypeError_(f"uniform: the key must be an integer scalar, got {ops[0]}")
+    dtype = DType(attrs["dtype"])
+    if not dtype.is_float:
+        raise TypeError_(f"uniform draws floats, not {dtype}")
+    return dtype
+
+
+register(OpDef("uniform", 1, _uniform_dtype, lambda ops, attrs: tuple(attrs["shape"]), _uniform,
+               kind="random", numpy_out=True,
+               attrs={"shape": Attr("ints", required=True), "stream": Attr("int", 0),
+                      "dtype": Attr("dtype", "f32")},
+               doc="uniform [0, 1) numbers hashed from (key, stream, element index)"))

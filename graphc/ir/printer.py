@@ -32,7 +32,7 @@ def format_graph(graph: Graph) -> str:
     for n in nodes:
         if n.op == "const":
             expr = f"const {n.attr['value']!r}"
-        elif n.op in ("input", "param"):
+        elif n.op in ("input", "param", "state"):
             expr = n.op
         else:
             expr = f"{n.op}({', '.join(ids[id(i)] for i in n.inputs)}){_attrs_text(n)}"
@@ -67,7 +67,7 @@ def format_dot(graph: Graph) -> str:
         label = f"{_dot_escape(title)}\\n{n.type}"
         line = n.loc.line if n.loc else 0
         colour = lines_seen.setdefault(line, palette[len(lines_seen) % len(palette)])
-        shape = ", shape=ellipse" if n.op in ("input", "param") else ""
+        shape = ", shape=ellipse" if n.op in ("input", "param", "state") else ""
         tip = f", tooltip=\"{_dot_escape(_where(n))}\"" if n.loc else ""
         out.append(f'  n{idx} [label="{label}", fillcolor="{colour}"{shape}{tip}];')
     for a, b in nxg.edges():

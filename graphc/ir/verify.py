@@ -17,7 +17,7 @@ def verify_graph(graph: Graph) -> None:
         op = op_table.OPS[n.op]
         if op.kind == "source":
             assert not n.inputs, f"internal error: source {n} has inputs"
-            if n.op in ("input", "param"):
+            if n.op in ("input", "param", "state"):
                 key = (n.op, n.attr["name"])
                 other = sources.setdefault(key, n.type)
                 assert other == n.type, (f"internal error: {n.op} {key[1]} appears as {other} and "

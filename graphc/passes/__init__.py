@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from graphc.ir.node import Graph
 from graphc.ir.printer import format_graph
 from graphc.ir.verify import verify_graph
-from graphc.passes.rewrite import cse, decompose
+from graphc.passes.rewrite import cse, decompose, train_mode
 
 log = logging.getLogger("graphc")
 

@@ -31,3 +31,13 @@ def cse(graph: Graph) -> Graph:
         candidate = op_table.rebuilt(node, inputs)
         return canonical.setdefault(candidate, candidate)
     return rewrite(graph, visit)
+
+
+def train_mode(graph: Graph) -> Graph:
+    """The training form of a graph: every op with a `train` attribute (dropout) switched on."""
+    def visit(node: Node, inputs: list[Node]) -> Node:
+        if "train" in op_table.OPS[node.op].attrs and not node.attr["train"]:
+            return op_table.apply(node.op, inputs, {**node.attr, "train": True}, loc=node.loc,
+                                  name=node.name, tags=node.tags)
+        return op_table.rebuilt(node, inputs)
+    return Graph(graph.name, rewrite(graph, visit).outputs, "train")

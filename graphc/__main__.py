@@ -1,2 +1,3 @@
 from graphc.cli import main
+
 raise SystemExit(main())

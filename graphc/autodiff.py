@@ -7,7 +7,7 @@ Backward nodes carry the location of the forward node they come from, tagged "gr
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from graphc.ir import ops as op_table
 from graphc.ir.composites import Emit
@@ -37,10 +37,10 @@ def derive_backward(loss: Node, wrt: Sequence[Node]) -> dict[Node, Node]:
     targets = {id(w) for w in wrt}
     active: set[int] = set()          # nodes whose value depends on a target
     for node in order:
-        if id(node) in targets or (node.op != "stop_gradient"
-                                   and any(id(i) in active for i in node.inputs)):
-            if node.dtype.is_float:
-                active.add(id(node))
+        depends = id(node) in targets or (node.op != "stop_gradient"
+                                          and any(id(i) in active for i in node.inputs))
+        if depends and node.dtype.is_float:   # integers carry no gradient
+            active.add(id(node))
     pending: dict[int, list[Node]] = {id(loss): [op_table.source(
         "const", loss.type, loc=loss.loc, value=1.0)]}
     total: dict[int, Node] = {}

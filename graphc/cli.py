@@ -1,5 +1,6 @@
-"""The graphc command line: check, build, graph and run. Exit status 1 for mistakes in the input,
-2 for bad usage; a Python traceback only for graphc's own bugs (and with --debug)."""
+"""The graphc command line: check, build, graph and run here; train, eval and predict in
+train_cli.py. Exit status 1 for mistakes in the input, 2 for bad usage; a Python traceback only
+for graphc's own bugs (and with --debug)."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true",
                    help="show the derived backward graph: the loss and d loss / d param for "
                         "every parameter")
+    p.add_argument("--train-step", action="store_true",
+                   help="show the whole compiled training step: forward in training mode, "
+                        "backward, and the optimizer's update of every parameter and its state")
     p.add_argument("-o", "--out", metavar="PATH", help="write to a file instead of stdout")
     p.set_defaults(run=cmd_graph)
 
@@ -70,6 +74,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="an input array (repeatable)")
     p.add_argument("-o", "--out", metavar="FILE.npz", help="save the outputs to a .npz file")
     p.set_defaults(run=cmd_run)
+
+    from graphc.train_cli import add_commands
+    add_commands(sub)
     return parser
 
 
@@ -151,7 +158,14 @@ def cmd_graph(args) -> int:
     checked = check_source(read_source(args.file), args.file)
     model = checked.pick(args.model)
     graph = model_graph(model)
-    if args.backward:
+    if args.train_step:
+        from graphc.compiler import program_graphs
+        if model.name not in checked.trains or model.loss is None:
+            raise error(f"model '{model.name}' has no " +
+                        ("loss" if model.loss is None else "train block"), file=args.file,
+                        hint="a training step needs a loss and a `train` block with an optimizer")
+        graph = program_graphs(model, checked.trains[model.name])[0]["train_step"]
+    elif args.backward:
         from graphc.autodiff import backward_graph
         if model.loss is None:
             raise error(f"model '{model.name}' has no loss to differentiate", file=args.file,

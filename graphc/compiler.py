@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graphc.autodiff import backward_graph
 from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean, error
 from graphc.frontend import ast
 from graphc.frontend.builder import ModelBuilder, ModelIR
@@ -11,9 +12,10 @@ from graphc.frontend.calls import CALLABLE_OPS, LAYERS
 from graphc.frontend.parser import parse
 from graphc.frontend.train_spec import TrainConfig, check_train
 from graphc.initializers import initialize
-from graphc.ir.node import Graph
-from graphc.passes import PipelineOptions, run_pipeline
-from graphc.runtime.program import ParamInfo, Program
+from graphc.ir.node import Graph, topo_order
+from graphc.optim import train_step_graph
+from graphc.passes import PipelineOptions, run_pipeline, train_mode
+from graphc.runtime.program import ParamInfo, Program, StateInfo
 
 
 @dataclass
@@ -35,7 +37,8 @@ class CheckedFile:
                         hint="declare one with `model NAME { ... }`")
         if len(self.models) > 1:
             raise error(f"the file holds {len(self.models)} models ({', '.join(self.models)}); "
-                        f"choose one", file=self.path, hint="pass model=NAME (or --model NAME on the command line)")
+                        f"choose one", file=self.path,
+                        hint="pass model=NAME (or --model NAME on the command line)")
         return next(iter(self.models.values()))
 
 
@@ -106,12 +109,61 @@ def build_program(checked: CheckedFile, model: str | None = None, backend: str =
     train = checked.trains.get(ir.name)
     if seed is None:
         seed = train.settings["seed"] if train else 0
-    forward = lower(model_graph(ir, include_loss=False), options)
+    graphs, state = program_graphs(ir, train, options)
     infos = {name: ParamInfo(name, p.type, p.role, p.init) for name, p in ir.params.items()}
     values = {name: initialize(name, p.type.shape, p.type.dtype.numpy, p.init, seed)
               for name, p in ir.params.items()}
-    meta = {"source": checked.path, "seed": seed}
-    return Program(ir.name, {"forward": forward}, infos, values, backend=backend, meta=meta)
+    meta = {"source": checked.path, "seed": seed, "task": task_of(ir)}
+    if train is not None:
+        meta["train"] = train_settings_json(train)
+    return Program(ir.name, graphs, infos, values, backend=backend, meta=meta, state=state)
+
+
+def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOptions | None = None
+                   ) -> tuple[dict[str, Graph], dict[str, StateInfo]]:
+    """The lowered graphs of a model: `forward` (outputs), and where there is a loss `evaluate`
+    (outputs and loss), `loss_and_grads` (training mode) and, with a train block, `train_step`
+    (forward, backward and the optimizer's updates in one graph)."""
+    graphs = {"forward": lower(model_graph(ir, include_loss=False), options)}
+    state: dict[str, StateInfo] = {}
+    if ir.loss is None:
+        return graphs, state
+    graphs["evaluate"] = lower(model_graph(ir), options)
+    training = lower(train_mode(Graph(ir.name, (("loss", ir.loss),))), options)
+    graphs["loss_and_grads"] = lower(backward_graph(training), options)
+    if train is not None:
+        roles = {name: (p.type, p.role) for name, p in ir.params.items()}
+        step, specs = train_step_graph(training, train.settings["optimizer"], roles)
+        graphs["train_step"] = lower(step, options)
+        state = {name: StateInfo(name, t, init) for name, (t, init) in specs.items()}
+    return graphs, state
+
+
+def task_of(ir: ModelIR) -> dict:
+    """Which inputs are features and which are labels (used by the loss only), and what kind of
+    prediction the first output is: what `graphc train`, `eval` and `predict` need to know."""
+    if ir.loss is None:
+        return {"features": list(ir.inputs), "labels": [], "kind": None}
+    seen_by_outputs = {n.attr["name"] for out in ir.outputs.values()
+                       for n in topo_order([out]) if n.op == "input"}
+    labels = [name for name in ir.inputs if name not in seen_by_outputs]
+    task = {"features": [n for n in ir.inputs if n in seen_by_outputs], "labels": labels,
+            "kind": None}
+    if len(labels) == 1 and ir.outputs:
+        label = ir.inputs[labels[0]]
+        out_name, out = next(iter(ir.outputs.items()))
+        if label.dtype.is_int and out.type.ndim == 2:
+            kind = {"log_softmax": "log_probabilities", "softmax": "probabilities"}
+            task.update(kind="classification", output=out_name,
+                        scores=kind.get(out.op, "logits"))
+        elif label.dtype.is_float:
+            task.update(kind="regression", output=out_name)
+    return task
+
+
+def train_settings_json(train: TrainConfig) -> dict:
+    """The train block as plain JSON: calls become [name, {options}]."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in train.settings.items()}
 
 
 def compile_source(text: str, backend: str = "numpy", model: str | None = None,

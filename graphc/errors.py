@@ -6,8 +6,8 @@ internal invariants are plain assertions that say "internal error".
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class SourceLoc:
         return [self.file, self.line, self.col, self.end_line, self.end_col]
 
     @classmethod
-    def from_json(cls, data) -> "SourceLoc | None":
+    def from_json(cls, data) -> SourceLoc | None:
         if data is None:
             return None
         file, line, col, end_line, end_col = data

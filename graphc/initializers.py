@@ -6,8 +6,8 @@ adding a parameter never changes how the others start.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -71,4 +71,4 @@ def initialize(name: str, shape: tuple[int, ...], dtype: np.dtype, init: tuple, 
     init_name, options = init
     spec = INITIALIZERS[init_name]
     values = spec.draw(tuple(shape), param_rng(seed, name), **dict(options))
-    return np.ascontiguousarray(values, dtype=dtype)
+    return np.array(values, dtype=dtype, order="C")   # ascontiguousarray would make 0-d 1-d

@@ -63,7 +63,10 @@ def save_artifact(program, path) -> Path:
     manifest = {
         "format": FORMAT, "version": VERSION, "graphc_version": graphc.__version__,
         "model": program.name, "backend": program.backend,
-        "inputs": {k: type_to_json(t) for k, t in program.inputs.items()},
+        "inputs": {n.attr["name"]: type_to_json(n.type) for g in program.graphs.values()
+                   for n in g.inputs},
+        "state": [{"name": st.name, "type": type_to_json(st.type), "init": st.init}
+                  for st in program.state_info.values()],
         "outputs": program.outputs,
         "params": [{"name": p.name, "type": type_to_json(p.type), "role": p.role,
                     "init": [p.init[0], [list(kv) for kv in p.init[1]]]}
@@ -89,7 +92,7 @@ def _read(folder: Path, name: str) -> bytes:
 
 def load_artifact(path, backend: str = "numpy"):
     """Restore a `Program` from an artifact folder. Any problem is a `GraphcError` naming the file."""
-    from graphc.runtime.program import ParamInfo, Program
+    from graphc.runtime.program import ParamInfo, Program, StateInfo
 
     folder = Path(path)
     if not folder.is_dir():
@@ -125,6 +128,11 @@ def load_artifact(path, backend: str = "numpy"):
             _ = info.type.dtype.numpy   # a dtype the numpy backend cannot hold is refused here
             infos[info.name] = info
         inputs = {str(k): type_from_json(v) for k, v in manifest["inputs"].items()}
+        state = {}
+        for st in manifest.get("state", []):
+            info = StateInfo(str(st["name"]), type_from_json(st["type"]), float(st["init"]))
+            _ = info.type.dtype.numpy
+            state[info.name] = info
         graph_doc = json.loads(blobs[GRAPH_FILE])
         if graph_doc.get("format") != GRAPH_FORMAT or graph_doc.get("version") != GRAPH_VERSION:
             raise ValueError("unknown graph format or version")
@@ -133,7 +141,7 @@ def load_artifact(path, backend: str = "numpy"):
         if "forward" not in graphs:
             raise ValueError(f"{GRAPH_FILE} has no forward graph")
         for key, graph in graphs.items():
-            _check_sources(key, graph, infos, inputs)
+            _check_sources(key, graph, infos, inputs, state)
     except GraphcError:
         raise
     except NotImplementedError as err:
@@ -141,26 +149,29 @@ def load_artifact(path, backend: str = "numpy"):
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise error(f"{folder}: malformed artifact: {_reason(err)}") from None
     values = _load_params(folder / PARAMS_FILE, blobs[PARAMS_FILE], infos)
-    meta = {k: manifest[k] for k in ("source", "seed") if k in manifest}
-    return Program(model, graphs, infos, values, backend=backend, meta=meta)
+    meta = {k: manifest[k] for k in ("source", "seed", "task", "train") if k in manifest}
+    if not isinstance(meta.get("seed", 0), int) or not isinstance(meta.get("task", {}), dict) \
+            or not isinstance(meta.get("train", {}), dict):
+        raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad seed, task or train entry")
+    return Program(model, graphs, infos, values, backend=backend, meta=meta, state=state)
 
 
 def _reason(err: Exception) -> str:
     return f"missing field {err}" if isinstance(err, KeyError) else str(err)
 
 
-def _check_sources(key: str, graph, infos: dict, inputs: dict) -> None:
-    """Artifacts hold lowered graphs whose inputs and parameters are the manifest's."""
+def _check_sources(key: str, graph, infos: dict, inputs: dict, state: dict) -> None:
+    """Artifacts hold lowered graphs whose inputs, parameters and state are the manifest's."""
     from graphc.ir import OPS
     for node in graph.nodes():
         if OPS[node.op].is_composite:
             raise ValueError(f"graph {key} holds the composite op {node.op}; artifacts hold "
                              f"lowered graphs")
-        if node.op in ("param", "input"):
+        if node.op in ("param", "input", "state"):
             name = node.attr["name"]
-            table = infos if node.op == "param" else inputs
+            table = {"param": infos, "input": inputs, "state": state}[node.op]
             want = table.get(name)
-            want = want.type if node.op == "param" and want is not None else want
+            want = want if want is None or node.op == "input" else want.type
             if want is None:
                 raise ValueError(f"graph {key} uses {node.op} {name!r}, which the manifest "
                                  f"does not declare")

@@ -1,15 +1,15 @@
-"""A compiled program: parameters (a live, checked mapping), the inputs it takes, and `forward`."""
+"""A compiled program: parameters (a live, checked mapping), optimizer state, and the calls that
+run its graphs: `forward`, `evaluate`, `loss_and_grads` and `train_step`."""
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from graphc.errors import did_you_mean, error
 from graphc.ir.node import Graph
-from graphc.ir.types import DType, TensorType, format_shape
+from graphc.ir.types import DType, TensorType, bind_shape, format_shape
 from graphc.runtime.numpy_backend import BACKENDS
 
 
@@ -23,6 +23,25 @@ class ParamInfo:
     @property
     def count(self) -> int:
         return self.type.size()
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    """One slot of optimizer state (a moment, an accumulator, the step count)."""
+    name: str
+    type: TensorType
+    init: float
+
+    def initial(self) -> np.ndarray:
+        return np.full(bind_shape(self.type.shape, {}), self.init, dtype=self.type.dtype.numpy)
+
+
+STEP_STATE, LR_INPUT, RNG_INPUT = "#step", "#lr", "#rng"
+
+
+def rng_key(seed: int, step: int) -> int:
+    """The random key of a training step: dropout masks are a function of (seed, step) alone."""
+    return ((seed & 0x7FFFFFFF) << 32) | (step & 0xFFFFFFFF)
 
 
 class ProgramError(ValueError):
@@ -52,7 +71,7 @@ class ParamStore(MutableMapping):
         if array.dtype.kind != want.kind:   # any float precision converts; ints or bools do not
             raise ProgramError(f"parameter {name} is {info.type}; got an array of dtype "
                                f"{array.dtype}")
-        self._values[name] = np.ascontiguousarray(array, dtype=want)
+        self._values[name] = np.array(array, dtype=want, order="C")   # a copy: the caller keeps theirs
 
     def __delitem__(self, name: str) -> None:
         raise ProgramError(f"parameters cannot be removed (tried {name})")
@@ -76,7 +95,8 @@ class Program:
     """What `graphc.compile_file` returns and `graphc.runtime.load_artifact` restores."""
 
     def __init__(self, name: str, graphs: dict[str, Graph], params: dict[str, ParamInfo],
-                 values: dict[str, np.ndarray], backend: str = "numpy", meta: dict | None = None):
+                 values: dict[str, np.ndarray], backend: str = "numpy", meta: dict | None = None,
+                 state: dict[str, StateInfo] | None = None):
         if backend not in BACKENDS:
             raise error(f"unknown backend '{backend}'",
                         hint=did_you_mean(backend, BACKENDS) or f"backends: {', '.join(BACKENDS)}")
@@ -84,32 +104,99 @@ class Program:
         self.param_info = params
         self.params = ParamStore(params, values)
         self.meta = dict(meta or {})
+        self.state_info = dict(state or {})
+        self.state: dict[str, np.ndarray] = {}
+        self.reset_state()
         self._executors = {key: BACKENDS[backend](g) for key, g in graphs.items()}
         forward = graphs["forward"]
-        self.inputs: dict[str, TensorType] = {n.attr["name"]: n.type for n in forward.inputs}
+        self.inputs: dict[str, TensorType] = _user_inputs(forward)
         self.outputs: list[str] = [name for name, _ in forward.outputs]
+        # Training and evaluation also take the labels the loss compares with.
+        self.train_inputs = _user_inputs(graphs.get("evaluate", forward))
+        train = self.meta.get("train") or {}
+        optimizer = train.get("optimizer")
+        self.optimizer: str | None = optimizer[0] if optimizer else None
+        self.lr: float = float(optimizer[1]["lr"]) if optimizer else 0.0
+        self.seed: int = int(self.meta.get("seed", 0))
 
     @property
     def graph(self) -> Graph:
         return self.graphs["forward"]
 
+    @property
+    def step(self) -> int:
+        """Training steps taken so far."""
+        return int(self.state[STEP_STATE]) if STEP_STATE in self.state else 0
+
+    def reset_state(self) -> None:
+        """Optimizer state back to its initial values (moments zero, step 0)."""
+        self.state = {name: info.initial() for name, info in self.state_info.items()}
+
     def forward(self, **inputs) -> dict[str, np.ndarray]:
-        feeds, dims = self._feeds(inputs)
+        feeds, dims = self._feeds(inputs, self.inputs)
         return self._executors["forward"].run(feeds, self.params._values, dims)
 
-    def _feeds(self, inputs: dict) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        unknown = [k for k in inputs if k not in self.inputs]
+    def evaluate(self, **batch) -> dict[str, float]:
+        """The loss (evaluation mode: no dropout) and, for classifiers, the accuracy."""
+        out = self._run("evaluate", batch)
+        scores = {"loss": float(out["loss"])}
+        task = self.meta.get("task") or {}
+        if task.get("kind") == "classification":
+            labels = np.asarray(batch[task["labels"][0]])
+            predicted = np.argmax(out[task["output"]], axis=1)
+            scores["accuracy"] = float(np.mean(predicted == labels)) if len(labels) else 0.0
+        return scores
+
+    def loss_and_grads(self, **batch) -> tuple[float, dict[str, np.ndarray]]:
+        """The training loss on `batch` (dropout on, keyed by the current step) and the gradient of
+        every parameter. Changes nothing."""
+        out = self._run("loss_and_grads", batch, rng=True)
+        grads = {name: out[f"grad {name}"] if f"grad {name}" in out
+                 else np.zeros_like(self.params[name]) for name in self.params}
+        return float(out["loss"]), grads
+
+    def train_step(self, **batch) -> float:
+        """One optimizer step on exactly `batch`, with the learning rate `self.lr` (the train
+        loop's schedule sets it); updates parameters and optimizer state, returns the loss."""
+        if "train_step" not in self.graphs:
+            raise ProgramError(f"{self.name} has no training step: "
+                               + ("the model has no loss" if "evaluate" not in self.graphs
+                                  else f"the file has no `train {self.name} {{ ... }}` block"))
+        lr_type = next(n.type for n in self.graphs["train_step"].inputs
+                       if n.attr["name"] == LR_INPUT)
+        out = self._run("train_step", batch, rng=True,
+                        extra={LR_INPUT: np.asarray(self.lr, dtype=lr_type.dtype.numpy)})
+        for name, value in out.items():
+            if name.startswith("new "):
+                target = name[4:]
+                store = self.state if target in self.state_info else self.params._values
+                store[target] = value
+        return float(out["loss"])
+
+    def _run(self, graph: str, batch: dict, rng: bool = False, extra: dict | None = None):
+        if graph not in self.graphs:
+            raise ProgramError(f"{self.name} has no loss, so it cannot be {graph.replace('_', ' ')}"
+                               f"{'d' if graph == 'evaluate' else ''}; declare `loss = ...`")
+        feeds, dims = self._feeds(batch, self.train_inputs)
+        if rng:
+            feeds[RNG_INPUT] = np.int64(rng_key(self.seed, self.step))
+        feeds.update(extra or {})
+        return self._executors[graph].run(feeds, self.params._values, dims, self.state)
+
+    def _feeds(self, inputs: dict, expected: dict[str, TensorType]
+               ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        unknown = [k for k in inputs if k not in expected]
         if unknown:
-            hint = did_you_mean(unknown[0], self.inputs)
+            hint = did_you_mean(unknown[0], expected)
             raise ProgramError(f"{self.name} has no input {unknown[0]!r}" +
-                               (f"; {hint}" if hint else f" (inputs: {', '.join(self.inputs)})"))
-        missing = [k for k in self.inputs if k not in inputs]
+                               (f"; {hint}" if hint else f" (inputs: {', '.join(expected)})"))
+        missing = [k for k in expected if k not in inputs]
         if missing:
-            raise ProgramError(f"{self.name} needs input {missing[0]!r} ({self.inputs[missing[0]]})")
+            raise ProgramError(f"{self.name} needs input {missing[0]!r} ({expected[missing[0]]})")
         dims: dict[str, int] = {}
         origin: dict[str, str] = {}
         feeds = {}
-        for name, ttype in self.inputs.items():
+        for name, ttype in expected.items():
             array = np.asarray(inputs[name])
             feeds[name] = _convert(name, array, ttype)
             if array.ndim != ttype.ndim:
@@ -135,6 +222,11 @@ class Program:
     def __repr__(self) -> str:
         ins = ", ".join(f"{k}: {v}" for k, v in self.inputs.items())
         return f"<Program {self.name}({ins}) -> {', '.join(self.outputs)} on {self.backend}>"
+
+
+def _user_inputs(graph: Graph) -> dict[str, TensorType]:
+    # '#' names (#lr, #rng) are fed by the program itself.
+    return {n.attr["name"]: n.type for n in graph.inputs if not n.attr["name"].startswith("#")}
 
 
 def _convert(name: str, array: np.ndarray, ttype: TensorType) -> np.ndarray:

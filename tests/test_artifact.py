@@ -16,8 +16,8 @@ import pytest
 import graphc
 from graphc import cli
 from graphc.errors import GraphcError
-from graphc.runtime import load_artifact
 from graphc.runtime import artifact as artifact_mod
+from graphc.runtime import load_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = sorted((ROOT / "models").glob("*.nn"))

@@ -155,10 +155,10 @@ def test_several_models_need_a_choice():
 
 
 def test_train_block_is_checked_and_resolved():
-    src = (open("models/mnist_mlp.nn").read() if False else """model m { input x: f32[N, 2]
+    src = """model m { input x: f32[N, 2]
         output x }
     train m { data = digits; optimizer = sgd(0.1, momentum=0.9); batch = 32
-              schedule = plateau(patience=3); early_stop = early_stop(5) }""")
+              schedule = plateau(patience=3); early_stop = early_stop(5) }"""
     cfg = check_source(src, "t.nn").trains["m"].settings
     assert cfg["optimizer"] == ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": False,
                                         "weight_decay": 0.0, "dampening": 0.0})

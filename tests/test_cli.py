@@ -37,7 +37,7 @@ def test_check_prints_the_parameter_table(capsys):
     out = capsys.readouterr().out
     assert "W1         weight  [784, 256]  f32    200,704  kaiming()" in out
     assert "total: 203,530 parameters in 4 tensors" in out
-    assert "optimizer=adam(lr=0.0001" in out
+    assert "optimizer=adam(lr=0.001" in out
     assert out.rstrip().endswith("models/mnist_mlp.nn: ok (1 model)")
 
 

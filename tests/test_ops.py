@@ -8,9 +8,9 @@ from conftest import op_graph, run_op
 
 from graphc.ir import OPS
 from graphc.ir import ops as op_table
+from graphc.ir.node import Graph
 from graphc.ir.ops import Operand, TypeError_
 from graphc.ir.shapes import broadcast, matmul_shape, reshape_shape
-from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType
 from graphc.passes import PipelineOptions, run_pipeline
 from graphc.runtime.numpy_backend import NumpyExecutor
@@ -180,7 +180,7 @@ def T(*shape, dtype=DType.f32):
     return TensorType(dtype, tuple(shape))
 
 
-def O(label, *shape, dtype=DType.f32):
+def O(label, *shape, dtype=DType.f32):  # noqa: E743 (O for Operand, beside T for TensorType)
     return Operand(T(*shape, dtype=dtype), label)
 
 
@@ -267,7 +267,7 @@ def _draw(key: int, shape, stream: int = 0, dtype: str = "f32") -> np.ndarray:
 def test_uniform_is_a_pure_function_of_key_stream_and_index():
     a = _draw(5, (200, 50))
     assert a.dtype == np.float32 and a.shape == (200, 50)
-    assert 0.0 <= a.min() and a.max() < 1.0
+    assert a.min() >= 0.0 and a.max() < 1.0
     np.testing.assert_array_equal(a, _draw(5, (200, 50)))
     # Element i does not depend on the shape it is drawn in: counters are flat indices.
     np.testing.assert_array_equal(a.ravel()[:1000], _draw(5, (1000,)))

@@ -8,12 +8,18 @@ from dataclasses import dataclass
 
 from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
-from graphc.frontend.calls import (CALLABLE_OPS, LAYERS, ArgError, DimName, bind_op_args,
-                                   convert_attr, unknown_dtype)
+from graphc.frontend.calls import (
+    CALLABLE_OPS,
+    LAYERS,
+    ArgError,
+    DimName,
+    bind_op_args,
+    convert_attr,
+    unknown_dtype,
+)
 from graphc.frontend.params import Scope, count_param_sites, def_creates_params, infer_roles
 from graphc.frontend.transform import label_span
-from graphc.frontend.values import (POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar,
-                                    Tensor, describe)
+from graphc.frontend.values import POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar, Tensor, describe
 from graphc.initializers import INITIALIZERS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Node

@@ -2,8 +2,9 @@
 the op table), layers that create their own parameters, and the functions the builder special-cases."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from graphc.errors import did_you_mean
 from graphc.frontend import ast
@@ -119,11 +120,11 @@ def bind_op_args(op: OpDef, fn: str, args: list, kwargs: dict, call: ast.Call):
 @dataclass(frozen=True)
 class Layer:
     name: str
-    build: Callable[["ModelBuilder", ast.Call, list, dict], Tensor]
+    build: Callable[[ModelBuilder, ast.Call, list, dict], Tensor]
     signature: str
 
 
-def _linear_layer(b: "ModelBuilder", call: ast.Call, args: list, kwargs: dict) -> Tensor:
+def _linear_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     if len(args) != 2 or not isinstance(args[1], Scalar):
         raise AssertionError("internal error: dispatch sends only linear(x, n) here")
     x = b.tensor_arg("linear", args[0], call.args[0])

@@ -2,8 +2,9 @@
 parameter-creating call sites that decides those names, and the inference of parameter roles."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from graphc.frontend import ast
 from graphc.frontend.calls import is_layer_call
@@ -28,9 +29,7 @@ def count_param_sites(expr: ast.Expr, defs: dict[str, ast.Def],
     """How many calls in `expr` create parameters (a layer, or a function that uses layers)."""
     count = 0
     for call in _calls(expr):
-        if is_layer_call(call, is_tensor):
-            count += 1
-        elif call.func in defs and def_creates_params(call.func, defs):
+        if is_layer_call(call, is_tensor) or call.func in defs and def_creates_params(call.func, defs):
             count += 1
     return count
 
@@ -74,7 +73,7 @@ def _param_under(node: Node) -> Node | None:
     return node if node.op == "param" else None
 
 
-def infer_roles(b: "ModelBuilder", final: bool = True) -> dict[str, str]:
+def infer_roles(b: ModelBuilder, final: bool = True) -> dict[str, str]:
     """Roles of explicit parameters from their uses: multiplied in by a matrix product, a weight;
     added to a layer's output, a bias; anything else, other. Stated roles win."""
     roots = list(b.outputs.values()) + ([b.loss] if b.loss is not None else [])

@@ -180,6 +180,13 @@ class _Checker:
         return name, values
 
 
+def _check_optimizer(checker: _Checker, name: str, options: dict, expr: ast.Expr) -> None:
+    """Combinations of options that PyTorch refuses, refused here too."""
+    if name == "sgd" and options["nesterov"] and (options["momentum"] == 0 or options["dampening"]):
+        checker.fail("sgd: Nesterov momentum needs a momentum and zero dampening", expr.loc,
+                     "for example sgd(lr=0.01, momentum=0.9, nesterov=true)")
+
+
 def check_train(train: ast.Train, src: SourceText) -> TrainConfig:
     checker = _Checker(src)
     config = TrainConfig(train.model)
@@ -198,6 +205,8 @@ def check_train(train: ast.Train, src: SourceText) -> TrainConfig:
                 config.settings[s.name] = checker.scalar(s.name, rule, s.value)
             else:
                 config.settings[s.name] = checker.call(s.name, what, rule, s.value)
+            if s.name == "optimizer":
+                _check_optimizer(checker, *config.settings[s.name], s.value)
         except GraphcError as err:
             checker.errors.extend(err.diagnostics)
     if "optimizer" not in config.settings and "optimizer" not in seen:

@@ -1,7 +1,9 @@
 """The graph IR: types, immutable nodes, the op table (primitives and composites)."""
 # Importing the IR fills the whole op table, gradient rules included, before anyone reads it.
-from graphc.ir import composites, primitives  # noqa: F401  (isort: keep this order)
-from graphc.ir import gradients  # noqa: F401
+# isort: off
+from graphc.ir import primitives, composites  # noqa: F401
+from graphc.ir import gradients  # noqa: F401  (rules for the ops above)
+# isort: on
 from graphc.ir.node import Graph, Node, topo_order
 from graphc.ir.ops import OPS, Operand, TypeError_, apply, source
 from graphc.ir.types import DType, TensorType

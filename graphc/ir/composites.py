@@ -4,7 +4,7 @@ the decompositions to; fused kernels recover the speed of the decomposed forms.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

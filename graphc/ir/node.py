@@ -7,8 +7,8 @@ for people and error messages but do not take part in equality.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
 
 import networkx as nx
 
@@ -28,7 +28,7 @@ def freeze_attrs(attrs: Mapping[str, AttrValue]) -> Attrs:
 @dataclass(frozen=True, eq=False)
 class Node:
     op: str
-    inputs: tuple["Node", ...]
+    inputs: tuple[Node, ...]
     attrs: Attrs
     type: TensorType
     loc: SourceLoc | None = None

@@ -8,8 +8,9 @@ can name what the user wrote.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from graphc.errors import SourceLoc
 from graphc.ir.node import Node, freeze_attrs

@@ -4,8 +4,16 @@ from __future__ import annotations
 import numpy as np
 
 from graphc.ir.ops import Attr, OpDef, TypeError_, register
-from graphc.ir.shapes import (broadcast, float_dtype, matmul_shape, normalize_axes,
-                              normalize_axis, reduced_shape, reshape_shape, same_dtype)
+from graphc.ir.shapes import (
+    broadcast,
+    float_dtype,
+    matmul_shape,
+    normalize_axes,
+    normalize_axis,
+    reduced_shape,
+    reshape_shape,
+    same_dtype,
+)
 from graphc.ir.types import DType
 
 

@@ -22,7 +22,8 @@ def _attrs_text(node: Node) -> str:
 def _where(node: Node) -> str:
     if node.loc is None:
         return ""
-    return f"{node.loc.file}:{node.loc.line}" + (" (gradient)" if "gradient" in node.tags else "")
+    tags = "".join(f" ({t})" for t in sorted(node.tags))   # gradient, update
+    return f"{node.loc.file}:{node.loc.line}{tags}"
 
 
 def format_graph(graph: Graph) -> str:

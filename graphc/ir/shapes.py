@@ -1,7 +1,7 @@
 """Shape and dtype rule helpers shared by the op declarations (broadcasting, axes, matmul)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from graphc.ir.ops import Operand, TypeError_
 from graphc.ir.types import DType, Shape, format_shape

@@ -34,7 +34,7 @@ class DType(enum.Enum):
         return np.dtype(_NUMPY_NAMES[self])
 
     @classmethod
-    def from_numpy(cls, dtype) -> "DType":
+    def from_numpy(cls, dtype) -> DType:
         name = np.dtype(dtype).name
         for dt, np_name in _NUMPY_NAMES.items():
             if np_name == name:
@@ -72,10 +72,10 @@ class TensorType:
         assert self.is_concrete, f"internal error: size of symbolic type {self}"
         return int(np.prod(self.shape, dtype=np.int64))
 
-    def with_shape(self, shape: Shape) -> "TensorType":
+    def with_shape(self, shape: Shape) -> TensorType:
         return TensorType(self.dtype, tuple(shape))
 
-    def with_dtype(self, dtype: DType) -> "TensorType":
+    def with_dtype(self, dtype: DType) -> TensorType:
         return TensorType(dtype, self.shape)
 
     def __str__(self) -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from graphc.ir.node import Graph
 from graphc.ir.printer import format_graph
 from graphc.ir.verify import verify_graph
-from graphc.passes.rewrite import cse, decompose, train_mode
+from graphc.passes.rewrite import cse, decompose, train_mode  # noqa: F401 (re-exported)
 
 log = logging.getLogger("graphc")
 

@@ -1,7 +1,7 @@
 """Structural rewrites: decomposing composites into primitives, and common-subexpression elimination."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from graphc.ir import ops as op_table
 from graphc.ir.composites import decompose_node

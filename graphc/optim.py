@@ -1,0 +1,188 @@
+"""Optimizers as graph builders: for every parameter, the expression of its new value and of its
+new optimizer state (PyTensor-style `updates`), following PyTorch's documented update rules.
+
+The learning rate is an input of the train-step graph (`#lr`), so schedules never recompile; the
+step count is optimizer state (`#step`), advanced by the same graph. Weight decay applies to
+parameters whose role is `weight` only: biases and other parameters are never decayed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from graphc.autodiff import derive_backward
+from graphc.ir import ops as op_table
+from graphc.ir.composites import Emit
+from graphc.ir.node import Graph, Node
+from graphc.ir.types import DType, TensorType
+
+LR_INPUT = "#lr"
+STEP_STATE = "#step"
+UPDATE = frozenset({"update"})
+
+
+@dataclass
+class Updates:
+    """What an optimizer builds: new values by target (a parameter or a state slot), and the
+    state slots it reads, each with its type and initial fill value."""
+    new: dict[str, Node] = field(default_factory=dict)
+    state: dict[str, tuple[TensorType, float]] = field(default_factory=dict)
+
+
+def state_name(param: str, slot: str) -> str:
+    # '#' starts a comment in .nn files, so no parameter name can collide with a state slot.
+    return f"{param}#{slot}"
+
+
+@dataclass
+class _Param:
+    """One parameter being updated, and helpers to build its formulas."""
+    node: Node
+    grad: Node
+    role: str
+    lr: Node
+    step: Node          # the new step count t (1 on the first update), in the parameter's dtype
+    updates: Updates
+
+    def __post_init__(self):
+        self.e = Emit(self.node.loc, UPDATE)
+        self.name = self.node.attr["name"]
+
+    def c(self, value: float) -> Node:
+        return self.e.const(float(value), self.node.dtype)
+
+    def slot(self, slot: str, init: float = 0.0) -> Node:
+        """A state tensor shaped like the parameter (velocity, moments, accumulators)."""
+        name = state_name(self.name, slot)
+        self.updates.state[name] = (self.node.type, init)
+        return op_table.source("state", self.node.type, loc=self.node.loc, name=name)
+
+    def set(self, slot: str, value: Node) -> None:
+        self.updates.new[state_name(self.name, slot)] = op_table.renamed(
+            value, state_name(self.name, slot))
+
+    def lerp(self, old: Node, new: Node, keep: float) -> Node:
+        """keep * old + (1 - keep) * new: the exponential moving averages of RMSProp and Adam."""
+        e = self.e
+        return e("add", e("mul", self.c(keep), old), e("mul", self.c(1.0 - keep), new))
+
+    def decayed_grad(self, weight_decay: float) -> Node:
+        """g + weight_decay * p (L2 folded into the gradient), for weights only."""
+        if weight_decay == 0.0 or self.role != "weight":
+            return self.grad
+        return self.e("add", self.grad, self.e("mul", self.c(weight_decay), self.node))
+
+    def descend(self, direction: Node, scale: Node | None = None) -> Node:
+        """p - lr * scale * direction."""
+        e = self.e
+        lr = self.lr if scale is None else e("mul", self.lr, scale)
+        return e("sub", self.node, e("mul", lr, direction))
+
+
+def _sgd(p: _Param, lr, momentum, nesterov, weight_decay, dampening) -> Node:
+    e, g = p.e, p.decayed_grad(weight_decay)
+    if momentum == 0.0:
+        return p.descend(g)
+    buf = p.slot("momentum_buffer")
+    new_buf = e("add", e("mul", p.c(momentum), buf), e("mul", p.c(1.0 - dampening), g))
+    if dampening != 0.0:
+        # PyTorch starts the buffer at the first gradient itself, undamped.
+        new_buf = e("where", e("equal", p.step, p.c(1.0)), g, new_buf)
+    p.set("momentum_buffer", new_buf)
+    direction = e("add", g, e("mul", p.c(momentum), new_buf)) if nesterov else new_buf
+    return p.descend(direction)
+
+
+def _adagrad(p: _Param, lr, eps, initial_accumulator, weight_decay) -> Node:
+    e, g = p.e, p.decayed_grad(weight_decay)
+    total = e("add", p.slot("sum", initial_accumulator), e("mul", g, g))
+    p.set("sum", total)
+    return p.descend(e("div", g, e("add", e("sqrt", total), p.c(eps))))
+
+
+def _rmsprop(p: _Param, lr, alpha, eps, momentum, centered, weight_decay) -> Node:
+    e, g = p.e, p.decayed_grad(weight_decay)
+    square_avg = p.lerp(p.slot("square_avg"), e("mul", g, g), alpha)
+    p.set("square_avg", square_avg)
+    variance = square_avg
+    if centered:
+        grad_avg = p.lerp(p.slot("grad_avg"), g, alpha)
+        p.set("grad_avg", grad_avg)
+        variance = e("sub", square_avg, e("mul", grad_avg, grad_avg))
+    step = e("div", g, e("add", e("sqrt", variance), p.c(eps)))
+    if momentum > 0.0:
+        buf = e("add", e("mul", p.c(momentum), p.slot("momentum_buffer")), step)
+        p.set("momentum_buffer", buf)
+        step = buf
+    return p.descend(step)
+
+
+def _adam(p: _Param, lr, beta1, beta2, eps, weight_decay, amsgrad=False, decoupled=False) -> Node:
+    e = p.e
+    param = p.node
+    if decoupled and weight_decay != 0.0 and p.role == "weight":
+        # AdamW: shrink the weight first, outside the adaptive step.
+        param = e("mul", param, e("sub", p.c(1.0), e("mul", p.lr, p.c(weight_decay))))
+    g = p.grad if decoupled else p.decayed_grad(weight_decay)
+    m = p.lerp(p.slot("exp_avg"), g, beta1)
+    v = p.lerp(p.slot("exp_avg_sq"), e("mul", g, g), beta2)
+    p.set("exp_avg", m)
+    p.set("exp_avg_sq", v)
+    if amsgrad:
+        v = e("maximum", p.slot("max_exp_avg_sq"), v)
+        p.set("max_exp_avg_sq", v)
+    bias1 = e("sub", p.c(1.0), e("pow", p.c(beta1), p.step))
+    bias2 = e("sub", p.c(1.0), e("pow", p.c(beta2), p.step))
+    denom = e("add", e("div", e("sqrt", v), e("sqrt", bias2)), p.c(eps))
+    direction = e("div", m, denom)
+    return e("sub", param, e("mul", e("div", p.lr, bias1), direction))
+
+
+def _adamw(p: _Param, lr, beta1, beta2, eps, weight_decay) -> Node:
+    return _adam(p, lr, beta1, beta2, eps, weight_decay, decoupled=True)
+
+
+# name -> builder(param, **options); the options and their defaults live in the front end's
+# train-block table (graphc/frontend/train_spec.py), which checks them before they get here.
+OPTIMIZERS: dict[str, Callable[..., Node]] = {
+    "sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam, "adamw": _adamw,
+}
+
+
+def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, str]]) -> Updates:
+    """Updates for `params`, a list of (param node, gradient node, role)."""
+    name, options = optimizer
+    rule = OPTIMIZERS[name]
+    updates = Updates()
+    step = op_table.source("state", TensorType(DType.i64, ()), name=STEP_STATE)
+    new_step = op_table.apply("add", [step, op_table.source("const", step.type, value=1)],
+                              tags=UPDATE, name=STEP_STATE)
+    updates.state[STEP_STATE] = (step.type, 0)
+    updates.new[STEP_STATE] = new_step
+    lr_dtype = max((p.dtype for p, _, _ in params), key=lambda d: d.numpy.itemsize,
+                   default=DType.f32)
+    lr = op_table.source("input", TensorType(lr_dtype, ()), name=LR_INPUT)
+    for node, grad, role in params:
+        e = Emit(node.loc, UPDATE)
+        node_lr = lr if lr.dtype == node.dtype else e("cast", lr, dtype=node.dtype.value)
+        p = _Param(node, grad, role, node_lr, e("cast", new_step, dtype=node.dtype.value), updates)
+        new_value = rule(p, **options)
+        assert new_value.type == node.type, f"internal error: {name} changes the type of {p.name}"
+        updates.new[p.name] = op_table.renamed(new_value, p.name)
+    return updates
+
+
+def train_step_graph(training: Graph, optimizer: tuple[str, dict],
+                     params: dict[str, tuple[TensorType, str]]
+                     ) -> tuple[Graph, dict[str, tuple[TensorType, float]]]:
+    """One graph for a whole training step: the loss of `training` (a lowered training-mode
+    graph), every parameter's gradient, and the optimizer's updates, as outputs `loss` and
+    `new TARGET`. Returns it with the optimizer state it reads (name -> type, initial value)."""
+    loss = training.output_map["loss"]
+    present = {n.attr["name"]: n for n in training.params}
+    nodes = [present.get(name) or op_table.source("param", t, name=name)
+             for name, (t, _) in params.items()]
+    grads = derive_backward(loss, nodes)
+    updates = build_updates(optimizer, [(n, grads[n], params[n.attr["name"]][1]) for n in nodes])
+    outputs = (("loss", loss),) + tuple((f"new {k}", v) for k, v in updates.new.items())
+    return Graph(f"{training.name}.train_step", outputs, "train"), updates.state

@@ -1,0 +1,284 @@
+"""The training commands of the command line: `graphc train`, `graphc eval` and `graphc predict`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import graphc
+from graphc.errors import error
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a model on its data; write a run folder",
+                       description="Train the model of FILE.nn (or of a built artifact) with its "
+                                   "train block, writing a run folder: configuration, metrics, "
+                                   "checkpoints, the trained model and its test scores.")
+    p.add_argument("file", metavar="FILE.nn|ARTIFACT", nargs="?",
+                   help="the model to train (leave out with --resume)")
+    p.add_argument("--model", metavar="NAME", help="which model, when the file holds several")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder of the MNIST/Fashion-MNIST files (default: $GRAPHC_DATA)")
+    p.add_argument("--epochs", type=_positive, metavar="E", help="override the train block")
+    p.add_argument("--batch", type=_positive, metavar="B", help="override the batch size")
+    p.add_argument("--lr", type=_positive_float, metavar="LR", help="override the learning rate")
+    p.add_argument("--seed", type=_natural, metavar="S",
+                   help="override the seed (initialization, splits, shuffling, dropout)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: runs/MODEL-TIME)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
+                                                   "checkpoint (same result as never stopping)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch lines")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="score a trained run or an artifact on a data split",
+                       description="Evaluate a run folder (or an artifact) on its data.")
+    p.add_argument("target", metavar="RUN|ARTIFACT")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST/Fashion-MNIST files")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict classes (or values) for inputs in a .npy file",
+                       description="Run a trained model on raw inputs (scaled as in training) and "
+                                   "print each sample's class and probabilities, or its outputs.")
+    p.add_argument("target", metavar="RUN|ARTIFACT")
+    p.add_argument("--input", "-i", metavar="FILE.npy", required=True,
+                   help="samples, one per row (or a single sample)")
+    p.add_argument("--no-scale", action="store_true",
+                   help="the inputs are already scaled as the model expects")
+    p.add_argument("-o", "--out", metavar="FILE.npz", help="save predictions to a .npz file")
+    p.set_defaults(run=cmd_predict)
+
+
+def _positive(text: str) -> int:
+    value = _natural(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+# --- train ------------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from graphc.runtime.runs import RunFolder
+    from graphc.runtime.train import Trainer, TrainSettings, prepare_data
+    if args.resume:
+        for flag in ("file", "batch", "lr", "seed", "out", "model"):
+            if getattr(args, flag) is not None:
+                raise error(f"--resume continues a run exactly as it was started; "
+                            f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
+                            hint="only --epochs (to train longer) and --data-dir may change")
+        run = RunFolder(args.resume)
+        config = run.config()
+        program = run.load_program()
+        settings = TrainSettings.of(_with_settings(program, config["settings"]),
+                                    epochs=args.epochs)
+        data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
+                            config["base_dir"], scaler=config["data"]["scaler"])
+    else:
+        if args.file is None:
+            raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
+        program, base_dir = _load_trainable(args)
+        settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                                    seed=args.seed)
+        data = prepare_data(program, settings, args.data_dir, base_dir)
+        run = RunFolder(args.out or Path("runs") / f"{program.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if RunFolder.is_run(run.path):
+            raise error(f"{run.path}: already holds a run",
+                        hint=f"continue it with --resume {run.path}, or choose another --out")
+        program.meta["train"] = settings.to_json()
+        run.create(program, {
+            "model": program.name, "source": program.meta.get("source"),
+            "graphc_version": graphc.__version__, "settings": settings.to_json(),
+            "data": data.describe(), "base_dir": str(Path(base_dir).resolve()),
+            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None})
+    trainer = Trainer(program, settings, data, run, on_epoch=None if args.quiet else _print_epoch,
+                      progress=not args.quiet)
+    if args.resume:
+        if not run.last.is_file():
+            raise error(f"{run.path}: no checkpoint to resume from yet",
+                        hint="the run stopped before its first epoch ended; start it again")
+        trainer.resume()
+    if not args.quiet:
+        print(_headline(program, settings, data, run, trainer.loop.epoch), flush=True)
+    scores = trainer.fit()
+    if trainer.loop.stopped_early and not args.quiet:
+        print(f"early stop after epoch {trainer.loop.epoch}: restored the parameters of epoch "
+              f"{trainer.loop.best_epoch}")
+    print("test: " + _scores(scores["test"]))
+    if not args.quiet:
+        print(f"run saved to {run.path}")
+    return 0
+
+
+def _with_settings(program, settings: dict):
+    program.meta["train"] = settings
+    return program
+
+
+def _load_trainable(args):
+    """A program to train from a .nn file or an artifact folder, and the folder that relative
+    data paths are taken from."""
+    path = Path(args.file)
+    if path.is_dir():
+        from graphc.runtime import load_artifact
+        if args.model:
+            raise error("--model picks a model of a .nn file; an artifact holds one")
+        program = load_artifact(path)
+        source = program.meta.get("source")
+        base = Path(source).parent if source and Path(source).exists() else Path(".")
+        return program, base
+    program = graphc.compile_file(path, model=args.model, seed=args.seed)
+    return program, path.parent
+
+
+def _headline(program, settings, data, run, done: int) -> str:
+    sizes = data.describe()["sizes"]
+    name, options = settings.optimizer
+    opts = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, False, 0, 0.0)
+                     or k == "lr")
+    what = "resuming" if done else "training"
+    return (f"{what} {program.name} on {settings.data[0]} ({sizes['train']:,} train / "
+            f"{sizes['val']:,} val / {sizes['test']:,} test): {name}({opts}), "
+            f"{settings.epochs} epochs of batch {settings.batch}, seed {settings.seed} -> {run.path}")
+
+
+def _print_epoch(row: dict) -> None:
+    acc = row.get("val_accuracy")
+    acc_text = "" if acc is None else f", val accuracy {100 * acc:.2f}%"
+    print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, val loss {row['val_loss']:.4f}"
+          f"{acc_text}, lr {row['lr']:.3g}, {row['seconds']:.1f}s "
+          f"({row['samples_per_s']:,} samples/s)", flush=True)
+
+
+def _scores(scores: dict) -> str:
+    text = f"loss {scores['loss']:.4f}"
+    if "accuracy" in scores:
+        text += f", accuracy {100 * scores['accuracy']:.2f}%"
+    return text
+
+
+# --- eval and predict -------------------------------------------------------------------------------
+
+def _open_target(target: str):
+    """(program, run config or None) for a run folder or an artifact folder."""
+    from graphc.runtime import load_artifact
+    from graphc.runtime.runs import RunFolder
+    if RunFolder.is_run(target):
+        run = RunFolder(target)
+        config = run.config()
+        return _with_settings(run.load_program(), config["settings"]), config
+    if not Path(target).is_dir():
+        raise error(f"{target}: no such run or artifact folder")
+    return load_artifact(target), None
+
+
+def cmd_eval(args) -> int:
+    from graphc.runtime.train import TrainSettings, evaluate_arrays, prepare_data
+    program, config = _open_target(args.target)
+    settings = TrainSettings.of(program)
+    if config is not None:
+        data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
+                            config["base_dir"], scaler=config["data"]["scaler"])
+    else:
+        source = program.meta.get("source")
+        base = Path(source).parent if source and Path(source).exists() else Path(".")
+        data = prepare_data(program, settings, args.data_dir, base)
+    x, y = data.splits[args.split]
+    scores = evaluate_arrays(program, x, y, data.features, data.labels)
+    print(f"{args.split}: {_scores(scores)} ({len(y):,} samples)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from graphc.cli import _load_array
+    from graphc.runtime.data import Scaler
+    from graphc.runtime.train import feature_and_label
+    program, config = _open_target(args.target)
+    features = (program.meta.get("task") or {}).get("features") or list(program.inputs)
+    if len(features) != 1:
+        raise error(f"{args.target}: predict feeds one input; {program.name} takes "
+                    f"{', '.join(features)}", hint="use `graphc run` with one --input per input")
+    name = features[0]
+    x = _samples(_load_array(args.input), program.inputs[name], args.input, name)
+    if config is not None and not args.no_scale:
+        x = Scaler.from_json(config["data"]["scaler"]).apply(x, dtype=x.dtype)
+    try:
+        outputs = program.forward(**{name: x})
+    except ValueError as err:
+        raise error(f"{args.input}: {err}") from None
+    task = program.meta.get("task") or {}
+    if task.get("kind") != "classification":
+        _print_outputs(outputs)
+        if args.out:
+            np.savez(args.out, **outputs)
+        return 0
+    feature_and_label(program)
+    probs = _probabilities(outputs[task["output"]], task.get("scores"))
+    classes = probs.argmax(axis=1)
+    names = (config or {}).get("data", {}).get("classes")
+    for i, (c, p) in enumerate(zip(classes, probs)):
+        top = np.argsort(p)[::-1][:3]
+        label = names[c] if names else str(c)
+        others = ", ".join(f"{names[t] if names else t}: {p[t]:.3f}" for t in top)
+        print(f"{i}: {label}  ({others})")
+    if args.out:
+        np.savez(args.out, classes=classes, probabilities=probs)
+        print(f"wrote classes and probabilities to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _samples(x: np.ndarray, ttype, path: str, name: str) -> np.ndarray:
+    """Rows of samples shaped for the input: a single sample gets a batch axis; samples of the
+    right size are reshaped (28x28 images for a 784 input)."""
+    sample_shape = tuple(ttype.shape[1:])
+    per_sample = int(np.prod(sample_shape, dtype=np.int64))
+    if x.dtype.kind not in "fiub":
+        raise error(f"{path}: expected numbers, found an array of {x.dtype}")
+    if x.size == per_sample and x.ndim <= len(sample_shape) + 1 and (
+            x.ndim < len(ttype.shape) or x.shape[0] != 1):
+        x = x.reshape((1,) + sample_shape)
+    elif x.ndim >= 1 and x.size == len(x) * per_sample:
+        x = x.reshape((len(x),) + sample_shape)
+    else:
+        raise error(f"{path}: array of shape {list(x.shape)} does not hold samples for input "
+                    f"{name}: {ttype} ({per_sample} values each)")
+    return x.astype(ttype.dtype.numpy)
+
+
+def _probabilities(scores: np.ndarray, kind: str | None) -> np.ndarray:
+    if kind == "probabilities":
+        return scores
+    if kind == "log_probabilities":
+        return np.exp(scores)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _print_outputs(outputs: dict) -> None:
+    with np.printoptions(precision=4, suppress=True, threshold=50, edgeitems=3):
+        for key, value in outputs.items():
+            print(f"{key}: {value.dtype}{list(value.shape)}\n{value}")

@@ -1,0 +1,82 @@
+"""A run folder: everything one training run leaves behind.
+
+    RUN/config.json        the resolved configuration (train block after overrides, data, scaling)
+    RUN/model/             the built program as an artifact: initial parameters until the run ends,
+                           then the final ones (the best, where early stopping restored them)
+    RUN/checkpoints/       last.npz (every epoch) and best.npz (the best validation score so far)
+    RUN/metrics.csv        one row per epoch (also metrics.jsonl)
+    RUN/scores.json        the final test (and validation) scores
+
+Every file is replaced atomically, so an interrupted run leaves a consistent folder to resume.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from graphc.errors import error
+from graphc.runtime.artifact import atomic_write, load_artifact, save_artifact
+
+CONFIG, SCORES, MODEL = "config.json", "scores.json", "model"
+METRIC_COLUMNS = ["epoch", "lr", "loss", "val_loss", "val_accuracy", "seconds", "samples_per_s"]
+
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @property
+    def last(self) -> Path:
+        return self.path / "checkpoints" / "last.npz"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "checkpoints" / "best.npz"
+
+    @staticmethod
+    def is_run(path) -> bool:
+        return (Path(path) / CONFIG).is_file() and (Path(path) / MODEL).is_dir()
+
+    def create(self, program, config: dict) -> None:
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.write_json(CONFIG, config)
+        save_artifact(program, self.path / MODEL)
+
+    def config(self) -> dict:
+        return self.read_json(CONFIG)
+
+    def load_program(self, backend: str = "numpy"):
+        return load_artifact(self.path / MODEL, backend=backend)
+
+    def save_model(self, program) -> None:
+        save_artifact(program, self.path / MODEL)
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """Rewrite both metric files from the whole history (so a resumed run never repeats or
+        loses a row)."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        atomic_write(self.path / "metrics.csv", text.getvalue().encode())
+        lines = "".join(json.dumps(row) + "\n" for row in history)
+        atomic_write(self.path / "metrics.jsonl", lines.encode())
+
+    def write_json(self, name: str, value: dict) -> None:
+        atomic_write(self.path / name, (json.dumps(value, indent=1) + "\n").encode())
+
+    def read_json(self, name: str) -> dict:
+        path = self.path / name
+        try:
+            value = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise error(f"{self.path}: not a graphc run folder ({name} is missing)",
+                        hint="runs are made by `graphc train FILE.nn --out DIR`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise error(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise error(f"{path}: expected a JSON object")
+        return value

@@ -1,0 +1,286 @@
+"""The training loop: seeded minibatches through the compiled train step, validation every
+epoch, learning-rate schedules, early stopping, atomic checkpoints and bit-identical resume."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from graphc.errors import error
+from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
+from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
+from graphc.runtime.runs import RunFolder
+from graphc.runtime.schedules import SCHEDULES, make_schedule
+
+EVAL_BATCH = 2048
+# Fault injection for the crash-safety tests: the process kills itself (SIGKILL, no cleanup) just
+# before this training step.
+KILL_AT_STEP = "GRAPHC_FAULT_KILL_AT_STEP"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A train block after command-line overrides."""
+    data: tuple[str, dict]
+    optimizer: tuple[str, dict]
+    schedule: tuple[str, dict]
+    early_stop: dict | None
+    batch: int
+    epochs: int
+    seed: int
+    validation: float
+    test: float
+    scale: str
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer[1]["lr"])
+
+    @classmethod
+    def of(cls, program, **overrides) -> TrainSettings:
+        """The settings of `program`'s train block, with overrides (None means keep)."""
+        train = program.meta.get("train")
+        if not train:
+            raise error(f"model {program.name} has no train block",
+                        hint=f"add `train {program.name} {{ optimizer = adam(lr=1e-3) }}` to its "
+                             f"file")
+        try:
+            early = train.get("early_stop")
+            settings = cls(data=_call(train["data"]), optimizer=_call(train["optimizer"]),
+                           schedule=_call(train["schedule"]),
+                           early_stop=dict(_call(early)[1]) if early else None,
+                           batch=int(train["batch"]), epochs=int(train["epochs"]),
+                           seed=int(train["seed"]), validation=float(train["validation"]),
+                           test=float(train["test"]), scale=str(train["scale"]))
+            if settings.schedule[0] not in SCHEDULES:
+                raise ValueError(f"unknown schedule {settings.schedule[0]!r}")
+        except (KeyError, TypeError, ValueError) as err:
+            raise error(f"model {program.name}: malformed train settings ({err})") from None
+        lr = overrides.pop("lr", None)
+        if lr is not None:
+            settings = replace(settings, optimizer=(settings.optimizer[0],
+                                                    {**settings.optimizer[1], "lr": lr}))
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_json(self) -> dict:
+        return {"data": list(self.data), "optimizer": list(self.optimizer),
+                "schedule": list(self.schedule),
+                "early_stop": ["early_stop", self.early_stop] if self.early_stop else None,
+                "batch": self.batch, "epochs": self.epochs, "seed": self.seed,
+                "validation": self.validation, "test": self.test, "scale": self.scale}
+
+
+def _call(value) -> tuple[str, dict]:
+    name, options = value
+    if not isinstance(name, str) or not isinstance(options, dict):
+        raise ValueError(f"expected [name, {{options}}], got {value!r}")
+    return name, options
+
+
+@dataclass
+class Data:
+    """The three splits, fitted to the model's inputs and scaled with the training statistics."""
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    scaler: Scaler
+    features: str
+    labels: str
+    source: str
+    classes: list[str] | None = None
+
+    def describe(self) -> dict:
+        return {"source": self.source, "sizes": {k: len(v[1]) for k, v in self.splits.items()},
+                "scaler": self.scaler.to_json(), "features": self.features,
+                "labels": self.labels, "classes": self.classes}
+
+
+def feature_and_label(program) -> tuple[str, str]:
+    task = program.meta.get("task") or {}
+    features, labels = task.get("features", []), task.get("labels", [])
+    if len(features) != 1 or len(labels) != 1:
+        raise error(f"model {program.name}: training feeds one input of features and one of "
+                    f"labels (an input the loss uses but no output does); this model has "
+                    f"features {features or 'none'} and labels {labels or 'none'}")
+    return features[0], labels[0]
+
+
+def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
+                 base_dir: str | Path = ".", scaler: dict | None = None) -> Data:
+    """Load, split, fit to the model's inputs and scale. `scaler` (from a run's record) reuses
+    fitted statistics instead of fitting them again."""
+    features, labels = feature_and_label(program)
+    dataset = load_dataset(settings.data, data_dir=data_dir, base_dir=base_dir)
+    parts = split(dataset, settings.validation, settings.test, settings.seed)
+    x_type, y_type = program.train_inputs[features], program.train_inputs[labels]
+    task = program.meta.get("task") or {}
+    classes = None
+    if task.get("kind") == "classification":
+        out_type = program.graphs["forward"].output_map[task["output"]].type
+        classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
+    fitted = {k: fit_inputs(x, y, x_type, y_type, dataset.name, x_name=features, y_name=labels,
+                            num_classes=classes)
+              for k, (x, y) in parts.items()}
+    scale = Scaler.from_json(scaler) if scaler else Scaler.fit(settings.scale, fitted["train"][0])
+    dtype = x_type.dtype.numpy
+    splits = {k: (scale.apply(x, dtype=dtype), y) for k, (x, y) in fitted.items()}
+    return Data(splits, scale, features, labels, dataset.source, dataset.classes)
+
+
+def evaluate_arrays(program, x: np.ndarray, y: np.ndarray, features: str, labels: str,
+                    batch: int = EVAL_BATCH) -> dict[str, float]:
+    """Evaluation-mode scores over a whole split, in chunks; means weighted by chunk size."""
+    totals: dict[str, float] = {}
+    for start in range(0, len(y), batch):
+        chunk = slice(start, start + batch)
+        scores = program.evaluate(**{features: x[chunk], labels: y[chunk]})
+        n = len(y[chunk])
+        for k, v in scores.items():
+            totals[k] = totals.get(k, 0.0) + v * n
+    return {k: v / max(len(y), 1) for k, v in totals.items()}
+
+
+@dataclass
+class LoopState:
+    """Everything besides parameters and optimizer state that a resumed run needs."""
+    epoch: int = 0                                  # epochs finished
+    schedule: dict = field(default_factory=dict)
+    best: float | None = None                       # best value of the monitored metric
+    best_epoch: int = 0
+    bad_epochs: int = 0                             # epochs since the best (early stopping)
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Runs `settings.epochs` epochs of `program.train_step` over `data`, reporting each epoch to
+    `on_epoch(row)`; with a run folder, checkpoints every epoch and writes metrics."""
+
+    def __init__(self, program, settings: TrainSettings, data: Data, run: RunFolder | None = None,
+                 on_epoch: Callable[[dict], None] | None = None, progress: bool = False):
+        self.program, self.settings, self.data, self.run = program, settings, data, run
+        self.on_epoch = on_epoch or (lambda row: None)
+        self.progress = progress
+        self.schedule = make_schedule(settings.schedule, settings.lr)
+        self.loop = LoopState()
+        self.best_params: dict[str, np.ndarray] | None = None
+        program.seed = settings.seed
+        program.lr = self.schedule.lr
+        rule = settings.early_stop or {}
+        self.monitor = rule.get("on", "val_loss")
+        self.patience = rule.get("patience")
+
+    def resume(self) -> None:
+        """Continue from the run folder's last checkpoint."""
+        meta = load_checkpoint(self.run.last, self.program)
+        loop = meta["loop"]
+        self.loop = LoopState(**loop)
+        self.schedule.load_json(self.loop.schedule)
+        self.program.lr = self.schedule.lr
+        if self.run.best.is_file():
+            best = _clone(self.program)
+            load_checkpoint(self.run.best, best)
+            self.best_params = {k: v.copy() for k, v in best.params.items()}
+
+    def fit(self) -> dict:
+        x, y = self.data.splits["train"]
+        while self.loop.epoch < self.settings.epochs and not self.loop.stopped_early:
+            row = self.train_epoch(x, y)
+            self.end_epoch(row)
+        if self.settings.early_stop and self.best_params is not None:
+            for name, value in self.best_params.items():   # early stopping restores the best
+                self.program.params[name] = value
+        scores = {split: evaluate_arrays(self.program, *self.data.splits[split], self.data.features,
+                                         self.data.labels)
+                  for split in ("val", "test")}
+        if self.run is not None:
+            self.run.save_model(self.program)
+            self.run.write_json("scores.json", {**scores, "epochs": self.loop.epoch,
+                                                "best_epoch": self.loop.best_epoch,
+                                                "stopped_early": self.loop.stopped_early})
+        return scores
+
+    def train_epoch(self, x: np.ndarray, y: np.ndarray) -> dict:
+        epoch = self.loop.epoch
+        order = batches(len(y), self.settings.batch, self.settings.seed, epoch)
+        kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
+        bar = _progress(len(order), f"epoch {epoch + 1}/{self.settings.epochs}", self.progress)
+        start, seen, total = time.perf_counter(), 0, 0.0
+        features, labels = self.data.features, self.data.labels
+        for i, index in enumerate(order):
+            if self.program.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            loss = self.program.train_step(**{features: x[index], labels: y[index]})
+            if not math.isfinite(loss):
+                raise error(f"epoch {epoch + 1}, step {i + 1}: the loss is {loss}",
+                            hint="the learning rate may be too large for this model; try a "
+                                 "smaller --lr")
+            seen += len(index)
+            total += loss * len(index)
+            if bar is not None and (i % 20 == 0 or i == len(order) - 1):
+                rate = seen / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"loss {total / seen:.4f}, {rate:,.0f} samples/s",
+                                    refresh=False)
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        return {"epoch": epoch + 1, "lr": self.program.lr, "loss": total / max(seen, 1),
+                "seconds": round(seconds, 3), "samples_per_s": round(seen / max(seconds, 1e-9))}
+
+    def end_epoch(self, row: dict) -> None:
+        val = evaluate_arrays(self.program, *self.data.splits["val"], self.data.features,
+                              self.data.labels)
+        row["val_loss"] = val["loss"]
+        row["val_accuracy"] = val.get("accuracy")
+        loop = self.loop
+        loop.epoch += 1
+        self.schedule.epoch_end(val["loss"])
+        self.program.lr = self.schedule.lr
+        loop.schedule = self.schedule.to_json()
+        value = row.get(self.monitor)
+        higher = self.monitor == "val_accuracy"
+        improved = value is not None and (loop.best is None or
+                                           (value > loop.best if higher else value < loop.best))
+        if improved:
+            loop.best, loop.best_epoch, loop.bad_epochs = value, loop.epoch, 0
+            self.best_params = {k: v.copy() for k, v in self.program.params.items()}
+        else:
+            loop.bad_epochs += 1
+            if self.patience is not None and loop.bad_epochs >= self.patience:
+                loop.stopped_early = True
+        loop.history.append(row)
+        if self.run is not None:
+            state = {"loop": loop.to_json(), "seed": self.settings.seed,
+                     "rng": {"shuffle": "numpy default_rng([seed, epoch])",
+                             "dropout": "key (seed << 32 | step)", "step": self.program.step}}
+            if improved:
+                save_checkpoint(self.run.best, self.program, state)
+            save_checkpoint(self.run.last, self.program, state)
+            self.run.write_metrics(loop.history)
+        self.on_epoch(row)
+
+
+def _clone(program):
+    """A second program sharing graphs (not values), to read a checkpoint into."""
+    from graphc.runtime.program import Program
+    values = {k: v.copy() for k, v in program.params.items()}
+    return Program(program.name, program.graphs, program.param_info, values,
+                   backend=program.backend, meta=program.meta, state=program.state_info)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr when it is a terminal (and not turned off), else None."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)

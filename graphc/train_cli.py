@@ -123,7 +123,14 @@ def cmd_train(args) -> int:
         trainer.resume()
     if not args.quiet:
         print(_headline(program, settings, data, run, trainer.loop.epoch), flush=True)
-    scores = trainer.fit()
+    try:
+        scores = trainer.fit()
+    except KeyboardInterrupt:
+        done = trainer.loop.epoch
+        print(f"\ngraphc: interrupted; {run.path} holds {done} finished epoch"
+              f"{'s' if done != 1 else ''}" + (f": continue with graphc train --resume {run.path}"
+                                                if done else ""), file=sys.stderr)
+        return 130
     if trainer.loop.stopped_early and not args.quiet:
         print(f"early stop after epoch {trainer.loop.epoch}: restored the parameters of epoch "
               f"{trainer.loop.best_epoch}")

@@ -307,3 +307,10 @@ def test_training_dropout_matches_its_oracle_and_drops_about_p():
     np.testing.assert_allclose(out[kept], 1 / 0.7)          # inverted: kept units scaled up
     other = ex.run({"a0": x, "#rng": np.int64(10)}, {}, {})["out"]
     assert not np.array_equal(kept, other != 0)                # a new mask every step
+
+
+def test_uniform_under_seed_zero_has_no_fixed_element():
+    # A zero high key word (seed 0) once made element 0 of every draw exactly 0: always dropped.
+    from graphc.runtime.program import rng_key
+    firsts = [_draw(rng_key(0, step), (4,), stream)[0] for step in range(20) for stream in range(3)]
+    assert min(firsts) > 0.0 and len(set(firsts)) == len(firsts)

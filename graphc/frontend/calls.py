@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from graphc.frontend.builder import ModelBuilder
 
 # Ops a user may call by name: everything but the source ops.
-CALLABLE_OPS = {name: op for name, op in op_table.OPS.items() if op.kind != "source"}
+# Random draws are keyed by the training step, which .nn files do not see: dropout uses them.
+CALLABLE_OPS = {name: op for name, op in op_table.OPS.items() if op.kind not in ("source", "random")}
 
 
 class ArgError(Exception):

@@ -306,7 +306,9 @@ def draw_words(key: int, stream: int) -> tuple[int, int]:
     """The two 32-bit words that seed draw `stream` under `key`."""
     key &= (1 << 64) - 1
     first = hash32((key & _M32) ^ hash32(stream + 0x9E3779B9))
-    return first, hash32((key >> 32) ^ first)
+    # The high word goes through its own hash first: were it mixed in plainly, a zero high word
+    # (seed 0) would make w1 == hash32(w0) and cancel element 0 of every draw to exactly 0.
+    return first, hash32(hash32((key >> 32) + 0x632BE5AB) ^ first)
 
 
 def _uniform(key, shape, stream, dtype, out=None):

@@ -93,8 +93,10 @@ def cmd_train(args) -> int:
         run = RunFolder(args.resume)
         config = run.config()
         program = run.load_program()
-        settings = TrainSettings.of(_with_settings(program, config["settings"]),
-                                    epochs=args.epochs)
+        if args.epochs is not None:    # recorded, so a later plain --resume trains as long
+            config["settings"]["epochs"] = args.epochs
+            run.write_json("config.json", config)
+        settings = TrainSettings.of(_with_settings(program, config["settings"]))
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                             config["base_dir"], scaler=config["data"]["scaler"])
     else:
@@ -126,7 +128,7 @@ def cmd_train(args) -> int:
     try:
         scores = trainer.fit()
     except KeyboardInterrupt:
-        done = trainer.loop.epoch
+        done = trainer.saved_epochs
         print(f"\ngraphc: interrupted; {run.path} holds {done} finished epoch"
               f"{'s' if done != 1 else ''}" + (f": continue with graphc train --resume {run.path}"
                                                 if done else ""), file=sys.stderr)
@@ -196,7 +198,8 @@ def _open_target(target: str):
     if RunFolder.is_run(target):
         run = RunFolder(target)
         config = run.config()
-        return _with_settings(run.load_program(), config["settings"]), config
+        program, _ = run.load_trained()
+        return _with_settings(program, config["settings"]), config
     if not Path(target).is_dir():
         raise error(f"{target}: no such run or artifact folder")
     return load_artifact(target), None

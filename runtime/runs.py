@@ -1,13 +1,16 @@
 """A run folder: everything one training run leaves behind.
 
     RUN/config.json        the resolved configuration (train block after overrides, data, scaling)
-    RUN/model/             the built program as an artifact: initial parameters until the run ends,
-                           then the final ones (the best, where early stopping restored them)
-    RUN/checkpoints/       last.npz (every epoch) and best.npz (the best validation score so far)
+    RUN/model/             the built program as an artifact, as the run began (never rewritten)
+    RUN/checkpoints/       last.npz (every epoch), best.npz (the best validation score so far) and
+                           final.npz (the parameters the run ends with: the best, where early
+                           stopping restored them)
+    RUN/trained/           the trained program as an artifact (for `graphc run`), made last
     RUN/metrics.csv        one row per epoch (also metrics.jsonl)
     RUN/scores.json        the final test (and validation) scores
 
-Every file is replaced atomically, so an interrupted run leaves a consistent folder to resume.
+Every file is replaced atomically and `model/` is written once, so an interrupted run always
+leaves a folder that resumes; `trained/` is only a convenience export, rewritten by a resume.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from pathlib import Path
 
 from graphc.errors import error
 from graphc.runtime.artifact import atomic_write, load_artifact, save_artifact
+from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
 
-CONFIG, SCORES, MODEL = "config.json", "scores.json", "model"
+CONFIG, SCORES, MODEL, TRAINED = "config.json", "scores.json", "model", "trained"
 METRIC_COLUMNS = ["epoch", "lr", "loss", "val_loss", "val_accuracy", "seconds", "samples_per_s"]
 
 
@@ -34,6 +38,10 @@ class RunFolder:
     @property
     def best(self) -> Path:
         return self.path / "checkpoints" / "best.npz"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "checkpoints" / "final.npz"
 
     @staticmethod
     def is_run(path) -> bool:
@@ -50,8 +58,20 @@ class RunFolder:
     def load_program(self, backend: str = "numpy"):
         return load_artifact(self.path / MODEL, backend=backend)
 
-    def save_model(self, program) -> None:
-        save_artifact(program, self.path / MODEL)
+    def load_trained(self, backend: str = "numpy"):
+        """The program with the run's final parameters (or, for a run that has not finished,
+        those of its last checkpoint); returns it and the checkpoint used."""
+        program = self.load_program(backend)
+        for checkpoint in (self.final, self.last):
+            if checkpoint.is_file():
+                load_checkpoint(checkpoint, program)
+                return program, checkpoint
+        raise error(f"{self.path}: the run has no checkpoint yet",
+                    hint="it stopped before its first epoch ended; train it again")
+
+    def save_trained(self, program, loop_state: dict) -> None:
+        save_checkpoint(self.final, program, loop_state)
+        save_artifact(program, self.path / TRAINED)
 
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite both metric files from the whole history (so a resumed run never repeats or

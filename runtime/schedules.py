@@ -62,7 +62,7 @@ class Plateau(Schedule):
     relative threshold, 1e-4) for more than `patience` epochs, never below `min_lr`: the course's
     "divide by 10 when the loss stagnates"; PyTorch's ReduceLROnPlateau in mode min."""
 
-    THRESHOLD = 1e-4
+    THRESHOLD, EPS = 1e-4, 1e-8
 
     def __init__(self, base_lr: float, **options):
         self.best = math.inf
@@ -78,7 +78,9 @@ class Plateau(Schedule):
         else:
             self.bad_epochs += 1
         if self.bad_epochs > self.options["patience"]:
-            self.lr = max(self.lr * self.options["factor"], self.options["min_lr"])
+            new = max(self.lr * self.options["factor"], self.options["min_lr"])
+            if self.lr - new > self.EPS:   # PyTorch ignores a reduction smaller than eps
+                self.lr = new
             self.bad_epochs = 0
 
     def to_json(self) -> dict:

@@ -123,7 +123,8 @@ def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
     if task.get("kind") == "classification":
         out_type = program.graphs["forward"].output_map[task["output"]].type
         classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
-    fitted = {k: fit_inputs(x, y, x_type, y_type, dataset.name, x_name=features, y_name=labels,
+    what = dataset.source if dataset.name in ("npz", "csv") else dataset.name   # name the file
+    fitted = {k: fit_inputs(x, y, x_type, y_type, what, x_name=features, y_name=labels,
                             num_classes=classes)
               for k, (x, y) in parts.items()}
     scale = Scaler.from_json(scaler) if scaler else Scaler.fit(settings.scale, fitted["train"][0])
@@ -171,6 +172,7 @@ class Trainer:
         self.progress = progress
         self.schedule = make_schedule(settings.schedule, settings.lr)
         self.loop = LoopState()
+        self.saved_epochs = 0        # epochs whose checkpoint is on disk
         self.best_params: dict[str, np.ndarray] | None = None
         program.seed = settings.seed
         program.lr = self.schedule.lr
@@ -183,6 +185,7 @@ class Trainer:
         meta = load_checkpoint(self.run.last, self.program)
         loop = meta["loop"]
         self.loop = LoopState(**loop)
+        self.saved_epochs = self.loop.epoch
         self.schedule.load_json(self.loop.schedule)
         self.program.lr = self.schedule.lr
         if self.run.best.is_file():
@@ -202,7 +205,7 @@ class Trainer:
                                          self.data.labels)
                   for split in ("val", "test")}
         if self.run is not None:
-            self.run.save_model(self.program)
+            self.run.save_trained(self.program, self.checkpoint_state())
             self.run.write_json("scores.json", {**scores, "epochs": self.loop.epoch,
                                                 "best_epoch": self.loop.best_epoch,
                                                 "stopped_early": self.loop.stopped_early})
@@ -260,14 +263,18 @@ class Trainer:
                 loop.stopped_early = True
         loop.history.append(row)
         if self.run is not None:
-            state = {"loop": loop.to_json(), "seed": self.settings.seed,
-                     "rng": {"shuffle": "numpy default_rng([seed, epoch])",
-                             "dropout": "key (seed << 32 | step)", "step": self.program.step}}
+            state = self.checkpoint_state()
             if improved:
                 save_checkpoint(self.run.best, self.program, state)
             save_checkpoint(self.run.last, self.program, state)
             self.run.write_metrics(loop.history)
+        self.saved_epochs = loop.epoch
         self.on_epoch(row)
+
+    def checkpoint_state(self) -> dict:
+        return {"loop": self.loop.to_json(), "seed": self.settings.seed,
+                "rng": {"shuffle": "numpy default_rng([seed, epoch])",
+                        "dropout": "key (seed << 32 | step)", "step": self.program.step}}
 
 
 def _clone(program):

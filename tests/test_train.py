@@ -172,7 +172,9 @@ def test_train_writes_a_complete_run_folder(baseline):
     losses = [float(r["loss"]) for r in rows]
     assert all(a > b for a, b in zip(losses, losses[1:])), losses
     assert float(rows[-1]["val_accuracy"]) > 0.8
-    assert all(float(r["lr"]) == 1e-3 for r in rows)
+    # the file's cosine(epochs=40) schedule from 2e-3, read before each epoch
+    assert [float(r["lr"]) for r in rows] == pytest.approx(
+        [2e-3 * (1 + math.cos(math.pi * e / 40)) / 2 for e in range(EPOCHS)], rel=1e-12)
     jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in jsonl] == losses       # the same numbers, not merely close
     assert [r["val_loss"] for r in jsonl] == [float(r["val_loss"]) for r in rows]
@@ -485,14 +487,14 @@ def test_early_stopping_through_the_api():
 def test_command_line_overrides_reach_the_config_and_take_effect(tmp_path, capsys):
     run = tmp_path / "run"
     code, _, err = cli(capsys, "train", DIGITS_MLP, "--out", run, "--epochs", 3, "--batch", 64,
-                       "--lr", "0.002", "--seed", 3, "--quiet")
+                       "--lr", "0.005", "--seed", 3, "--quiet")
     assert code == 0, err
     settings = json.loads((run / "config.json").read_text())["settings"]
     assert (settings["epochs"], settings["batch"], settings["seed"]) == (3, 64, 3)
-    assert settings["optimizer"][1]["lr"] == 0.002
+    assert settings["optimizer"][1]["lr"] == 0.005
     assert settings["optimizer"][1]["beta1"] == 0.9          # the rest of the train block stays
     rows = metrics(run)
-    assert len(rows) == 3 and all(float(r["lr"]) == 0.002 for r in rows)
+    assert len(rows) == 3 and float(rows[0]["lr"]) == 0.005       # the schedule starts from it
     _, meta = checkpoint_arrays(run / "checkpoints" / "last.npz")
     assert meta["seed"] == 3
     assert meta["rng"]["step"] == 3 * math.ceil(1079 / 64)   # 17 batches of 64 per epoch
@@ -745,7 +747,7 @@ def test_mnist_with_a_wrong_magic_number(tmp_path, capsys):
 def test_train_step_lowers_the_loss_on_one_batch(digits_batch):
     x, y = digits_batch
     p = graphc.compile_file(REPO / DIGITS_MLP)
-    assert p.lr == 1e-3 and p.step == 0 and p.optimizer == "adam"
+    assert p.lr == 2e-3 and p.step == 0 and p.optimizer == "adam"
     before = p.evaluate(x=x, y=y)["loss"]
     losses = [p.train_step(x=x, y=y) for _ in range(15)]
     assert p.step == 15

@@ -156,11 +156,15 @@ def _load_trainable(args):
         if args.model:
             raise error("--model picks a model of a .nn file; an artifact holds one")
         program = load_artifact(path)
-        source = program.meta.get("source")
-        base = Path(source).parent if source and Path(source).exists() else Path(".")
-        return program, base
+        return program, _source_dir(program)
     program = graphc.compile_file(path, model=args.model, seed=args.seed)
     return program, path.parent
+
+
+def _source_dir(program) -> Path:
+    """Where relative data paths of an artifact's train block resolve: its .nn file's folder."""
+    source = program.meta.get("source")
+    return Path(source).parent if source and Path(source).exists() else Path(".")
 
 
 def _headline(program, settings, data, run, done: int) -> str:
@@ -213,9 +217,7 @@ def cmd_eval(args) -> int:
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                             config["base_dir"], scaler=config["data"]["scaler"])
     else:
-        source = program.meta.get("source")
-        base = Path(source).parent if source and Path(source).exists() else Path(".")
-        data = prepare_data(program, settings, args.data_dir, base)
+        data = prepare_data(program, settings, args.data_dir, _source_dir(program))
     x, y = data.splits[args.split]
     scores = evaluate_arrays(program, x, y, data.features, data.labels)
     print(f"{args.split}: {_scores(scores)} ({len(y):,} samples)")
@@ -225,7 +227,6 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from graphc.cli import _load_array
     from graphc.runtime.data import Scaler
-    from graphc.runtime.train import feature_and_label
     program, config = _open_target(args.target)
     features = (program.meta.get("task") or {}).get("features") or list(program.inputs)
     if len(features) != 1:
@@ -245,7 +246,6 @@ def cmd_predict(args) -> int:
         if args.out:
             np.savez(args.out, **outputs)
         return 0
-    feature_and_label(program)
     probs = _probabilities(outputs[task["output"]], task.get("scores"))
     classes = probs.argmax(axis=1)
     names = (config or {}).get("data", {}).get("classes")

@@ -118,6 +118,8 @@ class Program:
         self.optimizer: str | None = optimizer[0] if optimizer else None
         self.lr: float = float(optimizer[1]["lr"]) if optimizer else 0.0
         self.seed: int = int(self.meta.get("seed", 0))
+        self._lr_dtype = next((n.type.dtype.numpy for n in graphs["train_step"].inputs
+                               if n.attr["name"] == LR_INPUT), None) if "train_step" in graphs else None
 
     @property
     def graph(self) -> Graph:
@@ -162,10 +164,8 @@ class Program:
             raise ProgramError(f"{self.name} has no training step: "
                                + ("the model has no loss" if "evaluate" not in self.graphs
                                   else f"the file has no `train {self.name} {{ ... }}` block"))
-        lr_type = next(n.type for n in self.graphs["train_step"].inputs
-                       if n.attr["name"] == LR_INPUT)
         out = self._run("train_step", batch, rng=True,
-                        extra={LR_INPUT: np.asarray(self.lr, dtype=lr_type.dtype.numpy)})
+                        extra={LR_INPUT: np.asarray(self.lr, dtype=self._lr_dtype)})
         for name, value in out.items():
             if name.startswith("new "):
                 target = name[4:]

@@ -27,6 +27,16 @@ def save_checkpoint(path: Path, program, loop_state: dict) -> None:
 
 def load_checkpoint(path: Path, program) -> dict:
     """Restore parameters and optimizer state into `program`; return the loop's state."""
+    params, state, meta = read_checkpoint(path, program)
+    for name in program.param_info:
+        program.params[name] = params[name]
+    program.state = {name: state[name] for name in program.state_info}
+    return meta
+
+
+def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:
+    """Parameters, optimizer state and loop state of a checkpoint, checked against `program`'s
+    types but not loaded into it."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -51,10 +61,7 @@ def load_checkpoint(path: Path, program) -> dict:
         _check(path, "parameter", name, params, info.type)
     for name, info in program.state_info.items():
         _check(path, "optimizer state", name, state, info.type)
-    for name in program.param_info:
-        program.params[name] = params[name]
-    program.state = {name: state[name] for name in program.state_info}
-    return meta
+    return params, state, meta
 
 
 def _check(path: Path, what: str, name: str, arrays: dict, ttype) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import error
-from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
+from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
 from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
@@ -189,9 +189,8 @@ class Trainer:
         self.schedule.load_json(self.loop.schedule)
         self.program.lr = self.schedule.lr
         if self.run.best.is_file():
-            best = _clone(self.program)
-            load_checkpoint(self.run.best, best)
-            self.best_params = {k: v.copy() for k, v in best.params.items()}
+            params, _, _ = read_checkpoint(self.run.best, self.program)
+            self.best_params = {k: params[k] for k in self.program.param_info}
 
     def fit(self) -> dict:
         x, y = self.data.splits["train"]
@@ -275,14 +274,6 @@ class Trainer:
         return {"loop": self.loop.to_json(), "seed": self.settings.seed,
                 "rng": {"shuffle": "numpy default_rng([seed, epoch])",
                         "dropout": "key (seed << 32 | step)", "step": self.program.step}}
-
-
-def _clone(program):
-    """A second program sharing graphs (not values), to read a checkpoint into."""
-    from graphc.runtime.program import Program
-    values = {k: v.copy() for k, v in program.params.items()}
-    return Program(program.name, program.graphs, program.param_info, values,
-                   backend=program.backend, meta=program.meta, state=program.state_info)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -37,6 +37,15 @@ class StateInfo:
 
 
 STEP_STATE, LR_INPUT, RNG_INPUT = "#step", "#lr", "#rng"
+BACKEND_NAMES = ("numpy", "llvm")
+
+
+def executor_class(backend: str):
+    """The executor of a backend; compiled backends import their toolchains only here."""
+    if backend == "llvm":
+        from graphc.runtime.llvm.executor import LLVMExecutor
+        return LLVMExecutor
+    return BACKENDS[backend]
 
 
 def rng_key(seed: int, step: int) -> int:
@@ -97,9 +106,9 @@ class Program:
     def __init__(self, name: str, graphs: dict[str, Graph], params: dict[str, ParamInfo],
                  values: dict[str, np.ndarray], backend: str = "numpy", meta: dict | None = None,
                  state: dict[str, StateInfo] | None = None):
-        if backend not in BACKENDS:
+        if backend not in BACKEND_NAMES:
             raise error(f"unknown backend '{backend}'",
-                        hint=did_you_mean(backend, BACKENDS) or f"backends: {', '.join(BACKENDS)}")
+                        hint=did_you_mean(backend, BACKEND_NAMES) or f"backends: {', '.join(BACKEND_NAMES)}")
         self.name, self.graphs, self.backend = name, graphs, backend
         self.param_info = params
         self.params = ParamStore(params, values)
@@ -107,7 +116,8 @@ class Program:
         self.state_info = dict(state or {})
         self.state: dict[str, np.ndarray] = {}
         self.reset_state()
-        self._executors = {key: BACKENDS[backend](g) for key, g in graphs.items()}
+        executor = executor_class(backend)
+        self._executors = {key: executor(g) for key, g in graphs.items()}
         forward = graphs["forward"]
         self.inputs: dict[str, TensorType] = _user_inputs(forward)
         self.outputs: list[str] = [name for name, _ in forward.outputs]

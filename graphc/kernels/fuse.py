@@ -1,0 +1,397 @@
+"""Fusion: a primitive graph becomes a short list of kernels over buffers.
+
+Elementwise chains, the broadcasts they read, and the reductions they feed become one kernel each:
+a node joins the kernel of its consumers when all of them are in that kernel and it has the kernel's
+iteration shape, so nothing is computed twice and no intermediate array exists. Scalars (an
+optimizer's bias corrections) are recomputed in every kernel that reads them. Layout ops
+(transpose, broadcast, slice, most reshapes) cost nothing: they become strides of the accesses that
+read them. Matrix products are kernels of their own that a backend may hand to a BLAS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from graphc.ir import OPS
+from graphc.ir.node import Graph, Node
+from graphc.kernels.ir import (
+    ZERO,
+    Access,
+    Buffer,
+    Const,
+    FlatIndex,
+    Index,
+    Kernel,
+    KernelPlan,
+    Load,
+    Offset,
+    Op,
+    SizeOf,
+    Store,
+    dims_of,
+    offset_add,
+    row_major,
+    size_of,
+    smul,
+    sprod,
+)
+
+FUSIBLE = ("elementwise", "random")
+REDUCE = {"sum": "sum", "mean": "mean", "max": "max"}
+EXTERNAL = ("input", "param", "state")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a node's elements are: strides per axis of the node's shape, into a buffer."""
+    buffer: int
+    strides: tuple
+    offset: Offset = ()
+
+
+@dataclass
+class _Group:
+    anchor: Node
+    space: tuple                 # the iteration shape (symbolic dims)
+    reduce_axes: tuple[int, ...] = ()
+    members: list[Node] = field(default_factory=list)
+
+
+def _axes(node: Node) -> tuple[int, ...]:
+    ndim = node.inputs[0].type.ndim
+    axis = node.attr["axis"]
+    if axis is None:
+        return tuple(range(ndim))
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def _pointwise_reader(consumer: Node) -> bool:
+    """Does `consumer` read each element of its operands at its own position (so a producer of the
+    same shape can be computed inline)? one_hot adds an axis, so it does not."""
+    kind = OPS[consumer.op].kind
+    return (kind in FUSIBLE and consumer.op != "one_hot") or consumer.op in REDUCE
+
+
+class _Planner:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.order = graph.nodes()
+        self.position = {id(n): i for i, n in enumerate(self.order)}
+        self.consumers: dict[int, list[Node]] = {id(n): [] for n in self.order}
+        for n in self.order:
+            for i in n.inputs:
+                self.consumers[id(i)].append(n)
+        self.output_ids = {id(n) for _, n in graph.outputs}
+        self.buffers: list[Buffer] = []
+        self.kernels: list[Kernel] = []
+        self.values: dict[int, Layout | Const | SizeOf] = {}   # materialized nodes and scalars
+        self.group_of: dict[int, _Group] = {}
+        self.duplicated: set[int] = set()                       # scalars recomputed where read
+        self.symbols = sorted({d for n in self.order for d in n.shape if isinstance(d, str)})
+
+    # --- grouping ---------------------------------------------------------------------------------
+
+    def group(self) -> list[_Group]:
+        groups: list[_Group] = []
+        for node in reversed(self.order):
+            kind = OPS[node.op].kind
+            if node.op in REDUCE:
+                g = _Group(node, node.inputs[0].shape, _axes(node), [node])
+                groups.append(g)
+                self.group_of[id(node)] = g
+            elif kind in FUSIBLE:
+                target = self._join_target(node)
+                if target == "duplicate":
+                    self.duplicated.add(id(node))
+                elif target is not None:
+                    target.members.append(node)
+                    self.group_of[id(node)] = target
+                else:
+                    g = _Group(node, node.shape, (), [node])
+                    groups.append(g)
+                    self.group_of[id(node)] = g
+        for g in groups:
+            g.members.reverse()          # producers first
+        groups.sort(key=lambda g: self.position[id(g.anchor)])
+        return groups
+
+    def _join_target(self, node: Node) -> _Group | str | None:
+        users = self.consumers[id(node)]
+        if not users or not all(_pointwise_reader(u) for u in users):
+            return None     # graph outputs may join: the kernel stores them as well
+        if node.shape == () and node.op != "uniform" and id(node) not in self.output_ids:
+            return "duplicate"
+        targets = {id(self.group_of.get(id(u))): self.group_of.get(id(u)) for u in users}
+        if len(targets) != 1:
+            return None
+        (target,) = targets.values()
+        if target is None or target.space != node.shape:
+            return None
+        return target
+
+    # --- buffers and accesses ---------------------------------------------------------------------
+
+    def new_buffer(self, node: Node, kind: str = "temp", name: str | None = None) -> int:
+        buf = Buffer(len(self.buffers), node.dtype, dims_of(node.shape), kind, name)
+        self.buffers.append(buf)
+        return buf.id
+
+    def contiguous(self, node: Node, buffer: int) -> Layout:
+        return Layout(buffer, row_major(dims_of(node.shape)))
+
+    def access(self, layout: Layout, shape: tuple, space: tuple, leading: bool = False) -> Access:
+        """Read a value of `shape` at each point of `space`: broadcasting aligns trailing axes
+        (leading ones for one_hot's labels), and axes of size 1 get stride 0."""
+        pad = len(space) - len(shape)
+        strides = []
+        for k in range(len(space)):
+            axis = k if leading else k - pad
+            if axis < 0 or axis >= len(shape) or shape[axis] == 1:
+                strides.append(ZERO)
+            else:
+                strides.append(layout.strides[axis])
+        return Access(layout.buffer, tuple(strides), layout.offset)
+
+    # --- kernels ----------------------------------------------------------------------------------
+
+    def build(self) -> KernelPlan:
+        for node in self.order:
+            if node.op in EXTERNAL:
+                self.values[id(node)] = self.contiguous(node, self.new_buffer(node, node.op,
+                                                                             node.attr["name"]))
+        groups = {id(g.anchor): g for g in self.group()}
+        for node in self.order:
+            if id(node) in self.values or id(node) in self.duplicated:
+                continue
+            if node.op == "const":
+                self.values[id(node)] = Const(node.attr["value"], node.dtype)
+            elif node.op == "size":
+                self.values[id(node)] = self._size(node)
+            elif id(node) in groups:
+                self._fused_kernel(groups[id(node)])
+            elif id(node) in self.group_of:
+                continue                      # computed inside its group's kernel
+            elif node.op == "matmul":
+                self._matmul(node)
+            elif node.op == "concat":
+                self._concat(node)
+            else:
+                assert OPS[node.op].kind == "layout", f"internal error: no kernel rule for {node}"
+                self.values[id(node)] = self._layout(node)
+        outputs = [(name, *self._output(name, node)) for name, node in self.graph.outputs]
+        return KernelPlan(self.graph.name, self.buffers, self.kernels, outputs, tuple(self.symbols))
+
+    def _size(self, node: Node) -> Const | SizeOf:
+        x = node.inputs[0]
+        axis = node.attr["axis"]
+        axes = range(x.type.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+        count = sprod(size_of(x.shape[a]) for a in axes)
+        return Const(count[0], node.dtype) if not count[1] else SizeOf(count, node.dtype)
+
+    def _emit(self, name_hint: str, space: tuple, reduce_axes, loads, stores, nodes, matmul=None):
+        kernel = Kernel(f"k{len(self.kernels)}_{name_hint}", dims_of(space), tuple(reduce_axes),
+                        loads, stores, nodes, matmul)
+        self.kernels.append(kernel)
+        return kernel
+
+    def _fused_kernel(self, g: _Group) -> None:
+        loads: list[Access] = []
+        memo: dict[int, object] = {}
+        space = g.space
+
+        def load(layout, shape, dtype, leading=False):
+            acc = self.access(layout, shape, space, leading)
+            if acc not in loads:
+                loads.append(acc)
+            return Load(loads.index(acc), dtype)
+
+        def expr(node: Node):
+            if id(node) in memo:
+                return memo[id(node)]
+            value = self.values.get(id(node))
+            if isinstance(value, Layout):
+                e = load(value, node.shape, node.dtype)
+            elif value is not None:
+                e = value
+            else:
+                assert self.group_of.get(id(node)) is g or id(node) in self.duplicated, (
+                    f"internal error: {node} is read by a kernel before it is computed")
+                if node.op == "one_hot":
+                    label = node.inputs[0]
+                    lay = self.values[id(label)]
+                    args = (load(lay, label.shape, label.dtype, leading=True) if isinstance(lay, Layout)
+                            else lay, Index(len(space) - 1))
+                elif node.op == "uniform":
+                    args = (expr(node.inputs[0]), FlatIndex())
+                else:
+                    args = tuple(expr(i) for i in node.inputs)
+                e = Op(node.op, args, node.attrs, node.dtype)
+            memo[id(node)] = e
+            return e
+
+        stores: list[Store] = []
+        for node in g.members:
+            if node is g.anchor and node.op in REDUCE:
+                out = self.new_buffer(node)
+                kept = [a for a in range(len(space)) if a not in g.reduce_axes]
+                out_strides = row_major(tuple(dims_of(space)[a] for a in kept))
+                strides = [ZERO] * len(space)
+                for a, s in zip(kept, out_strides):
+                    strides[a] = s if space[a] != 1 else ZERO
+                stores.append(Store(Access(out, tuple(strides)), expr(node.inputs[0]), REDUCE[node.op],
+                                    node))
+                self.values[id(node)] = self.contiguous(node, out)
+            elif node is g.anchor or id(node) in self.output_ids:
+                out = self.new_buffer(node)
+                layout = self.contiguous(node, out)
+                stores.append(Store(self.access(layout, node.shape, space), expr(node), None, node))
+                self.values[id(node)] = layout
+        self._emit(g.anchor.op, space, g.reduce_axes, loads, stores, list(g.members))
+
+    def _layout_of(self, node: Node) -> Layout:
+        value = self.values[id(node)]
+        if isinstance(value, Layout):
+            return value
+        # A scalar constant read where a buffer is needed (a matrix product): fill one.
+        out = self.new_buffer(node)
+        layout = self.contiguous(node, out)
+        space = node.shape
+        self._emit("fill", space, (), [], [Store(self.access(layout, node.shape, space), value, None, node)],
+                   [node])
+        self.values[id(node)] = layout
+        return layout
+
+    def _matmul(self, node: Node) -> None:
+        a, b = node.inputs
+        la, lb = self._layout_of(a), self._layout_of(b)
+        out = self.new_buffer(node)
+        lc = self.contiguous(node, out)
+        # The iteration space is batch + [M] + [K] + [N]; K (reduced) sits before N so that the
+        # fallback loop runs along contiguous rows of B and C.
+        a2, b2 = a.type.ndim >= 2, b.type.ndim >= 2
+        batch = node.shape[: len(node.shape) - (a2 + b2)]
+        nb = len(batch)
+        m = (a.shape[-2],) if a2 else ()
+        n = (b.shape[-1],) if b2 else ()
+        k = a.shape[-1]
+        space = tuple(batch) + m + (k,) + n
+        kaxis = nb + len(m)
+
+        def strides_for(layout: Layout, shape, axes_map):
+            # axes_map: for each operand axis, the space axis it runs along (batch axes broadcast).
+            strides = [ZERO] * len(space)
+            for axis, space_axis in enumerate(axes_map):
+                if space_axis is not None and shape[axis] != 1:
+                    strides[space_axis] = layout.strides[axis]
+            return Access(layout.buffer, tuple(strides), layout.offset)
+
+        def batch_map(ndim):
+            lead = ndim - 2
+            return [nb - lead + i for i in range(lead)]
+
+        amap = (batch_map(a.type.ndim) + [nb, kaxis]) if a2 else [kaxis]
+        bmap = (batch_map(b.type.ndim) + [kaxis, kaxis + 1]) if b2 else [kaxis]
+        loads = [strides_for(la, a.shape, amap), strides_for(lb, b.shape, bmap)]
+        cmap = list(range(nb)) + ([nb] if a2 else []) + ([kaxis + 1] if b2 else [])
+        store_acc = strides_for(lc, node.shape, cmap)
+        expr = Op("mul", (Load(0, a.dtype), Load(1, b.dtype)), (), node.dtype)
+        blas = (0, 1) if (a2 and b2 and nb == 0) else None
+        self._emit("matmul", space, (kaxis,), loads, [Store(store_acc, expr, "sum", node)], [node], blas)
+        self.values[id(node)] = lc
+
+    def _concat(self, node: Node) -> None:
+        out = self.new_buffer(node)
+        layout = self.contiguous(node, out)
+        axis = node.attr["axis"] % node.type.ndim
+        start = 0
+        for part in node.inputs:
+            value = self.values[id(part)]
+            target = Layout(out, layout.strides, offset_add((), smul((start, ()), layout.strides[axis])))
+            if isinstance(value, Layout):
+                loads, e = [self.access(value, part.shape, part.shape)], Load(0, part.dtype)
+            else:
+                loads, e = [], value
+            self._emit("concat", part.shape, (), loads,
+                       [Store(self.access(target, part.shape, part.shape), e, None, node)], [node])
+            start += part.shape[axis]
+        self.values[id(node)] = layout
+
+    def _layout(self, node: Node):
+        x = node.inputs[0]
+        value = self.values[id(x)]
+        if not isinstance(value, Layout):
+            return value                  # a constant looks the same however it is arranged
+        a = node.attr
+        if node.op == "transpose":
+            axes = a["axes"] if a["axes"] is not None else tuple(reversed(range(x.type.ndim)))
+            axes = tuple(ax % x.type.ndim for ax in axes)
+            return Layout(value.buffer, tuple(value.strides[ax] for ax in axes), value.offset)
+        if node.op == "broadcast_to":
+            pad = node.type.ndim - x.type.ndim
+            strides = [ZERO] * pad + [ZERO if x.shape[i] == 1 else s for i, s in enumerate(value.strides)]
+            return Layout(value.buffer, tuple(strides), value.offset)
+        if node.op == "slice":
+            axis = a["axis"] % x.type.ndim
+            return Layout(value.buffer, value.strides,
+                          offset_add(value.offset, smul((a["start"], ()), value.strides[axis])))
+        assert node.op == "reshape", f"internal error: no layout rule for {node}"
+        if self._is_contiguous(value, x.shape):
+            return Layout(value.buffer, row_major(dims_of(node.shape)), value.offset)
+        out = self.new_buffer(node)       # a reshape of a strided view needs the elements in order
+        self._emit("copy", x.shape, (), [self.access(value, x.shape, x.shape)],
+                   [Store(Access(out, row_major(dims_of(x.shape))), Load(0, x.dtype), None, node)], [node])
+        return self.contiguous(node, out)
+
+    @staticmethod
+    def _is_contiguous(layout: Layout, shape) -> bool:
+        want = row_major(dims_of(shape))
+        return all(d == 1 or s == w for d, s, w in zip(shape, layout.strides, want))
+
+    def _output(self, name: str, node: Node):
+        value = self.values.get(id(node))
+        if not isinstance(value, Layout):
+            value = self._layout_of(node)
+        return self.access(value, node.shape, node.shape), dims_of(node.shape), node.dtype
+
+
+def plan_kernels(graph: Graph) -> KernelPlan:
+    """Fuse a lowered (primitive) graph into kernels over buffers."""
+    plan = _Planner(graph).build()
+    plan_in_place_updates(plan)
+    return plan
+
+
+def plan_in_place_updates(plan: KernelPlan) -> None:
+    """`new W` outputs (optimizer updates) are written straight into W's buffer when the kernel
+    that computes them reads W only at the point it writes and no later kernel reads the old W."""
+    by_name = {(b.kind, b.name): b for b in plan.buffers if b.kind in ("param", "state")}
+    for out_name, access, shape, dtype in plan.outputs:
+        if not out_name.startswith("new "):
+            continue
+        target = by_name.get(("param", out_name[4:])) or by_name.get(("state", out_name[4:]))
+        if target is None or target.dtype != dtype or target.shape != shape:
+            continue
+        found = _writer(plan, access.buffer)
+        if found is None:
+            continue
+        index, kernel = found
+        store = next(s for s in kernel.stores if s.access.buffer == access.buffer)
+        if (kernel.reduce_axes or store.access != Access(access.buffer, row_major(kernel.space))
+                or kernel.space != shape):
+            continue
+        own = [a for a in kernel.loads if a.buffer == target.id]
+        if any(a.strides != store.access.strides or a.offset for a in own):
+            continue
+        if any(a.buffer == target.id for k in plan.kernels[index + 1:] for a in k.loads):
+            continue
+        if any(s.access.buffer == target.id for k in plan.kernels for s in k.stores):
+            continue
+        plan.aliases[access.buffer] = target.id
+
+
+def _writer(plan: KernelPlan, buffer: int):
+    for i, k in enumerate(plan.kernels):
+        if any(s.access.buffer == buffer for s in k.stores):
+            return i, k
+    return None
+

@@ -1,0 +1,258 @@
+"""The kernel IR: what the fusion planner produces and every compiled backend renders.
+
+A kernel is a loop nest over an iteration space (sizes may be symbolic, such as the batch N), some
+axes of which may be reduced. It reads buffers through strided accesses (a stride of 0 broadcasts)
+and stores expressions over those loads. Matrix products are kernels too, with a marker that lets
+a backend call a BLAS instead of rendering the loop. Buffers are the program's inputs, parameters,
+optimizer state, and temporaries that the memory planner places in one arena per batch shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from graphc.ir.node import Node
+from graphc.ir.types import DType, Shape
+
+# A size is a monomial: coefficient times the product of symbolic dimensions, e.g. (784, ("N",)).
+Size = tuple[int, tuple[str, ...]]
+# An offset is a sum of monomials (slices of slices add up).
+Offset = tuple[Size, ...]
+
+ONE: Size = (1, ())
+ZERO: Size = (0, ())
+
+
+def size_of(dim: int | str) -> Size:
+    return (dim, ()) if isinstance(dim, int) else (1, (dim,))
+
+
+def smul(a: Size, b: Size) -> Size:
+    if a[0] == 0 or b[0] == 0:
+        return ZERO
+    return (a[0] * b[0], tuple(sorted(a[1] + b[1])))
+
+
+def sprod(sizes) -> Size:
+    out = ONE
+    for s in sizes:
+        out = smul(out, s)
+    return out
+
+
+def sval(s: Size, dims: dict[str, int]) -> int:
+    return s[0] * math.prod(dims[d] for d in s[1])
+
+
+def sstr(s: Size) -> str:
+    if not s[1]:
+        return str(s[0])
+    syms = "*".join(s[1])
+    return syms if s[0] == 1 else f"{s[0]}*{syms}"
+
+
+def row_major(shape: tuple[Size, ...]) -> tuple[Size, ...]:
+    strides, acc = [], ONE
+    for s in reversed(shape):
+        strides.append(acc)
+        acc = smul(acc, s)
+    return tuple(reversed(strides))
+
+
+def offset_add(off: Offset, term: Size) -> Offset:
+    return off if term[0] == 0 else tuple(sorted(off + (term,)))
+
+
+# --- expressions (hashable, so equal subexpressions are computed once) ---------------------------
+
+@dataclass(frozen=True)
+class Load:
+    access: int                 # index into Kernel.loads
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int | float | bool
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class SizeOf:
+    """A count known only at run time (the batch size), as a number of `dtype`."""
+    size: Size
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class Index:
+    """The loop index along one axis of the iteration space (one_hot's class index)."""
+    axis: int
+
+
+@dataclass(frozen=True)
+class FlatIndex:
+    """The row-major position in the iteration space (uniform's element counter)."""
+
+
+@dataclass(frozen=True)
+class Op:
+    op: str                     # a primitive of the op table
+    args: tuple
+    attrs: tuple                # the node's frozen attributes
+    dtype: DType
+
+    @property
+    def attr(self) -> dict:
+        return dict(self.attrs)
+
+
+Expr = Load | Const | SizeOf | Index | FlatIndex | Op
+
+
+def expr_ops(expr: Expr, seen: set | None = None) -> list[Op]:
+    """Every distinct Op of an expression DAG (each once)."""
+    seen = set() if seen is None else seen
+    out: list[Op] = []
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        if isinstance(e, Op):
+            out.append(e)
+            stack.extend(e.args)
+    return out
+
+
+# --- buffers, accesses, kernels ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Buffer:
+    id: int
+    dtype: DType
+    shape: tuple[Size, ...]     # elements, row-major
+    kind: str                   # input | param | state | temp
+    name: str | None = None     # the source's name for input, param and state
+
+    @property
+    def elements(self) -> Size:
+        return sprod(self.shape)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Element (i_0, ..., i_r-1) of the iteration space lives at offset + sum(i_k * strides[k])."""
+    buffer: int
+    strides: tuple[Size, ...]
+    offset: Offset = ()
+
+
+@dataclass(frozen=True)
+class Store:
+    access: Access
+    expr: Expr
+    reduce: str | None = None   # None (one value per point), "sum", "max" or "mean"
+    node: Node | None = field(default=None, compare=False)
+
+
+@dataclass
+class Kernel:
+    name: str
+    space: tuple[Size, ...]
+    reduce_axes: tuple[int, ...]
+    loads: list[Access]
+    stores: list[Store]
+    nodes: list[Node]                       # the IR nodes it computes, in order
+    matmul: tuple[int, int] | None = None   # (load of A, load of B): space is [.., M, K, N], K reduced
+
+    @property
+    def label(self) -> str:
+        named = [n.name for n in self.nodes if n.name]
+        return ", ".join(dict.fromkeys(named)) or self.nodes[-1].op
+
+
+@dataclass
+class KernelPlan:
+    """A graph as kernels over buffers. `outputs` maps each graph output to its layout."""
+    name: str
+    buffers: list[Buffer]
+    kernels: list[Kernel]
+    outputs: list[tuple[str, Access, tuple[Size, ...], DType]]   # name, layout, shape, dtype
+    symbols: tuple[str, ...]                # the symbolic dimensions, in the order backends pass them
+    aliases: dict[int, int] = field(default_factory=dict)   # in-place: buffer -> buffer it reuses
+
+    def externals(self, kind: str) -> list[Buffer]:
+        return [b for b in self.buffers if b.kind == kind]
+
+
+def dims_of(shape: Shape) -> tuple[Size, ...]:
+    return tuple(size_of(d) for d in shape)
+
+
+# --- normalization shared by the renderers ----------------------------------------------------------
+
+def _index_axes(kernel: Kernel) -> set[int]:
+    seen: set = set()
+    axes = set()
+    for store in kernel.stores:
+        stack = [store.expr]
+        while stack:
+            e = stack.pop()
+            if e in seen:
+                continue
+            seen.add(e)
+            if isinstance(e, Index):
+                axes.add(e.axis)
+            elif isinstance(e, Op):
+                stack.extend(e.args)
+    return axes
+
+
+def _remap_index(expr, mapping: dict[int, int], memo: dict):
+    if expr in memo:
+        return memo[expr]
+    if isinstance(expr, Index):
+        out = Index(mapping[expr.axis])
+    elif isinstance(expr, Op):
+        out = Op(expr.op, tuple(_remap_index(a, mapping, memo) for a in expr.args), expr.attrs, expr.dtype)
+    else:
+        out = expr
+    memo[expr] = out
+    return out
+
+
+def coalesce(kernel: Kernel) -> Kernel:
+    """The same kernel over fewer, longer loops: axes of size 1 are dropped, and neighbouring axes
+    that every access walks as one (stride[k] == stride[k+1] * size[k+1]) are merged, so an
+    elementwise kernel over [N, 256] becomes one loop of N*256. Axes read by Index stay."""
+    if kernel.matmul is not None:
+        return kernel
+    pinned = _index_axes(kernel)
+    accesses = list(kernel.loads) + [s.access for s in kernel.stores]
+    axes = [k for k in range(len(kernel.space)) if kernel.space[k] != ONE or k in pinned]
+    groups: list[list[int]] = []
+    for k in axes:
+        if groups:
+            prev = groups[-1][-1]
+            same_kind = (prev in kernel.reduce_axes) == (k in kernel.reduce_axes)
+            walks_as_one = all(a.strides[prev] == smul(a.strides[k], kernel.space[k]) for a in accesses)
+            if same_kind and walks_as_one and prev not in pinned and k not in pinned:
+                groups[-1].append(k)
+                continue
+        groups.append([k])
+    if len(groups) == len(kernel.space):
+        return kernel
+    space = tuple(sprod(kernel.space[k] for k in g) for g in groups)
+    reduce_axes = tuple(i for i, g in enumerate(groups) if g[0] in kernel.reduce_axes)
+
+    def remap(a: Access) -> Access:
+        return Access(a.buffer, tuple(a.strides[g[-1]] for g in groups), a.offset)
+
+    mapping = {g[0]: i for i, g in enumerate(groups) if len(g) == 1}
+    memo: dict = {}
+    stores = [Store(remap(s.access), _remap_index(s.expr, mapping, memo), s.reduce, s.node)
+              for s in kernel.stores]
+    return Kernel(kernel.name, space, reduce_axes, [remap(a) for a in kernel.loads], stores,
+                  kernel.nodes, kernel.matmul)

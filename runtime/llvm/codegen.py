@@ -1,0 +1,478 @@
+"""Renders a kernel plan as one LLVM module: a function per kernel and `graph_main`, which runs
+them in order. The text is meant to be read (`graphc build --backend llvm --emit-source DIR`).
+
+graph_main(ptr bufs, ptr dims, ptr blas, ptr status) -> i32: `bufs` holds a pointer per buffer of
+the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the addresses of sgemm and dgemm
+(or null), and `status` three i64 words that a failing check fills (code, value, check number).
+"""
+from __future__ import annotations
+
+import re
+
+from graphc.ir.types import DType
+from graphc.kernels.ir import (
+    ONE,
+    Const,
+    FlatIndex,
+    Index,
+    Kernel,
+    KernelPlan,
+    Load,
+    Op,
+    SizeOf,
+    coalesce,
+    sprod,
+    sstr,
+)
+from graphc.runtime.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS, SUFFIX, cast, const
+
+# Below this many multiply-adds a generated loop beats the call into the BLAS.
+SMALL_GEMM = 32 * 32 * 32
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+def _comment(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_#@.,:()\[\] *+=-]", "?", text)
+
+
+class Function:
+    """An LLVM function being written: fresh names, the current block, and declarations used."""
+
+    def __init__(self, module: Module, name: str):
+        self.module, self.name = module, name
+        self.lines: list[str] = []
+        self.counter = 0
+        self.block = "entry"
+        self.checks: list[tuple[str, str, int]] = []
+
+    def fresh(self, hint: str = "v") -> str:
+        self.counter += 1
+        return f"%{hint}{self.counter}"
+
+    def emit(self, instr: str, hint: str = "v") -> str:
+        name = self.fresh(hint)
+        self.lines.append(f"  {name} = {instr}")
+        return name
+
+    def do(self, instr: str) -> None:
+        self.lines.append(f"  {instr}")
+
+    def label(self, name: str) -> None:
+        self.lines.append(f"{name}:")
+        self.block = name
+
+    def call(self, fn: str, ret: str, args: list[tuple[str, str]]) -> str:
+        self.module.declare(fn, ret, [t for t, _ in args])
+        return self.emit(f"call {ret} @{fn}({', '.join(f'{t} {v}' for t, v in args)})")
+
+    def check_label(self, label: str, cls: str, depth: int) -> None:
+        """one_hot: record a label outside [0, depth) (checked once per row, at class 0)."""
+        number = self.module.new_check()
+        bad = self.emit(f"icmp uge i64 {label}, {depth}")
+        first = self.emit(f"icmp eq i64 {cls}, 0")
+        report = self.emit(f"and i1 {bad}, {first}")
+        fail, ok = self.fresh("bad").lstrip("%"), self.fresh("ok").lstrip("%")
+        self.do(f"br i1 {report}, label %{fail}, label %{ok}")
+        self.label(fail)
+        self.do("store i64 1, ptr %status")
+        self.do(f"store i64 {label}, ptr {self.emit('getelementptr i64, ptr %status, i64 1')}")
+        self.do(f"store i64 {number}, ptr {self.emit('getelementptr i64, ptr %status, i64 2')}")
+        self.do(f"br label %{ok}")
+        self.label(ok)
+
+
+class Module:
+    def __init__(self, plan: KernelPlan, blas_int_bits: int):
+        self.plan = plan
+        self.blas_int = f"i{blas_int_bits}"
+        self.declarations: dict[str, str] = {}
+        self.functions: list[str] = []
+        self.checks = 0
+        self.checked_kernels: list[int] = []     # check number -> kernel index
+
+    def declare(self, fn: str, ret: str, types: list[str]) -> None:
+        self.declarations.setdefault(fn, f"declare {ret} @{fn}({', '.join(types)})")
+
+    def new_check(self) -> int:
+        self.checks += 1
+        self.checked_kernels.append(self.current)
+        return self.checks
+
+    def size(self, f: Function, s, cache: dict) -> str:
+        """The IR value of a size monomial (symbols loaded from %dims)."""
+        if not s[1]:
+            return str(s[0])
+        if s in cache:
+            return cache[s]
+        value = None
+        for sym in s[1]:
+            if sym not in cache:
+                slot = self.plan.symbols.index(sym)
+                ptr = f.emit(f"getelementptr i64, ptr %dims, i64 {slot}")
+                cache[sym] = f.emit(f"load i64, ptr {ptr}", "d")
+            value = cache[sym] if value is None else f.emit(f"mul i64 {value}, {cache[sym]}")
+        if s[0] != 1:
+            value = f.emit(f"mul i64 {value}, {s[0]}")
+        cache[s] = value
+        return value
+
+    # --- kernels --------------------------------------------------------------------------------
+
+    def render_kernel(self, index: int, kernel: Kernel) -> tuple[str, list[int]]:
+        self.current = index
+        kernel = coalesce(kernel)
+        buffers = sorted({self.resolve(a.buffer) for a in kernel.loads}
+                         | {self.resolve(s.access.buffer) for s in kernel.stores})
+        f = Function(self, kernel.name)
+        params = ", ".join(f"ptr noalias %b{b}" for b in buffers)
+        header = (f"; {_comment(kernel.label)}: space [{', '.join(sstr(s) for s in kernel.space)}]"
+                  + (f", reduce {list(kernel.reduce_axes)}" if kernel.reduce_axes else ""))
+        sizes: dict = {}
+        # Every size the kernel needs is computed once, in the entry block, which dominates all uses.
+        for s in _sizes_used(self.plan, kernel):
+            self.size(f, s, sizes)
+        space = [self.size(f, s, sizes) for s in kernel.space]
+        if kernel.matmul is not None and self._blas_call(f, kernel, space, sizes):
+            pass
+        else:
+            LoopNest(self, f, kernel, space, sizes).render()
+        f.do("ret void")
+        text = (f"{header}\ndefine internal void @{kernel.name}({params}{', ' if params else ''}"
+                f"ptr %dims, ptr %status, ptr %blas) {{\nentry:\n" + "\n".join(f.lines) + "\n}\n")
+        return text, buffers
+
+    def resolve(self, buffer: int) -> int:
+        return self.plan.aliases.get(buffer, buffer)
+
+    def _blas_call(self, f: Function, kernel: Kernel, space: list[str], sizes: dict) -> bool:
+        """C = A @ B through the BLAS when both operands are plain or transposed matrices, with the
+        generated loop as the path for small products (the call costs more than the work there)."""
+        a, b = kernel.loads
+        out = kernel.stores[0].access
+        dtype = kernel.stores[0].expr.dtype
+        if dtype not in (DType.f32, DType.f64) or out.strides[1][0] != 0:
+            return False
+        m, k, n = kernel.space
+        if a.strides[1] == ONE:
+            trans_a, lda = NO_TRANS, (a.strides[0], k)
+        elif a.strides[0] == ONE:
+            trans_a, lda = TRANS, (a.strides[1], m)
+        else:
+            return False
+        if b.strides[2] == ONE:
+            trans_b, ldb = NO_TRANS, (b.strides[1], n)
+        elif b.strides[1] == ONE:
+            trans_b, ldb = TRANS, (b.strides[2], k)
+        else:
+            return False
+        if out.strides[2] != ONE or out.offset:
+            return False
+        t = IR_TYPE[dtype]
+        mkn = f.emit(f"mul i64 {f.emit(f'mul i64 {space[0]}, {space[1]}')}, {space[2]}")
+        small = f.emit(f"icmp ule i64 {mkn}, {SMALL_GEMM}")
+        f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
+        f.label("call_blas")
+        slot = 0 if dtype is DType.f32 else 1
+        fn = f.emit(f"load ptr, ptr {f.emit(f'getelementptr ptr, ptr %blas, i64 {slot}')}")
+        bi = self.blas_int
+
+        def ld(pair):
+            stride, inner = (self.size(f, pair[0], sizes), self.size(f, pair[1], sizes))
+            value = f.emit(f"call i64 @llvm.umax.i64(i64 {stride}, i64 {inner})")
+            value = f.emit(f"call i64 @llvm.umax.i64(i64 {value}, i64 1)")
+            return value if bi == "i64" else f.emit(f"trunc i64 {value} to {bi}")
+        self.declare("llvm.umax.i64", "i64", ["i64", "i64"])
+
+        def dim(v):
+            return v if bi == "i64" else f.emit(f"trunc i64 {v} to {bi}")
+
+        def base(acc):
+            ptr = f"%b{self.resolve(acc.buffer)}"
+            if not acc.offset:
+                return ptr
+            off = self.offset(f, acc.offset, sizes)
+            return f.emit(f"getelementptr {t}, ptr {ptr}, i64 {off}")
+        args = [("i32", ROW_MAJOR), ("i32", trans_a), ("i32", trans_b), (bi, dim(space[0])),
+                (bi, dim(space[2])), (bi, dim(space[1])), (t, const(1, dtype)), ("ptr", base(a)),
+                (bi, ld(lda)), ("ptr", base(b)), (bi, ld(ldb)), (t, const(0, dtype)),
+                ("ptr", f"%b{self.resolve(out.buffer)}"), (bi, dim(space[2]))]
+        f.do(f"call void {fn}({', '.join(f'{ty} {v}' for ty, v in args)})")
+        f.do("ret void")
+        f.label("small_gemm")
+        LoopNest(self, f, kernel, space, sizes).render()
+        return True
+
+    def offset(self, f: Function, offset, sizes: dict) -> str:
+        total = None
+        for term in offset:
+            v = self.size(f, term, sizes)
+            total = v if total is None else f.emit(f"add i64 {total}, {v}")
+        return total or "0"
+
+    # --- the module -----------------------------------------------------------------------------
+
+    def render(self) -> str:
+        plan = self.plan
+        calls = []
+        for i, kernel in enumerate(plan.kernels):
+            text, buffers = self.render_kernel(i, kernel)
+            self.functions.append(text)
+            calls.append((kernel, buffers, self.checks))
+        main = Function(self, "graph_main")
+        used = sorted({b for _, bufs, _ in calls for b in bufs})
+        for b in used:
+            ptr = main.emit(f"getelementptr ptr, ptr %bufs, i64 {b}")
+            main.lines.append(f"  %b{b} = load ptr, ptr {ptr}")
+        checked_before = 0
+        for kernel, buffers, checks in calls:
+            args = "".join(f"ptr %b{b}, " for b in buffers)
+            main.do(f"call void @{kernel.name}({args}ptr %dims, ptr %status, ptr %blas)")
+            if checks > checked_before:        # stop at a failed check: nothing later may run
+                checked_before = checks
+                code = main.emit("load i64, ptr %status")
+                failed = main.emit(f"icmp ne i64 {code}, 0")
+                cont = main.fresh("cont").lstrip("%")
+                main.do(f"br i1 {failed}, label %fail, label %{cont}")
+                main.label(cont)
+        main.do("ret i32 0")
+        if checked_before:
+            main.label("fail")
+            main.do("ret i32 1")
+        head = [f"; graphc: graph {_comment(plan.name)}, {len(plan.kernels)} kernels, "
+                f"{len(plan.buffers)} buffers",
+                f"; symbols: {', '.join(plan.symbols) or 'none'}"]
+        for buf in plan.buffers:
+            where = f" -> b{plan.aliases[buf.id]} (in place)" if buf.id in plan.aliases else ""
+            head.append(f";   b{buf.id}: {buf.kind} {_comment(buf.name or '')} {buf.dtype}"
+                        f"[{', '.join(sstr(s) for s in buf.shape)}]{where}")
+        main_text = ("define i32 @graph_main(ptr %bufs, ptr %dims, ptr %blas, ptr %status) {\nentry:\n"
+                     + "\n".join(main.lines) + "\n}\n")
+        return "\n".join(head + [""] + sorted(self.declarations.values()) + [""]
+                         + self.functions + [main_text])
+
+
+class LoopNest:
+    """The loops of one kernel. Reductions over trailing axes accumulate in registers; others
+    accumulate into the output, which is first filled with the reduction's identity."""
+
+    def __init__(self, module: Module, f: Function, kernel: Kernel, space: list[str], sizes: dict):
+        self.m, self.f, self.k = module, f, kernel
+        self.space, self.sizes = space, sizes
+        rank = len(kernel.space)
+        suffix = rank
+        while suffix > 0 and (suffix - 1) in kernel.reduce_axes:
+            suffix -= 1
+        self.register_from = suffix if all(a >= suffix for a in kernel.reduce_axes) else None
+        self.index: list[str] = []
+        self.memo: dict = {}
+        self.accs: dict[int, str] = {}
+
+    def render(self) -> None:
+        f, k = self.f, self.k
+        reducing = [s for s in k.stores if s.reduce]
+        if reducing and self.register_from is None:
+            for s in reducing:
+                self.fill(s)
+        if reducing and self.register_from is not None:
+            for i, s in enumerate(reducing):
+                self.accs[i] = f"%acc{i}"
+                f.lines.insert(0, f"  %acc{i} = alloca {IR_TYPE[s.expr.dtype]}")
+        self.loop(0)
+        if reducing and self.register_from is None:
+            for s in reducing:
+                if s.reduce == "mean":
+                    self.scale(s)
+
+    # --- loops -----------------------------------------------------------------------------------
+
+    def loop(self, axis: int) -> None:
+        k = self.k
+        if axis == self.register_from:
+            self.init_accumulators()
+        if axis == len(k.space):
+            self.body()
+        else:
+            self.for_range(self.space[axis], lambda i: (self.index.append(i), self.loop(axis + 1),
+                                                        self.index.pop()), f"i{axis}_")
+        if axis == self.register_from:
+            self.finish_accumulators()
+
+    def for_range(self, count: str, body, hint: str) -> None:
+        f = self.f
+        head, latch, done = (f.fresh(hint + n).lstrip("%") for n in ("loop", "latch", "done"))
+        pre = f.block
+        nonempty = f.emit(f"icmp sgt i64 {count}, 0")
+        f.do(f"br i1 {nonempty}, label %{head}, label %{done}")
+        f.label(head)
+        i = f.fresh(hint)
+        f.lines.append(f"  {i} = phi i64 [0, %{pre}], [{i}.next, %{latch}]")
+        body(i)
+        f.do(f"br label %{latch}")
+        f.label(latch)
+        f.lines.append(f"  {i}.next = add nuw nsw i64 {i}, 1")
+        more = f.emit(f"icmp slt i64 {i}.next, {count}")
+        f.do(f"br i1 {more}, label %{head}, label %{done}")
+        f.label(done)
+
+    # --- values ----------------------------------------------------------------------------------
+
+    def address(self, access, dtype: DType, index: list[str]) -> str:
+        f = self.f
+        pos = self.m.offset(f, access.offset, self.sizes) if access.offset else None
+        for i, stride in zip(index, access.strides):
+            if stride[0] == 0:
+                continue
+            term = i if stride == ONE else f.emit(f"mul i64 {i}, {self.m.size(f, stride, self.sizes)}")
+            pos = term if pos is None else f.emit(f"add i64 {pos}, {term}")
+        ptr = f"%b{self.m.resolve(access.buffer)}"
+        return f.emit(f"getelementptr {MEM_TYPE[dtype]}, ptr {ptr}, i64 {pos or 0}", "p")
+
+    def load(self, access, dtype: DType, index: list[str]) -> str:
+        value = self.f.emit(f"load {MEM_TYPE[dtype]}, ptr {self.address(access, dtype, index)}")
+        return self.f.emit(f"trunc i8 {value} to i1") if dtype is DType.bool else value
+
+    def store(self, access, dtype: DType, value: str, index: list[str]) -> None:
+        if dtype is DType.bool:
+            value = self.f.emit(f"zext i1 {value} to i8")
+        self.f.do(f"store {MEM_TYPE[dtype]} {value}, ptr {self.address(access, dtype, index)}")
+
+    def expr(self, e) -> str:
+        if e in self.memo:
+            return self.memo[e]
+        f = self.f
+        if isinstance(e, Load):
+            v = self.load(self.k.loads[e.access], e.dtype, self.index)
+        elif isinstance(e, Const):
+            v = const(e.value, e.dtype)
+        elif isinstance(e, SizeOf):
+            v = cast(f, self.m.size(f, e.size, self.sizes), DType.i64, e.dtype)
+        elif isinstance(e, Index):
+            v = self.index[e.axis]
+        elif isinstance(e, FlatIndex):
+            v = None
+            for i, s in zip(self.index, self.space):
+                v = i if v is None else f.emit(f"add i64 {f.emit(f'mul i64 {v}, {s}')}, {i}")
+            v = v or "0"
+        else:
+            assert isinstance(e, Op), f"internal error: unknown expression {e}"
+            args = [self.expr(a) for a in e.args]
+            dts = [_dtype(a) for a in e.args]
+            v = LOWER[e.op](f, args, dts, e.attr, e.dtype)
+        self.memo[e] = v
+        return v
+
+    # --- reductions ------------------------------------------------------------------------------
+
+    def identity(self, store) -> str:
+        dtype = store.expr.dtype
+        if store.reduce == "max":
+            if dtype.is_float:
+                return const(float("-inf"), dtype)
+            return str(-(1 << 63) if dtype is DType.i64 else -(1 << 31))
+        return const(0, dtype)
+
+    def combine(self, store, acc: str, value: str) -> str:
+        dtype = store.expr.dtype
+        t = IR_TYPE[dtype]
+        if store.reduce == "max":
+            name = f"llvm.maximum.{SUFFIX[dtype]}" if dtype.is_float else f"llvm.smax.{SUFFIX[dtype]}"
+            return self.f.call(name, t, [(t, acc), (t, value)])
+        if dtype.is_float:
+            return self.f.emit(f"fadd {REDUCE_FLAGS} {t} {acc}, {value}")
+        return self.f.emit(f"add {t} {acc}, {value}")
+
+    def reduced_count(self) -> str:
+        return self.m.size(self.f, sprod(self.k.space[a] for a in self.k.reduce_axes), self.sizes)
+
+    def init_accumulators(self) -> None:
+        for i, s in enumerate(s for s in self.k.stores if s.reduce):
+            self.f.do(f"store {IR_TYPE[s.expr.dtype]} {self.identity(s)}, ptr {self.accs[i]}")
+
+    def finish_accumulators(self) -> None:
+        f = self.f
+        for i, s in enumerate(s for s in self.k.stores if s.reduce):
+            t = IR_TYPE[s.expr.dtype]
+            value = f.emit(f"load {t}, ptr {self.accs[i]}")
+            if s.reduce == "mean":
+                count = cast(f, self.reduced_count(), DType.i64, s.expr.dtype)
+                value = f.emit(f"fdiv {t} {value}, {count}")
+            index = self.index + ["0"] * (len(self.k.space) - len(self.index))
+            self.store(s.access, s.expr.dtype, value, index)
+
+    def body(self) -> None:
+        self.memo = {}
+        reducing = 0
+        for s in self.k.stores:
+            value = self.expr(s.expr)
+            if not s.reduce:
+                self.store(s.access, s.expr.dtype, value, self.index)
+            elif self.register_from is not None:
+                t = IR_TYPE[s.expr.dtype]
+                acc = self.f.emit(f"load {t}, ptr {self.accs[reducing]}")
+                self.f.do(f"store {t} {self.combine(s, acc, value)}, ptr {self.accs[reducing]}")
+                reducing += 1
+            else:
+                old = self.load(s.access, s.expr.dtype, self.index)
+                self.store(s.access, s.expr.dtype, self.combine(s, old, value), self.index)
+
+    def _flat(self, store, body) -> None:
+        buf = self.m.plan.buffers[store.access.buffer]
+        count = self.m.size(self.f, buf.elements, self.sizes)
+        self.for_range(count, body, "j")
+
+    def fill(self, store) -> None:
+        dtype = store.expr.dtype
+        ptr = f"%b{self.m.resolve(store.access.buffer)}"
+
+        def body(j):
+            p = self.f.emit(f"getelementptr {MEM_TYPE[dtype]}, ptr {ptr}, i64 {j}", "p")
+            self.f.do(f"store {MEM_TYPE[dtype]} {self.identity(store)}, ptr {p}")
+        self._flat(store, body)
+
+    def scale(self, store) -> None:
+        f, dtype = self.f, store.expr.dtype
+        t = IR_TYPE[dtype]
+        ptr = f"%b{self.m.resolve(store.access.buffer)}"
+        count = cast(f, self.reduced_count(), DType.i64, dtype)
+
+        def body(j):
+            p = f.emit(f"getelementptr {t}, ptr {ptr}, i64 {j}", "p")
+            old = f.emit(f"load {t}, ptr {p}")
+            f.do(f"store {t} {f.emit(f'fdiv {t} {old}, {count}')}, ptr {p}")
+        self._flat(store, body)
+
+
+def _sizes_used(plan: KernelPlan, kernel: Kernel) -> list:
+    out = list(kernel.space)
+    for a in list(kernel.loads) + [s.access for s in kernel.stores]:
+        out.extend(a.strides)
+        out.extend(a.offset)
+    out.append(sprod(kernel.space[a] for a in kernel.reduce_axes))
+    out.extend(plan.buffers[s.access.buffer].elements for s in kernel.stores if s.reduce)
+    seen: set = set()
+    stack = [s.expr for s in kernel.stores]
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        if isinstance(e, SizeOf):
+            out.append(e.size)
+        elif isinstance(e, Op):
+            stack.extend(e.args)
+    if kernel.matmul is not None:
+        m, k, n = (kernel.space + (ONE, ONE, ONE))[:3]
+        out.extend([m, k, n])
+    return [s for s in out if s[1]]
+
+
+def _dtype(e) -> DType:
+    if isinstance(e, (Index, FlatIndex)):
+        return DType.i64
+    return e.dtype
+
+
+def render_module(plan: KernelPlan, blas_int_bits: int = 64) -> tuple[str, list[int]]:
+    """The module's text, and for each runtime check (numbered from 1) the kernel it sits in."""
+    module = Module(plan, blas_int_bits)
+    return module.render(), module.checked_kernels

@@ -1,0 +1,172 @@
+"""Compiling LLVM IR for this CPU, with an on-disk cache of object code, and finding the BLAS.
+
+The target machine gets the host CPU's own name and features, so AVX2 or AVX-512 are used where
+they exist (llvmlite emits plain SSE2 otherwise). Object code is cached under
+$GRAPHC_CACHE_DIR (default: the user cache folder) keyed by a hash of the IR text, the CPU and the
+compiler's version: the cache holds only code this compiler generated from IR it wrote itself.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("graphc")
+
+CODEGEN_VERSION = "1"     # bump when the renderer's output changes meaning for the same IR
+
+
+@functools.cache
+def _llvm():
+    import llvmlite.binding as llvm
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    _register_libm(llvm)
+    return llvm
+
+
+@functools.cache
+def target_machine():
+    llvm = _llvm()
+    target = llvm.Target.from_default_triple()
+    return target.create_target_machine(cpu=llvm.get_host_cpu_name(),
+                                        features=llvm.get_host_cpu_features().flatten(),
+                                        opt=3, codemodel="jitdefault")
+
+
+def cpu_description() -> str:
+    llvm = _llvm()
+    return f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"
+
+
+def _register_libm(llvm) -> None:
+    """Generated code calls the C math library (expf, logf, ...); tell the JIT where it is."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    for base in ("exp", "log", "pow", "tanh", "log1p", "sqrt", "fmax", "fmin"):
+        for name in (base, base + "f"):
+            if hasattr(libm, name):
+                llvm.add_symbol(name, ctypes.cast(getattr(libm, name), ctypes.c_void_p).value)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GRAPHC_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "graphc"
+
+
+def _key(text: str) -> str:
+    import llvmlite
+    h = hashlib.sha256()
+    for part in (CODEGEN_VERSION, llvmlite.__version__, cpu_description(), text):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:40]
+
+
+def object_code(text: str) -> bytes:
+    """Optimized object code for an IR module, from the cache when it is there."""
+    path = cache_dir() / "llvm" / (_key(text) + ".o")
+    try:
+        data = path.read_bytes()
+        log.debug("llvm cache hit %s", path.name)
+        return data
+    except OSError:
+        pass
+    data = compile_ir(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as err:            # a read-only cache is not an error, just a slower start
+        log.debug("llvm cache not written: %s", err)
+    return data
+
+
+def optimized_module(text: str):
+    llvm = _llvm()
+    tm = target_machine()
+    mod = llvm.parse_assembly(text)
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return mod
+
+
+def compile_ir(text: str) -> bytes:
+    return target_machine().emit_object(optimized_module(text))
+
+
+class Compiled:
+    """Loaded object code and the address of one of its functions; keeps the engine alive."""
+
+    def __init__(self, obj: bytes, symbol: str):
+        llvm = _llvm()
+        tm = target_machine()
+        empty = llvm.parse_assembly("")
+        empty.triple = tm.triple
+        self.engine = llvm.create_mcjit_compiler(empty, tm)
+        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self.engine.finalize_object()
+        self.address = self.engine.get_function_address(symbol)
+        assert self.address, f"internal error: {symbol} not found in compiled code"
+
+
+@functools.cache
+def blas() -> tuple[int, int, int]:
+    """(sgemm address, dgemm address, integer bits) of the CBLAS that numpy links, or zeros when
+    none is found (then generated loops do every matrix product)."""
+    import numpy as np
+    candidates = []
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    if libs.is_dir():
+        candidates += sorted(str(p) for p in libs.iterdir() if "blas" in p.name.lower())
+    candidates += _mapped_blas()
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix, bits in (("scipy_cblas_", "64_", 64), ("cblas_", "64_", 64),
+                                     ("scipy_cblas_", "", 32), ("cblas_", "", 32)):
+            try:
+                s = getattr(lib, f"{prefix}sgemm{suffix}")
+                d = getattr(lib, f"{prefix}dgemm{suffix}")
+            except AttributeError:
+                continue
+            if bits == 32 and _is_ilp64(path):
+                bits = 64
+            return (ctypes.cast(s, ctypes.c_void_p).value, ctypes.cast(d, ctypes.c_void_p).value, bits)
+    log.debug("no CBLAS found; matrix products use generated loops")
+    return (0, 0, 64)
+
+
+def _is_ilp64(path: str) -> bool:
+    return "64_" in Path(path).name or "ilp64" in path.lower()
+
+
+def _mapped_blas() -> list[str]:
+    """Shared libraries already loaded by this process (numpy's BLAS among them)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in maps:
+        path = line.split()[-1] if "/" in line else ""
+        if "blas" in path.lower() and path not in found:
+            found.append(path)
+    return found

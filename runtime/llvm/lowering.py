@@ -1,0 +1,196 @@
+"""How each primitive op becomes LLVM IR: one entry per op name, the table the LLVM renderer reads.
+
+Every entry takes the function being written (`f`), the operands' IR values and dtypes, the op's
+attributes and its result dtype, and returns the IR value of the result.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from graphc.ir.primitives import hash32
+from graphc.ir.types import DType
+
+IR_TYPE = {DType.f16: "half", DType.f32: "float", DType.f64: "double", DType.i32: "i32",
+           DType.i64: "i64", DType.bool: "i1"}
+MEM_TYPE = {**IR_TYPE, DType.bool: "i8"}      # numpy keeps a bool in a byte
+SUFFIX = {DType.f16: "f16", DType.f32: "f32", DType.f64: "f64", DType.i32: "i32", DType.i64: "i64"}
+LIBM = {DType.f32: "f", DType.f64: "", DType.f16: None}   # expf / exp; half goes through float
+
+# Elementwise float arithmetic may be contracted into FMAs; reductions may also be reassociated
+# (vectorized), which changes the order of a sum: both stay within the stated tolerances.
+FLAGS = "contract"
+REDUCE_FLAGS = "reassoc contract"
+
+
+def const(value, dtype: DType) -> str:
+    """An IR literal of `dtype` (floats in the exact hexadecimal form LLVM wants)."""
+    if dtype is DType.bool:
+        return "true" if value else "false"
+    if dtype.is_int:
+        return str(int(value))
+    if dtype is DType.f16:
+        return f"0xH{int(np.array(value, dtype=np.float16).view(np.uint16)):04X}"
+    if dtype is DType.f32:
+        value = float(np.float32(value))
+    return f"0x{struct.unpack('<Q', struct.pack('<d', float(value)))[0]:016X}"
+
+
+def _float_call(name: str):
+    """exp, log, tanh, log1p: LLVM intrinsics where they exist, else the C library."""
+    intrinsic = name in ("exp", "log", "sqrt", "fabs")
+
+    def lower(f, args, dts, attrs, out):
+        t = IR_TYPE[out]
+        if intrinsic:
+            fn = f"llvm.{name}.{SUFFIX[out]}"
+        elif out is DType.f16:
+            x = f.emit(f"fpext half {args[0]} to float")
+            return f.emit(f"fptrunc float {f.call(f'{name}f', 'float', [('float', x)])} to half")
+        else:
+            fn = name + LIBM[out]
+        return f.call(fn, t, [(t, args[0])])
+    return lower
+
+
+def _arith(fop: str, iop: str):
+    def lower(f, args, dts, attrs, out):
+        t = IR_TYPE[out]
+        if out.is_float:
+            return f.emit(f"{fop} {FLAGS} {t} {args[0]}, {args[1]}")
+        return f.emit(f"{iop} {t} {args[0]}, {args[1]}")
+    return lower
+
+
+def _extremum(fname: str, iname: str, bop: str):
+    def lower(f, args, dts, attrs, out):
+        t = IR_TYPE[out]
+        if out.is_float:            # maximum/minimum propagate NaN, as numpy does
+            return f.call(f"llvm.{fname}.{SUFFIX[out]}", t, [(t, args[0]), (t, args[1])])
+        if out is DType.bool:
+            return f.emit(f"{bop} i1 {args[0]}, {args[1]}")
+        return f.call(f"llvm.{iname}.{SUFFIX[out]}", t, [(t, args[0]), (t, args[1])])
+    return lower
+
+
+def _compare(fcond: str, icond: str):
+    def lower(f, args, dts, attrs, out):
+        t = IR_TYPE[dts[0]]
+        if dts[0].is_float:
+            return f.emit(f"fcmp {fcond} {t} {args[0]}, {args[1]}")
+        return f.emit(f"icmp {icond} {t} {args[0]}, {args[1]}")
+    return lower
+
+
+def _neg(f, args, dts, attrs, out):
+    t = IR_TYPE[out]
+    return f.emit(f"fneg {t} {args[0]}") if out.is_float else f.emit(f"sub {t} 0, {args[0]}")
+
+
+def _abs(f, args, dts, attrs, out):
+    t = IR_TYPE[out]
+    if out.is_float:
+        return f.call(f"llvm.fabs.{SUFFIX[out]}", t, [(t, args[0])])
+    return f.call(f"llvm.abs.{SUFFIX[out]}", t, [(t, args[0]), ("i1", "false")])
+
+
+def _relu(f, args, dts, attrs, out):
+    return _extremum("maximum", "smax", "or")(f, [args[0], const(0, out)], dts, attrs, out)
+
+
+def _sigmoid(f, args, dts, attrs, out):
+    # 1 / (1 + exp(-x)): exp overflows to inf for very negative x, and 1/inf is the right 0.
+    t = IR_TYPE[out]
+    e = _float_call("exp")(f, [f.emit(f"fneg {t} {args[0]}")], dts, attrs, out)
+    d = f.emit(f"fadd {FLAGS} {t} {const(1, out)}, {e}")
+    return f.emit(f"fdiv {FLAGS} {t} {const(1, out)}, {d}")
+
+
+def _pow(f, args, dts, attrs, out):
+    t = IR_TYPE[out]
+    return f.call(f"llvm.pow.{SUFFIX[out]}", t, [(t, args[0]), (t, args[1])])
+
+
+def _where(f, args, dts, attrs, out):
+    t = IR_TYPE[out]
+    return f.emit(f"select i1 {args[0]}, {t} {args[1]}, {t} {args[2]}")
+
+
+def cast(f, value: str, src: DType, dst: DType) -> str:
+    if src is dst:
+        return value
+    s, d = IR_TYPE[src], IR_TYPE[dst]
+    if dst is DType.bool:
+        return (f.emit(f"fcmp une {s} {value}, {const(0, src)}") if src.is_float
+                else f.emit(f"icmp ne {s} {value}, 0"))
+    if src.is_float and dst.is_float:
+        wider = {DType.f16: 16, DType.f32: 32, DType.f64: 64}
+        op = "fpext" if wider[dst] > wider[src] else "fptrunc"
+        return f.emit(f"{op} {s} {value} to {d}")
+    if src.is_float:
+        return f.emit(f"fptosi {s} {value} to {d}")
+    if dst.is_float:
+        return f.emit(f"{'uitofp' if src is DType.bool else 'sitofp'} {s} {value} to {d}")
+    bits = {DType.bool: 1, DType.i32: 32, DType.i64: 64}
+    if bits[dst] == bits[src]:
+        return value
+    op = "trunc" if bits[dst] < bits[src] else ("zext" if src is DType.bool else "sext")
+    return f.emit(f"{op} {s} {value} to {d}")
+
+
+def _cast(f, args, dts, attrs, out):
+    return cast(f, args[0], dts[0], out)
+
+
+def _identity(f, args, dts, attrs, out):
+    return args[0]
+
+
+def _hash32(f, x: str) -> str:
+    """lowbias32, as graphc.ir.primitives.hash32."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = f.emit(f"xor i32 {x}, {f.emit(f'lshr i32 {x}, {shift}')}")
+        x = f.emit(f"mul i32 {x}, {mult - (1 << 32) if mult >= 1 << 31 else mult}")
+    return f.emit(f"xor i32 {x}, {f.emit(f'lshr i32 {x}, 16')}")
+
+
+def _i32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _uniform(f, args, dts, attrs, out):
+    key, flat = args
+    key = cast(f, key, dts[0], DType.i64)
+    lo = f.emit(f"trunc i64 {key} to i32")
+    hi = f.emit(f"trunc i64 {f.emit(f'lshr i64 {key}, 32')} to i32")
+    stream_word = hash32(attrs["stream"] + 0x9E3779B9)       # a constant of the op
+    w0 = _hash32(f, f.emit(f"xor i32 {lo}, {_i32(stream_word)}"))
+    w1 = _hash32(f, f.emit(f"xor i32 {_hash32(f, f.emit(f'add i32 {hi}, {_i32(0x632BE5AB)}'))}, {w0}"))
+    index = f.emit(f"trunc i64 {flat} to i32")
+    bits = _hash32(f, f.emit(f"xor i32 {_hash32(f, f.emit(f'xor i32 {index}, {w0}'))}, {w1}"))
+    top = f.emit(f"uitofp i32 {f.emit(f'lshr i32 {bits}, 8')} to {IR_TYPE[out]}")
+    return f.emit(f"fmul {IR_TYPE[out]} {top}, {const(2.0 ** -24, out)}")
+
+
+def _one_hot(f, args, dts, attrs, out):
+    label, cls = args
+    label = cast(f, label, dts[0], DType.i64)
+    f.check_label(label, cls, attrs["depth"])
+    hit = f.emit(f"icmp eq i64 {label}, {cls}")
+    return f.emit(f"select i1 {hit}, {IR_TYPE[out]} {const(1, out)}, {IR_TYPE[out]} {const(0, out)}")
+
+
+LOWER = {
+    "neg": _neg, "abs": _abs, "relu": _relu, "sigmoid": _sigmoid, "stop_gradient": _identity,
+    "exp": _float_call("exp"), "log": _float_call("log"), "sqrt": _float_call("sqrt"),
+    "log1p": _float_call("log1p"), "tanh": _float_call("tanh"),
+    "add": _arith("fadd", "add"), "sub": _arith("fsub", "sub"), "mul": _arith("fmul", "mul"),
+    "div": _arith("fdiv", "sdiv"), "pow": _pow,
+    "maximum": _extremum("maximum", "smax", "or"), "minimum": _extremum("minimum", "smin", "and"),
+    "greater": _compare("ogt", "sgt"), "greater_equal": _compare("oge", "sge"),
+    "less": _compare("olt", "slt"), "less_equal": _compare("ole", "sle"),
+    "equal": _compare("oeq", "eq"), "not_equal": _compare("une", "ne"),
+    "where": _where, "cast": _cast, "uniform": _uniform, "one_hot": _one_hot,
+}

@@ -21,6 +21,12 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME", help="which model, when the file holds several")
 
 
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    from graphc.runtime.program import BACKEND_NAMES
+    p.add_argument("--backend", default="numpy", choices=BACKEND_NAMES,
+                   help="numpy (the reference) or llvm (fused native kernels for this CPU)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphc", description="Compile neural networks declared in .nn files.",
@@ -38,16 +44,24 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="compile a model into an artifact folder",
                        description="Compile a model and write an artifact: graph.json, "
-                                   "params.npz (initialized parameters) and manifest.json.")
+                                   "params.npz (initialized parameters) and manifest.json. With "
+                                   "--backend llvm, every graph's kernels are compiled too.")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("-o", "--out", metavar="DIR", required=True, help="artifact folder to write")
+    p.add_argument("-o", "--out", metavar="DIR",
+                   help="artifact folder to write (needed unless --stats or --emit-source)")
     _add_model_arg(p)
     p.add_argument("--seed", type=int, help="seed for parameter initialization "
                                             "(default: the train block's, else 0)")
-    p.add_argument("--backend", default="numpy", choices=["numpy"], help="backend to build for")
+    _add_backend_arg(p)
     p.add_argument("--verify", action="store_true", help="check IR invariants after every pass")
     p.add_argument("--dump-after", metavar="PASS", action="append", default=[],
-                   help="print the IR after a pass (repeatable)")
+                   help="print the IR after a pass, or the kernel plan after `fuse` (repeatable)")
+    p.add_argument("--stats", action="store_true",
+                   help="report kernels, FLOPs, bytes moved and peak memory of each program")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="batch size for --stats (default: the train block's, else 64)")
+    p.add_argument("--emit-source", metavar="DIR",
+                   help="write the generated code of every graph (LLVM IR with --backend llvm)")
     p.set_defaults(run=cmd_build)
 
     p = sub.add_parser("graph", help="print a model's graph (text or Graphviz DOT)",
@@ -139,17 +153,71 @@ def _train_summary(train) -> str:
 def cmd_build(args) -> int:
     from graphc.compiler import build_program, check_source, read_source
     from graphc.passes import PipelineOptions, pass_names
-    unknown = [p for p in args.dump_after if p not in pass_names()]
+    stages = pass_names() + [FUSE_STAGE]
+    unknown = [p for p in args.dump_after if p not in stages]
     if unknown:
-        raise _usage(f"--dump-after: unknown pass '{unknown[0]}' (passes: {', '.join(pass_names())})")
+        raise _usage(f"--dump-after: unknown pass '{unknown[0]}' (passes: {', '.join(stages)})")
+    if not (args.out or args.stats or args.emit_source):
+        raise _usage("build needs -o DIR (or --stats or --emit-source)")
+    if args.batch is not None and args.batch < 1:
+        raise _usage("--batch must be at least 1")
     checked = check_source(read_source(args.file), args.file)
     options = PipelineOptions(verify=args.verify, dump_after=args.dump_after, dump=print)
     program = build_program(checked, args.model, args.backend, args.seed, options)
-    out = _writable_dir(args.out)
-    program.save(out)
+    if FUSE_STAGE in args.dump_after:
+        from graphc.kernels import plan_kernels
+        from graphc.kernels.printer import format_plan
+        for key, graph in program.graphs.items():
+            print(f"; kernel plan of {key}\n{format_plan(plan_kernels(graph))}")
+    program.compile()               # native code for every graph now, not at the first step
+    if args.emit_source:
+        _emit_source(program, Path(args.emit_source))
+    if args.stats:
+        _print_stats(program, args.batch)
     count = sum(p.count for p in program.param_info.values())
-    print(f"built {program.name} -> {out} ({len(program.graph.nodes())} nodes, {count:,} parameters)")
+    if args.out:
+        out = _writable_dir(args.out)
+        program.save(out)
+        print(f"built {program.name} -> {out} ({len(program.graph.nodes())} nodes, {count:,} parameters)")
     return 0
+
+
+FUSE_STAGE = "fuse"
+
+
+def _emit_source(program, folder: Path) -> None:
+    """One readable file per graph: LLVM IR for the llvm backend, the kernel plan otherwise."""
+    from graphc.kernels import plan_kernels
+    from graphc.kernels.printer import format_plan
+    folder = _writable_dir(str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, executor in program._executors.items():
+        if hasattr(executor, "source"):
+            path, text = folder / f"{program.name}.{key}.ll", executor.source()
+        else:
+            path, text = folder / f"{program.name}.{key}.plan", format_plan(plan_kernels(executor.graph))
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+def _print_stats(program, batch: int | None) -> None:
+    from graphc.kernels import plan_kernels
+    from graphc.kernels.memory import plan_stats
+    train = program.meta.get("train") or {}
+    n = batch or int(train.get("batch") or 64)
+    rows = [("program", "kernels", "MFLOP", "MB moved", "peak MB", "nodes")]
+    for key, graph in program.graphs.items():
+        plan = plan_kernels(graph)
+        stats = plan_stats(plan, dict.fromkeys(plan.symbols, n))
+        rows.append((key, str(stats["kernels"]), f"{stats['flops'] / 1e6:.2f}",
+                     f"{stats['bytes_moved'] / 1e6:.2f}", f"{stats['peak_bytes'] / 1e6:.2f}",
+                     str(len(graph.nodes()))))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    print(f"{program.name} at batch {n} (fused kernels; peak = parameters, state, inputs and the "
+          f"planned temporaries):")
+    for r in rows:
+        cells = [v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))]
+        print("  " + "  ".join(cells))
 
 
 def cmd_graph(args) -> int:

@@ -131,6 +131,13 @@ class Program:
         self._lr_dtype = next((n.type.dtype.numpy for n in graphs["train_step"].inputs
                                if n.attr["name"] == LR_INPUT), None) if "train_step" in graphs else None
 
+    def compile(self) -> None:
+        """Generate and load native code for every graph now (compiled backends otherwise do it
+        at each graph's first call)."""
+        for executor in self._executors.values():
+            if hasattr(executor, "compile"):
+                executor.compile()
+
     @property
     def graph(self) -> Graph:
         return self.graphs["forward"]

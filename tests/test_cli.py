@@ -63,7 +63,7 @@ def test_build_with_verify_and_dump(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["frobnicate"], ["build", "models/mnist_mlp.nn"],
-                                  ["build", "models/mnist_mlp.nn", "-o", "x", "--dump-after", "fuse"],
+                                  ["build", "models/mnist_mlp.nn", "-o", "x", "--dump-after", "frobnicate"],
                                   ["graph", "models/mnist_mlp.nn", "--format", "png"]])
 def test_bad_usage_exits_2(argv, capsys, tmp_path):
     if "-o" in argv:

@@ -3,11 +3,15 @@ graphc's own, with an 'expected ...' list in the language's words and a caret un
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import tempfile
 from importlib import resources
 
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
+from graphc.cache import cache_dir
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.frontend.transform import ToAst
@@ -20,7 +24,27 @@ _WORDS = {"NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING":
 @functools.cache
 def _parser() -> lark.Lark:
     text = resources.files("graphc.grammar").joinpath("graphc.lark").read_text(encoding="utf-8")
-    return lark.Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    options = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+    # Building the LALR tables takes a fifth of a second, so they are kept in the user's own
+    # graphc cache folder (never a shared temp folder: lark reads them back with pickle), in a
+    # file named by a hash of the grammar, the options and lark's version, written atomically.
+    key = hashlib.sha256(f"{lark.__version__}\0{sorted(options.items())}\0{text}".encode()).hexdigest()
+    path = cache_dir() / f"parser-{key[:24]}.lark"
+    try:
+        with open(path, "rb") as fh:
+            return lark.Lark.load(fh)
+    except Exception:   # missing, unreadable or from another lark: build the tables again
+        pass
+    parser = lark.Lark(text, **options)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            parser.save(fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return parser
 
 
 def _describe(parser: lark.Lark, terminal: str) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-import networkx as nx
-
 from graphc.errors import SourceLoc
 from graphc.ir.types import TensorType
 
@@ -121,7 +119,8 @@ class Graph:
     def params(self) -> list[Node]:
         return self._sources("param")
 
-    def to_networkx(self) -> nx.DiGraph:
+    def to_networkx(self):
+        import networkx as nx  # imported here: it takes a fifth of a second
         g = nx.DiGraph()
         ids = {id(n): i for i, n in enumerate(self.nodes())}
         for n in self.nodes():

@@ -1,14 +1,13 @@
 """IR invariants, checked after every pass when verification is on."""
 from __future__ import annotations
 
-import networkx as nx
-
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph
 
 
 def verify_graph(graph: Graph) -> None:
     """Raise AssertionError ('internal error ...') naming the first node that breaks an invariant."""
+    import networkx as nx
     nxg = graph.to_networkx()
     assert nx.is_directed_acyclic_graph(nxg), f"internal error: graph {graph.name} has a cycle"
     sources: dict[tuple[str, str], object] = {}

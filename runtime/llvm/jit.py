@@ -16,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from graphc.cache import cache_dir
+
 log = logging.getLogger("graphc")
 
 CODEGEN_VERSION = "1"     # bump when the renderer's output changes meaning for the same IR
@@ -32,6 +34,11 @@ def _llvm():
 
 @functools.cache
 def target_machine():
+    """The machine code is generated for (shared by every compilation)."""
+    return new_target_machine()
+
+
+def new_target_machine():
     llvm = _llvm()
     target = llvm.Target.from_default_triple()
     return target.create_target_machine(cpu=llvm.get_host_cpu_name(),
@@ -51,14 +58,6 @@ def _register_libm(llvm) -> None:
         for name in (base, base + "f"):
             if hasattr(libm, name):
                 llvm.add_symbol(name, ctypes.cast(getattr(libm, name), ctypes.c_void_p).value)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GRAPHC_CACHE_DIR")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "graphc"
 
 
 def _key(text: str) -> str:
@@ -115,7 +114,7 @@ class Compiled:
 
     def __init__(self, obj: bytes, symbol: str):
         llvm = _llvm()
-        tm = target_machine()
+        tm = new_target_machine()     # the engine takes ownership of its target machine
         empty = llvm.parse_assembly("")
         empty.triple = tm.triple
         self.engine = llvm.create_mcjit_compiler(empty, tm)

@@ -20,8 +20,8 @@ LIBM = {DType.f32: "f", DType.f64: "", DType.f16: None}   # expf / exp; half goe
 
 # Elementwise float arithmetic may be contracted into FMAs; reductions may also be reassociated
 # (vectorized), which changes the order of a sum: both stay within the stated tolerances.
-FLAGS = "contract"
-REDUCE_FLAGS = "reassoc contract"
+FLAGS = "arcp contract"
+REDUCE_FLAGS = "reassoc arcp contract"
 
 
 def const(value, dtype: DType) -> str:

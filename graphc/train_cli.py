@@ -31,6 +31,7 @@ def add_commands(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                                                    "checkpoint (same result as never stopping)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch lines")
+    _add_backend(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="score a trained run or an artifact on a data split",
@@ -38,6 +39,7 @@ def add_commands(sub) -> None:
     p.add_argument("target", metavar="RUN|ARTIFACT")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST/Fashion-MNIST files")
+    _add_backend(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("predict", help="predict classes (or values) for inputs in a .npy file",
@@ -49,7 +51,14 @@ def add_commands(sub) -> None:
     p.add_argument("--no-scale", action="store_true",
                    help="the inputs are already scaled as the model expects")
     p.add_argument("-o", "--out", metavar="FILE.npz", help="save predictions to a .npz file")
+    _add_backend(p)
     p.set_defaults(run=cmd_predict)
+
+
+def _add_backend(p) -> None:
+    # Checkpoints hold plain arrays, so a run trained on one backend resumes or scores on another.
+    p.add_argument("--backend", choices=["numpy", "llvm"], default="numpy",
+                   help="numpy (the reference) or llvm (fused native kernels for this CPU)")
 
 
 def _positive(text: str) -> int:
@@ -92,7 +101,7 @@ def cmd_train(args) -> int:
                             hint="only --epochs (to train longer) and --data-dir may change")
         run = RunFolder(args.resume)
         config = run.config()
-        program = run.load_program()
+        program = run.load_program(args.backend)
         if args.epochs is not None:    # recorded, so a later plain --resume trains as long
             config["settings"]["epochs"] = args.epochs
             run.write_json("config.json", config)
@@ -155,9 +164,9 @@ def _load_trainable(args):
         from graphc.runtime import load_artifact
         if args.model:
             raise error("--model picks a model of a .nn file; an artifact holds one")
-        program = load_artifact(path)
+        program = load_artifact(path, backend=args.backend)
         return program, _source_dir(program)
-    program = graphc.compile_file(path, model=args.model, seed=args.seed)
+    program = graphc.compile_file(path, backend=args.backend, model=args.model, seed=args.seed)
     return program, path.parent
 
 
@@ -195,23 +204,23 @@ def _scores(scores: dict) -> str:
 
 # --- eval and predict -------------------------------------------------------------------------------
 
-def _open_target(target: str):
+def _open_target(target: str, backend: str = "numpy"):
     """(program, run config or None) for a run folder or an artifact folder."""
     from graphc.runtime import load_artifact
     from graphc.runtime.runs import RunFolder
     if RunFolder.is_run(target):
         run = RunFolder(target)
         config = run.config()
-        program, _ = run.load_trained()
+        program, _ = run.load_trained(backend)
         return _with_settings(program, config["settings"]), config
     if not Path(target).is_dir():
         raise error(f"{target}: no such run or artifact folder")
-    return load_artifact(target), None
+    return load_artifact(target, backend=backend), None
 
 
 def cmd_eval(args) -> int:
     from graphc.runtime.train import TrainSettings, evaluate_arrays, prepare_data
-    program, config = _open_target(args.target)
+    program, config = _open_target(args.target, args.backend)
     settings = TrainSettings.of(program)
     if config is not None:
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
@@ -227,7 +236,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from graphc.cli import _load_array
     from graphc.runtime.data import Scaler
-    program, config = _open_target(args.target)
+    program, config = _open_target(args.target, args.backend)
     features = (program.meta.get("task") or {}).get("features") or list(program.inputs)
     if len(features) != 1:
         raise error(f"{args.target}: predict feeds one input; {program.name} takes "

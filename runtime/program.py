@@ -118,6 +118,7 @@ class Program:
         self.reset_state()
         executor = executor_class(backend)
         self._executors = {key: executor(g) for key, g in graphs.items()}
+        self._checked_feeds: dict[tuple, dict[str, int]] = {}
         forward = graphs["forward"]
         self.inputs: dict[str, TensorType] = _user_inputs(forward)
         self.outputs: list[str] = [name for name, _ in forward.outputs]
@@ -183,7 +184,7 @@ class Program:
                                   else f"the file has no `train {self.name} {{ ... }}` block"))
         out = self._run("train_step", batch, rng=True,
                         extra={LR_INPUT: np.asarray(self.lr, dtype=self._lr_dtype)})
-        for name, value in out.items():
+        for name, value in out.items():    # compiled backends update in place and return less
             if name.startswith("new "):
                 target = name[4:]
                 store = self.state if target in self.state_info else self.params._values
@@ -202,6 +203,19 @@ class Program:
 
     def _feeds(self, inputs: dict, expected: dict[str, TensorType]
                ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        shapes = tuple((k, getattr(v, "shape", None), getattr(v, "dtype", None)) for k, v in inputs.items())
+        known = self._checked_feeds.get((id(expected), shapes))
+        if known is not None:   # arrays of these shapes and exact dtypes were checked before
+            return dict(inputs), known
+        feeds, dims = self._check_feeds(inputs, expected)
+        if all(isinstance(v, np.ndarray) and v.dtype == expected[k].dtype.numpy for k, v in inputs.items()):
+            if len(self._checked_feeds) > 64:
+                self._checked_feeds.clear()
+            self._checked_feeds[(id(expected), shapes)] = dims
+        return feeds, dims
+
+    def _check_feeds(self, inputs: dict, expected: dict[str, TensorType]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         unknown = [k for k in inputs if k not in expected]
         if unknown:
             hint = did_you_mean(unknown[0], expected)

@@ -21,35 +21,47 @@ _MAIN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctype
 
 @dataclass
 class _Frame:
-    """Everything that depends on the batch shape: the arena and the pointer table."""
+    """Everything that depends on the batch shape: the arena, the pointer table, the outputs."""
     arena: np.ndarray
     pointers: ctypes.Array
     dims: np.ndarray
-    outputs: list                 # (name, external slot or None, ndarray view into the arena)
-
-    @property
-    def dims_address(self) -> int:
-        return self.dims.ctypes.data
+    dims_address: int
+    temp_outputs: list            # (name, view into the arena): copied out after each run
+    external_outputs: list        # (name, slot, as_strided arguments): outputs that are views of inputs
+    seen: dict                    # slot -> the array its pointer was taken from
 
 
 class LLVMExecutor:
+    """Runs one graph. Outputs that the plan writes in place into a parameter or state array
+    (`new W` of a train step) are not returned: the arrays passed in hold them after the call."""
+
     name = "llvm"
 
     def __init__(self, graph: Graph):
         self.graph = graph
         self.plan = plan_kernels(graph)
-        self.externals = [(b.id, b.kind, b.name, b.dtype.numpy, b.id in self.plan.aliases.values())
-                          for b in self.plan.buffers if b.kind != "temp"]
+        in_place = set(self.plan.aliases.values())
+        self.scalar_inputs = []       # 0-d inputs (#lr, #rng) are copied into buffers of our own
+        self.array_inputs = []
+        self.owned = []               # params and state: pointers taken again only when replaced
+        for b in self.plan.buffers:
+            if b.kind == "input" and not b.shape:
+                self.scalar_inputs.append((b.id, b.name, np.zeros((), dtype=b.dtype.numpy)))
+            elif b.kind == "input":
+                self.array_inputs.append((b.id, b.name, b.dtype.numpy))
+            elif b.kind in ("param", "state"):
+                self.owned.append((b.id, b.name, b.kind == "param", b.dtype.numpy, b.id in in_place))
+        self.in_place = {name for name, access, _, _ in self.plan.outputs
+                         if self.plan.aliases.get(access.buffer) in in_place}
         self._fn = None
         self._frames: dict[tuple, _Frame] = {}
-        self._seen: dict[int, object] = {}          # slot -> the array last pointed at
         self._status = np.zeros(3, dtype=np.int64)
         self._status_address = self._status.ctypes.data
-        self._blas = (ctypes.c_void_p * 2)()
+        self._blas = (ctypes.c_void_p * 4)()
         self._checks: list[int] = []
 
     def source(self) -> str:
-        text, self._checks = render_module(self.plan, jit.blas()[2])
+        text, self._checks = render_module(self.plan, jit.blas().int_bits)
         return text
 
     def compile(self) -> None:
@@ -57,67 +69,85 @@ class LLVMExecutor:
             text = self.source()
             self._compiled = jit.Compiled(jit.object_code(text), "graph_main")
             self._fn = _MAIN(self._compiled.address)
-            sgemm, dgemm, _ = jit.blas()
-            self._blas[0], self._blas[1] = sgemm or None, dgemm or None
+            blas = jit.blas()
+            self._blas[:] = [blas.sgemm or None, blas.dgemm or None, blas.set_threads or None,
+                             blas.threads]
 
     def frame(self, dims: dict[str, int]) -> _Frame:
         key = tuple(dims.get(s, 0) for s in self.plan.symbols)
         frame = self._frames.get(key)
         if frame is None:
-            arena = plan_arena(self.plan, dims)
-            raw = np.empty(arena.size + ALIGN, dtype=np.uint8)
-            shift = (-raw.ctypes.data) % ALIGN
-            memory = raw[shift: shift + arena.size]
-            pointers = (ctypes.c_void_p * len(self.plan.buffers))()
-            base = memory.ctypes.data
-            for b, off in arena.offsets.items():
-                pointers[b] = base + off
-            outputs = []
-            slots = {b.id: b for b in self.plan.buffers}
-            for name, access, shape, dtype in self.plan.outputs:
-                buf = self.plan.aliases.get(access.buffer, access.buffer)
-                if slots[buf].kind != "temp":
-                    outputs.append((name, buf, _view_args(access, shape, dtype, dims)))
-                else:
-                    outputs.append((name, None, _arena_view(memory, arena.offsets[buf], access, shape,
-                                                            dtype, dims)))
-            frame = _Frame(memory, pointers, np.array(key, dtype=np.int64), outputs)
-            self._frames[key] = frame
-            self._seen = {}
+            frame = self._frames[key] = self._new_frame(dims, key)
         return frame
+
+    def _new_frame(self, dims: dict[str, int], key: tuple) -> _Frame:
+        arena = plan_arena(self.plan, dims)
+        raw = np.empty(arena.size + ALIGN, dtype=np.uint8)
+        shift = (-raw.ctypes.data) % ALIGN
+        memory = raw[shift: shift + arena.size]
+        pointers = (ctypes.c_void_p * len(self.plan.buffers))()
+        base = memory.ctypes.data
+        for b, off in arena.offsets.items():
+            pointers[b] = base + off
+        for slot, _, value in self.scalar_inputs:
+            pointers[slot] = value.ctypes.data
+        temps, externals = [], []
+        kinds = {b.id: b.kind for b in self.plan.buffers}
+        for name, access, shape, dtype in self.plan.outputs:
+            buf = self.plan.aliases.get(access.buffer, access.buffer)
+            if name in self.in_place:
+                continue
+            if kinds[buf] == "temp":
+                temps.append((name, _arena_view(memory, arena.offsets[buf], access, shape, dtype, dims)))
+            else:
+                externals.append((name, buf, _view_args(access, shape, dtype, dims)))
+        dims_array = np.array(key, dtype=np.int64)
+        return _Frame(memory, pointers, dims_array, dims_array.ctypes.data, temps, externals, {})
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
             dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if self._fn is None:
             self.compile()
         frame = self.frame(dims)
-        pointers, seen = frame.pointers, self._seen
+        pointers, seen = frame.pointers, frame.seen
+        for _, name, value in self.scalar_inputs:
+            value[()] = feeds[name]
         arrays = {}
-        for slot, kind, name, dtype, written in self.externals:
-            source = feeds if kind == "input" else params if kind == "param" else state
+        for slot, name, dtype in self.array_inputs:
+            array = feeds[name]
+            if array.dtype != dtype or not array.flags.c_contiguous:
+                array = np.ascontiguousarray(array, dtype=dtype)
+            pointers[slot] = array.ctypes.data
+            arrays[slot] = array
+        for slot, name, is_param, dtype, written in self.owned:
+            source = params if is_param else state
             array = source[name]
             if seen.get(slot) is not array:
                 if not (isinstance(array, np.ndarray) and array.dtype == dtype
                         and array.flags.c_contiguous and (array.flags.writeable or not written)):
-                    array = np.array(array, dtype=dtype, order="C")
-                    if kind != "input":
-                        source[name] = array     # the program keeps the array we update
+                    array = source[name] = np.array(array, dtype=dtype, order="C")
                 seen[slot] = array
                 pointers[slot] = array.ctypes.data
-            arrays[slot] = array
-        status = self._status
         if self._fn(pointers, frame.dims_address, self._blas, self._status_address):
-            raise self._failure(status)
-        out = {}
-        for name, slot, view in frame.outputs:
-            if slot is None:
-                out[name] = view.copy()
-            elif name.startswith("new ") and slot in self.plan.aliases.values():
-                out[name] = arrays[slot]       # updated in place
-            else:
-                flat = arrays[slot].reshape(-1)[view.pop("offset"):] if "offset" in view else arrays[slot]
-                out[name] = np.lib.stride_tricks.as_strided(flat, **view).copy()
+            raise self._failure(self._status)
+        out = {name: view.copy() for name, view in frame.temp_outputs}
+        for name, slot, view in frame.external_outputs:
+            array = arrays.get(slot)
+            if array is None:
+                array = self._external(slot, params, state)
+            args = dict(view)
+            flat = array.reshape(-1)[args.pop("offset"):]
+            out[name] = np.lib.stride_tricks.as_strided(flat, **args).copy()
         return out
+
+    def _external(self, slot: int, params: dict, state: dict | None) -> np.ndarray:
+        for s, _, value in self.scalar_inputs:
+            if s == slot:
+                return value.copy()
+        for s, name, is_param, _, _ in self.owned:
+            if s == slot:
+                return (params if is_param else state)[name]
+        raise AssertionError(f"internal error: no buffer {slot}")
 
     def _failure(self, status: np.ndarray) -> GraphcError:
         code, value, check = (int(v) for v in status)

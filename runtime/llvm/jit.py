@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from graphc.cache import cache_dir
@@ -124,10 +125,20 @@ class Compiled:
         assert self.address, f"internal error: {symbol} not found in compiled code"
 
 
+@dataclass(frozen=True)
+class Blas:
+    """The CBLAS that numpy links: gemm addresses, its integer width, and its thread control."""
+    sgemm: int = 0
+    dgemm: int = 0
+    int_bits: int = 64
+    set_threads: int = 0          # openblas_set_num_threads, or 0
+    threads: int = 1              # how many threads it had when graphc found it
+
+
 @functools.cache
-def blas() -> tuple[int, int, int]:
-    """(sgemm address, dgemm address, integer bits) of the CBLAS that numpy links, or zeros when
-    none is found (then generated loops do every matrix product)."""
+def blas() -> Blas:
+    """numpy's BLAS, or an empty Blas when none is found (then generated loops do every matrix
+    product)."""
     import numpy as np
     candidates = []
     libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
@@ -141,16 +152,28 @@ def blas() -> tuple[int, int, int]:
             continue
         for prefix, suffix, bits in (("scipy_cblas_", "64_", 64), ("cblas_", "64_", 64),
                                      ("scipy_cblas_", "", 32), ("cblas_", "", 32)):
-            try:
-                s = getattr(lib, f"{prefix}sgemm{suffix}")
-                d = getattr(lib, f"{prefix}dgemm{suffix}")
-            except AttributeError:
+            s, d = (getattr(lib, f"{prefix}{g}gemm{suffix}", None) for g in "sd")
+            if s is None or d is None:
                 continue
             if bits == 32 and _is_ilp64(path):
                 bits = 64
-            return (ctypes.cast(s, ctypes.c_void_p).value, ctypes.cast(d, ctypes.c_void_p).value, bits)
+            return Blas(_address(s), _address(d), bits, *_threading(lib))
     log.debug("no CBLAS found; matrix products use generated loops")
-    return (0, 0, 64)
+    return Blas()
+
+
+def _address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def _threading(lib) -> tuple[int, int]:
+    for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
+        set_fn = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+        get_fn = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+        if set_fn is not None and get_fn is not None:
+            get_fn.restype = ctypes.c_int
+            return _address(set_fn), max(1, int(get_fn()))
+    return 0, 1
 
 
 def _is_ilp64(path: str) -> bool:

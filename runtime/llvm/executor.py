@@ -115,9 +115,11 @@ class LLVMExecutor:
         arrays = {}
         for slot, name, dtype in self.array_inputs:
             array = feeds[name]
-            if array.dtype != dtype or not array.flags.c_contiguous:
-                array = np.ascontiguousarray(array, dtype=dtype)
-            pointers[slot] = array.ctypes.data
+            if seen.get(slot) is not array:       # the same array object keeps its address
+                if array.dtype != dtype or not array.flags.c_contiguous:
+                    array = np.ascontiguousarray(array, dtype=dtype)
+                seen[slot] = array
+                pointers[slot] = array.ctypes.data
             arrays[slot] = array
         for slot, name, is_param, dtype, written in self.owned:
             source = params if is_param else state

@@ -1,0 +1,140 @@
+"""The kernel plan (fusion, layouts, in-place updates, memory) and the llvm backend's machinery:
+code cache, CLI outputs. Numerical agreement with numpy is tests/test_llvm_backend.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphc
+from graphc.cli import main
+from graphc.kernels import plan_kernels
+from graphc.kernels.ir import coalesce, sval
+from graphc.kernels.memory import lifetimes, plan_arena, plan_stats
+
+MODELS = sorted(Path("models").glob("*.nn"))
+
+
+def _graphs(path):
+    program = graphc.compile_file(path)
+    return program.graphs
+
+
+def test_optimizer_update_of_each_parameter_is_one_in_place_kernel():
+    graph = _graphs("models/mnist_mlp.nn")["train_step"]
+    plan = plan_kernels(graph)
+    for param in ("W1", "b1", "W2", "b2"):
+        writers = [k for k in plan.kernels
+                   if any(s.node is not None and s.node is dict(graph.outputs).get(f"new {param}")
+                          for s in k.stores)]
+        assert len(writers) == 1, param
+        stored = {name for name, access, _, _ in plan.outputs
+                  if any(s.access.buffer == access.buffer for s in writers[0].stores)}
+        assert stored == {f"new {param}", f"new {param}#exp_avg", f"new {param}#exp_avg_sq"}
+    # every updated tensor is written straight into its own buffer
+    by_name = {b.name: b.id for b in plan.buffers if b.kind in ("param", "state")}
+    for name, access, _, _ in plan.outputs:
+        if name.startswith("new "):
+            assert plan.aliases[access.buffer] == by_name[name[4:]], name
+    # far fewer kernels than primitive nodes
+    assert len(plan.kernels) * 3 < len(graph.nodes())
+
+
+def test_layout_ops_become_strides_not_kernels():
+    graph = _graphs("models/mnist_mlp.nn")["train_step"]
+    plan = plan_kernels(graph)
+    ops = {n.op for k in plan.kernels for n in k.nodes}
+    assert not ops & {"transpose", "broadcast_to", "reshape"}
+    # the weight gradient x^T @ delta reads x through transposed strides
+    matmuls = [k for k in plan.kernels if k.matmul]
+    assert any(k.loads[0].strides[0] == (1, ()) for k in matmuls)
+
+
+def test_coalesce_merges_contiguous_axes():
+    program = graphc.compile_source("""
+        model m { input x: f32[N, 8, 4]  param b: f32[4] = zeros()
+                  output y = exp(x) * x  output z = x + b }""")
+    plan = plan_kernels(program.graphs["forward"])
+    whole, bias = plan.kernels
+    assert len(coalesce(whole).space) == 1 and sval(coalesce(whole).space[0], {"N": 3}) == 3 * 8 * 4
+    # the bias is read with stride 0 along N and 8: those two axes merge, the last cannot
+    assert len(coalesce(bias).space) == 2
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_arena_never_overlaps_live_buffers(path):
+    for graph in _graphs(path).values():
+        plan = plan_kernels(graph)
+        dims = dict.fromkeys(plan.symbols, 7)
+        arena = plan_arena(plan, dims)
+        live = lifetimes(plan)
+        placed = [(b, arena.offsets[b.id], sval(b.elements, dims) * b.dtype.numpy.itemsize)
+                  for b in plan.buffers if b.id in arena.offsets]
+        for i, (a, oa, sa) in enumerate(placed):
+            assert oa + sa <= arena.size
+            for b, ob, sb in placed[i + 1:]:
+                (fa, la), (fb, lb) = live[a.id], live[b.id]
+                if fa <= lb and fb <= la:
+                    assert oa + sa <= ob or ob + sb <= oa, (graph.name, a, b)
+        stats = plan_stats(plan, dims)
+        assert stats["peak_bytes"] >= stats["arena_bytes"] and stats["kernels"] == len(plan.kernels)
+
+
+def test_object_code_is_cached_on_disk(tmp_path, monkeypatch):
+    from graphc.runtime.llvm import jit
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    program = graphc.compile_file("models/backprop_example.nn", backend="llvm")
+    program.compile()
+    cached = list((tmp_path / "llvm").glob("*.o"))
+    assert len(cached) == len(program.graphs)
+
+    def no_compiling(text):
+        raise AssertionError("compiled again despite the cache")
+    monkeypatch.setattr(jit, "compile_ir", no_compiling)
+    again = graphc.compile_file("models/backprop_example.nn", backend="llvm")
+    again.compile()
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    np.testing.assert_allclose(again.forward(x=x)["f"], program.forward(x=x)["f"])
+
+
+def test_generated_code_targets_the_host_cpu():
+    llvm = pytest.importorskip("llvmlite.binding")
+    from graphc.runtime.llvm import jit
+    tm = jit.target_machine()
+    assert llvm.get_host_cpu_name() in jit.cpu_description()
+    features = llvm.get_host_cpu_features().flatten()
+    asm = tm.emit_assembly(jit.optimized_module(_vector_add_ir()))
+    if "+avx2" in features:
+        assert "ymm" in asm or "zmm" in asm     # 256/512-bit registers, not plain SSE2
+
+
+def _vector_add_ir() -> str:
+    program = graphc.compile_source("""
+        model m { input x: f32[N, 64]  param W: f32[64] = zeros()  output y = relu(x + W) }""",
+                                    backend="llvm")
+    return program._executors["forward"].source()
+
+
+def test_build_emits_llvm_source_and_stats(tmp_path, capsys):
+    out = tmp_path / "src"
+    assert main(["build", "models/mnist_mlp.nn", "--backend", "llvm", "--emit-source", str(out),
+                 "--stats"]) == 0
+    text = capsys.readouterr().out
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [f"mnist_mlp.{g}.ll" for g in ("evaluate", "forward", "loss_and_grads",
+                                                   "train_step")]
+    ir = (out / "mnist_mlp.train_step.ll").read_text()
+    assert "define i32 @graph_main" in ir and "W1#exp_avg" in ir
+    assert "train_step" in text and "MFLOP" in text and "peak MB" in text
+
+
+def test_dump_after_fuse_prints_the_plan(tmp_path, capsys):
+    assert main(["build", "models/backprop_example.nn", "--dump-after", "fuse", "--stats"]) == 0
+    text = capsys.readouterr().out
+    assert "; kernel plan of forward" in text and "sigmoid(" in text and "(matmul" in text
+
+
+def test_build_without_output_or_report_is_a_usage_error(capsys):
+    assert main(["build", "models/backprop_example.nn"]) == 2
+    assert "needs -o DIR" in capsys.readouterr().err

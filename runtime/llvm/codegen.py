@@ -31,6 +31,7 @@ SMALL_GEMM = 32 * 32 * 32
 # From this many the BLAS may use all its threads; below, one. Its idle threads spin after a
 # parallel call and slow down the single-threaded kernels (and other processes) that follow.
 PARALLEL_GEMM = 1 << 26
+THIN_GEMM = 4
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
@@ -172,7 +173,13 @@ class Module:
             return False
         t = IR_TYPE[dtype]
         mkn = f.emit(f"mul i64 {f.emit(f'mul i64 {space[0]}, {space[1]}')}, {space[2]}")
-        small = f.emit(f"icmp ule i64 {mkn}, {SMALL_GEMM}")
+        # Few multiply-adds, or a product with a single row (a batch of one) or a tiny inner
+        # dimension: the generated loop streams B once and beats the BLAS call.
+        tiny = f.emit(f"icmp ule i64 {mkn}, {SMALL_GEMM}")
+        thin = f.emit(f"icmp ule i64 {f.emit(f'call i64 @llvm.umin.i64(i64 {space[0]}, i64 {space[1]})')}, "
+                      f"{THIN_GEMM}")
+        self.declare("llvm.umin.i64", "i64", ["i64", "i64"])
+        small = f.emit(f"or i1 {tiny}, {thin}")
         f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
         f.label("call_blas")
         self._blas_threads(f, mkn)

@@ -47,6 +47,7 @@ def new_target_machine():
                                         opt=3, codemodel="jitdefault")
 
 
+@functools.cache
 def cpu_description() -> str:
     llvm = _llvm()
     return f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"

@@ -1,12 +1,15 @@
 """The numpy backend: the reference every other backend is compared with.
 
-It runs a primitive graph node by node with each op's numpy reference from the op table. Plans are
-made once per batch shape: concrete shapes and one preallocated buffer per node whose reference can
-write into one, reused by every later call with that shape.
+It runs a primitive graph node by node with each op's numpy reference from the op table. A plan is
+made once per batch shape: what only depends on shapes and constants is computed then; every
+other node becomes a precomputed call, and its result goes into a buffer of a pool reused once
+the value it held is dead (in place over a dying operand of an elementwise op), so a step touches
+few, warm buffers. Graph outputs get fresh arrays, never pool buffers: callers keep them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -15,11 +18,13 @@ from graphc.ir import OPS
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import bind_shape
 
+# How a step is called: by arity (1, 2, 3; other: `out` holds the operand slots), or, for the
+# common unary and binary ops without attributes, with `out=` a pool buffer or a new array.
+_UNARY_INTO, _BINARY_INTO, _UNARY_NEW, _BINARY_NEW, _VARIADIC = 11, 12, 21, 22, 0
 
-@dataclass
-class _Plan:
-    buffers: list[np.ndarray | None]
-    attrs: list[dict]           # attributes with symbolic sizes bound for this batch shape
+# Ops whose value depends only on their operand's shape, so a plan computes them once.
+_SHAPE_ONLY = frozenset({"size"})
+_LOADS = ("input", "param", "state")
 
 
 class NumpyExecutor:
@@ -32,54 +37,226 @@ class NumpyExecutor:
                 f"internal error: the numpy backend runs primitive graphs; {node.op} is composite")
         self.graph = graph
         self.order = graph.nodes()
-        self.index = {id(n): i for i, n in enumerate(self.order)}
-        self.steps = [(OPS[n.op], n.attr, [self.index[id(i)] for i in n.inputs]) for n in self.order]
-        self.consts = {i: np.asarray(n.attr["value"], dtype=n.dtype.numpy)
-                       for i, n in enumerate(self.order) if n.op == "const"}
-        self.outputs = [(name, self.index[id(n)]) for name, n in graph.outputs]
+        index = {id(n): i for i, n in enumerate(self.order)}
+        self.inputs = [tuple(index[id(i)] for i in n.inputs) for n in self.order]
+        self.outputs = [(name, index[id(n)]) for name, n in graph.outputs]
         self.plans: dict[tuple, _Plan] = {}
 
     def plan(self, dims: dict[str, int]) -> _Plan:
         key = tuple(sorted(dims.items()))
         plan = self.plans.get(key)
         if plan is None:
-            buffers = []
-            for node, (op, _, _) in zip(self.order, self.steps):
-                if op.numpy_out:
-                    buffers.append(np.empty(bind_shape(node.shape, dims), dtype=node.dtype.numpy))
-                else:
-                    buffers.append(None)
-            attrs = [{k: bind_shape(v, dims) if op.attrs[k].kind == "ints" else v
-                      for k, v in a.items()} for op, a, _ in self.steps]
-            plan = self.plans[key] = _Plan(buffers, attrs)
+            plan = self.plans[key] = _Plan(self, dims)
         return plan
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
             dims: dict[str, int], state: dict[str, np.ndarray] | None = None
             ) -> dict[str, np.ndarray]:
-        plan = self.plan(dims)
-        values: list = [None] * len(self.order)
-        for i, (node, (op, _, ins)) in enumerate(zip(self.order, self.steps)):
-            attrs = plan.attrs[i]
-            if node.op == "input":
-                values[i] = feeds[attrs["name"]]
-            elif node.op == "param":
-                values[i] = params[attrs["name"]]
-            elif node.op == "state":
-                values[i] = state[attrs["name"]]
+        return self.plan(dims).run(feeds, params, state or {})
+
+
+class _Plan:
+    """One batch shape: constants, the calls of the other nodes, and their buffers."""
+
+    def __init__(self, ex: NumpyExecutor, dims: dict[str, int]):
+        order, inputs = ex.order, ex.inputs
+        self.nodes = order
+        shapes = [bind_shape(n.shape, dims) for n in order]
+        attrs = [_bound_attrs(n, dims) for n in order]
+        outputs = {i for _, i in ex.outputs}
+        self.template: list = [None] * len(order)     # constants in place, the rest per run
+        self.loads: list[tuple[int, int, str]] = []   # (slot, 0 feeds | 1 params | 2 state, name)
+        constant = [False] * len(order)
+        dynamic: list[int] = []
+        for i, node in enumerate(order):
+            op = OPS[node.op]
+            if node.op in _LOADS:
+                self.loads.append((i, _LOADS.index(node.op), node.attr["name"]))
             elif node.op == "const":
-                values[i] = self.consts[i]
-            else:
-                args = [values[j] for j in ins]
+                constant[i] = True
+                self.template[i] = _frozen(np.asarray(node.attr["value"], node.dtype.numpy))
+            elif node.op in _SHAPE_ONLY or (op.kind != "random"
+                                            and all(constant[j] for j in inputs[i])):
+                constant[i] = True
+                args = [self.template[j] if constant[j] else _shaped_like(order[j], shapes[j])
+                        for j in inputs[i]]
+                if op.numpy_out:
+                    attrs[i]["out"] = np.empty(shapes[i], node.dtype.numpy)
                 try:
-                    if plan.buffers[i] is not None:
-                        values[i] = op.numpy(*args, out=plan.buffers[i], **attrs)
-                    else:
-                        values[i] = op.numpy(*args, **attrs)
+                    self.template[i] = _frozen(np.asarray(op.numpy(*args, **attrs[i])))
                 except ValueError as err:
                     raise _runtime_error(node, err) from None
-        # Buffers are reused by the next call: hand out copies.
-        return {name: np.array(values[i], copy=True) for name, i in self.outputs}
+            else:
+                dynamic.append(i)
+        dynamic = _schedule(inputs, set(dynamic), [i for _, i in ex.outputs])
+        self.steps = _plan_steps(order, inputs, shapes, attrs, dynamic, outputs)
+        # Outputs are handed out: fresh arrays pass as they are, anything else is copied.
+        fresh = {i for i in dynamic if i in outputs and _makes_new_array(order[i])}
+        self.outputs = []
+        for name, i in ex.outputs:
+            self.outputs.append((name, i, i in fresh))
+            fresh.discard(i)            # a second output of the same node gets its own copy
+
+    def run(self, feeds, params, state) -> dict[str, np.ndarray]:
+        values = self.template.copy()
+        sources = (feeds, params, state)
+        for i, kind, name in self.loads:
+            values[i] = sources[kind][name]
+        empty = np.empty
+        try:
+            # Unrolled by call form: building an argument list or going through
+            # functools.partial would cost more than many of the ops themselves.
+            for fn, i, form, a, b, c, out in self.steps:
+                if form == _BINARY_INTO:
+                    values[i] = fn(values[a], values[b], out=out)
+                elif form == _UNARY_INTO:
+                    values[i] = fn(values[a], out=out)
+                elif form == _BINARY_NEW:
+                    values[i] = fn(values[a], values[b], out=empty(*out))
+                elif form == _UNARY_NEW:
+                    values[i] = fn(values[a], out=empty(*out))
+                elif form == 2:
+                    values[i] = fn(values[a], values[b])
+                elif form == 1:
+                    values[i] = fn(values[a])
+                elif form == 3:
+                    values[i] = fn(values[a], values[b], values[c])
+                else:
+                    values[i] = fn(*[values[j] for j in out])
+        except ValueError as err:
+            raise _runtime_error(self.nodes[i], err) from None
+        return {name: np.asarray(values[i]) if fresh else np.array(values[i], copy=True)
+                for name, i, fresh in self.outputs}
+
+
+def _bound_attrs(node: Node, dims: dict[str, int]) -> dict:
+    specs = OPS[node.op].attrs
+    return {k: bind_shape(v, dims) if specs[k].kind == "ints" else v for k, v in node.attrs}
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False       # shared by every run: an accidental write must fail
+    return array
+
+
+def _shaped_like(node: Node, shape: tuple[int, ...]) -> np.ndarray:
+    """A stand-in of the right shape and dtype, no memory, for ops that read only the shape."""
+    return np.broadcast_to(np.zeros((), node.dtype.numpy), shape)
+
+
+def _makes_new_array(node: Node) -> bool:
+    """Does the node's step return an array of its own? Layout ops without `out` may return a
+    view of their operand (reshape, transpose, slice)."""
+    op = OPS[node.op]
+    return op.numpy_out or op.kind != "layout"
+
+
+def _schedule(inputs: list[tuple[int, ...]], dynamic: set[int], roots: list[int]) -> list[int]:
+    """The order of the computed nodes: depth first from the outputs, the deeper operand first, so
+    that a cheap operand (0.9 * m in Adam) is computed just before its use, not held across the
+    backward pass. Values read only by shape-only ops (size) are never computed."""
+    depth: dict[int, int] = {}
+    for i in sorted(dynamic):
+        depth[i] = 1 + max((depth[j] for j in inputs[i] if j in dynamic), default=0)
+    order: list[int] = []
+    done: set[int] = set()
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            i, expanded = stack.pop()
+            if i in done or i not in dynamic:
+                continue
+            if expanded:
+                done.add(i)
+                order.append(i)
+                continue
+            stack.append((i, True))
+            # Pushed shallow first, so the deepest operand is popped, and computed, first.
+            for j in sorted(set(inputs[i]), key=lambda j: depth.get(j, 0)):
+                if j not in done:
+                    stack.append((j, False))
+    return order
+
+
+class _Pool:
+    """Buffers by (shape, dtype). A buffer is free again once no live value is stored in it or
+    views it; `last_use[i]` is the position of the last step that reads value i."""
+
+    def __init__(self, last_use: dict[int, int]):
+        self.last_use = last_use
+        self.free: dict[tuple, list[np.ndarray]] = {}
+        self.storage: dict[int, list[np.ndarray]] = {}   # value -> the buffers it lives in
+        self.holders: dict[int, int] = {}               # id(buffer) -> live values in it
+
+    def take(self, i: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        free = self.free.get((shape, dtype))
+        buf = free.pop() if free else np.empty(shape, dtype)
+        self.holders[id(buf)] = 1
+        self.storage[i] = [buf]
+        return buf
+
+    def view(self, i: int, operands: tuple[int, ...]) -> None:
+        """Value i may be a view of its operands: it keeps their buffers alive."""
+        self.storage[i] = [b for j in operands for b in self.storage.get(j, ())]
+        for b in self.storage[i]:
+            self.holders[id(b)] += 1
+
+    def release(self, p: int, operands: tuple[int, ...]) -> None:
+        """Step p has read its operands: those it read last give their buffers back."""
+        for j in dict.fromkeys(operands):
+            if self.last_use.get(j) == p:
+                for b in self.storage.pop(j, ()):
+                    self.holders[id(b)] -= 1
+                    if self.holders[id(b)] == 0:
+                        self.free.setdefault((b.shape, b.dtype), []).append(b)
+
+
+def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[tuple],
+                attrs: list[dict], dynamic: list[int], outputs: set[int]) -> list[tuple]:
+    """The call of each computed node, as (fn, slot, form, a, b, c, out), and where it writes:
+    a pool buffer, or for an output a new array each run (callers keep outputs). An elementwise
+    op may take the buffer of an operand that dies at it: numpy's ufuncs give the same result
+    when the output is an input, and the op table asks the same of every `numpy_out` op."""
+    last_use = {i: len(dynamic) if i in outputs else -1 for i in dynamic}
+    for p, i in enumerate(dynamic):
+        for j in inputs[i]:
+            if j in last_use:
+                last_use[j] = max(last_use[j], p)
+    pool = _Pool(last_use)
+    steps = []
+    for p, i in enumerate(dynamic):
+        node, op, ins, kwargs = order[i], OPS[order[i].op], inputs[i], attrs[i]
+        in_place = op.kind == "elementwise"
+        if in_place:
+            pool.release(p, ins)
+        direct = not kwargs and len(ins) in (1, 2)    # a ufunc-like call: fn(a, b, out=...)
+        fn, form, out = op.numpy, (len(ins) if len(ins) <= 3 else _VARIADIC), ins
+        if op.numpy_out and i in outputs:
+            new = (shapes[i], node.dtype.numpy)
+            if direct:
+                form, out = _UNARY_NEW + len(ins) - 1, new
+            else:
+                fn = partial(_into_new, op.numpy, *new, kwargs)
+        elif op.numpy_out:
+            buf = pool.take(i, shapes[i], node.dtype.numpy)
+            if direct:
+                form, out = _UNARY_INTO + len(ins) - 1, buf
+            else:
+                fn = partial(op.numpy, out=buf, **kwargs)
+        else:
+            if kwargs:
+                fn = partial(op.numpy, **kwargs)
+            if not _makes_new_array(node):
+                pool.view(i, ins)
+        if not in_place:
+            pool.release(p, ins)
+        a, b, c = (ins + (0, 0, 0))[:3]
+        steps.append((fn, i, form, a, b, c, out))
+    return steps
+
+
+def _into_new(fn: Callable, shape: tuple, dtype: np.dtype, kwargs: dict, *args) -> np.ndarray:
+    return fn(*args, out=np.empty(shape, dtype), **kwargs)
 
 
 def _runtime_error(node: Node, err: Exception) -> GraphcError:

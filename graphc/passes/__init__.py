@@ -10,15 +10,22 @@ from dataclasses import dataclass
 from graphc.ir.node import Graph
 from graphc.ir.printer import format_graph
 from graphc.ir.verify import verify_graph
+from graphc.passes.cleanup import drop_stop_gradient
+from graphc.passes.fold import fold_constants
 from graphc.passes.rewrite import cse, decompose, train_mode  # noqa: F401 (re-exported)
+from graphc.passes.simplify import simplify, simplify_composites
 
 log = logging.getLogger("graphc")
 
 Pass = tuple[str, Callable[[Graph], Graph]]
 
 PIPELINE: list[Pass] = [
-    ("decompose", decompose),    # composites -> primitives: what every backend runs
-    ("cse", cse),                # one node per distinct computation
+    ("simplify_composites", simplify_composites),  # log(softmax) -> log_softmax
+    ("decompose", decompose),                      # composites -> primitives: what backends run
+    ("fold_constants", fold_constants),            # scalars over constants -> constants
+    ("simplify", simplify),                        # algebra: x * 1, broadcasts, factor chains...
+    ("drop_stop_gradient", drop_stop_gradient),    # identities once gradients are derived
+    ("cse", cse),                                  # one node per distinct computation
 ]
 
 

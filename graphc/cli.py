@@ -186,18 +186,21 @@ FUSE_STAGE = "fuse"
 
 
 def _emit_source(program, folder: Path) -> None:
-    """One readable file per graph: LLVM IR for the llvm backend, the kernel plan otherwise."""
+    """The generated code: LLVM IR of the whole program for the llvm backend (one module for all
+    its graphs), the kernel plan of each graph otherwise."""
     from graphc.kernels import plan_kernels
     from graphc.kernels.printer import format_plan
     folder = _writable_dir(str(folder))
     folder.mkdir(parents=True, exist_ok=True)
-    for key, executor in program._executors.items():
-        if hasattr(executor, "source"):
-            path, text = folder / f"{program.name}.{key}.ll", executor.source()
-        else:
-            path, text = folder / f"{program.name}.{key}.plan", format_plan(plan_kernels(executor.graph))
-        path.write_text(text)
-        print(f"wrote {path}")
+    executors = program._executors
+    if all(hasattr(ex, "source") for ex in executors.values()):
+        files = {f"{program.name}.ll": next(iter(executors.values())).source()}
+    else:
+        files = {f"{program.name}.{key}.plan": format_plan(plan_kernels(ex.graph))
+                 for key, ex in executors.items()}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+        print(f"wrote {folder / name}")
 
 
 def _print_stats(program, batch: int | None) -> None:

@@ -118,6 +118,8 @@ class Program:
         self.reset_state()
         executor = executor_class(backend)
         self._executors = {key: executor(g) for key, g in graphs.items()}
+        if hasattr(executor, "link"):           # compiled backends build all graphs as one module
+            executor.link(self._executors)
         self._checked_feeds: dict[tuple, dict[str, int]] = {}
         forward = graphs["forward"]
         self.inputs: dict[str, TensorType] = _user_inputs(forward)

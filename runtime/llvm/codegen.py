@@ -1,12 +1,16 @@
-"""Renders a kernel plan as one LLVM module: a function per kernel and `graph_main`, which runs
-them in order. The text is meant to be read (`graphc build --backend llvm --emit-source DIR`).
+"""Renders the kernel plans of a program's graphs as one LLVM module: a function per distinct
+kernel (graphs share many: `evaluate` repeats `forward`) and a `graph_main_KEY` per graph, which
+runs its kernels in order. The text is meant to be read (`graphc build --backend llvm
+--emit-source DIR`).
 
-graph_main(ptr bufs, ptr dims, ptr blas, ptr status) -> i32: `bufs` holds a pointer per buffer of
-the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the addresses of sgemm and dgemm
-(or null), and `status` three i64 words that a failing check fills (code, value, check number).
+graph_main_KEY(ptr bufs, ptr dims, ptr blas, ptr status) -> i32: `bufs` holds a pointer per buffer
+of the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the BLAS table (sgemm, dgemm,
+openblas_set_num_threads or null, its thread count), and `status` three i64 words that a failing
+check fills (code, value, the index of the kernel that failed).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 from graphc.ir.types import DType
@@ -47,7 +51,7 @@ class Function:
         self.lines: list[str] = []
         self.counter = 0
         self.block = "entry"
-        self.checks: list[tuple[str, str, int]] = []
+        self.checked = False
 
     def fresh(self, hint: str = "v") -> str:
         self.counter += 1
@@ -71,7 +75,7 @@ class Function:
 
     def check_label(self, label: str, cls: str, depth: int) -> None:
         """one_hot: record a label outside [0, depth) (checked once per row, at class 0)."""
-        number = self.module.new_check()
+        self.checked = True
         bad = self.emit(f"icmp uge i64 {label}, {depth}")
         first = self.emit(f"icmp eq i64 {cls}, 0")
         report = self.emit(f"and i1 {bad}, {first}")
@@ -80,27 +84,24 @@ class Function:
         self.label(fail)
         self.do("store i64 1, ptr %status")
         self.do(f"store i64 {label}, ptr {self.emit('getelementptr i64, ptr %status, i64 1')}")
-        self.do(f"store i64 {number}, ptr {self.emit('getelementptr i64, ptr %status, i64 2')}")
         self.do(f"br label %{ok}")
         self.label(ok)
 
 
 class Module:
-    def __init__(self, plan: KernelPlan, blas_int_bits: int):
-        self.plan = plan
+    def __init__(self, blas_int_bits: int):
         self.blas_int = f"i{blas_int_bits}"
         self.declarations: dict[str, str] = {}
-        self.functions: list[str] = []
-        self.checks = 0
-        self.checked_kernels: list[int] = []     # check number -> kernel index
+        self.functions: dict[str, str] = {}      # kernel name -> text; equal kernels once
+        self.mains: list[str] = []
+        self.plan: KernelPlan | None = None
+        self.args: dict[int, str] = {}           # buffer -> its parameter in the current kernel
 
     def declare(self, fn: str, ret: str, types: list[str]) -> None:
         self.declarations.setdefault(fn, f"declare {ret} @{fn}({', '.join(types)})")
 
-    def new_check(self) -> int:
-        self.checks += 1
-        self.checked_kernels.append(self.current)
-        return self.checks
+    def ptr(self, buffer: int) -> str:
+        return self.args[self.resolve(buffer)]
 
     def size(self, f: Function, s, cache: dict) -> str:
         """The IR value of a size monomial (symbols loaded from %dims)."""
@@ -122,13 +123,14 @@ class Module:
 
     # --- kernels --------------------------------------------------------------------------------
 
-    def render_kernel(self, index: int, kernel: Kernel) -> tuple[str, list[int]]:
-        self.current = index
+    def render_kernel(self, kernel: Kernel) -> tuple[str, list[int], bool]:
+        """(the kernel's function name, the buffers it takes in order, whether it checks)."""
         kernel = coalesce(kernel)
         buffers = sorted({self.resolve(a.buffer) for a in kernel.loads}
                          | {self.resolve(s.access.buffer) for s in kernel.stores})
+        self.args = {b: f"%arg{i}" for i, b in enumerate(buffers)}
         f = Function(self, kernel.name)
-        params = ", ".join(f"ptr noalias %b{b}" for b in buffers)
+        params = "".join(f"ptr noalias %arg{i}, " for i in range(len(buffers)))
         header = (f"; {_comment(kernel.label)}: space [{', '.join(sstr(s) for s in kernel.space)}]"
                   + (f", reduce {list(kernel.reduce_axes)}" if kernel.reduce_axes else ""))
         sizes: dict = {}
@@ -136,14 +138,16 @@ class Module:
         for s in _sizes_used(self.plan, kernel):
             self.size(f, s, sizes)
         space = [self.size(f, s, sizes) for s in kernel.space]
-        if kernel.matmul is not None and self._blas_call(f, kernel, space, sizes):
-            pass
-        else:
+        if kernel.matmul is None or not self._blas_call(f, kernel, space, sizes):
             LoopNest(self, f, kernel, space, sizes).render()
         f.do("ret void")
-        text = (f"{header}\ndefine internal void @{kernel.name}({params}{', ' if params else ''}"
-                f"ptr %dims, ptr %status, ptr %blas) {{\nentry:\n" + "\n".join(f.lines) + "\n}\n")
-        return text, buffers
+        # noinline: each kernel is optimized and emitted once, not again inside every graph_main.
+        body = (f"({params}ptr %dims, ptr %status, ptr %blas) noinline {{\nentry:\n"
+                + "\n".join(f.lines) + "\n}\n")
+        # Named by content, so a kernel that several graphs share is compiled once.
+        name = f"{kernel.name.split('_', 1)[-1]}_{hashlib.sha1(body.encode()).hexdigest()[:10]}"
+        self.functions.setdefault(name, f"{header}\ndefine internal void @{name}{body}")
+        return name, buffers, f.checked
 
     def resolve(self, buffer: int) -> int:
         return self.plan.aliases.get(buffer, buffer)
@@ -198,7 +202,7 @@ class Module:
             return v if bi == "i64" else f.emit(f"trunc i64 {v} to {bi}")
 
         def base(acc):
-            ptr = f"%b{self.resolve(acc.buffer)}"
+            ptr = self.ptr(acc.buffer)
             if not acc.offset:
                 return ptr
             off = self.offset(f, acc.offset, sizes)
@@ -206,7 +210,7 @@ class Module:
         args = [("i32", ROW_MAJOR), ("i32", trans_a), ("i32", trans_b), (bi, dim(space[0])),
                 (bi, dim(space[2])), (bi, dim(space[1])), (t, const(1, dtype)), ("ptr", base(a)),
                 (bi, ld(lda)), ("ptr", base(b)), (bi, ld(ldb)), (t, const(0, dtype)),
-                ("ptr", f"%b{self.resolve(out.buffer)}"), (bi, dim(space[2]))]
+                ("ptr", self.ptr(out.buffer)), (bi, dim(space[2]))]
         f.do(f"call void {fn}({', '.join(f'{ty} {v}' for ty, v in args)})")
         f.do("ret void")
         f.label("small_gemm")
@@ -239,47 +243,44 @@ class Module:
 
     # --- the module -----------------------------------------------------------------------------
 
-    def render(self) -> str:
-        plan = self.plan
-        calls = []
-        for i, kernel in enumerate(plan.kernels):
-            text, buffers = self.render_kernel(i, kernel)
-            self.functions.append(text)
-            calls.append((kernel, buffers, self.checks))
-        main = Function(self, "graph_main")
-        used = sorted({b for _, bufs, _ in calls for b in bufs})
-        for b in used:
+    def render_graph(self, key: str, plan: KernelPlan) -> None:
+        """Add `graph_main_KEY`, running the kernels of `plan` in order."""
+        self.plan = plan
+        calls = [self.render_kernel(kernel) for kernel in plan.kernels]
+        main = Function(self, f"graph_main_{key}")
+        for b in sorted({b for _, bufs, _ in calls for b in bufs}):
             ptr = main.emit(f"getelementptr ptr, ptr %bufs, i64 {b}")
             main.lines.append(f"  %b{b} = load ptr, ptr {ptr}")
-        checked_before = 0
-        for kernel, buffers, checks in calls:
+        failures = []
+        for index, (name, buffers, checks) in enumerate(calls):
             args = "".join(f"ptr %b{b}, " for b in buffers)
-            main.do(f"call void @{kernel.name}({args}ptr %dims, ptr %status, ptr %blas)")
-            if checks > checked_before:        # stop at a failed check: nothing later may run
-                checked_before = checks
+            main.do(f"call void @{name}({args}ptr %dims, ptr %status, ptr %blas)")
+            if checks:        # stop at a failed check: nothing later may run
                 code = main.emit("load i64, ptr %status")
                 failed = main.emit(f"icmp ne i64 {code}, 0")
-                cont = main.fresh("cont").lstrip("%")
-                main.do(f"br i1 {failed}, label %fail, label %{cont}")
+                fail, cont = main.fresh("fail").lstrip("%"), main.fresh("cont").lstrip("%")
+                main.do(f"br i1 {failed}, label %{fail}, label %{cont}")
+                failures.append((fail, index))
                 main.label(cont)
-        uses_blas = any(k.matmul is not None for k in plan.kernels)
-        if uses_blas:
+        if any(k.matmul is not None for k in plan.kernels):
             self._blas_threads(main, "0", restore=True)   # numpy's own products as they were
         main.do("ret i32 0")
-        if checked_before:
-            main.label("fail")
+        for fail, index in failures:
+            main.label(fail)
+            main.do(f"store i64 {index}, ptr {main.emit('getelementptr i64, ptr %status, i64 2')}")
             main.do("ret i32 1")
-        head = [f"; graphc: graph {_comment(plan.name)}, {len(plan.kernels)} kernels, "
-                f"{len(plan.buffers)} buffers",
-                f"; symbols: {', '.join(plan.symbols) or 'none'}"]
+        head = [f"; graph {_comment(plan.name)} ({key}): {len(plan.kernels)} kernels, "
+                f"{len(plan.buffers)} buffers; symbols: {', '.join(plan.symbols) or 'none'}"]
         for buf in plan.buffers:
             where = f" -> b{plan.aliases[buf.id]} (in place)" if buf.id in plan.aliases else ""
             head.append(f";   b{buf.id}: {buf.kind} {_comment(buf.name or '')} {buf.dtype}"
                         f"[{', '.join(sstr(s) for s in buf.shape)}]{where}")
-        main_text = ("define i32 @graph_main(ptr %bufs, ptr %dims, ptr %blas, ptr %status) {\nentry:\n"
-                     + "\n".join(main.lines) + "\n}\n")
-        return "\n".join(head + [""] + sorted(self.declarations.values()) + [""]
-                         + self.functions + [main_text])
+        self.mains.append("\n".join(head) + f"\ndefine i32 @graph_main_{key}(ptr %bufs, ptr %dims, "
+                          "ptr %blas, ptr %status) {\nentry:\n" + "\n".join(main.lines) + "\n}\n")
+
+    def text(self) -> str:
+        return "\n".join(["; graphc: generated LLVM IR", ""] + sorted(self.declarations.values())
+                         + [""] + list(self.functions.values()) + self.mains)
 
 
 class LoopNest:
@@ -355,7 +356,7 @@ class LoopNest:
                 continue
             term = i if stride == ONE else f.emit(f"mul i64 {i}, {self.m.size(f, stride, self.sizes)}")
             pos = term if pos is None else f.emit(f"add i64 {pos}, {term}")
-        ptr = f"%b{self.m.resolve(access.buffer)}"
+        ptr = self.m.ptr(access.buffer)
         return f.emit(f"getelementptr {MEM_TYPE[dtype]}, ptr {ptr}, i64 {pos or 0}", "p")
 
     def load(self, access, dtype: DType, index: list[str]) -> str:
@@ -453,7 +454,7 @@ class LoopNest:
 
     def fill(self, store) -> None:
         dtype = store.expr.dtype
-        ptr = f"%b{self.m.resolve(store.access.buffer)}"
+        ptr = self.m.ptr(store.access.buffer)
 
         def body(j):
             p = self.f.emit(f"getelementptr {MEM_TYPE[dtype]}, ptr {ptr}, i64 {j}", "p")
@@ -463,7 +464,7 @@ class LoopNest:
     def scale(self, store) -> None:
         f, dtype = self.f, store.expr.dtype
         t = IR_TYPE[dtype]
-        ptr = f"%b{self.m.resolve(store.access.buffer)}"
+        ptr = self.m.ptr(store.access.buffer)
         count = cast(f, self.reduced_count(), DType.i64, dtype)
 
         def body(j):
@@ -503,7 +504,9 @@ def _dtype(e) -> DType:
     return e.dtype
 
 
-def render_module(plan: KernelPlan, blas_int_bits: int = 64) -> tuple[str, list[int]]:
-    """The module's text, and for each runtime check (numbered from 1) the kernel it sits in."""
-    module = Module(plan, blas_int_bits)
-    return module.render(), module.checked_kernels
+def render_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64) -> str:
+    """One module for the graphs of a program: `graph_main_KEY` for each plan."""
+    module = Module(blas_int_bits)
+    for key, plan in plans.items():
+        module.render_graph(key, plan)
+    return module.text()

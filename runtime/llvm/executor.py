@@ -1,5 +1,6 @@
 """The llvm executor: a graph's kernel plan compiled into one native function, called once per
-run through ctypes (which releases the GIL), on buffers planned once per batch shape."""
+run through ctypes (which releases the GIL), on buffers planned once per batch shape. The graphs
+of a program are compiled together, as one module (`LLVMExecutor.link`)."""
 from __future__ import annotations
 
 import ctypes
@@ -14,6 +15,32 @@ from graphc.kernels.ir import sval
 from graphc.kernels.memory import ALIGN, plan_arena
 from graphc.runtime.llvm import jit
 from graphc.runtime.llvm.codegen import render_module
+
+
+class _Code:
+    """The native code of linked executors: one module, compiled (or read from the cache) once."""
+
+    def __init__(self, executors: dict[str, LLVMExecutor]):
+        self.executors = executors
+        self._text: str | None = None
+        self._compiled = None
+
+    def text(self) -> str:
+        if self._text is None:
+            plans = {key: ex.plan for key, ex in self.executors.items()}
+            self._text = render_module(plans, jit.blas().int_bits)
+        return self._text
+
+    def compile(self) -> None:
+        if self._compiled is not None:
+            return
+        self._compiled = jit.Compiled(jit.object_code(self.text()))
+        blas = jit.blas()
+        for key, ex in self.executors.items():
+            ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
+            ex._blas[:] = [blas.sgemm or None, blas.dgemm or None, blas.set_threads or None,
+                           blas.threads]
+
 
 _MAIN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p)
@@ -54,24 +81,25 @@ class LLVMExecutor:
         self.in_place = {name for name, access, _, _ in self.plan.outputs
                          if self.plan.aliases.get(access.buffer) in in_place}
         self._fn = None
+        self._code = _Code({"graph": self})
         self._frames: dict[tuple, _Frame] = {}
         self._status = np.zeros(3, dtype=np.int64)
         self._status_address = self._status.ctypes.data
         self._blas = (ctypes.c_void_p * 4)()
-        self._checks: list[int] = []
+
+    @classmethod
+    def link(cls, executors: dict[str, LLVMExecutor]) -> None:
+        """Compile these executors' graphs together (a program's graphs share many kernels)."""
+        code = _Code(executors)
+        for ex in executors.values():
+            ex._code = code
 
     def source(self) -> str:
-        text, self._checks = render_module(self.plan, jit.blas().int_bits)
-        return text
+        """The LLVM IR of the module this graph is compiled in."""
+        return self._code.text()
 
     def compile(self) -> None:
-        if self._fn is None:
-            text = self.source()
-            self._compiled = jit.Compiled(jit.object_code(text), "graph_main")
-            self._fn = _MAIN(self._compiled.address)
-            blas = jit.blas()
-            self._blas[:] = [blas.sgemm or None, blas.dgemm or None, blas.set_threads or None,
-                             blas.threads]
+        self._code.compile()
 
     def frame(self, dims: dict[str, int]) -> _Frame:
         key = tuple(dims.get(s, 0) for s in self.plan.symbols)
@@ -152,9 +180,9 @@ class LLVMExecutor:
         raise AssertionError(f"internal error: no buffer {slot}")
 
     def _failure(self, status: np.ndarray) -> GraphcError:
-        code, value, check = (int(v) for v in status)
+        code, value, index = (int(v) for v in status)
         status[:] = 0
-        kernel = self.plan.kernels[self._checks[check - 1]]
+        kernel = self.plan.kernels[index]
         node = next(n for n in kernel.nodes if n.op == "one_hot")
         depth = node.attr["depth"]
         what = f" (computing {node.name})" if node.name else ""

@@ -112,9 +112,9 @@ def compile_ir(text: str) -> bytes:
 
 
 class Compiled:
-    """Loaded object code and the address of one of its functions; keeps the engine alive."""
+    """Loaded object code; keeps its engine (and so the code) alive."""
 
-    def __init__(self, obj: bytes, symbol: str):
+    def __init__(self, obj: bytes):
         llvm = _llvm()
         tm = new_target_machine()     # the engine takes ownership of its target machine
         empty = llvm.parse_assembly("")
@@ -122,8 +122,11 @@ class Compiled:
         self.engine = llvm.create_mcjit_compiler(empty, tm)
         self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self.engine.finalize_object()
-        self.address = self.engine.get_function_address(symbol)
-        assert self.address, f"internal error: {symbol} not found in compiled code"
+
+    def address(self, symbol: str) -> int:
+        address = self.engine.get_function_address(symbol)
+        assert address, f"internal error: {symbol} not found in compiled code"
+        return address
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ runs its kernels in order. The text is meant to be read (`graphc build --backend
 --emit-source DIR`).
 
 graph_main_KEY(ptr bufs, ptr dims, ptr blas, ptr status) -> i32: `bufs` holds a pointer per buffer
-of the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the BLAS table (sgemm, dgemm,
-openblas_set_num_threads or null, its thread count), and `status` three i64 words that a failing
-check fills (code, value, the index of the kernel that failed).
+of the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the addresses of sgemm and
+dgemm (or null), and `status` three i64 words that a failing check fills (code, value, the index
+of the kernel that failed).
 """
 from __future__ import annotations
 
@@ -32,9 +32,6 @@ from graphc.runtime.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS,
 
 # Below this many multiply-adds a generated loop beats the call into the BLAS.
 SMALL_GEMM = 32 * 32 * 32
-# From this many the BLAS may use all its threads; below, one. Its idle threads spin after a
-# parallel call and slow down the single-threaded kernels (and other processes) that follow.
-PARALLEL_GEMM = 1 << 26
 THIN_GEMM = 4
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
@@ -186,7 +183,6 @@ class Module:
         small = f.emit(f"or i1 {tiny}, {thin}")
         f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
         f.label("call_blas")
-        self._blas_threads(f, mkn)
         slot = 0 if dtype is DType.f32 else 1
         fn = f.emit(f"load ptr, ptr {f.emit(f'getelementptr ptr, ptr %blas, i64 {slot}')}")
         bi = self.blas_int
@@ -217,23 +213,6 @@ class Module:
         LoopNest(self, f, kernel, space, sizes).render()
         return True
 
-    def _blas_threads(self, f: Function, mkn: str, restore: bool = False) -> None:
-        """blas[2] is openblas_set_num_threads (or null), blas[3] the thread count to restore."""
-        setter = f.emit(f"load ptr, ptr {f.emit('getelementptr ptr, ptr %blas, i64 2')}")
-        has = f.emit(f"icmp ne ptr {setter}, null")
-        yes, done = f.fresh("threads").lstrip("%"), f.fresh("threads_set").lstrip("%")
-        f.do(f"br i1 {has}, label %{yes}, label %{done}")
-        f.label(yes)
-        most = f.emit(f"load i64, ptr {f.emit('getelementptr i64, ptr %blas, i64 3')}")
-        if restore:
-            count = most
-        else:
-            big = f.emit(f"icmp uge i64 {mkn}, {PARALLEL_GEMM}")
-            count = f.emit(f"select i1 {big}, i64 {most}, i64 1")
-        f.do(f"call void {setter}(i32 {f.emit(f'trunc i64 {count} to i32')})")
-        f.do(f"br label %{done}")
-        f.label(done)
-
     def offset(self, f: Function, offset, sizes: dict) -> str:
         total = None
         for term in offset:
@@ -262,8 +241,6 @@ class Module:
                 main.do(f"br i1 {failed}, label %{fail}, label %{cont}")
                 failures.append((fail, index))
                 main.label(cont)
-        if any(k.matmul is not None for k in plan.kernels):
-            self._blas_threads(main, "0", restore=True)   # numpy's own products as they were
         main.do("ret i32 0")
         for fail, index in failures:
             main.label(fail)

@@ -38,8 +38,7 @@ class _Code:
         blas = jit.blas()
         for key, ex in self.executors.items():
             ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
-            ex._blas[:] = [blas.sgemm or None, blas.dgemm or None, blas.set_threads or None,
-                           blas.threads]
+            ex._blas[:] = [blas.sgemm or None, blas.dgemm or None]
 
 
 _MAIN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -85,7 +84,7 @@ class LLVMExecutor:
         self._frames: dict[tuple, _Frame] = {}
         self._status = np.zeros(3, dtype=np.int64)
         self._status_address = self._status.ctypes.data
-        self._blas = (ctypes.c_void_p * 4)()
+        self._blas = (ctypes.c_void_p * 2)()
 
     @classmethod
     def link(cls, executors: dict[str, LLVMExecutor]) -> None:

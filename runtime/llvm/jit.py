@@ -131,12 +131,10 @@ class Compiled:
 
 @dataclass(frozen=True)
 class Blas:
-    """The CBLAS that numpy links: gemm addresses, its integer width, and its thread control."""
+    """The CBLAS that numpy links: gemm addresses and its integer width."""
     sgemm: int = 0
     dgemm: int = 0
     int_bits: int = 64
-    set_threads: int = 0          # openblas_set_num_threads, or 0
-    threads: int = 1              # how many threads it had when graphc found it
 
 
 @functools.cache
@@ -161,23 +159,13 @@ def blas() -> Blas:
                 continue
             if bits == 32 and _is_ilp64(path):
                 bits = 64
-            return Blas(_address(s), _address(d), bits, *_threading(lib))
+            return Blas(_address(s), _address(d), bits)
     log.debug("no CBLAS found; matrix products use generated loops")
     return Blas()
 
 
 def _address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
-
-
-def _threading(lib) -> tuple[int, int]:
-    for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
-        set_fn = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-        get_fn = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-        if set_fn is not None and get_fn is not None:
-            get_fn.restype = ctypes.c_int
-            return _address(set_fn), max(1, int(get_fn()))
-    return 0, 1
 
 
 def _is_ilp64(path: str) -> bool:

@@ -1,0 +1,75 @@
+"""JAX: the whole train step (loss, `value_and_grad`, PyTorch's Adam update) in one `jax.jit`,
+with the parameters and Adam's moments donated so that XLA updates them in place. Labels are
+int32: JAX runs without 64-bit types unless told otherwise."""
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.peers import Runner
+from bench.workloads import N_BATCHES, Workload
+
+LR, BETA1, BETA2, EPS = 1e-3, 0.9, 0.999, 1e-8
+
+
+def _log_probs(params, x):
+    h = x
+    for i, (w, b) in enumerate(params):
+        h = h @ w + b
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    return jax.nn.log_softmax(h, axis=1)
+
+
+def _loss(params, x, y):
+    return -jnp.mean(jnp.take_along_axis(_log_probs(params, x), y[:, None], axis=1))
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _train_step(state, x, y):
+    params, m, v, t = state
+    loss, grads = jax.value_and_grad(_loss)(params, x, y)
+    t = t + 1
+    correction1, correction2 = 1 - BETA1 ** t, 1 - BETA2 ** t
+    m = jax.tree.map(lambda m, g: BETA1 * m + (1 - BETA1) * g, m, grads)
+    v = jax.tree.map(lambda v, g: BETA2 * v + (1 - BETA2) * g * g, v, grads)
+    params = jax.tree.map(
+        lambda p, m, v: p - (LR / correction1) * m / (jnp.sqrt(v) / jnp.sqrt(correction2) + EPS),
+        params, m, v)
+    return (params, m, v, t), loss
+
+
+_forward = jax.jit(_log_probs)
+
+
+class JaxRunner(Runner):
+    def __init__(self, w: Workload, params, x, y):
+        self.train = w.kind == "train"
+        layers = [(jnp.asarray(params[f"W{i}"]), jnp.asarray(params[f"b{i}"]))
+                  for i in range(1, len(w.layers) + 1)]
+        zeros = jax.tree.map(jnp.zeros_like, layers)
+        self.state = (layers, zeros, jax.tree.map(jnp.zeros_like, layers), jnp.float32(0))
+        self.xs = [jax.device_put(x[i]) for i in range(N_BATCHES)]
+        self.ys = [jax.device_put(y[i].astype(np.int32)) for i in range(N_BATCHES)]
+
+    def run(self, i: int):
+        xb, yb = self.xs[i % N_BATCHES], self.ys[i % N_BATCHES]
+        if not self.train:
+            return _forward(self.state[0], xb)
+        self.state, loss = _train_step(self.state, xb, yb)
+        return loss
+
+    def sync(self, result) -> None:
+        jax.block_until_ready((result, self.state))
+
+    def details(self) -> dict:
+        return {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+                "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def build(w: Workload, params, x, y, options) -> JaxRunner:
+    return JaxRunner(w, params, x, y)

@@ -1,0 +1,116 @@
+"""The workloads: what each one trains or runs, the matrix products of its step (for the
+GEMM-bound floor), and the shared inputs every peer starts from (graphc's initial parameters and
+the same random batches), with graphc numpy's results on them as the correctness reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+MODELS_DIR = BENCH_DIR / "models"
+DATA_SEED = 1234
+N_BATCHES = 4           # a small pool of batches, cycled, so no step sees the exact same input twice
+CHECK_STEPS = 3         # training: the losses of the first three steps are compared with graphc numpy
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    sizes: tuple[int, ...]      # layer widths, input first: (784, 256, 10)
+    batch: int
+    kind: str                   # "train": one Adam step; "infer": one forward pass
+    nn_file: str                # in bench/models/
+
+    @property
+    def layers(self) -> list[tuple[int, int]]:
+        return list(zip(self.sizes[:-1], self.sizes[1:]))
+
+    @property
+    def unit(self) -> str:
+        return "step" if self.kind == "train" else "call"
+
+
+WORKLOADS = {w.key: w for w in [
+    Workload("a", "(a) MNIST MLP 784-256-10, batch 64, Adam: train step", (784, 256, 10), 64,
+             "train", "mnist_mlp.nn"),
+    Workload("b", "(b) MLP 784-1024-1024-10, batch 256, Adam: train step", (784, 1024, 1024, 10), 256,
+             "train", "wide_mlp.nn"),
+    Workload("c", "(c) the course's Net 10-20-2, batch 64, Adam: train step", (10, 20, 2), 64,
+             "train", "tiny_net.nn"),
+    Workload("d1", "(d) inference, (a)'s forward at batch 1", (784, 256, 10), 1, "infer", "mnist_mlp.nn"),
+    Workload("d64", "(d) inference, (a)'s forward at batch 64", (784, 256, 10), 64, "infer",
+             "mnist_mlp.nn"),
+]}
+
+
+def select(keys: str) -> list[Workload]:
+    """`a,b,c,d,e` -> workloads; `d` means both batch sizes; `e` (compile times) is not one."""
+    chosen = []
+    for key in (k.strip() for k in keys.split(",") if k.strip()):
+        if key == "e":
+            continue
+        if key == "d":
+            chosen += [WORKLOADS["d1"], WORKLOADS["d64"]]
+        elif key in WORKLOADS:
+            chosen.append(WORKLOADS[key])
+        else:
+            raise ValueError(f"unknown workload {key!r}: choose from a, b, c, d, e")
+    return chosen
+
+
+def matmul_shapes(w: Workload) -> list[tuple[int, int, int, str]]:
+    """(M, K, N, layout) of every matrix product a step needs: the forward product of each layer,
+    and in training the weight gradient (x.T @ g) and, past the first layer, the input gradient
+    (g @ W.T). Layouts: "nn", "tn" (left operand transposed), "nt" (right operand transposed)."""
+    shapes = [(w.batch, k, n, "nn") for k, n in w.layers]
+    if w.kind == "train":
+        for i, (k, n) in enumerate(w.layers):
+            shapes.append((k, w.batch, n, "tn"))
+            if i > 0:
+                shapes.append((w.batch, n, k, "nt"))
+    return shapes
+
+
+def matmul_flops(w: Workload) -> int:
+    return sum(2 * m * k * n for m, k, n, _ in matmul_shapes(w))
+
+
+def prepare(w: Workload, folder: Path) -> Path:
+    """Write `folder/<key>.npz`: graphc's initial parameters (`param:W1`, ...), the batches (`x`:
+    [N_BATCHES, B, in] float32 in [0, 1), `y`: [N_BATCHES, B] int64) and the reference (`check`):
+    graphc numpy's first losses (training) or its first output (inference)."""
+    import graphc
+
+    program = graphc.compile_file(MODELS_DIR / w.nn_file, backend="numpy")
+    rng = np.random.default_rng(DATA_SEED)
+    x = rng.random((N_BATCHES, w.batch, w.sizes[0]), dtype=np.float32)
+    y = rng.integers(0, w.sizes[-1], size=(N_BATCHES, w.batch), dtype=np.int64)
+    arrays = {f"param:{name}": np.array(value) for name, value in program.params.items()}
+    if w.kind == "train":
+        check = [program.train_step(x=x[i % N_BATCHES], y=y[i % N_BATCHES]) for i in range(CHECK_STEPS)]
+    else:
+        check = program.forward(x=x[0])["logp"].ravel()
+    path = folder / f"{w.key}.npz"
+    np.savez(path, x=x, y=y, check=np.asarray(check, dtype=np.float64), **arrays)
+    return path
+
+
+def load(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """(params, x, y, check) as `prepare` wrote them."""
+    with np.load(path, allow_pickle=False) as f:
+        params = {k.split(":", 1)[1]: f[k] for k in f.files if k.startswith("param:")}
+        return params, f["x"], f["y"], f["check"]
+
+
+def check_ok(got: list[float], want: np.ndarray) -> tuple[bool, float]:
+    """Whether a peer's check values match graphc numpy's, and the largest difference. The
+    tolerance is loose (float32 sums in other orders, Adam's first step dividing small gradients
+    by their own size) but far below any difference in what is computed."""
+    got_a = np.asarray(got, dtype=np.float64)
+    if got_a.shape != want.shape or not np.all(np.isfinite(got_a)):
+        return False, float("inf")
+    diff = np.abs(got_a - want)
+    return bool(np.all(diff <= 1e-4 + 1e-3 * np.abs(want))), float(diff.max(initial=0.0))

@@ -8,6 +8,7 @@ few, warm buffers. Graph outputs get fresh arrays, never pool buffers: callers k
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -41,6 +42,7 @@ class NumpyExecutor:
         self.inputs = [tuple(index[id(i)] for i in n.inputs) for n in self.order]
         self.outputs = [(name, index[id(n)]) for name, n in graph.outputs]
         self.plans: dict[tuple, _Plan] = {}
+        self._lock = threading.Lock()     # a plan's buffers serve one run at a time
 
     def plan(self, dims: dict[str, int]) -> _Plan:
         key = tuple(sorted(dims.items()))
@@ -52,7 +54,8 @@ class NumpyExecutor:
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
             dims: dict[str, int], state: dict[str, np.ndarray] | None = None
             ) -> dict[str, np.ndarray]:
-        return self.plan(dims).run(feeds, params, state or {})
+        with self._lock:
+            return self.plan(dims).run(feeds, params, state or {})
 
 
 class _Plan:

@@ -142,3 +142,18 @@ def test_dump_after_fuse_prints_the_plan(tmp_path, capsys):
 def test_build_without_output_or_report_is_a_usage_error(capsys):
     assert main(["build", "models/backprop_example.nn"]) == 2
     assert "needs -o DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_concurrent_calls_from_threads_are_correct(backend):
+    """The llvm call releases the GIL and both executors reuse buffers: runs must not overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+    program = graphc.compile_file("models/mnist_mlp.nn", backend=backend)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((33, 784)).astype(np.float32) for _ in range(8)]
+    want = [program.forward(x=x)["logp"] for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda x: program.forward(x=x)["logp"], batches))
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)

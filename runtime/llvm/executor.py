@@ -4,6 +4,7 @@ of a program are compiled together, as one module (`LLVMExecutor.link`)."""
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,7 @@ class LLVMExecutor:
         self._status = np.zeros(3, dtype=np.int64)
         self._status_address = self._status.ctypes.data
         self._blas = (ctypes.c_void_p * 2)()
+        self._lock = threading.Lock()
 
     @classmethod
     def link(cls, executors: dict[str, LLVMExecutor]) -> None:
@@ -133,6 +135,11 @@ class LLVMExecutor:
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
             dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        # The native call releases the GIL; the arena and pointer table serve one run at a time.
+        with self._lock:
+            return self._run(feeds, params, dims, state)
+
+    def _run(self, feeds, params, dims, state) -> dict[str, np.ndarray]:
         if self._fn is None:
             self.compile()
         frame = self.frame(dims)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
+import io
 from importlib import resources
 
 import lark
@@ -15,6 +14,7 @@ from graphc.cache import cache_dir
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.frontend.transform import ToAst
+from graphc.runtime.artifact import atomic_write
 
 # How the parser's terminals read in a message.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
@@ -38,10 +38,9 @@ def _parser() -> lark.Lark:
     parser = lark.Lark(text, **options)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            parser.save(fh)
-        os.replace(tmp, path)
+        tables = io.BytesIO()
+        parser.save(tables)
+        atomic_write(path, tables.getvalue())
     except OSError:
         pass
     return parser

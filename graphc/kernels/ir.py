@@ -110,20 +110,25 @@ class Op:
 Expr = Load | Const | SizeOf | Index | FlatIndex | Op
 
 
-def expr_ops(expr: Expr, seen: set | None = None) -> list[Op]:
-    """Every distinct Op of an expression DAG (each once)."""
-    seen = set() if seen is None else seen
-    out: list[Op] = []
-    stack = [expr]
+def walk(exprs) -> list:
+    """Every distinct node of expression DAGs, each once."""
+    seen: set = set()
+    out: list = []
+    stack = list(exprs)
     while stack:
         e = stack.pop()
         if e in seen:
             continue
         seen.add(e)
+        out.append(e)
         if isinstance(e, Op):
-            out.append(e)
             stack.extend(e.args)
     return out
+
+
+def expr_ops(expr: Expr) -> list[Op]:
+    """Every distinct Op of an expression DAG (each once)."""
+    return [e for e in walk([expr]) if isinstance(e, Op)]
 
 
 # --- buffers, accesses, kernels ------------------------------------------------------------------
@@ -194,20 +199,7 @@ def dims_of(shape: Shape) -> tuple[Size, ...]:
 # --- normalization shared by the renderers ----------------------------------------------------------
 
 def _index_axes(kernel: Kernel) -> set[int]:
-    seen: set = set()
-    axes = set()
-    for store in kernel.stores:
-        stack = [store.expr]
-        while stack:
-            e = stack.pop()
-            if e in seen:
-                continue
-            seen.add(e)
-            if isinstance(e, Index):
-                axes.add(e.axis)
-            elif isinstance(e, Op):
-                stack.extend(e.args)
-    return axes
+    return {e.axis for e in walk(s.expr for s in kernel.stores) if isinstance(e, Index)}
 
 
 def _remap_index(expr, mapping: dict[int, int], memo: dict):

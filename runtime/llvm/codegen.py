@@ -27,6 +27,7 @@ from graphc.kernels.ir import (
     coalesce,
     sprod,
     sstr,
+    walk,
 )
 from graphc.runtime.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS, SUFFIX, cast, const
 
@@ -458,17 +459,7 @@ def _sizes_used(plan: KernelPlan, kernel: Kernel) -> list:
         out.extend(a.offset)
     out.append(sprod(kernel.space[a] for a in kernel.reduce_axes))
     out.extend(plan.buffers[s.access.buffer].elements for s in kernel.stores if s.reduce)
-    seen: set = set()
-    stack = [s.expr for s in kernel.stores]
-    while stack:
-        e = stack.pop()
-        if e in seen:
-            continue
-        seen.add(e)
-        if isinstance(e, SizeOf):
-            out.append(e.size)
-        elif isinstance(e, Op):
-            stack.extend(e.args)
+    out.extend(e.size for e in walk(s.expr for s in kernel.stores) if isinstance(e, SizeOf))
     if kernel.matmul is not None:
         m, k, n = (kernel.space + (ONE, ONE, ONE))[:3]
         out.extend([m, k, n])

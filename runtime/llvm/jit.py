@@ -12,12 +12,11 @@ import ctypes.util
 import functools
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from graphc.cache import cache_dir
+from graphc.runtime.artifact import atomic_write
 
 log = logging.getLogger("graphc")
 
@@ -83,10 +82,7 @@ def object_code(text: str) -> bytes:
     data = compile_ir(text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, data)
     except OSError as err:            # a read-only cache is not an error, just a slower start
         log.debug("llvm cache not written: %s", err)
     return data

@@ -89,27 +89,25 @@ def load_average() -> list[float] | None:
         return None
 
 
-def _meminfo_kb(key: str) -> int | None:
+def _proc_kb(path: str, key: str) -> int | None:
+    """A `KEY: value kB` field of a /proc file, None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _meminfo_kb(key: str) -> int | None:
+    return _proc_kb("/proc/meminfo", key)
 
 
 def status_kb(key: str) -> int | None:
     """A field of /proc/self/status in kB (`VmRSS`, `VmHWM`), None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return _proc_kb("/proc/self/status", key)
 
 
 def reset_peak_rss() -> bool:

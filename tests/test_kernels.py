@@ -157,3 +157,25 @@ def test_concurrent_calls_from_threads_are_correct(backend):
             got = list(pool.map(lambda x: program.forward(x=x)["logp"], batches))
             for g, w in zip(got, want):
                 np.testing.assert_array_equal(g, w)
+
+
+def test_outputs_that_are_inputs_or_views_come_back_in_order():
+    src = """
+    model m {
+        input x: f32[4, 3]
+        param W: f32[3, 2] = normal()
+        output y = x
+        output z = transpose(x @ W)
+        output s = sum(x)
+    }"""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    results = []
+    for backend in ("numpy", "llvm"):
+        program = graphc.compile_source(src, backend=backend)
+        program.params["W"] = np.arange(6, dtype=np.float32).reshape(3, 2)
+        results.append(program.forward(x=x))
+    numpy_out, llvm_out = results
+    assert list(llvm_out) == list(numpy_out) == ["y", "z", "s"]
+    for name in numpy_out:
+        np.testing.assert_allclose(llvm_out[name], numpy_out[name], rtol=1e-6)
+    assert llvm_out["y"] is not x and np.shares_memory(llvm_out["y"], x) is False

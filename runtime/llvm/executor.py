@@ -78,6 +78,7 @@ class LLVMExecutor:
                 self.array_inputs.append((b.id, b.name, b.dtype.numpy))
             elif b.kind in ("param", "state"):
                 self.owned.append((b.id, b.name, b.kind == "param", b.dtype.numpy, b.id in in_place))
+        self._output_order = [name for name, _, _, _ in self.plan.outputs]
         self.in_place = {name for name, access, _, _ in self.plan.outputs
                          if self.plan.aliases.get(access.buffer) in in_place}
         self._fn = None
@@ -174,6 +175,8 @@ class LLVMExecutor:
             args = dict(view)
             flat = array.reshape(-1)[args.pop("offset"):]
             out[name] = np.lib.stride_tricks.as_strided(flat, **args).copy()
+        if frame.external_outputs:       # in the graph's order, as the numpy backend returns them
+            out = {name: out[name] for name in self._output_order if name in out}
         return out
 
     def _external(self, slot: int, params: dict, state: dict | None) -> np.ndarray:

@@ -208,16 +208,17 @@ def _print_stats(program, batch: int | None) -> None:
     from graphc.kernels.memory import plan_stats
     train = program.meta.get("train") or {}
     n = batch or int(train.get("batch") or 64)
-    rows = [("program", "kernels", "MFLOP", "MB moved", "peak MB", "nodes")]
+    rows = [("program", "kernels", "MFLOP", "MB moved", "peak MB", "temps MB", "unplanned MB", "nodes")]
     for key, graph in program.graphs.items():
         plan = plan_kernels(graph)
         stats = plan_stats(plan, dict.fromkeys(plan.symbols, n))
         rows.append((key, str(stats["kernels"]), f"{stats['flops'] / 1e6:.2f}",
                      f"{stats['bytes_moved'] / 1e6:.2f}", f"{stats['peak_bytes'] / 1e6:.2f}",
+                     f"{stats['arena_bytes'] / 1e6:.2f}", f"{stats['temp_bytes_unplanned'] / 1e6:.2f}",
                      str(len(graph.nodes()))))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     print(f"{program.name} at batch {n} (fused kernels; peak = parameters, state, inputs and the "
-          f"planned temporaries):")
+          f"temporaries' arena; unplanned = the temporaries without buffer reuse):")
     for r in rows:
         cells = [v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))]
         print("  " + "  ".join(cells))

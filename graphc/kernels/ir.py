@@ -188,9 +188,6 @@ class KernelPlan:
     symbols: tuple[str, ...]                # the symbolic dimensions, in the order backends pass them
     aliases: dict[int, int] = field(default_factory=dict)   # in-place: buffer -> buffer it reuses
 
-    def externals(self, kind: str) -> list[Buffer]:
-        return [b for b in self.buffers if b.kind == kind]
-
 
 def dims_of(shape: Shape) -> tuple[Size, ...]:
     return tuple(size_of(d) for d in shape)

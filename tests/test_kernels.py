@@ -179,3 +179,15 @@ def test_outputs_that_are_inputs_or_views_come_back_in_order():
     for name in numpy_out:
         np.testing.assert_allclose(llvm_out[name], numpy_out[name], rtol=1e-6)
     assert llvm_out["y"] is not x and np.shares_memory(llvm_out["y"], x) is False
+
+
+def test_matrix_products_run_as_loops_where_no_blas_was_found():
+    """jit.blas() is empty when numpy links no CBLAS graphc recognizes: products must still run."""
+    program = graphc.compile_file("models/mnist_mlp.nn", backend="llvm")
+    reference = graphc.compile_file("models/mnist_mlp.nn")
+    program.compile()
+    for ex in program._executors.values():
+        ex._blas[0] = ex._blas[1] = None
+    x = np.random.default_rng(1).standard_normal((64, 784)).astype(np.float32)
+    np.testing.assert_allclose(program.forward(x=x)["logp"], reference.forward(x=x)["logp"],
+                               rtol=1e-5, atol=1e-5)

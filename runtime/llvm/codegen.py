@@ -181,11 +181,12 @@ class Module:
         thin = f.emit(f"icmp ule i64 {f.emit(f'call i64 @llvm.umin.i64(i64 {space[0]}, i64 {space[1]})')}, "
                       f"{THIN_GEMM}")
         self.declare("llvm.umin.i64", "i64", ["i64", "i64"])
-        small = f.emit(f"or i1 {tiny}, {thin}")
-        f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
-        f.label("call_blas")
         slot = 0 if dtype is DType.f32 else 1
         fn = f.emit(f"load ptr, ptr {f.emit(f'getelementptr ptr, ptr %blas, i64 {slot}')}")
+        no_blas = f.emit(f"icmp eq ptr {fn}, null")      # numpy links no CBLAS graphc could find
+        small = f.emit(f"or i1 {f.emit(f'or i1 {tiny}, {thin}')}, {no_blas}")
+        f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
+        f.label("call_blas")
         bi = self.blas_int
 
         def ld(pair):

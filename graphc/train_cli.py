@@ -57,8 +57,8 @@ def add_commands(sub) -> None:
 
 def _add_backend(p) -> None:
     # Checkpoints hold plain arrays, so a run trained on one backend resumes or scores on another.
-    p.add_argument("--backend", choices=["numpy", "llvm"], default="numpy",
-                   help="numpy (the reference) or llvm (fused native kernels for this CPU)")
+    from graphc.cli import _add_backend_arg
+    _add_backend_arg(p)
 
 
 def _positive(text: str) -> int:

@@ -189,7 +189,7 @@ class LLVMExecutor:
         raise AssertionError(f"internal error: no buffer {slot}")
 
     def _failure(self, status: np.ndarray) -> GraphcError:
-        code, value, index = (int(v) for v in status)
+        _, value, index = (int(v) for v in status)     # code 1: a label out of range
         status[:] = 0
         kernel = self.plan.kernels[index]
         node = next(n for n in kernel.nodes if n.op == "one_hot")

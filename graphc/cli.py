@@ -169,7 +169,8 @@ def cmd_build(args) -> int:
         from graphc.kernels.printer import format_plan
         for key, graph in program.graphs.items():
             print(f"; kernel plan of {key}\n{format_plan(plan_kernels(graph))}")
-    program.compile()               # native code for every graph now, not at the first step
+    # Native code for every graph now, into the cache that later runs load it from.
+    program.compile(load=False)
     if args.emit_source:
         _emit_source(program, Path(args.emit_source))
     if args.stats:

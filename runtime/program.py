@@ -134,12 +134,13 @@ class Program:
         self._lr_dtype = next((n.type.dtype.numpy for n in graphs["train_step"].inputs
                                if n.attr["name"] == LR_INPUT), None) if "train_step" in graphs else None
 
-    def compile(self) -> None:
+    def compile(self, load: bool = True) -> None:
         """Generate and load native code for every graph now (compiled backends otherwise do it
-        at each graph's first call)."""
+        at each graph's first call). With `load=False` the code is only put in the on-disk cache,
+        for later processes (what `graphc build` does): a warm cache then costs no code loading."""
         for executor in self._executors.values():
             if hasattr(executor, "compile"):
-                executor.compile()
+                executor.compile(load)
 
     @property
     def graph(self) -> Graph:

@@ -2,6 +2,9 @@
 code cache, CLI outputs. Numerical agreement with numpy is tests/test_llvm_backend.py."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +194,26 @@ def test_matrix_products_run_as_loops_where_no_blas_was_found():
     x = np.random.default_rng(1).standard_normal((64, 784)).astype(np.float32)
     np.testing.assert_allclose(program.forward(x=x)["logp"], reference.forward(x=x)["logp"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_object_cache_key_is_the_same_in_every_process():
+    # The key hashes the kernel plans' repr: it must not depend on string hashing (set order).
+    script = ("import graphc; p = graphc.compile_file('models/digits_mlp.nn', backend='llvm'); "
+              "print(next(iter(p._executors.values()))._code.identity())")
+    keys = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (1, 2)}
+    assert len(keys) == 1 and "KernelPlan(" in keys.pop()
+
+
+def test_build_command_caches_code_without_loading_it(tmp_path, monkeypatch):
+    from graphc.runtime.llvm import jit
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["build", "models/backprop_example.nn", "--backend", "llvm", "-o", str(tmp_path / "a")]) == 0
+    assert len(list((tmp_path / "cache" / "llvm").glob("*.o"))) == 1
+
+    def no_loading(*args):
+        raise AssertionError("graphc build loaded or compiled code the cache already holds")
+    monkeypatch.setattr(jit, "Compiled", no_loading)
+    monkeypatch.setattr(jit, "compile_ir", no_loading)
+    assert main(["build", "models/backprop_example.nn", "--backend", "llvm", "-o", str(tmp_path / "b")]) == 0

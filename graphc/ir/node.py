@@ -7,6 +7,7 @@ for people and error messages but do not take part in equality.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -106,7 +107,12 @@ class Graph:
         return dict(self.outputs)
 
     def nodes(self) -> list[Node]:
-        return topo_order(node for _, node in self.outputs)
+        return list(self._order)
+
+    @functools.cached_property
+    def _order(self) -> tuple[Node, ...]:
+        # Graphs are immutable, so their order is computed once (passes ask for it often).
+        return tuple(topo_order(node for _, node in self.outputs))
 
     def _sources(self, op: str) -> list[Node]:
         return [n for n in self.nodes() if n.op == op]

@@ -15,7 +15,6 @@ from graphc.kernels import plan_kernels
 from graphc.kernels.ir import sval
 from graphc.kernels.memory import ALIGN, plan_arena
 from graphc.runtime.llvm import jit
-from graphc.runtime.llvm.codegen import render_module
 
 
 class _Code:
@@ -28,14 +27,24 @@ class _Code:
 
     def text(self) -> str:
         if self._text is None:
+            from graphc.runtime.llvm.codegen import render_module  # not needed on a cache hit
             plans = {key: ex.plan for key, ex in self.executors.items()}
             self._text = render_module(plans, jit.blas().int_bits)
         return self._text
 
-    def compile(self) -> None:
+    def identity(self) -> str:
+        """What the module is generated from: the plans (their repr is complete, deterministic
+        and a fifth of the cost of rendering them) and the BLAS's integer width."""
+        plans = {key: ex.plan for key, ex in self.executors.items()}
+        return f"blas int{jit.blas().int_bits}\n{plans!r}"
+
+    def compile(self, load: bool = True) -> None:
         if self._compiled is not None:
             return
-        self._compiled = jit.Compiled(jit.object_code(self.text()))
+        if not load:                  # only make sure the object code is in the cache
+            jit.object_code(self.identity(), self.text, need=False)
+            return
+        self._compiled = jit.Compiled(jit.object_code(self.identity(), self.text))
         blas = jit.blas()
         for key, ex in self.executors.items():
             ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
@@ -100,8 +109,10 @@ class LLVMExecutor:
         """The LLVM IR of the module this graph is compiled in."""
         return self._code.text()
 
-    def compile(self) -> None:
-        self._code.compile()
+    def compile(self, load: bool = True) -> None:
+        """Compile the module (or read it from the cache) and load it; with `load=False`, only
+        make sure the cache holds it."""
+        self._code.compile(load)
 
     def frame(self, dims: dict[str, int]) -> _Frame:
         key = tuple(dims.get(s, 0) for s in self.plan.symbols)

@@ -2,16 +2,17 @@
 
 The target machine gets the host CPU's own name and features, so AVX2 or AVX-512 are used where
 they exist (llvmlite emits plain SSE2 otherwise). Object code is cached under
-$GRAPHC_CACHE_DIR (default: the user cache folder) keyed by a hash of the IR text, the CPU and the
-compiler's version: the cache holds only code this compiler generated from IR it wrote itself.
+$GRAPHC_CACHE_DIR (default: the user cache folder) keyed by a hash of what the IR is generated
+from (the kernel plans), the renderer's code, the CPU and llvmlite's version: the cache holds only
+code this compiler generated from IR it wrote itself.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,31 @@ def cpu_description() -> str:
     return f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"
 
 
+@functools.cache
+def cpu_key() -> str:
+    """What names this CPU in cache keys. Where the OS lists the CPU's model and feature flags
+    (Linux's /proc/cpuinfo: the same CPUID bits LLVM reads) they are used, so a build whose code
+    is cached never loads LLVM (30 ms); elsewhere LLVM's own description."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return cpu_description()
+    wanted = ("vendor_id", "model name", "cpu family", "model", "flags",     # x86
+              "CPU implementer", "CPU part", "CPU variant", "Features")       # ARM
+    found: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in wanted and key not in found:
+            found[key] = value.strip()
+    if "flags" not in found and "Features" not in found:
+        return cpu_description()
+    return "cpuinfo " + "; ".join(f"{k}={v}" for k, v in sorted(found.items()))
+
+
 def _register_libm(llvm) -> None:
     """Generated code calls the C math library (expf, logf, ...); tell the JIT where it is."""
+    import ctypes.util
     libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
     for base in ("exp", "log", "pow", "tanh", "log1p", "sqrt", "fmax", "fmin"):
         for name in (base, base + "f"):
@@ -61,25 +85,42 @@ def _register_libm(llvm) -> None:
                 llvm.add_symbol(name, ctypes.cast(getattr(libm, name), ctypes.c_void_p).value)
 
 
-def _key(text: str) -> str:
+def _key(source: str) -> str:
     import llvmlite
     h = hashlib.sha256()
-    for part in (CODEGEN_VERSION, llvmlite.__version__, cpu_description(), text):
+    for part in (CODEGEN_VERSION, llvmlite.__version__, cpu_key(), _renderer_digest(), source):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:40]
 
 
-def object_code(text: str) -> bytes:
-    """Optimized object code for an IR module, from the cache when it is there."""
-    path = cache_dir() / "llvm" / (_key(text) + ".o")
+@functools.cache
+def _renderer_digest() -> str:
+    """A hash of the code that turns plans into machine code (the renderer and this module), so
+    an edited renderer never reads object code the old one made."""
+    from importlib.util import find_spec  # finds the files without importing the modules
+    h = hashlib.sha256()
+    for module in ("graphc.kernels.ir", "graphc.runtime.llvm.codegen",
+                   "graphc.runtime.llvm.lowering", __name__):
+        h.update(Path(find_spec(module).origin).read_bytes())
+    return h.hexdigest()
+
+
+def object_code(source: str, render: Callable[[], str], need: bool = True) -> bytes | None:
+    """Optimized object code for the IR module that `render()` writes, from the cache when it is
+    there. `source` is what the module is generated from (the cache key; cheaper than the IR
+    text). With `need=False` the caller only wants it cached: a hit reads nothing, returns None."""
+    path = cache_dir() / "llvm" / (_key(source) + ".o")
+    if not need and path.is_file():
+        log.debug("llvm cache hit %s", path.name)
+        return None
     try:
         data = path.read_bytes()
         log.debug("llvm cache hit %s", path.name)
         return data
     except OSError:
         pass
-    data = compile_ir(text)
+    data = compile_ir(render())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)

@@ -43,8 +43,12 @@ METHOD = {
                "graphc.compile_file with the imports it triggers, first_s the first calls (build: "
                "one forward and one train step on zeros, batch 8; first_step: one train step of "
                "(a) at batch 64), total_s from before `import graphc`, process_s the whole process "
-               "seen from outside; cold: a new empty GRAPHC_CACHE_DIR each time, warm: the last "
-               "cold folder again; medians of the repeats",
+               "seen from outside; cli: process_s of `python -m graphc build MODEL --backend B -o "
+               "DIR`, from before the process starts to its exit (status 0, else an error); cold: "
+               "a new empty GRAPHC_CACHE_DIR each time, warm: the last cold folder again; medians "
+               "of the repeats; every process writes and reads .pyc files (PYTHONDONTWRITEBYTECODE "
+               "unset, PYTHONPYCACHEPREFIX in a temporary folder), written by untimed warm-up runs "
+               "first, as an installed package has them; --quick: one model",
 }
 
 
@@ -65,7 +69,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="before each block, wait up to S seconds for other processes to leave the "
                         "CPU idle (default 2; 0 with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="a few short blocks, one process set, no calibration: a smoke test")
+                   help="a few short blocks, one process set, no calibration, (e) on one model once: "
+                        "a smoke test")
     p.add_argument("--out", type=Path, help="the results file (default bench/results/TIME-MACHINE.json; "
                    "with --quick, a temporary file)")
     p.add_argument("--show", type=Path, metavar="FILE", help="print the tables of a results file and exit")
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             print(report.table(summary) + "\n", flush=True)
     if "e" in {k.strip() for k in args.workloads.split(",")}:
         log("(e) compile times")
-        results["compile"] = compile_time.measure(["numpy", "llvm"], 1 if args.quick else 3, log)
+        results["compile"] = compile_time.measure(["numpy", "llvm"], 1 if args.quick else 3, log,
+                                                  quick=args.quick)
         print(report.compile_table(results["compile"]) + "\n", flush=True)
     results["load_average_after"] = machine.load_average()
     results["duration_s"] = time.perf_counter() - t0

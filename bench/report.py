@@ -131,17 +131,38 @@ def _ratio(value) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
+GOAL_S = {"cold": 2.0, "warm": 0.3}    # the project's goal for `graphc build` of any model
+FIRST_STEP_GOAL_S = 0.5                # and for import + build + first step of (a), warm
+
+
 def compile_table(result: dict) -> str:
-    """Workload (e) as text: per backend and model, cold and warm medians."""
+    """Workload (e) as text: per backend and model, cold and warm medians, in process, then of
+    the whole `graphc build` command (results files older than that series have none)."""
     lines = [f"(e) compile time in a fresh process, medians of {result['repeats']}, in s: "
              "compile_file (its imports included) + first calls (one forward, one train step on "
-             "zeros) = in-process; whole process"]
+             "zeros) = in-process; whole process. Goal for the (a) rows: in-process warm under "
+             f"{FIRST_STEP_GOAL_S:g} s"]
     for backend, models in result["build"].items():
         for model, series in models.items():
             lines.append(f"  {backend:6} {model:26} " + _series_text(series))
     for backend, series in result["first_step"].items():
         lines.append(f"  {backend:6} {'(a): import+build+1st step':26} " + _series_text(series))
+    if "cli" in result:
+        lines += ["", f"(e) `python -m graphc build MODEL --backend B -o DIR`, the whole process, "
+                  f"medians of {result['repeats']}, in s. Goal: cold (empty kernel cache) under "
+                  f"{GOAL_S['cold']:g} s, warm under {GOAL_S['warm']:g} s; ! over it"]
+        for backend, models in result["cli"].items():
+            for model, series in models.items():
+                lines.append((f"  {backend:6} {model:26} " + _cli_text(series)).rstrip())
     return "\n".join(lines)
+
+
+def _cli_text(series: dict) -> str:
+    if "error" in series:
+        return "error: " + series["error"][:90]
+    return "   ".join(f"{name} {series[name]['process_s']:.3f}"
+                      + ("!" if series[name]["process_s"] > goal else " ")
+                      for name, goal in GOAL_S.items())
 
 
 def _series_text(series: dict) -> str:

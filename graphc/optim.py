@@ -132,10 +132,13 @@ def _adam(p: _Param, lr, beta1, beta2, eps, weight_decay, amsgrad=False, decoupl
         v = e("maximum", p.slot("max_exp_avg_sq"), v)
         p.set("max_exp_avg_sq", v)
     bias1 = e("sub", p.c(1.0), e("pow", p.c(beta1), p.step))
-    bias2 = e("sub", p.c(1.0), e("pow", p.c(beta2), p.step))
-    denom = e("add", e("div", e("sqrt", v), e("sqrt", bias2)), p.c(eps))
+    root2 = e("sqrt", e("sub", p.c(1.0), e("pow", p.c(beta2), p.step)))
+    # PyTorch's step, lr / bias1 * m / (sqrt(v) / root2 + eps), with root2 moved into the
+    # scalars: lr * root2 / bias1 * m / (sqrt(v) + eps * root2). The same number up to rounding,
+    # one pass over the parameter fewer.
+    denom = e("add", e("sqrt", v), e("mul", p.c(eps), root2))
     direction = e("div", m, denom)
-    return e("sub", param, e("mul", e("div", p.lr, bias1), direction))
+    return e("sub", param, e("mul", e("div", e("mul", p.lr, root2), bias1), direction))
 
 
 def _adamw(p: _Param, lr, beta1, beta2, eps, weight_decay) -> Node:

@@ -18,6 +18,7 @@ from graphc.errors import Diagnostic, GraphcError
 from graphc.ir import OPS
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import bind_shape
+from graphc.runtime.numpy_updates import UpdateGroup, find_update_groups
 
 # How a step is called: by arity (1, 2, 3; other: `out` holds the operand slots), or, for the
 # common unary and binary ops without attributes, with `out=` a pool buffer or a new array.
@@ -41,6 +42,8 @@ class NumpyExecutor:
         index = {id(n): i for i, n in enumerate(self.order)}
         self.inputs = [tuple(index[id(i)] for i in n.inputs) for n in self.order]
         self.outputs = [(name, index[id(n)]) for name, n in graph.outputs]
+        loads = {n.attr["name"]: i for i, n in enumerate(self.order) if n.op in ("param", "state")}
+        self.updates = find_update_groups(self.order, self.inputs, self.outputs, loads)
         self.plans: dict[tuple, _Plan] = {}
         self._lock = threading.Lock()     # a plan's buffers serve one run at a time
 
@@ -91,14 +94,35 @@ class _Plan:
                     raise _runtime_error(node, err) from None
             else:
                 dynamic.append(i)
-        dynamic = _schedule(inputs, set(dynamic), [i for _, i in ex.outputs])
-        self.steps = _plan_steps(order, inputs, shapes, attrs, dynamic, outputs)
-        # Outputs are handed out: fresh arrays pass as they are, anything else is copied.
-        fresh = {i for i in dynamic if i in outputs and _makes_new_array(order[i])}
+        # Parameter updates run as groups after every other step (numpy_updates.py): their
+        # nodes are not steps; what they read is computed first.
+        grouped = {i for g in ex.updates for i in g.cone}
+        dynamic_set = set(dynamic) - grouped
+        roots = [i for _, i in ex.outputs if i not in grouped]
+        self.groups: list[tuple[UpdateGroup, list]] = []
+        into: dict[int, np.ndarray] = {}       # gradient steps that write straight into a lane
+        for g in ex.updates:
+            roots += g.reads
+            copied = []
+            for view, slot in g.computed:
+                if slot in dynamic_set and OPS[order[slot].op].numpy_out and slot not in outputs:
+                    into[slot] = view
+                else:
+                    copied.append((view, slot))
+            self.groups.append((g, copied))
+        dynamic = _schedule(inputs, dynamic_set, roots)
+        # What the updates read stays live to the end, like the outputs.
+        self.steps = _plan_steps(order, inputs, shapes, attrs, dynamic, outputs, into,
+                                 live=set(roots))
+        # Outputs are handed out: fresh arrays pass as they are, anything else is copied. An
+        # update's result is the parameter's (or state's) storage itself, updated in place.
+        fresh = {i for i in dynamic if i in outputs and _makes_new_array(order[i])} | grouped
         self.outputs = []
         for name, i in ex.outputs:
             self.outputs.append((name, i, i in fresh))
             fresh.discard(i)            # a second output of the same node gets its own copy
+        self.updated = [(name, i) for name, i in ex.outputs if i in grouped]
+        self.updated_slots = {i for _, i in self.updated}
 
     def run(self, feeds, params, state) -> dict[str, np.ndarray]:
         values = self.template.copy()
@@ -128,8 +152,15 @@ class _Plan:
                     values[i] = fn(*[values[j] for j in out])
         except ValueError as err:
             raise _runtime_error(self.nodes[i], err) from None
-        return {name: np.asarray(values[i]) if fresh else np.array(values[i], copy=True)
-                for name, i, fresh in self.outputs}
+        # Other outputs are taken before the updates write over the parameters they may view.
+        out = {name: None if i in self.updated_slots else
+               np.asarray(values[i]) if fresh else np.array(values[i], copy=True)
+               for name, i, fresh in self.outputs}
+        for group, copied in self.groups:
+            group.run(values, copied)
+        for name, i in self.updated:
+            out[name] = values[i]
+        return out
 
 
 def _bound_attrs(node: Node, dims: dict[str, int]) -> dict:
@@ -215,12 +246,15 @@ class _Pool:
 
 
 def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[tuple],
-                attrs: list[dict], dynamic: list[int], outputs: set[int]) -> list[tuple]:
+                attrs: list[dict], dynamic: list[int], outputs: set[int],
+                into: dict[int, np.ndarray], live: set[int]) -> list[tuple]:
     """The call of each computed node, as (fn, slot, form, a, b, c, out), and where it writes:
     a pool buffer, or for an output a new array each run (callers keep outputs). An elementwise
     op may take the buffer of an operand that dies at it: numpy's ufuncs give the same result
-    when the output is an input, and the op table asks the same of every `numpy_out` op."""
-    last_use = {i: len(dynamic) if i in outputs else -1 for i in dynamic}
+    when the output is an input, and the op table asks the same of every `numpy_out` op. Nodes in
+    `into` write into the buffer given there (a gradient into its update group's lane); values
+    in `live` are read after the last step, so their buffers are never reused."""
+    last_use = {i: len(dynamic) if i in outputs or i in live else -1 for i in dynamic}
     for p, i in enumerate(dynamic):
         for j in inputs[i]:
             if j in last_use:
@@ -241,7 +275,11 @@ def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[t
             else:
                 fn = partial(_into_new, op.numpy, *new, kwargs)
         elif op.numpy_out:
-            buf = pool.take(i, shapes[i], node.dtype.numpy)
+            if i in into:
+                buf = into[i]
+                pool.storage[i] = []
+            else:
+                buf = pool.take(i, shapes[i], node.dtype.numpy)
             if direct:
                 form, out = _UNARY_INTO + len(ins) - 1, buf
             else:

@@ -266,6 +266,7 @@ class Trainer:
             if improved:
                 save_checkpoint(self.run.best, self.program, state)
             save_checkpoint(self.run.last, self.program, state)
+            self.saved_epochs = loop.epoch      # resumable from here, even if stopped just below
             self.run.write_metrics(loop.history)
         self.saved_epochs = loop.epoch
         self.on_epoch(row)

@@ -368,7 +368,9 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, capsys):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
-        while not (run / "metrics.csv").exists() and child.poll() is None:
+        # The header is written before the first epoch, the checkpoint after its row: wait for
+        # a finished epoch's checkpoint.
+        while not (run / "checkpoints" / "last.npz").exists() and child.poll() is None:
             assert time.monotonic() < deadline, "no epoch finished within a minute"
             time.sleep(0.005)
         child.send_signal(signal.SIGINT)

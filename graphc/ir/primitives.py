@@ -96,8 +96,21 @@ def _where_dtype(ops, attrs):
     return same_dtype("where", ops[1:])
 
 
+def _where(c, a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind == "f" and b.ndim == 0 and b.dtype == a.dtype:
+        bits = np.dtype(f"u{a.dtype.itemsize}")
+        if b.view(bits) == 0:
+            # `g where x > 0 else 0` (gradients of relu, dropout): a branch-free select, since
+            # np.where mispredicts on a random mask and takes twice as long. Bits are kept
+            # exactly (NaN, -0.0), and the 0 is +0.0, as np.where gives.
+            mask = np.subtract(0, np.asarray(c).view(np.uint8), dtype=bits)
+            return np.bitwise_and(a.view(bits), mask).view(a.dtype)
+    return np.where(c, a, b)
+
+
 register(OpDef("where", 3, _where_dtype, lambda ops, attrs: broadcast("where", ops),
-               lambda c, a, b: np.where(c, a, b), doc="a where cond else b"))
+               _where, doc="a where cond else b"))
 
 
 def _cast_numpy(x, dtype, out=None):
@@ -118,17 +131,19 @@ def _one_hot_dtype(ops, attrs):
     return DType(attrs["dtype"])
 
 
-def _one_hot(y, depth, dtype):
+def _one_hot(y, depth, dtype, out=None):
     y = np.asarray(y)
-    if y.size and (y.min() < 0 or y.max() >= depth):
+    if y.size and (np.minimum.reduce(y, axis=None) < 0 or np.maximum.reduce(y, axis=None) >= depth):
         bad = y[(y < 0) | (y >= depth)].flat[0]
         raise ValueError(f"class label {int(bad)} is out of range [0, {depth})")
-    return (y[..., None] == np.arange(depth)).astype(DType(dtype).numpy)
+    if out is None:
+        out = np.empty(y.shape + (depth,), DType(dtype).numpy)
+    return np.equal(y[..., None], np.arange(depth), out=out)     # True/False written as 1/0
 
 
 register(OpDef("one_hot", 1, _one_hot_dtype, lambda ops, attrs: ops[0].type.shape + (attrs["depth"],),
                _one_hot, attrs={"depth": Attr("int", required=True), "dtype": Attr("dtype", "f32")},
-               doc="one-hot rows of integer labels"))
+               numpy_out=True, doc="one-hot rows of integer labels"))
 
 
 # --- reductions ------------------------------------------------------------------------------------
@@ -148,9 +163,11 @@ def _reduction(name, fn, doc):
                    attrs={"axis": Attr("axes", None), "keepdims": Attr("bool", False)}, doc=doc))
 
 
-_reduction("sum", np.sum, "sum over axes (all when axis is omitted)")
+# The ufuncs' own reduce, not np.sum/np.max: the same loops without the wrappers' cost (a third of
+# the call on the small arrays of a training step).
+_reduction("sum", np.add.reduce, "sum over axes (all when axis is omitted)")
 _reduction("mean", np.mean, "mean over axes (all when axis is omitted)")
-_reduction("max", np.max, "maximum over axes (all when axis is omitted)")
+_reduction("max", np.maximum.reduce, "maximum over axes (all when axis is omitted)")
 
 
 # --- matrix products and layout --------------------------------------------------------------------

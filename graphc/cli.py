@@ -8,11 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 import graphc
 from graphc.errors import GraphcError, error
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("graphc")
 
@@ -22,9 +24,10 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
-    from graphc.runtime.program import BACKEND_NAMES
+    from graphc.backends import BACKEND_NAMES
     p.add_argument("--backend", default="numpy", choices=BACKEND_NAMES,
-                   help="numpy (the reference) or llvm (fused native kernels for this CPU)")
+                   help="numpy (the reference), llvm (fused native kernels for this CPU) or cuda "
+                        "(generated CUDA kernels on an NVIDIA GPU, through pycuda)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -151,24 +154,41 @@ def _train_summary(train) -> str:
 
 
 def cmd_build(args) -> int:
+    if not (args.out or args.stats or args.emit_source):
+        raise _usage("build needs -o DIR (or --stats or --emit-source)")
+    if args.batch is not None and args.batch < 1:
+        raise _usage("--batch must be at least 1")
+    # An artifact built before from the same source, options and graphc is copied from the build
+    # cache, before the compiler (or numpy) is even imported. Switches that inspect or check the
+    # compilation always compile.
+    key = None
+    if args.out and not (args.stats or args.emit_source or args.dump_after or args.verify):
+        from graphc import build_cache
+        try:
+            source = Path(args.file).read_bytes()
+        except OSError:
+            source = None                     # the compiler reports it, with its usual message
+        if source is not None:
+            key = build_cache.build_key(args.file, source, args.model, args.seed, args.backend)
+            out = _writable_dir(args.out)
+            message = build_cache.restore(key, out)
+            if message is not None:
+                print(message.replace(_OUT, str(out)))
+                return 0
     from graphc.compiler import build_program, check_source, read_source
     from graphc.passes import PipelineOptions, pass_names
     stages = pass_names() + [FUSE_STAGE]
     unknown = [p for p in args.dump_after if p not in stages]
     if unknown:
         raise _usage(f"--dump-after: unknown pass '{unknown[0]}' (passes: {', '.join(stages)})")
-    if not (args.out or args.stats or args.emit_source):
-        raise _usage("build needs -o DIR (or --stats or --emit-source)")
-    if args.batch is not None and args.batch < 1:
-        raise _usage("--batch must be at least 1")
     checked = check_source(read_source(args.file), args.file)
     options = PipelineOptions(verify=args.verify, dump_after=args.dump_after, dump=print)
     program = build_program(checked, args.model, args.backend, args.seed, options)
     if FUSE_STAGE in args.dump_after:
         from graphc.kernels import plan_kernels
         from graphc.kernels.printer import format_plan
-        for key, graph in program.graphs.items():
-            print(f"; kernel plan of {key}\n{format_plan(plan_kernels(graph))}")
+        for graph_key, graph in program.graphs.items():
+            print(f"; kernel plan of {graph_key}\n{format_plan(plan_kernels(graph))}")
     # Native code for every graph now, into the cache that later runs load it from.
     program.compile(load=False)
     if args.emit_source:
@@ -179,23 +199,31 @@ def cmd_build(args) -> int:
     if args.out:
         out = _writable_dir(args.out)
         program.save(out)
-        print(f"built {program.name} -> {out} ({len(program.graph.nodes())} nodes, {count:,} parameters)")
+        message = f"built {program.name} -> {_OUT} ({len(program.graph.nodes())} nodes, {count:,} parameters)"
+        print(message.replace(_OUT, str(out)))
+        if key is not None:
+            from graphc import build_cache
+            build_cache.store(key, out, message, program.cached_code())
     return 0
+
+
+_OUT = "\0OUT\0"         # where the artifact folder goes in a stored build message
 
 
 FUSE_STAGE = "fuse"
 
 
 def _emit_source(program, folder: Path) -> None:
-    """The generated code: LLVM IR of the whole program for the llvm backend (one module for all
-    its graphs), the kernel plan of each graph otherwise."""
+    """The generated code: LLVM IR (llvm) or CUDA C (cuda) of the whole program, one module for
+    all its graphs; the kernel plan of each graph on the numpy backend."""
     from graphc.kernels import plan_kernels
     from graphc.kernels.printer import format_plan
     folder = _writable_dir(str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     executors = program._executors
     if all(hasattr(ex, "source") for ex in executors.values()):
-        files = {f"{program.name}.ll": next(iter(executors.values())).source()}
+        first = next(iter(executors.values()))
+        files = {f"{program.name}{first.source_suffix}": first.source()}
     else:
         files = {f"{program.name}.{key}.plan": format_plan(plan_kernels(ex.graph))
                  for key, ex in executors.items()}
@@ -255,6 +283,8 @@ def cmd_graph(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import numpy as np
+
     from graphc.runtime import load_artifact
     program = load_artifact(args.artifact)
     inputs: dict[str, np.ndarray] = {}
@@ -281,6 +311,7 @@ def cmd_run(args) -> int:
 
 
 def _load_array(path: str) -> np.ndarray:
+    import numpy as np
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -292,6 +323,7 @@ def _load_array(path: str) -> np.ndarray:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+    import numpy as np
     data = _load_array(path)
     if isinstance(data, np.ndarray):
         raise error(f"{path}: a single array; name the input it is for, as NAME={path}")

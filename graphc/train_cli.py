@@ -5,11 +5,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 import graphc
 from graphc.errors import error
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_commands(sub) -> None:
@@ -234,6 +236,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+
     from graphc.cli import _load_array
     from graphc.runtime.data import Scaler
     program, config = _open_target(args.target, args.backend)
@@ -272,6 +276,8 @@ def cmd_predict(args) -> int:
 def _samples(x: np.ndarray, ttype, path: str, name: str) -> np.ndarray:
     """Rows of samples shaped for the input: a single sample gets a batch axis; samples of the
     right size are reshaped (28x28 images for a 784 input)."""
+    import numpy as np
+
     sample_shape = tuple(ttype.shape[1:])
     per_sample = int(np.prod(sample_shape, dtype=np.int64))
     if x.dtype.kind not in "fiub":
@@ -288,6 +294,8 @@ def _samples(x: np.ndarray, ttype, path: str, name: str) -> np.ndarray:
 
 
 def _probabilities(scores: np.ndarray, kind: str | None) -> np.ndarray:
+    import numpy as np
+
     if kind == "probabilities":
         return scores
     if kind == "log_probabilities":
@@ -298,6 +306,8 @@ def _probabilities(scores: np.ndarray, kind: str | None) -> np.ndarray:
 
 
 def _print_outputs(outputs: dict) -> None:
+    import numpy as np
+
     with np.printoptions(precision=4, suppress=True, threshold=50, edgeitems=3):
         for key, value in outputs.items():
             print(f"{key}: {value.dtype}{list(value.shape)}\n{value}")

@@ -217,3 +217,29 @@ def test_build_command_caches_code_without_loading_it(tmp_path, monkeypatch):
     monkeypatch.setattr(jit, "Compiled", no_loading)
     monkeypatch.setattr(jit, "compile_ir", no_loading)
     assert main(["build", "models/backprop_example.nn", "--backend", "llvm", "-o", str(tmp_path / "b")]) == 0
+
+
+def test_an_unchanged_build_is_copied_from_the_build_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "m.nn"
+    model.write_text(Path("models/digits_mlp.nn").read_text())
+    build = ["build", str(model), "--backend", "llvm"]
+    assert main(build + ["-o", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out
+    import graphc.compiler
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again although nothing changed")
+    monkeypatch.setattr(graphc.compiler, "build_program", no_compiling)
+    assert main(build + ["-o", str(tmp_path / "b")]) == 0
+    again = capsys.readouterr().out
+    assert again == first.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+    for name in ("graph.json", "params.npz", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    graphc.load_artifact(tmp_path / "b")            # a whole, loadable artifact
+    # Any change to the source, the options, or the kernels leaving the cache builds again.
+    for change in (lambda: model.write_text(model.read_text() + "\n# edited\n"),
+                   lambda: build.extend(["--seed", "7"]),
+                   lambda: [p.unlink() for p in (tmp_path / "cache" / "llvm").glob("*.o")]):
+        change()
+        assert main(build + ["-o", str(tmp_path / "c")]) == 70   # graphc's internal-error status
+        assert "compiled again" in capsys.readouterr().err

@@ -72,6 +72,7 @@ class LLVMExecutor:
     (`new W` of a train step) are not returned: the arrays passed in hold them after the call."""
 
     name = "llvm"
+    source_suffix = ".ll"
 
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -108,6 +109,10 @@ class LLVMExecutor:
     def source(self) -> str:
         """The LLVM IR of the module this graph is compiled in."""
         return self._code.text()
+
+    def cached_object(self) -> str:
+        """Where the module's object code is cached, relative to the cache folder."""
+        return jit.object_name(self._code.identity())
 
     def compile(self, load: bool = True) -> None:
         """Compile the module (or read it from the cache) and load it; with `load=False`, only

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphc.cache import cache_dir
+from graphc.cache import cache_dir, cpu_key
 from graphc.runtime.artifact import atomic_write
 
 log = logging.getLogger("graphc")
@@ -53,28 +53,6 @@ def cpu_description() -> str:
     return f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"
 
 
-@functools.cache
-def cpu_key() -> str:
-    """What names this CPU in cache keys. Where the OS lists the CPU's model and feature flags
-    (Linux's /proc/cpuinfo: the same CPUID bits LLVM reads) they are used, so a build whose code
-    is cached never loads LLVM (30 ms); elsewhere LLVM's own description."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-    except OSError:
-        return cpu_description()
-    wanted = ("vendor_id", "model name", "cpu family", "model", "flags",     # x86
-              "CPU implementer", "CPU part", "CPU variant", "Features")       # ARM
-    found: dict[str, str] = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in wanted and key not in found:
-            found[key] = value.strip()
-    if "flags" not in found and "Features" not in found:
-        return cpu_description()
-    return "cpuinfo " + "; ".join(f"{k}={v}" for k, v in sorted(found.items()))
-
-
 def _register_libm(llvm) -> None:
     """Generated code calls the C math library (expf, logf, ...); tell the JIT where it is."""
     import ctypes.util
@@ -106,11 +84,16 @@ def _renderer_digest() -> str:
     return h.hexdigest()
 
 
+def object_name(source: str) -> str:
+    """The cache file of the object code generated from `source`, relative to the cache folder."""
+    return f"llvm/{_key(source)}.o"
+
+
 def object_code(source: str, render: Callable[[], str], need: bool = True) -> bytes | None:
     """Optimized object code for the IR module that `render()` writes, from the cache when it is
     there. `source` is what the module is generated from (the cache key; cheaper than the IR
     text). With `need=False` the caller only wants it cached: a hit reads nothing, returns None."""
-    path = cache_dir() / "llvm" / (_key(source) + ".o")
+    path = cache_dir() / object_name(source)
     if not need and path.is_file():
         log.debug("llvm cache hit %s", path.name)
         return None

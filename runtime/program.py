@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphc.backends import BACKEND_NAMES
 from graphc.errors import did_you_mean, error
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
@@ -37,7 +38,6 @@ class StateInfo:
 
 
 STEP_STATE, LR_INPUT, RNG_INPUT = "#step", "#lr", "#rng"
-BACKEND_NAMES = ("numpy", "llvm")
 
 
 def executor_class(backend: str):
@@ -45,6 +45,9 @@ def executor_class(backend: str):
     if backend == "llvm":
         from graphc.runtime.llvm.executor import LLVMExecutor
         return LLVMExecutor
+    if backend == "cuda":
+        from graphc.runtime.cuda.executor import CUDAExecutor
+        return CUDAExecutor
     return BACKENDS[backend]
 
 
@@ -60,12 +63,15 @@ class ProgramError(ValueError):
 class ParamStore(MutableMapping):
     """name -> ndarray. Assigning checks shape and dtype; the program uses the new value at once."""
 
-    def __init__(self, infos: dict[str, ParamInfo], values: dict[str, np.ndarray]):
+    def __init__(self, infos: dict[str, ParamInfo], values: dict[str, np.ndarray], sync=None):
         self._infos, self._values = infos, values
+        self._sync = sync          # brings the values up to date (a device backend holds newer)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._values:
             raise KeyError(self._unknown(name))
+        if self._sync is not None:
+            self._sync()
         return self._values[name]
 
     def __setitem__(self, name: str, value) -> None:
@@ -111,10 +117,11 @@ class Program:
                         hint=did_you_mean(backend, BACKEND_NAMES) or f"backends: {', '.join(BACKEND_NAMES)}")
         self.name, self.graphs, self.backend = name, graphs, backend
         self.param_info = params
-        self.params = ParamStore(params, values)
+        self.params = ParamStore(params, values, sync=self.sync)
         self.meta = dict(meta or {})
         self.state_info = dict(state or {})
-        self.state: dict[str, np.ndarray] = {}
+        self._executors: dict = {}
+        self._state: dict[str, np.ndarray] = {}
         self.reset_state()
         executor = executor_class(backend)
         self._executors = {key: executor(g) for key, g in graphs.items()}
@@ -142,6 +149,14 @@ class Program:
             if hasattr(executor, "compile"):
                 executor.compile(load)
 
+    def cached_code(self) -> str | None:
+        """The on-disk cache file (relative to the cache folder) holding this program's compiled
+        code, where a backend pre-compiles into one (llvm); else None."""
+        for executor in self._executors.values():
+            if hasattr(executor, "cached_object"):
+                return executor.cached_object()
+        return None
+
     @property
     def graph(self) -> Graph:
         return self.graphs["forward"]
@@ -149,11 +164,30 @@ class Program:
     @property
     def step(self) -> int:
         """Training steps taken so far."""
-        return int(self.state[STEP_STATE]) if STEP_STATE in self.state else 0
+        # The step count is current on the host on every backend (the cuda one returns it).
+        return int(self._state[STEP_STATE]) if STEP_STATE in self._state else 0
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The optimizer state (moments, the step count), up to date."""
+        self.sync()
+        return self._state
+
+    @state.setter
+    def state(self, values: dict[str, np.ndarray]) -> None:
+        self._state = values
+
+    def sync(self) -> None:
+        """Bring the host's parameters and state up to date where a device backend (cuda) holds
+        newer ones; a no-op on the CPU backends."""
+        for executor in self._executors.values():
+            if getattr(executor, "dirty", False):
+                executor.sync_to_host(self.params._values, self._state)
 
     def reset_state(self) -> None:
         """Optimizer state back to its initial values (moments zero, step 0)."""
-        self.state = {name: info.initial() for name, info in self.state_info.items()}
+        self.sync()
+        self._state = {name: info.initial() for name, info in self.state_info.items()}
 
     def forward(self, **inputs) -> dict[str, np.ndarray]:
         feeds, dims = self._feeds(inputs, self.inputs)
@@ -190,7 +224,7 @@ class Program:
         for name, value in out.items():    # compiled backends update in place and return less
             if name.startswith("new "):
                 target = name[4:]
-                store = self.state if target in self.state_info else self.params._values
+                store = self._state if target in self.state_info else self.params._values
                 store[target] = value
         return float(out["loss"])
 
@@ -202,7 +236,7 @@ class Program:
         if rng:
             feeds[RNG_INPUT] = np.int64(rng_key(self.seed, self.step))
         feeds.update(extra or {})
-        return self._executors[graph].run(feeds, self.params._values, dims, self.state)
+        return self._executors[graph].run(feeds, self.params._values, dims, self._state)
 
     def _feeds(self, inputs: dict, expected: dict[str, TensorType]
                ) -> tuple[dict[str, np.ndarray], dict[str, int]]:

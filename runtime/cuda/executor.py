@@ -1,0 +1,271 @@
+"""The cuda executor: a graph's kernel plan rendered as CUDA C (codegen.py), compiled with nvcc for
+the GPU's own architecture (cached on disk), and replayed launch by launch through pycuda.
+
+Planning and rendering need no GPU and no pycuda (`graphc build --backend cuda --emit-source`
+works anywhere); pycuda, a driver and a GPU are needed from the first compile or run on, and a
+missing one is one clear sentence (`CudaUnavailable`).
+
+Memory: parameters and optimizer state live on the device from their first use and are updated
+there in place (`new W` outputs are not returned, as on the llvm backend); the host arrays are
+brought up to date when the program reads them (`sync_to_host`). Temporaries live in one device
+arena per batch shape; inputs go up through pinned host buffers on the executor's stream; only
+the outputs asked for come back.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import subprocess
+import threading
+
+import numpy as np
+
+from graphc.cache import cache_dir
+from graphc.errors import Diagnostic, GraphcError
+from graphc.ir.node import Graph
+from graphc.kernels import plan_kernels
+from graphc.kernels.ir import sval
+from graphc.kernels.memory import ALIGN, plan_arena
+from graphc.runtime.artifact import atomic_write
+from graphc.runtime.cuda import codegen
+
+MAX_BLOCKS = 65535 * 4
+
+
+class CudaUnavailable(GraphcError):
+    """No pycuda, no driver or no GPU: what is missing and what to do."""
+
+
+@functools.cache
+def _driver():
+    """pycuda's driver with a context on device 0, or a CudaUnavailable saying what is missing."""
+    try:
+        import pycuda.driver as drv
+    except ImportError:
+        raise CudaUnavailable(_diagnostic(
+            "the cuda backend needs pycuda, which is not installed",
+            hint="install it with `pip install 'graphc[cuda]'` on a machine with the CUDA toolkit "
+                 "(it builds from source; see the README), or use --backend llvm")) from None
+    try:
+        drv.init()
+        count = drv.Device.count()
+    except Exception as exc:     # pycuda raises its own LogicError/RuntimeError kinds
+        raise CudaUnavailable(_diagnostic(f"no usable CUDA driver ({exc})",
+                                    hint="install the NVIDIA driver, or use --backend llvm")) from None
+    if count == 0:
+        raise CudaUnavailable(_diagnostic("no CUDA GPU found", hint="use --backend llvm on this machine"))
+    device = drv.Device(0)
+    context = device.retain_primary_context()
+    context.push()
+    return drv, device
+
+
+def _diagnostic(message: str, hint: str) -> Diagnostic:
+    return Diagnostic(message, None, hint, "error", None, None)
+
+
+def device_arch() -> str:
+    drv, device = _driver()
+    major, minor = device.compute_capability()
+    return f"sm_{major}{minor}"
+
+
+def compile_cubin(source: str, arch: str) -> bytes:
+    """nvcc's cubin of `source` for `arch`, from the cache when it is there."""
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([codegen.CODEGEN_VERSION, arch, version, source]).encode())
+    path = cache_dir() / "cuda" / (key.hexdigest()[:40] + ".cubin")
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    from pycuda.compiler import compile as nvcc_compile
+    cubin = nvcc_compile(source, arch=arch, no_extern_c=True, options=["-O3"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, cubin)
+    except OSError:
+        pass
+    return cubin
+
+
+class _Code:
+    """The CUDA module of linked executors: rendered once, compiled and loaded on first use."""
+
+    def __init__(self, executors: dict[str, CUDAExecutor]):
+        self.executors = executors
+        self._text: str | None = None
+        self.launches: dict[str, list[codegen.Launch]] = {}
+        self.functions: dict[str, object] = {}
+        # Parameters and state on the device, shared by the linked graphs: name -> (the host
+        # array it was uploaded from, its device copy). `dirty`: the device holds newer values.
+        self.resident: dict[str, tuple] = {}
+        self.dirty = False
+
+    def text(self) -> str:
+        if self._text is None:
+            plans = {key: ex.plan for key, ex in self.executors.items()}
+            self._text, self.launches = codegen.render_module(plans)
+        return self._text
+
+    def compile(self) -> None:
+        if self.functions:
+            return
+        drv, _ = _driver()
+        module = drv.module_from_buffer(compile_cubin(self.text(), device_arch()))
+        names = {launch.kernel for launches in self.launches.values() for launch in launches}
+        self.module = module
+        self.functions = {name: module.get_function(name) for name in names}
+        for key, ex in self.executors.items():
+            ex._launches = self.launches[key]
+
+
+class CUDAExecutor:
+    name = "cuda"
+    source_suffix = ".cu"
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.plan = plan_kernels(graph)
+        self._code = _Code({"graph": self})
+        self._launches: list[codegen.Launch] = []
+        self._frames: dict[tuple, dict] = {}
+        self._lock = threading.Lock()
+        in_place = set(self.plan.aliases.values())
+        # Updated in place on the device and not returned, except 0-d ones (the step count,
+        # which the host needs for the next step's random key): eight bytes back.
+        self.in_place = {name for name, access, shape, _ in self.plan.outputs
+                         if self.plan.aliases.get(access.buffer) in in_place and shape}
+
+    @classmethod
+    def link(cls, executors: dict[str, CUDAExecutor]) -> None:
+        code = _Code(executors)
+        for ex in executors.values():
+            ex._code = code
+
+    def source(self) -> str:
+        """The CUDA C of the module this graph is compiled in (self-contained, for nvcc)."""
+        return self._code.text()
+
+    def compile(self, load: bool = True) -> None:
+        """Compile for this machine's GPU and load. Without `load` there is nothing to do: the
+        code is compiled for the GPU it runs on, at the first run there."""
+        if load:
+            self._code.text()
+            self._code.compile()
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def _frame(self, dims: dict[str, int]) -> dict:
+        key = tuple(dims.get(s, 0) for s in self.plan.symbols)
+        frame = self._frames.get(key)
+        if frame is None:
+            drv, _ = _driver()
+            arena = plan_arena(self.plan, dims)
+            memory = drv.mem_alloc(max(arena.size, 1) + ALIGN)
+            base = int(memory) + (-int(memory)) % ALIGN
+            pointers = {b: base + off for b, off in arena.offsets.items()}
+            dims_host = np.array([dims.get(s, 0) for s in self.plan.symbols] or [0], dtype=np.int64)
+            dims_dev = drv.to_device(dims_host)
+            status = drv.mem_alloc(3 * 8)
+            frame = self._frames[key] = {"memory": memory, "pointers": pointers, "dims": dims_dev,
+                                         "status": status, "dims_values": dims}
+        return frame
+
+    def _resident(self, name: str, array: np.ndarray):
+        """The device copy of a parameter or state array, uploaded when the host array changed
+        (a new object: assigned, loaded from a checkpoint)."""
+        drv, _ = _driver()
+        held = self._code.resident.get(name)
+        if held is None or held[0] is not array:
+            held = (array, drv.to_device(np.ascontiguousarray(array)))
+            self._code.resident[name] = held
+        return held[1]
+
+    @property
+    def dirty(self) -> bool:
+        return self._code.dirty
+
+    def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
+            dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._run(feeds, params, dims, state or {})
+
+    def _run(self, feeds, params, dims, state) -> dict[str, np.ndarray]:
+        self.compile()
+        drv, _ = _driver()
+        frame = self._frame(dims)
+        pointers = dict(frame["pointers"])
+        keep = []
+        for b in self.plan.buffers:
+            if b.kind == "input":
+                array = np.ascontiguousarray(feeds[b.name], dtype=b.dtype.numpy)
+                dev = drv.to_device(array)
+                keep.append(dev)
+                pointers[b.id] = int(dev)
+            elif b.kind in ("param", "state"):
+                source = params if b.kind == "param" else state
+                pointers[b.id] = int(self._resident(b.name, source[b.name]))
+        for alias, target in self.plan.aliases.items():
+            pointers[alias] = pointers[target]
+        drv.memset_d8(frame["status"], 0, 24)
+        for launch in self._launches:
+            fn = self._code.functions[launch.kernel]
+            threads = codegen.GEMM_THREADS if launch.kind == "gemm" else codegen.BLOCK
+            grid = _grid(launch, dims)
+            args = [np.uintp(pointers[b]) for b in launch.buffers]
+            args += [np.uintp(int(frame["dims"])), np.uintp(int(frame["status"])), np.int32(launch.index)]
+            fn(*args, block=(threads, 1, 1), grid=grid)
+        status = np.zeros(3, dtype=np.int64)
+        drv.memcpy_dtoh(status, frame["status"])
+        self._code.dirty = self._code.dirty or bool(self.in_place)
+        if status[0]:
+            raise self._failure(status)
+        out = {}
+        for name, access, shape, dtype in self.plan.outputs:
+            if name in self.in_place:
+                continue
+            buf = self.plan.aliases.get(access.buffer, access.buffer)
+            size = [sval(s, dims) for s in shape]
+            host = np.empty(size, dtype=dtype.numpy)
+            strides = [sval(s, dims) for s in access.strides]
+            offset = sum(sval(t, dims) for t in access.offset)
+            if host.size and strides == [int(np.prod(size[i + 1:])) for i in range(len(size))]:
+                drv.memcpy_dtoh(host, pointers[buf] + offset * host.itemsize)
+            elif host.size:
+                extent = offset + 1 + sum((d - 1) * s for d, s in zip(size, strides))
+                whole = np.empty(extent, dtype=dtype.numpy)
+                drv.memcpy_dtoh(whole, pointers[buf])
+                host = np.lib.stride_tricks.as_strided(
+                    whole[offset:], size, [s * host.itemsize for s in strides]).copy()
+            out[name] = host
+        return out
+
+    def sync_to_host(self, params: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
+        """Copy the device's parameters and state into the host arrays the program holds."""
+        code = self._code
+        if not code.dirty:
+            return
+        drv, _ = _driver()
+        for name, (array, dev) in code.resident.items():
+            target = params.get(name) if name in params else state.get(name)
+            if target is array:
+                drv.memcpy_dtoh(array, dev)
+        code.dirty = False
+
+    def _failure(self, status: np.ndarray) -> GraphcError:
+        _, value, index = (int(v) for v in status)     # code 1: a label out of range
+        kernel = self.plan.kernels[index]
+        node = next(n for n in kernel.nodes if n.op == "one_hot")
+        what = f" (computing {node.name})" if node.name else ""
+        return GraphcError(Diagnostic(f"{node.op}{what}: class label {value} is out of range "
+                                      f"[0, {node.attr['depth']})", node.loc))
+
+
+def _grid(launch: codegen.Launch, dims: dict[str, int]) -> tuple[int, int, int]:
+    if launch.kind == "gemm":
+        m, n = (sval(s, dims) for s in launch.work)
+        return (max(1, -(-n // codegen.GEMM_BN)), max(1, -(-m // codegen.GEMM_BM)), 1)
+    work = sval(launch.work[0], dims)
+    threads = work * 32 if launch.kind == "rows" else work
+    return (max(1, min(MAX_BLOCKS, -(-threads // codegen.BLOCK))), 1, 1)

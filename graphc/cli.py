@@ -43,6 +43,12 @@ def make_parser() -> argparse.ArgumentParser:
                                    "of FILE, then print each model's parameters.")
     p.add_argument("file", metavar="FILE")
     _add_model_arg(p)
+    p.add_argument("--grad", action="store_true",
+                   help="check the derived gradients of the loss against float64 central "
+                        "differences at a random point; exit 1 where one is wrong")
+    p.add_argument("--seed", type=int, default=0, help="the random point of --grad (default 0)")
+    p.add_argument("--samples", type=int, default=32, metavar="K",
+                   help="elements checked per parameter with --grad (all when fewer; default 32)")
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("build", help="compile a model into an artifact folder",
@@ -102,6 +108,8 @@ def make_parser() -> argparse.ArgumentParser:
 def cmd_check(args) -> int:
     from graphc.compiler import check_source, read_source
     checked = check_source(read_source(args.file), args.file)
+    if args.grad:
+        return _check_gradients(checked, args)
     names = [args.model] if args.model else list(checked.models)
     if args.model:
         checked.pick(args.model)
@@ -111,6 +119,23 @@ def cmd_check(args) -> int:
             print(_train_summary(checked.trains[name]))
         print()
     print(f"{args.file}: ok ({len(checked.models)} model{'s' if len(checked.models) != 1 else ''})")
+    return 0
+
+
+def _check_gradients(checked, args) -> int:
+    from graphc.gradcheck import check_gradients, format_table
+    if args.samples < 1:
+        raise _usage("--samples must be at least 1")
+    try:
+        model, results = check_gradients(checked, args.model, args.seed, args.samples)
+    except ValueError as err:
+        raise error(f"{args.file}: {err}") from None
+    print(format_table(model, results))
+    wrong = [r.name for r in results if not r.ok]
+    if wrong:
+        print(f"error: {args.file}: the derived gradient of {', '.join(wrong)} disagrees with finite "
+              f"differences (a bug in graphc's gradient rules: please report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,9 +4,10 @@ is copied from the cache instead of compiled again, without importing the compil
 The key hashes the .nn text and its path, the build options (model, seed, backend), the source
 of graphc itself (every .py and .lark file of the installed package, so an edited compiler never
 reuses old artifacts) and, for compiled backends, what their kernel cache is keyed by (the CPU,
-llvmlite's version). An entry is a finished artifact folder plus `entry.json` (the message the build printed
-and the kernel object it compiled, which must still be in the cache for a hit). Entries are
-written to a temporary folder and renamed into place, so a crash never leaves half of one.
+llvmlite's version). An entry is a finished artifact folder plus `entry.json`: the message and
+the lint warnings the build printed (replayed on a hit) and the kernel object it compiled (which
+must still be in the cache for a hit). Entries are written to a temporary folder and renamed
+into place, so a crash never leaves half of one.
 """
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def _entry_dir(key: str) -> Path:
     return cache_dir() / "builds" / key
 
 
-def restore(key: str, out: Path) -> str | None:
-    """Copy a cached artifact to `out` and return the message its build printed, or None when
-    there is no complete entry (or the kernels it compiled left the cache)."""
+def restore(key: str, out: Path) -> tuple[str, str] | None:
+    """Copy a cached artifact to `out` and return what its build printed (the message, the lint
+    warnings), or None when there is no complete entry (or the kernels it compiled left the
+    cache)."""
     entry = _entry_dir(key)
     try:
         info = json.loads((entry / ENTRY).read_text())
@@ -71,12 +73,12 @@ def restore(key: str, out: Path) -> str | None:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        return info["message"]
+        return info["message"], info.get("warnings", "")
     except (OSError, ValueError, KeyError):
         return None
 
 
-def store(key: str, artifact: Path, message: str, kernels: str | None) -> None:
+def store(key: str, artifact: Path, message: str, warnings: str, kernels: str | None) -> None:
     """Keep a copy of the artifact just built (best effort: a read-only cache is no error)."""
     entry = _entry_dir(key)
     if (entry / ENTRY).is_file():
@@ -86,7 +88,8 @@ def store(key: str, artifact: Path, message: str, kernels: str | None) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
         for name in ARTIFACT_FILES:
             shutil.copyfile(artifact / name, tmp / name)
-        (tmp / ENTRY).write_text(json.dumps({"message": message, "kernels": kernels}))
+        (tmp / ENTRY).write_text(json.dumps({"message": message, "warnings": warnings,
+                                             "kernels": kernels}))
         try:
             os.replace(tmp, entry)
         except OSError:                           # another build stored it first

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,24 @@ log = logging.getLogger("graphc")
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME", help="which model, when the file holds several")
+
+
+def _add_werror_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--Werror", action="store_true", dest="werror",
+                   help="treat lint warnings (and advice) as errors")
+
+
+def report_lints(checked, werror: bool) -> str:
+    """Print the file's lint warnings to stderr; with --Werror they are errors. Returns them as
+    printed (the build cache replays them)."""
+    from graphc.lints import lint
+    found = lint(checked)
+    if werror and found:
+        raise GraphcError([replace(d, severity="error") for d in found])
+    text = "\n".join(d.render() for d in found)
+    if text:
+        print(text, file=sys.stderr)
+    return text
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
@@ -49,6 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the random point of --grad (default 0)")
     p.add_argument("--samples", type=int, default=32, metavar="K",
                    help="elements checked per parameter with --grad (all when fewer; default 32)")
+    _add_werror_arg(p)
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("build", help="compile a model into an artifact folder",
@@ -71,6 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="batch size for --stats (default: the train block's, else 64)")
     p.add_argument("--emit-source", metavar="DIR",
                    help="write the generated code of every graph (LLVM IR with --backend llvm)")
+    _add_werror_arg(p)
     p.set_defaults(run=cmd_build)
 
     p = sub.add_parser("graph", help="print a model's graph (text or Graphviz DOT)",
@@ -108,6 +129,7 @@ def make_parser() -> argparse.ArgumentParser:
 def cmd_check(args) -> int:
     from graphc.compiler import check_source, read_source
     checked = check_source(read_source(args.file), args.file)
+    report_lints(checked, args.werror)
     if args.grad:
         return _check_gradients(checked, args)
     names = [args.model] if args.model else list(checked.models)
@@ -187,7 +209,8 @@ def cmd_build(args) -> int:
     # cache, before the compiler (or numpy) is even imported. Switches that inspect or check the
     # compilation always compile.
     key = None
-    if args.out and not (args.stats or args.emit_source or args.dump_after or args.verify):
+    if args.out and not (args.stats or args.emit_source or args.dump_after or args.verify
+                         or args.werror):
         from graphc import build_cache
         try:
             source = Path(args.file).read_bytes()
@@ -196,8 +219,11 @@ def cmd_build(args) -> int:
         if source is not None:
             key = build_cache.build_key(args.file, source, args.model, args.seed, args.backend)
             out = _writable_dir(args.out)
-            message = build_cache.restore(key, out)
-            if message is not None:
+            restored = build_cache.restore(key, out)
+            if restored is not None:
+                message, warnings = restored
+                if warnings:
+                    print(warnings, file=sys.stderr)
                 print(message.replace(_OUT, str(out)))
                 return 0
     from graphc.compiler import build_program, check_source, read_source
@@ -207,6 +233,7 @@ def cmd_build(args) -> int:
     if unknown:
         raise _usage(f"--dump-after: unknown pass '{unknown[0]}' (passes: {', '.join(stages)})")
     checked = check_source(read_source(args.file), args.file)
+    warnings = report_lints(checked, args.werror)
     options = PipelineOptions(verify=args.verify, dump_after=args.dump_after, dump=print)
     program = build_program(checked, args.model, args.backend, args.seed, options)
     if FUSE_STAGE in args.dump_after:
@@ -228,7 +255,7 @@ def cmd_build(args) -> int:
         print(message.replace(_OUT, str(out)))
         if key is not None:
             from graphc import build_cache
-            build_cache.store(key, out, message, program.cached_code())
+            build_cache.store(key, out, message, warnings, program.cached_code())
     return 0
 
 

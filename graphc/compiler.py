@@ -24,6 +24,8 @@ class CheckedFile:
     path: str
     models: dict[str, ModelIR] = field(default_factory=dict)
     trains: dict[str, TrainConfig] = field(default_factory=dict)
+    src: SourceText | None = None           # for the lints: source lines and the train blocks'
+    module: ast.Module | None = None        # settings as written, with their locations
 
     def pick(self, model: str | None) -> ModelIR:
         if model is not None:
@@ -47,7 +49,7 @@ def check_source(text: str, path: str = "<string>") -> CheckedFile:
     src = SourceText(path, text)
     module = parse(text, path)
     errors: list[Diagnostic] = []
-    checked = CheckedFile(path)
+    checked = CheckedFile(path, src=src, module=module)
     _check_names(module, src, errors)
     for model in module.models:
         if model.name in checked.models:

@@ -34,6 +34,8 @@ def add_commands(sub) -> None:
                                                    "checkpoint (same result as never stopping)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch lines")
     _add_backend(p)
+    p.add_argument("--Werror", action="store_true", dest="werror",
+                   help="treat lint warnings (and advice) about the .nn file as errors")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="score a trained run or an artifact on a data split",
@@ -168,7 +170,11 @@ def _load_trainable(args):
             raise error("--model picks a model of a .nn file; an artifact holds one")
         program = load_artifact(path, backend=args.backend)
         return program, _source_dir(program)
-    program = graphc.compile_file(path, backend=args.backend, model=args.model, seed=args.seed)
+    from graphc.cli import report_lints
+    from graphc.compiler import build_program, check_source, read_source
+    checked = check_source(read_source(path), str(path))
+    report_lints(checked, args.werror)
+    program = build_program(checked, args.model, args.backend, args.seed)
     return program, path.parent
 
 

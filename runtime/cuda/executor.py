@@ -8,14 +8,15 @@ missing one is one clear sentence (`CudaUnavailable`).
 Memory: parameters and optimizer state live on the device from their first use and are updated
 there in place (`new W` outputs are not returned, as on the llvm backend); the host arrays are
 brought up to date when the program reads them (`sync_to_host`). Temporaries live in one device
-arena per batch shape; inputs go up through pinned host buffers on the executor's stream; only
-the outputs asked for come back.
+arena per batch shape; inputs are copied up each run (synchronously, for now: pinned buffers
+and a stream are to come); only the outputs asked for come back. The device's context is made
+current around each use, so any thread may call.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import subprocess
 import threading
 
 import numpy as np
@@ -38,26 +39,42 @@ class CudaUnavailable(GraphcError):
 
 @functools.cache
 def _driver():
-    """pycuda's driver with a context on device 0, or a CudaUnavailable saying what is missing."""
+    """pycuda's driver and device 0's primary context (not left current: `_current` makes it
+    current around each use, on whatever thread), or a CudaUnavailable saying what is missing."""
     try:
         import pycuda.driver as drv
-    except ImportError:
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) in ("pycuda", None) and "libcuda" not in str(exc)
         raise CudaUnavailable(_diagnostic(
-            "the cuda backend needs pycuda, which is not installed",
+            "the cuda backend needs pycuda, which is not installed" if missing
+            else f"pycuda is installed but cannot load the CUDA driver ({exc})",
             hint="install it with `pip install 'graphc[cuda]'` on a machine with the CUDA toolkit "
-                 "(it builds from source; see the README), or use --backend llvm")) from None
+                 "(it builds from source; see the README), or use --backend llvm" if missing
+            else "install the NVIDIA driver, or use --backend llvm")) from None
     try:
         drv.init()
         count = drv.Device.count()
     except Exception as exc:     # pycuda raises its own LogicError/RuntimeError kinds
-        raise CudaUnavailable(_diagnostic(f"no usable CUDA driver ({exc})",
-                                    hint="install the NVIDIA driver, or use --backend llvm")) from None
+        raise CudaUnavailable(_diagnostic(
+            f"no usable CUDA GPU or driver ({exc})",
+            hint="on a machine without an NVIDIA GPU use --backend llvm")) from None
     if count == 0:
         raise CudaUnavailable(_diagnostic("no CUDA GPU found", hint="use --backend llvm on this machine"))
     device = drv.Device(0)
-    context = device.retain_primary_context()
+    return drv, device, device.retain_primary_context()
+
+
+@contextlib.contextmanager
+def _current():
+    """The driver, with the device's context current on this thread for the block: pushed and
+    popped around each use, so no thread exits (and no interpreter shuts down) with it still on
+    its stack, which pycuda answers with abort()."""
+    drv, _, context = _driver()
     context.push()
-    return drv, device
+    try:
+        yield drv
+    finally:
+        drv.Context.pop()
 
 
 def _diagnostic(message: str, hint: str) -> Diagnostic:
@@ -65,22 +82,28 @@ def _diagnostic(message: str, hint: str) -> Diagnostic:
 
 
 def device_arch() -> str:
-    drv, device = _driver()
+    _, device, _ = _driver()
     major, minor = device.compute_capability()
     return f"sm_{major}{minor}"
 
 
 def compile_cubin(source: str, arch: str) -> bytes:
-    """nvcc's cubin of `source` for `arch`, from the cache when it is there."""
-    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([codegen.CODEGEN_VERSION, arch, version, source]).encode())
+    """nvcc's cubin of `source` for `arch`, from the cache when it is there (then no nvcc is
+    needed: a machine with the driver alone runs cached code)."""
+    key = hashlib.sha256("\0".join([codegen.CODEGEN_VERSION, arch, source]).encode())
     path = cache_dir() / "cuda" / (key.hexdigest()[:40] + ".cubin")
     try:
         return path.read_bytes()
     except OSError:
         pass
+    from pycuda.compiler import CompileError
     from pycuda.compiler import compile as nvcc_compile
-    cubin = nvcc_compile(source, arch=arch, no_extern_c=True, options=["-O3"])
+    try:
+        cubin = nvcc_compile(source, arch=arch, no_extern_c=True, cache_dir=False)
+    except (OSError, CompileError) as exc:
+        raise CudaUnavailable(_diagnostic(
+            f"nvcc could not compile graphc's kernels for {arch} ({str(exc).splitlines()[0]})",
+            hint="install the CUDA toolkit (nvcc on PATH) matching the driver")) from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, cubin)
@@ -101,6 +124,9 @@ class _Code:
         # array it was uploaded from, its device copy). `dirty`: the device holds newer values.
         self.resident: dict[str, tuple] = {}
         self.dirty = False
+        # One lock for the linked graphs: they share the device's parameters (a forward pass
+        # must not read them while a train step writes them) and the compiled module.
+        self.lock = threading.RLock()
 
     def text(self) -> str:
         if self._text is None:
@@ -108,10 +134,9 @@ class _Code:
             self._text, self.launches = codegen.render_module(plans)
         return self._text
 
-    def compile(self) -> None:
+    def compile(self, drv) -> None:
         if self.functions:
             return
-        drv, _ = _driver()
         module = drv.module_from_buffer(compile_cubin(self.text(), device_arch()))
         names = {launch.kernel for launches in self.launches.values() for launch in launches}
         self.module = module
@@ -130,7 +155,6 @@ class CUDAExecutor:
         self._code = _Code({"graph": self})
         self._launches: list[codegen.Launch] = []
         self._frames: dict[tuple, dict] = {}
-        self._lock = threading.Lock()
         in_place = set(self.plan.aliases.values())
         # Updated in place on the device and not returned, except 0-d ones (the step count,
         # which the host needs for the next step's random key): eight bytes back.
@@ -151,16 +175,15 @@ class CUDAExecutor:
         """Compile for this machine's GPU and load. Without `load` there is nothing to do: the
         code is compiled for the GPU it runs on, at the first run there."""
         if load:
-            self._code.text()
-            self._code.compile()
+            with self._code.lock, _current() as drv:
+                self._code.compile(drv)
 
     # --- running ---------------------------------------------------------------------------------
 
-    def _frame(self, dims: dict[str, int]) -> dict:
+    def _frame(self, drv, dims: dict[str, int]) -> dict:
         key = tuple(dims.get(s, 0) for s in self.plan.symbols)
         frame = self._frames.get(key)
         if frame is None:
-            drv, _ = _driver()
             arena = plan_arena(self.plan, dims)
             memory = drv.mem_alloc(max(arena.size, 1) + ALIGN)
             base = int(memory) + (-int(memory)) % ALIGN
@@ -169,13 +192,13 @@ class CUDAExecutor:
             dims_dev = drv.to_device(dims_host)
             status = drv.mem_alloc(3 * 8)
             frame = self._frames[key] = {"memory": memory, "pointers": pointers, "dims": dims_dev,
-                                         "status": status, "dims_values": dims}
+                                         "status": status}
         return frame
 
-    def _resident(self, name: str, array: np.ndarray):
+    def _resident(self, drv, name: str, array: np.ndarray):
         """The device copy of a parameter or state array, uploaded when the host array changed
-        (a new object: assigned, loaded from a checkpoint)."""
-        drv, _ = _driver()
+        (a new object: assigned, loaded from a checkpoint). Edits made inside a host array
+        (`w[:] = 0`) are not seen: assign a new array instead."""
         held = self._code.resident.get(name)
         if held is None or held[0] is not array:
             held = (array, drv.to_device(np.ascontiguousarray(array)))
@@ -188,24 +211,26 @@ class CUDAExecutor:
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
             dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        with self._lock:
-            return self._run(feeds, params, dims, state or {})
+        with self._code.lock, _current() as drv:
+            return self._run(drv, feeds, params, dims, state or {})
 
-    def _run(self, feeds, params, dims, state) -> dict[str, np.ndarray]:
-        self.compile()
-        drv, _ = _driver()
-        frame = self._frame(dims)
+    def _run(self, drv, feeds, params, dims, state) -> dict[str, np.ndarray]:
+        self._code.compile(drv)
+        frame = self._frame(drv, dims)
         pointers = dict(frame["pointers"])
         keep = []
         for b in self.plan.buffers:
             if b.kind == "input":
                 array = np.ascontiguousarray(feeds[b.name], dtype=b.dtype.numpy)
+                if array.size == 0:          # CUDA allocates no 0 bytes; no kernel reads it
+                    pointers[b.id] = 0
+                    continue
                 dev = drv.to_device(array)
                 keep.append(dev)
                 pointers[b.id] = int(dev)
             elif b.kind in ("param", "state"):
                 source = params if b.kind == "param" else state
-                pointers[b.id] = int(self._resident(b.name, source[b.name]))
+                pointers[b.id] = int(self._resident(drv, b.name, source[b.name]))
         for alias, target in self.plan.aliases.items():
             pointers[alias] = pointers[target]
         drv.memset_d8(frame["status"], 0, 24)
@@ -246,12 +271,12 @@ class CUDAExecutor:
         code = self._code
         if not code.dirty:
             return
-        drv, _ = _driver()
-        for name, (array, dev) in code.resident.items():
-            target = params.get(name) if name in params else state.get(name)
-            if target is array:
-                drv.memcpy_dtoh(array, dev)
-        code.dirty = False
+        with code.lock, _current() as drv:
+            for name, (array, dev) in code.resident.items():
+                target = params.get(name) if name in params else state.get(name)
+                if target is array:
+                    drv.memcpy_dtoh(array, dev)
+            code.dirty = False
 
     def _failure(self, status: np.ndarray) -> GraphcError:
         _, value, index = (int(v) for v in status)     # code 1: a label out of range

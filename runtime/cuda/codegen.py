@@ -247,24 +247,8 @@ class Module:
                 "row += ((i64)blockDim.x * gridDim.x) >> 5) {")
         inner = _Body()
         index = self._decompose(inner, "row", outer_axes, "o") if outer_axes else {}
-        reducing = [s for s in kernel.stores if s.reduce]
-        accs = [inner.let(VALUE_TYPE[s.expr.dtype], self._identity(s), "acc") for s in reducing]
-        inner.do(f"for (i64 r = lane; r < {width}; r += 32) {{")
-        point = _Body()
-        point.counter = inner.counter
-        full = {**index, **self._decompose(point, "r", red_axes, "r")}
-        flat = self._flat_of(point, full)
-        values = _Values(self, point, full, flat)
-        k = 0
-        for s in kernel.stores:
-            v = values.expr(s.expr)
-            if s.reduce:
-                point.do(f"{accs[k]} = {self._combine(s, accs[k], v)};")
-                k += 1
-            else:
-                self._store(point, s.access, s.expr.dtype, v, full)
-        inner.counter = point.counter
-        inner.lines += ["    " + line for line in point.lines] + ["}"]
+        reducing, accs = self._accumulate(inner, kernel, index, red_axes,
+                                          f"for (i64 r = lane; r < {width}; r += 32) {{")
         for acc, s in zip(accs, reducing):
             inner.do("#pragma unroll")
             inner.do("for (int o = 16; o > 0; o >>= 1) "
@@ -286,12 +270,25 @@ class Module:
                 "o += (i64)blockDim.x * gridDim.x) {")
         inner = _Body()
         index = self._decompose(inner, "o", kept, "o") if kept else {}
+        reducing, accs = self._accumulate(inner, kernel, index, red,
+                                          f"for (i64 r = 0; r < {count}; ++r) {{")
+        zeros = {a: "0" for a in red}
+        for acc, s in zip(accs, reducing):
+            value = acc if s.reduce != "mean" else f"{acc} / ({VALUE_TYPE[s.expr.dtype]}){count}"
+            self._store(inner, s.access, s.expr.dtype, value, {**index, **zeros})
+        body.lines += ["    " + line for line in inner.lines] + ["}"]
+
+    def _accumulate(self, inner: _Body, kernel: Kernel, index: dict[int, str], red_axes: list[int],
+                    loop: str) -> tuple[list, list[str]]:
+        """Accumulators for the reducing stores and `loop` over the reduced axes around one point:
+        reducing stores combine into their accumulator, the others are stored at the point.
+        Returns (the reducing stores, their accumulators)."""
         reducing = [s for s in kernel.stores if s.reduce]
         accs = [inner.let(VALUE_TYPE[s.expr.dtype], self._identity(s), "acc") for s in reducing]
-        inner.do(f"for (i64 r = 0; r < {count}; ++r) {{")
+        inner.do(loop)
         point = _Body()
         point.counter = inner.counter
-        full = {**index, **self._decompose(point, "r", red, "r")}
+        full = {**index, **self._decompose(point, "r", red_axes, "r")}
         values = _Values(self, point, full, self._flat_of(point, full))
         k = 0
         for s in kernel.stores:
@@ -303,11 +300,7 @@ class Module:
                 self._store(point, s.access, s.expr.dtype, v, full)
         inner.counter = point.counter
         inner.lines += ["    " + line for line in point.lines] + ["}"]
-        zeros = {a: "0" for a in red}
-        for acc, s in zip(accs, reducing):
-            value = acc if s.reduce != "mean" else f"{acc} / ({VALUE_TYPE[s.expr.dtype]}){count}"
-            self._store(inner, s.access, s.expr.dtype, value, {**index, **zeros})
-        body.lines += ["    " + line for line in inner.lines] + ["}"]
+        return reducing, accs
 
     def _flat_of(self, body: _Body, index: dict[int, str]) -> str:
         flat = None

@@ -81,6 +81,8 @@ CASES = [
     # composites, differentiated through their decompositions
     ("softmax", [randn(4, 5)], {"axis": 1}), ("log_softmax", [randn(4, 5)], {"axis": -1}),
     ("leaky_relu", [randn(6)], {"slope": 0.1}), ("prelu", [randn(3, 4), pos(4)], {}),
+    ("elu", [randn(6) * 2], {"alpha": 0.7}), ("softplus", [randn(6) * 3], {"beta": 1.5}),
+    ("swish", [randn(6) * 2], {}),
     ("linear", [randn(3, 4), randn(4, 2), randn(2)], {}), ("flatten", [randn(2, 3, 2)], {}),
     ("mse", [randn(5), randn(5)], {}), ("nll", [randn(4, 5), LABELS], {}),
     ("cross_entropy", [randn(4, 5), LABELS], {}),

@@ -50,6 +50,9 @@ COMPOSITE_CASES = [
     ("softmax", [randn(2, 3, 4)], {"axis": 0}),
     ("log_softmax", [randn(5, 10)], {"axis": -1}),
     ("leaky_relu", [randn(4, 6)], {"slope": 0.2}),
+    ("elu", [randn(4, 6) * 3], {"alpha": 0.7}),
+    ("softplus", [randn(4, 6) * 30], {"beta": 2.0}),     # far tails: no overflow
+    ("swish", [randn(4, 6) * 5], {}),
     ("prelu", [randn(4, 6), np.abs(randn(6))], {}),
     ("prelu", [randn(2, 3, 4, 4), np.abs(randn(3))], {}),
     ("prelu", [randn(4, 6), np.array([0.25])], {}),

@@ -92,6 +92,43 @@ composite("leaky_relu", 1, lambda ops, a: float_dtype("leaky_relu", ops),
           {"slope": Attr("float", 0.01)}, "x where x > 0 else slope * x")
 
 
+def _same_float(name):
+    return (lambda ops, a: float_dtype(name, ops)), (lambda ops, a: ops[0].type.shape)
+
+
+def _elu_decompose(emit, inputs, attrs):
+    # exp of min(x, 0): the branch where doesn't take must not overflow (its inf would meet a
+    # zero gradient and make NaN).
+    x = inputs[0]
+    zero = emit.const(0.0, x.dtype)
+    neg = emit("sub", emit("exp", emit("minimum", x, zero)), emit.const(1.0, x.dtype))
+    return emit("where", emit("greater", x, zero), x, emit("mul", emit.const(attrs["alpha"], x.dtype), neg))
+
+
+composite("elu", 1, *_same_float("elu"),
+          lambda x, alpha: np.where(x > 0, x, alpha * (np.exp(np.minimum(x, 0)) - 1)),
+          _elu_decompose, {"alpha": Attr("float", 1.0)}, "x where x > 0 else alpha * (exp(x) - 1)")
+
+
+def _softplus_decompose(emit, inputs, attrs):
+    # log(1 + exp(b x)) / b as max(b x, 0) + log1p(exp(-|b x|)): no overflow for large b x.
+    x = inputs[0]
+    beta = emit.const(attrs["beta"], x.dtype)
+    bx = emit("mul", x, beta)
+    stable = emit("add", emit("maximum", bx, emit.const(0.0, x.dtype)),
+                  emit("log1p", emit("exp", emit("neg", emit("abs", bx)))))
+    return emit("div", stable, beta)
+
+
+composite("softplus", 1, *_same_float("softplus"),
+          lambda x, beta: np.logaddexp(0, beta * x) / beta, _softplus_decompose,
+          {"beta": Attr("float", 1.0)}, "log(1 + exp(beta * x)) / beta, a smooth relu")
+
+composite("swish", 1, *_same_float("swish"), lambda x: x / (1 + np.exp(-x)),
+          lambda emit, inputs, attrs: emit("mul", inputs[0], emit("sigmoid", inputs[0])), {},
+          "x * sigmoid(x) (SiLU)")
+
+
 def _prelu_slope_shape(x: TensorType, a: TensorType):
     # PyTorch's PReLU: one slope per channel, the channel being axis 1 (NCHW or [N, C]).
     if a.ndim == 1 and x.ndim > 2 and a.shape[0] != 1:

@@ -162,13 +162,16 @@ def _check_gradients(checked, args) -> int:
 
 
 def _model_table(model) -> str:
+    from graphc.initializers import INITIALIZERS
     from graphc.ir.types import format_shape
     rows = [("parameter", "role", "shape", "dtype", "count", "init")]
     total = 0
     for p in model.params.values():
         count = p.type.size()
         total += count
-        opts = ", ".join(f"{k}={v}" for k, v in p.init[1] if v is not None)
+        spec = INITIALIZERS[p.init[0]]     # words left at their default go unsaid
+        opts = ", ".join(f"{k}={v}" for k, v in p.init[1] if v is not None
+                         and not (k in spec.choices and v == spec.options[k]))
         rows.append((p.name, p.role or "", format_shape(p.type.shape), p.type.dtype.value,
                      f"{count:,}", f"{p.init[0]}({opts})"))
     widths = [max(len(r[c]) for r in rows) for c in range(6)]

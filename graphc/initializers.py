@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,7 @@ class Initializer:
     required: tuple[str, ...]
     draw: Callable[..., np.ndarray]
     doc: str
+    choices: dict = field(default_factory=dict)   # option -> the words it takes (mode=fan_out)
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -51,15 +52,41 @@ INITIALIZERS: dict[str, Initializer] = {i.name: i for i in [
                 lambda shape, rng, mean, std: rng.normal(mean, std, shape), "N(mean, std^2)"),
     Initializer("uniform", {"low": 0.0, "high": 1.0}, (),
                 lambda shape, rng, low, high: rng.uniform(low, high, shape), "U(low, high)"),
-    Initializer("kaiming", {"fan_in": None}, (),
-                lambda shape, rng, fan_in: rng.normal(0.0, np.sqrt(2.0 / _fan_in(shape, fan_in)),
-                                                      shape),
-                "He: N(0, 2 / fan_in), for ReLU layers"),
-    Initializer("xavier", {"fan_in": None, "fan_out": None}, (),
-                lambda shape, rng, fan_in, fan_out: rng.normal(
-                    0.0, np.sqrt(2.0 / (_fan_in(shape, fan_in) + _fan_out(shape, fan_out))), shape),
-                "Glorot: N(0, 2 / (fan_in + fan_out)), for sigmoid and tanh layers"),
+    Initializer("kaiming", {"fan_in": None, "mode": "fan_in", "dist": "normal", "fan_out": None}, (),
+                lambda shape, rng, fan_in, mode="fan_in", dist="normal", fan_out=None: _draw(
+                    rng, shape, dist, 2.0 / (_fan_in(shape, fan_in) if mode == "fan_in"
+                                             else _fan_out(shape, fan_out))),
+                "He: variance 2 / fan (fan_in, or fan_out with mode=fan_out), normal or uniform; "
+                "for ReLU layers", {"mode": ("fan_in", "fan_out"), "dist": ("normal", "uniform")}),
+    Initializer("xavier", {"fan_in": None, "fan_out": None, "dist": "normal"}, (),
+                lambda shape, rng, fan_in, fan_out, dist="normal": _draw(
+                    rng, shape, dist, 2.0 / (_fan_in(shape, fan_in) + _fan_out(shape, fan_out))),
+                "Glorot: variance 2 / (fan_in + fan_out), normal or uniform; for sigmoid and tanh "
+                "layers", {"dist": ("normal", "uniform")}),
+    Initializer("orthogonal", {"gain": 1.0}, (), lambda shape, rng, gain: _orthogonal(shape, rng, gain),
+                "gain times a (semi-)orthogonal matrix, as PyTorch's orthogonal_ (axes after the "
+                "first flattened)"),
 ]}
+
+
+def _draw(rng: np.random.Generator, shape, dist: str, variance: float) -> np.ndarray:
+    """Zero-mean draws of a variance: N(0, v), or U(-b, b) with b = sqrt(3 v)."""
+    if dist == "uniform":
+        bound = np.sqrt(3.0 * variance)
+        return rng.uniform(-bound, bound, shape)
+    return rng.normal(0.0, np.sqrt(variance), shape)
+
+
+def _orthogonal(shape, rng: np.random.Generator, gain: float) -> np.ndarray:
+    if len(shape) < 2:
+        raise ValueError("orthogonal() needs a parameter of two or more axes")
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    a = rng.normal(0.0, 1.0, (max(rows, cols), min(rows, cols)))
+    q, r = np.linalg.qr(a)
+    q *= np.sign(np.diag(r))          # a uniform (Haar) draw, not QR's sign convention
+    if rows < cols:
+        q = q.T
+    return gain * q.reshape(shape)
 
 
 def param_rng(seed: int, name: str) -> np.random.Generator:

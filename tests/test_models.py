@@ -2,6 +2,8 @@
 match hand-written numpy computed from the same parameters."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import MODELS, REPO
@@ -109,3 +111,41 @@ def test_initialization_is_seeded_and_per_parameter():
     np.testing.assert_array_equal(a.params["W1"], b.params["W1"])     # the train block's seed
     assert not np.array_equal(a.params["W1"], c.params["W1"])
     assert not np.array_equal(a.params["W1"][:256, :10], a.params["W2"])
+
+
+INIT_MODEL = """model m {{ input x: f32[N, 200]
+    param W: f32[200, 400] = {init}
+    output y = x @ W }}
+"""
+
+
+@pytest.mark.parametrize("init, check", [
+    # (the declaration, what the drawn matrix must satisfy); graphc's 2-D weights are [in, out]
+    ("kaiming()", lambda w: abs(w.std() / np.sqrt(2 / 200) - 1) < 0.02),
+    ("kaiming(mode=fan_out)", lambda w: abs(w.std() / np.sqrt(2 / 400) - 1) < 0.02),
+    ("kaiming(dist=uniform)", lambda w: np.sqrt(6 / 200) * 0.99 < np.abs(w).max() <= np.sqrt(6 / 200)),
+    ('kaiming(mode="fan_out", dist="uniform")',
+     lambda w: np.sqrt(6 / 400) * 0.99 < np.abs(w).max() <= np.sqrt(6 / 400)),
+    ("xavier()", lambda w: abs(w.std() / np.sqrt(2 / 600) - 1) < 0.02),
+    ("xavier(dist=uniform)", lambda w: np.sqrt(6 / 600) * 0.99 < np.abs(w).max() <= np.sqrt(6 / 600)),
+    ("orthogonal()", lambda w: np.allclose(w @ w.T, np.eye(200), atol=1e-5)),
+    ("orthogonal(gain=0.5)", lambda w: np.allclose(w @ w.T, 0.25 * np.eye(200), atol=1e-5)),
+])
+def test_initializer_variants_draw_what_pytorch_does(init, check):
+    w = graphc.compile_source(INIT_MODEL.format(init=init), seed=4).params["W"]
+    assert w.shape == (200, 400) and check(w.astype(np.float64)), init
+
+
+@pytest.mark.parametrize("init, message", [
+    ("kaiming(mode=fan_avg)", "kaiming(): mode is one of fan_in, fan_out"),
+    ("xavier(dist=gaussian)", "xavier(): dist is one of normal, uniform"),
+])
+def test_initializer_words_are_checked(init, message):
+    with pytest.raises(graphc.GraphcError, match=re.escape(message)):
+        graphc.compile_source(INIT_MODEL.format(init=init))
+
+
+def test_orthogonal_needs_a_matrix():
+    src = "model m { input x: f32[N, 3]\n param b: f32[3] = orthogonal()\n output y = x + b }"
+    with pytest.raises(graphc.GraphcError, match=r"orthogonal\(\) needs a matrix"):
+        graphc.compile_source(src)

@@ -158,6 +158,9 @@ class ModelBuilder:
                              f"for example: param {stmt.name}: {ttype} = "
                              f"{'zeros()' if ttype.ndim == 1 else 'kaiming()'}")
         init = self.initializer(stmt.init)
+        if init[0] == "orthogonal" and ttype.ndim < 2:
+            raise self.error(f"param {stmt.name}: orthogonal() needs a matrix (two or more axes), "
+                             f"not {ttype}", stmt.init.loc, "use zeros() or normal() for a vector")
         role = None
         if stmt.role is not None:
             role, role_loc = stmt.role
@@ -190,6 +193,15 @@ class ModelBuilder:
                                  did_you_mean(key, names) or
                                  (f"{expr.func}() takes {', '.join(names)}" if names
                                   else f"{expr.func}() takes no options"))
+            if key in spec.choices:
+                word = (value_expr.value if isinstance(value_expr, ast.String) else
+                        value_expr.name if isinstance(value_expr, ast.Var) else None)
+                if word not in spec.choices[key]:
+                    raise self.error(f"{expr.func}(): {key} is one of "
+                                     f"{', '.join(spec.choices[key])}", value_expr.loc,
+                                     did_you_mean(str(word), spec.choices[key]))
+                options[key] = word
+                continue
             kind = "int" if key.startswith("fan_") else "float"
             try:
                 value = convert_attr(f"{expr.func}()", key, Attr(kind), self.eval(value_expr),

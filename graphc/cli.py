@@ -195,6 +195,8 @@ def _model_table(model) -> str:
 def _train_summary(train) -> str:
     parts = []
     for key, value in train.settings.items():
+        if value is None:                  # a setting that is off (gradient clipping)
+            continue
         if isinstance(value, tuple):
             name, opts = value
             inner = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None)

@@ -135,7 +135,9 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
     graphs["loss_and_grads"] = lower(backward_graph(training), options)
     if train is not None:
         roles = {name: (p.type, p.role) for name, p in ir.params.items()}
-        step, specs = train_step_graph(training, train.settings["optimizer"], roles)
+        step, specs = train_step_graph(training, train.settings["optimizer"], roles,
+                                       train.settings.get("clip_grad_value"),
+                                       train.settings.get("clip_grad_norm"))
         graphs["train_step"] = lower(step, options)
         state = {name: StateInfo(name, t, init) for name, (t, init) in specs.items()}
     return graphs, state

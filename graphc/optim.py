@@ -176,16 +176,47 @@ def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, st
 
 
 def train_step_graph(training: Graph, optimizer: tuple[str, dict],
-                     params: dict[str, tuple[TensorType, str]]
+                     params: dict[str, tuple[TensorType, str]], clip_value: float | None = None,
+                     clip_norm: float | None = None
                      ) -> tuple[Graph, dict[str, tuple[TensorType, float]]]:
     """One graph for a whole training step: the loss of `training` (a lowered training-mode
-    graph), every parameter's gradient, and the optimizer's updates, as outputs `loss` and
-    `new TARGET`. Returns it with the optimizer state it reads (name -> type, initial value)."""
+    graph), every parameter's gradient (clipped by value, then by global norm, where asked),
+    and the optimizer's updates, as outputs `loss` and `new TARGET`. Returns it with the
+    optimizer state it reads (name -> type, initial value)."""
     loss = training.output_map["loss"]
     present = {n.attr["name"]: n for n in training.params}
     nodes = [present.get(name) or op_table.source("param", t, name=name)
              for name, (t, _) in params.items()]
-    grads = derive_backward(loss, nodes)
+    grads = clip_gradients(derive_backward(loss, nodes), clip_value, clip_norm)
     updates = build_updates(optimizer, [(n, grads[n], params[n.attr["name"]][1]) for n in nodes])
     outputs = (("loss", loss),) + tuple((f"new {k}", v) for k, v in updates.new.items())
     return Graph(f"{training.name}.train_step", outputs, "train"), updates.state
+
+
+def clip_gradients(grads: dict[Node, Node], value: float | None, norm: float | None
+                   ) -> dict[Node, Node]:
+    """PyTorch's clip_grad_value_ (each element into [-value, value]) and clip_grad_norm_ (all
+    gradients scaled by min(1, norm / (global L2 norm + 1e-6))), as graph nodes."""
+    def const(x: float, like: Node) -> Node:
+        return op_table.source("const", TensorType(like.type.dtype, ()), value=x)
+    if value is not None:
+        grads = {p: op_table.apply("minimum", [op_table.apply("maximum", [g, const(-value, g)]),
+                                               const(value, g)], tags=UPDATE)
+                 for p, g in grads.items()}
+    if norm is not None and grads:
+        first = next(iter(grads.values()))
+        squares = [op_table.apply("sum", [op_table.apply("mul", [g, g])]) for g in grads.values()]
+        squares = [s if s.type.dtype is first.type.dtype else
+                   op_table.apply("cast", [s], {"dtype": first.type.dtype.value}) for s in squares]
+        total = squares[0]
+        for s in squares[1:]:
+            total = op_table.apply("add", [total, s])
+        coef = op_table.apply("div", [const(norm, first),
+                                      op_table.apply("add", [op_table.apply("sqrt", [total]),
+                                                             const(1e-6, first)])])
+        scale = op_table.apply("minimum", [coef, const(1.0, first)])
+        grads = {p: op_table.apply("mul", [g, scale if g.type.dtype is first.type.dtype else
+                                           op_table.apply("cast", [scale], {"dtype": g.type.dtype.value})],
+                                   tags=UPDATE)
+                 for p, g in grads.items()}
+    return grads

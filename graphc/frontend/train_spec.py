@@ -72,6 +72,10 @@ SETTINGS = {
                                                  high_open=True)),
     "test": ("the test fraction", Opt("float", 0.2, low=0, high=1, low_open=True, high_open=True)),
     "scale": ("input scaling", Opt("choice", "unit", choices=SCALINGS)),
+    # Gradient clipping before the optimizer sees the gradients (PyTorch's clip_grad_value_ and
+    # clip_grad_norm_); off unless set.
+    "clip_grad_value": ("the gradient clipping value", Opt("float", None, low=0, low_open=True)),
+    "clip_grad_norm": ("the gradients' largest global norm", Opt("float", None, low=0, low_open=True)),
 }
 
 

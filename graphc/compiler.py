@@ -123,10 +123,16 @@ def build_program(checked: CheckedFile, model: str | None = None, backend: str =
 
 def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOptions | None = None
                    ) -> tuple[dict[str, Graph], dict[str, StateInfo]]:
-    """The lowered graphs of a model: `forward` (outputs), and where there is a loss `evaluate`
-    (outputs and loss), `loss_and_grads` (training mode) and, with a train block, `train_step`
-    (forward, backward and the optimizer's updates in one graph)."""
+    """The lowered graphs of a model: `forward` (outputs), `sample` (the outputs with dropout on,
+    where the model has dropout), and where there is a loss `evaluate` (outputs and loss),
+    `loss_and_grads` (training mode) and, with a train block, `train_step` (forward, backward
+    and the optimizer's updates in one graph)."""
     graphs = {"forward": lower(model_graph(ir, include_loss=False), options)}
+    sampling = train_mode(model_graph(ir, include_loss=False))
+    if sampling.nodes() != graphs["forward"].nodes() and any(
+            n.op == "dropout" for n in sampling.nodes()):
+        # The outputs with dropout on, for Monte Carlo dropout (Program.sample).
+        graphs["sample"] = lower(sampling, options)
     state: dict[str, StateInfo] = {}
     if ir.loss is None:
         return graphs, state

@@ -55,6 +55,9 @@ def add_commands(sub) -> None:
     p.add_argument("--no-scale", action="store_true",
                    help="the inputs are already scaled as the model expects")
     p.add_argument("-o", "--out", metavar="FILE.npz", help="save predictions to a .npz file")
+    p.add_argument("--mc-samples", type=int, metavar="K",
+                   help="Monte Carlo dropout: K predictions with dropout on; print their mean "
+                        "and standard deviation (the model's uncertainty)")
     _add_backend(p)
     p.set_defaults(run=cmd_predict)
 
@@ -255,6 +258,8 @@ def cmd_predict(args) -> int:
     x = _samples(_load_array(args.input), program.inputs[name], args.input, name)
     if config is not None and not args.no_scale:
         x = Scaler.from_json(config["data"]["scaler"]).apply(x, dtype=x.dtype)
+    if args.mc_samples is not None:
+        return _predict_mc(program, config, name, x, args)
     try:
         outputs = program.forward(**{name: x})
     except ValueError as err:
@@ -276,6 +281,41 @@ def cmd_predict(args) -> int:
     if args.out:
         np.savez(args.out, classes=classes, probabilities=probs)
         print(f"wrote classes and probabilities to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _predict_mc(program, config, name: str, x, args) -> int:
+    """Monte Carlo dropout: the mean and standard deviation of K predictions with dropout on;
+    for a classifier over the class probabilities (the predictive distribution)."""
+    import numpy as np
+
+    from graphc.runtime.program import ProgramError
+    if args.mc_samples < 2:
+        raise error("--mc-samples needs at least 2 samples to measure a spread")
+    try:
+        stacked = program.sample(args.mc_samples, **{name: x})
+    except ProgramError as err:
+        raise error(f"{args.target}: {err}", hint="MC dropout needs dropout in the model") from None
+    except ValueError as err:
+        raise error(f"{args.input}: {err}") from None
+    task = program.meta.get("task") or {}
+    if task.get("kind") != "classification":
+        result = {}
+        for out, values in stacked.items():
+            result[f"{out}_mean"], result[f"{out}_std"] = values.mean(axis=0), values.std(axis=0)
+        _print_outputs(result)
+    else:
+        probs = np.stack([_probabilities(s, task.get("scores")) for s in stacked[task["output"]]])
+        mean, std = probs.mean(axis=0), probs.std(axis=0)
+        names = (config or {}).get("data", {}).get("classes")
+        for i, c in enumerate(mean.argmax(axis=1)):
+            label = names[c] if names else str(c)
+            print(f"{i}: {label}  (p = {mean[i, c]:.3f} ± {std[i, c]:.3f} over {args.mc_samples} "
+                  f"samples)")
+        result = {"classes": mean.argmax(axis=1), "probabilities": mean, "std": std}
+    if args.out:
+        np.savez(args.out, **result)
+        print(f"wrote {', '.join(result)} to {args.out}", file=sys.stderr)
     return 0
 
 

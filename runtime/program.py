@@ -193,6 +193,20 @@ class Program:
         feeds, dims = self._feeds(inputs, self.inputs)
         return self._executors["forward"].run(feeds, self.params._values, dims)
 
+    def sample(self, samples: int, **inputs) -> dict[str, np.ndarray]:
+        """Monte Carlo dropout: the outputs for `inputs` `samples` times with dropout on (each
+        time a different mask, the same for the same seed), stacked along a new first axis.
+        Their mean and spread estimate the prediction and its uncertainty."""
+        if "sample" not in self.graphs:
+            raise ProgramError(f"{self.name} has no dropout, so every sample would be the same")
+        feeds, dims = self._feeds(inputs, self.inputs)
+        runs = []
+        for i in range(samples):
+            # Keys from the top of the step range: never a training step's.
+            feeds[RNG_INPUT] = np.int64(rng_key(self.seed, 0xFFFFFFFF - i))
+            runs.append(self._executors["sample"].run(dict(feeds), self.params._values, dims))
+        return {name: np.stack([r[name] for r in runs]) for name in self.outputs}
+
     def evaluate(self, **batch) -> dict[str, float]:
         """The loss (evaluation mode: no dropout) and, for classifiers, the accuracy."""
         out = self._run("evaluate", batch)

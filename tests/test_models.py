@@ -149,3 +149,35 @@ def test_orthogonal_needs_a_matrix():
     src = "model m { input x: f32[N, 3]\n param b: f32[3] = orthogonal()\n output y = x + b }"
     with pytest.raises(graphc.GraphcError, match=r"orthogonal\(\) needs a matrix"):
         graphc.compile_source(src)
+
+
+def test_layernorm_layer_matches_pytorchs_definition_and_is_never_regularized():
+    src = """model m { input x: f64[N, 6]
+        input y: i64[N]
+        h = x -> linear(8) -> layernorm(eps=1e-3) -> relu
+        p = h -> linear(3) -> log_softmax(axis=1)
+        output p
+        loss = nll(p, y) + 1e-2 * l2(weights) }
+"""
+    program = graphc.compile_source(src)
+    roles = {k: program.param_info[k].role for k in program.params}
+    assert roles["h.layernorm.gamma"] == "other" and roles["h.layernorm.beta"] == "bias"
+    np.testing.assert_array_equal(program.params["h.layernorm.gamma"], np.ones(8))
+    np.testing.assert_array_equal(program.params["h.layernorm.beta"], np.zeros(8))
+    l2_inputs = {n.attr["name"] for n in program.graphs["evaluate"].nodes() if n.op == "param"}
+    assert "h.layernorm.gamma" in l2_inputs                     # used by the model ...
+    checked = check_source(src, "m.nn")
+    loss = checked.pick(None).loss
+    penalized = {i.attr["name"] for n in _topo(loss) if n.op == "l2" for i in n.inputs}
+    assert penalized == {"h.linear.W", "p.W"}                   # ... but not by the penalty
+    x = np.random.default_rng(0).standard_normal((5, 6))
+    z = x @ program.params["h.linear.W"] + program.params["h.linear.b"]
+    mean, var = z.mean(axis=1, keepdims=True), z.var(axis=1, keepdims=True)   # biased variance
+    want = np.maximum((z - mean) / np.sqrt(var + 1e-3), 0)
+    got = graphc.compile_source(src.replace("output p", "output h\n        output p")).forward(x=x)
+    np.testing.assert_allclose(got["h"], want, rtol=1e-12, atol=1e-12)
+
+
+def _topo(node):
+    from graphc.ir.node import topo_order
+    return topo_order([node])

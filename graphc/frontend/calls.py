@@ -158,7 +158,35 @@ def _linear_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> 
     return b.apply_op("linear", operands, {}, call)
 
 
-LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)")}
+def _layernorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    """PyTorch's LayerNorm over the last axis: a learned scale (ones) and shift (zeros), roles
+    other and bias, so `l2(weights)` never reaches them."""
+    if len(args) != 1:
+        raise ArgError(f"layernorm takes the input only (and eps=), got {len(args)} arguments",
+                       call.loc)
+    x = b.tensor_arg("layernorm", args[0], call.args[0])
+    unknown = set(kwargs) - {"eps"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ArgError(f"layernorm has no option '{name}'", call.kwarg_loc(name),
+                       did_you_mean(name, ["eps"]) or "layernorm takes eps")
+    attrs = {}
+    if "eps" in kwargs:
+        attrs["eps"] = convert_attr("layernorm", "eps", Attr("float"), kwargs["eps"],
+                                    call.kwarg_loc("eps", value=True))
+    shape = x.node.type.shape
+    if not x.node.type.dtype.is_float or not shape or isinstance(shape[-1], str):
+        raise ArgError(f"layernorm: needs floating-point features with a known last axis: "
+                       f"{x.label} is {x.node.type}", call.loc)
+    dtype, n = x.node.type.dtype, shape[-1]
+    prefix = b.layer_prefix("layernorm")
+    gamma = b.new_param(f"{prefix}.gamma", TensorType(dtype, (n,)), ("ones", ()), "other", call.loc)
+    beta = b.new_param(f"{prefix}.beta", TensorType(dtype, (n,)), ("zeros", ()), "bias", call.loc)
+    return b.apply_op("layer_norm", [x, gamma, beta], attrs, call)
+
+
+LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)"),
+          "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5)")}
 
 
 def is_layer_call(call: ast.Call, is_tensor: Callable[[str], bool]) -> bool:

@@ -129,6 +129,36 @@ composite("swish", 1, *_same_float("swish"), lambda x: x / (1 + np.exp(-x)),
           "x * sigmoid(x) (SiLU)")
 
 
+def _layer_norm_shape(ops, attrs):
+    x, gamma, beta = ops
+    if x.type.ndim < 1 or isinstance(x.type.shape[-1], str):
+        raise TypeError_(f"layer_norm: the last axis of {x} must have a known size")
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p.type.shape != (x.type.shape[-1],):
+            raise TypeError_(f"layer_norm: {name} must be [{x.type.shape[-1]}], one per feature "
+                             f"of the last axis: {p}")
+    return x.type.shape
+
+
+def _layer_norm_np(x, gamma, beta, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)          # biased, as PyTorch normalizes
+    return (x - mean) / np.sqrt(var + x.dtype.type(eps)) * gamma + beta
+
+
+def _layer_norm_decompose(emit, inputs, attrs):
+    x, gamma, beta = inputs
+    centered = emit("sub", x, emit("mean", x, axis=-1, keepdims=True))
+    var = emit("mean", emit("mul", centered, centered), axis=-1, keepdims=True)
+    scale = emit("sqrt", emit("add", var, emit.const(attrs["eps"], x.dtype)))
+    return emit("add", emit("mul", emit("div", centered, scale), gamma), beta)
+
+
+composite("layer_norm", 3, lambda ops, a: same_dtype("layer_norm", ops), _layer_norm_shape,
+          _layer_norm_np, _layer_norm_decompose, {"eps": Attr("float", 1e-5)},
+          "each row normalized over the last axis (mean 0, variance 1), then * gamma + beta")
+
+
 def _prelu_slope_shape(x: TensorType, a: TensorType):
     # PyTorch's PReLU: one slope per channel, the channel being axis 1 (NCHW or [N, C]).
     if a.ndim == 1 and x.ndim > 2 and a.shape[0] != 1:

@@ -154,6 +154,8 @@ OP_CASES = [
     OpCase("softplus", "a: T[N, 13]; t: T[N, 7] tails",
            ("softplus(a)", "softplus(a, beta=2.0)", "t -> softplus", "softplus(t, beta=0.5)")),
     OpCase("swish", "a: T[N, 13]; t: T[N, 7] tails", ("swish(a)", "t -> swish")),
+    OpCase("embedding", "i: i64[N, 3] labels7; j: i32[N] labels7; E: T[7, 4]",
+           ("embedding(i, E)", "embedding(j, E)")),
     OpCase("layer_norm", "a: T[N, 13] shifted; g: T[13]; b: T[13]; c: T[N, 3, 13]",
            ("layer_norm(a, g, b)", "layer_norm(a, g, b, eps=0.1)", "layer_norm(c, g, b)")),
     OpCase("prelu", "a: T[N, 13]; s: T[13] pos; b4: T[N, 3, 2, 5]; t: T[3] pos; o: T[1] pos; z: T[]",

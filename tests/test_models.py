@@ -181,3 +181,27 @@ def test_layernorm_layer_matches_pytorchs_definition_and_is_never_regularized():
 def _topo(node):
     from graphc.ir.node import topo_order
     return topo_order([node])
+
+
+def test_embedding_layer_looks_up_rows_and_learns_them():
+    src = """model m { input t: i64[N, 5]
+        input y: i64[N]
+        e = t -> embedding(20, 4)
+        p = e -> flatten -> linear(3) -> log_softmax(axis=1)
+        output e
+        output p
+        loss = nll(p, y) }
+train m { optimizer = adam(lr=1e-2)
+        seed = 1 }
+"""
+    program = graphc.compile_source(src)
+    table = program.params["e.E"]
+    assert table.shape == (20, 4) and program.param_info["e.E"].role == "weight"
+    assert abs(table.std() - 1) < 0.3                      # N(0, 1), as torch.nn.Embedding
+    rng = np.random.default_rng(0)
+    t, y = rng.integers(0, 20, (8, 5)), rng.integers(0, 3, 8)
+    np.testing.assert_array_equal(program.forward(t=t)["e"], table[t])
+    losses = [program.train_step(t=t, y=y) for _ in range(30)]
+    assert losses[-1] < losses[0] * 0.5
+    with pytest.raises(graphc.GraphcError, match="out of range"):
+        program.forward(t=np.full((2, 5), 20))

@@ -54,6 +54,7 @@ COMPOSITE_CASES = [
     ("softplus", [randn(4, 6) * 30], {"beta": 2.0}),     # far tails: no overflow
     ("swish", [randn(4, 6) * 5], {}),
     ("layer_norm", [randn(4, 6) * 3 + 1, randn(6), randn(6)], {"eps": 1e-5}),
+    ("embedding", [np.array([[3, 0, 3], [4, 4, 1]]), randn(5, 3)], {}),
     ("prelu", [randn(4, 6), np.abs(randn(6))], {}),
     ("prelu", [randn(2, 3, 4, 4), np.abs(randn(3))], {}),
     ("prelu", [randn(4, 6), np.array([0.25])], {}),

@@ -471,7 +471,7 @@ class ModelBuilder:
                 return self.call_def(expr, args, kwargs)
             if fn == "dropout":
                 return self.dropout(expr, args, kwargs)
-            if fn in LAYERS and (fn != "linear" or (len(args) == 2 and isinstance(args[1], Scalar))):
+            if fn in LAYERS and _is_layer_form(fn, args):
                 return LAYERS[fn].build(self, expr, args, kwargs)
             if fn in CALLABLE_OPS:
                 return self.call_op(expr, args, kwargs)
@@ -556,3 +556,13 @@ class ModelBuilder:
         finally:
             self.env, self.def_stack = outer_env, self.def_stack[:-1]
             self.frames.pop()
+
+
+def _is_layer_form(fn: str, args: list) -> bool:
+    """`linear(x, 10)` and `embedding(x, 1000, 16)` (sizes) make parameters; `linear(x, W)` and
+    `embedding(x, E)` (tensors) are the ops of the same names."""
+    if fn == "linear":
+        return len(args) == 2 and isinstance(args[1], Scalar)
+    if fn == "embedding":
+        return len(args) != 2 or isinstance(args[1], Scalar)
+    return True

@@ -185,16 +185,39 @@ def _layernorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
     return b.apply_op("layer_norm", [x, gamma, beta], attrs, call)
 
 
+def _embedding_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    """PyTorch's Embedding: a table E: [vocab, dim] drawn from N(0, 1), rows picked by x."""
+    if len(args) != 3 or kwargs:
+        raise ArgError("embedding takes the indices, the vocabulary size and the dimension: "
+                       "x -> embedding(vocab, dim)", call.loc)
+    x = b.tensor_arg("embedding", args[0], call.args[0])
+    if not x.node.type.dtype.is_int:
+        raise ArgError(f"embedding: the indices must be integers: {x.label} is {x.node.type}",
+                       call.args[0].loc)
+    sizes = []
+    for what, value, expr in (("vocab", args[1], call.args[1]), ("dim", args[2], call.args[2])):
+        n = convert_attr("embedding", what, Attr("int"), value, expr.loc)
+        if n < 1:
+            raise ArgError(f"embedding: {what} must be at least 1, got {n}", expr.loc)
+        sizes.append(n)
+    prefix = b.layer_prefix("embedding")
+    table = b.new_param(f"{prefix}.E", TensorType(DType.f32, tuple(sizes)),
+                        ("normal", (("mean", 0.0), ("std", 1.0))), "weight", call.loc)
+    return b.apply_op("embedding", [x, table], {}, call)
+
+
 LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)"),
+          "embedding": Layer("embedding", _embedding_layer, "embedding(x, vocab, dim)"),
           "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5)")}
 
 
 def is_layer_call(call: ast.Call, is_tensor: Callable[[str], bool]) -> bool:
-    """Does this call create parameters? `linear(x, 10)` is the layer, `linear(x, W)` the op."""
-    if call.func != "linear":
+    """Does this call create parameters? `linear(x, 10)` is the layer, `linear(x, W)` the op;
+    `embedding(x, 1000, 16)` the layer, `embedding(x, E)` the op."""
+    if call.func not in ("linear", "embedding"):
         return call.func in LAYERS
     if len(call.args) != 2:
-        return False
+        return call.func == "embedding"
     size = call.args[1]
     return isinstance(size, ast.Number) or (isinstance(size, ast.Var) and not is_tensor(size.name))
 

@@ -159,6 +159,37 @@ composite("layer_norm", 3, lambda ops, a: same_dtype("layer_norm", ops), _layer_
           "each row normalized over the last axis (mean 0, variance 1), then * gamma + beta")
 
 
+def _embedding_dtype(ops, attrs):
+    indices, table = ops
+    if not indices.type.dtype.is_int:
+        raise TypeError_(f"embedding: the indices must be integers: {indices}")
+    if not table.type.dtype.is_float or table.type.ndim != 2:
+        raise TypeError_(f"embedding: the table must be a float matrix [vocab, dim]: {table}")
+    return table.type.dtype
+
+
+def _embedding_np(indices, table):
+    indices = np.asarray(indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= table.shape[0]):
+        bad = indices[(indices < 0) | (indices >= table.shape[0])].flat[0]
+        raise ValueError(f"index {int(bad)} is out of range [0, {table.shape[0]})")
+    return table[indices]
+
+
+def _embedding_decompose(emit, inputs, attrs):
+    # Row lookup as one_hot(indices) @ table: its gradient (one_hot^T @ g) adds the rows up
+    # where an index repeats, with no scatter op. The cost grows with the vocabulary.
+    indices, table = inputs
+    rows = emit("one_hot", indices, depth=table.shape[0], dtype=table.dtype.value)
+    return emit("matmul", rows, table)
+
+
+composite("embedding", 2, _embedding_dtype,
+          lambda ops, a: ops[0].type.shape + (ops[1].type.shape[1],),
+          _embedding_np, _embedding_decompose, {},
+          "rows of table picked by integer indices (indices.shape + [dim])")
+
+
 def _prelu_slope_shape(x: TensorType, a: TensorType):
     # PyTorch's PReLU: one slope per channel, the channel being axis 1 (NCHW or [N, C]).
     if a.ndim == 1 and x.ndim > 2 and a.shape[0] != 1:

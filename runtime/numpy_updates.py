@@ -249,8 +249,11 @@ def _flat_program(u: _Update, total: int):
     temps: list[np.ndarray] = []
     holds: dict[tuple, tuple | None] = {("lane", k): ("lane", k) for k in range(len(u.lanes))}
     held: dict[int, tuple] = {}              # local node -> the buffer holding its value
+    # A computed lane holds its gradient's dtype; a load lane, once its root may write there,
+    # the root's. (A load lane no root replaces is never free: None.)
     dtype_of = {("lane", k): (lane[1].numpy if lane[0] == "computed" else None)
                 for k, lane in enumerate(u.lanes)}
+    dtype_of |= {("lane", lane): program[local][2].numpy for local, lane in root_lane.items()}
 
     def free(buffer: tuple, dtype: np.dtype, until: int) -> bool:
         """May `buffer` take a value of `dtype` read last at step `until`?"""
@@ -260,7 +263,7 @@ def _flat_program(u: _Update, total: int):
             return temps[buffer[1]].dtype == dtype
         lane = buffer[1]
         if lane in root_step:                # a load lane: free until its root writes there
-            return root_step[lane] >= until and _lane_dtype(u, lane, program) == dtype
+            return root_step[lane] >= until and dtype_of[buffer] == dtype
         return dtype_of[buffer] == dtype
 
     steps, finals = [], []
@@ -290,9 +293,3 @@ def _flat_program(u: _Update, total: int):
         steps.append((OPS[op_name].numpy, refs, out, dict(attrs)))
     return steps, temps, finals
 
-
-def _lane_dtype(u: _Update, lane: int, program: list[tuple]) -> np.dtype:
-    """The dtype of a load lane: its root's."""
-    local_of = {slot: k for k, slot in enumerate(u.cone)}
-    suffix = next(s for s, k in u.root_lanes if k == lane)
-    return program[local_of[u.roots[suffix]]][2].numpy

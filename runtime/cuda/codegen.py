@@ -254,10 +254,7 @@ class Module:
             inner.do("for (int o = 16; o > 0; o >>= 1) "
                      f"{acc} = {self._combine(s, acc, f'__shfl_down_sync(0xffffffffu, {acc}, o)')};")
         inner.do("if (lane == 0) {")
-        zeros = {a: "0" for a in red_axes}
-        for acc, s in zip(accs, reducing):
-            value = acc if s.reduce != "mean" else f"{acc} / ({VALUE_TYPE[s.expr.dtype]}){width}"
-            self._store(inner, s.access, s.expr.dtype, value, {**index, **zeros}, indent="    ")
+        self._store_results(inner, reducing, accs, index, red_axes, width, indent="    ")
         inner.do("}")
         body.lines += ["    " + line for line in inner.lines] + ["}"]
 
@@ -272,10 +269,7 @@ class Module:
         index = self._decompose(inner, "o", kept, "o") if kept else {}
         reducing, accs = self._accumulate(inner, kernel, index, red,
                                           f"for (i64 r = 0; r < {count}; ++r) {{")
-        zeros = {a: "0" for a in red}
-        for acc, s in zip(accs, reducing):
-            value = acc if s.reduce != "mean" else f"{acc} / ({VALUE_TYPE[s.expr.dtype]}){count}"
-            self._store(inner, s.access, s.expr.dtype, value, {**index, **zeros})
+        self._store_results(inner, reducing, accs, index, red, count)
         body.lines += ["    " + line for line in inner.lines] + ["}"]
 
     def _accumulate(self, inner: _Body, kernel: Kernel, index: dict[int, str], red_axes: list[int],
@@ -301,6 +295,14 @@ class Module:
         inner.counter = point.counter
         inner.lines += ["    " + line for line in point.lines] + ["}"]
         return reducing, accs
+
+    def _store_results(self, body: _Body, reducing: list, accs: list[str], index: dict[int, str],
+                       red_axes: list[int], count: str, indent: str = "") -> None:
+        """Each reduction's accumulator stored at its output (a mean divided by `count`)."""
+        at = {**index, **{a: "0" for a in red_axes}}
+        for acc, s in zip(accs, reducing):
+            value = acc if s.reduce != "mean" else f"{acc} / ({VALUE_TYPE[s.expr.dtype]}){count}"
+            self._store(body, s.access, s.expr.dtype, value, at, indent=indent)
 
     def _flat_of(self, body: _Body, index: dict[int, str]) -> str:
         flat = None

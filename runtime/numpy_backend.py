@@ -18,6 +18,7 @@ from graphc.errors import Diagnostic, GraphcError
 from graphc.ir import OPS
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import bind_shape
+from graphc.runtime.numpy_calls import fast_call, frozen, scalar_nodes
 from graphc.runtime.numpy_updates import UpdateGroup, find_update_groups
 
 # How a step is called: by arity (1, 2, 3; other: `out` holds the operand slots), or, for the
@@ -45,13 +46,18 @@ class NumpyExecutor:
         loads = {n.attr["name"]: i for i, n in enumerate(self.order) if n.op in ("param", "state")}
         self.updates = find_update_groups(self.order, self.inputs, self.outputs, loads)
         self.plans: dict[tuple, _Plan] = {}
+        self._last: tuple = (None, None)    # the dims of the last run and their plan
         self._lock = threading.Lock()     # a plan's buffers serve one run at a time
 
     def plan(self, dims: dict[str, int]) -> _Plan:
+        last_dims, plan = self._last
+        if dims == last_dims:           # training runs one batch shape after another
+            return plan
         key = tuple(sorted(dims.items()))
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = _Plan(self, dims)
+        self._last = (dict(dims), plan)
         return plan
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
@@ -80,7 +86,7 @@ class _Plan:
                 self.loads.append((i, _LOADS.index(node.op), node.attr["name"]))
             elif node.op == "const":
                 constant[i] = True
-                self.template[i] = _frozen(np.asarray(node.attr["value"], node.dtype.numpy))
+                self.template[i] = frozen(np.asarray(node.attr["value"], node.dtype.numpy))
             elif node.op in _SHAPE_ONLY or (op.kind != "random"
                                             and all(constant[j] for j in inputs[i])):
                 constant[i] = True
@@ -89,7 +95,7 @@ class _Plan:
                 if op.numpy_out:
                     attrs[i]["out"] = np.empty(shapes[i], node.dtype.numpy)
                 try:
-                    self.template[i] = _frozen(np.asarray(op.numpy(*args, **attrs[i])))
+                    self.template[i] = frozen(np.asarray(op.numpy(*args, **attrs[i])))
                 except ValueError as err:
                     raise _runtime_error(node, err) from None
             else:
@@ -111,9 +117,11 @@ class _Plan:
                     copied.append((view, slot))
             self.groups.append((g, copied))
         dynamic = _schedule(inputs, dynamic_set, roots)
+        scalars = scalar_nodes(order, inputs, shapes, dynamic, [i for i, _, _ in self.loads])
+        self.scalar_loads = [i for i, _, _ in self.loads if i in scalars]
         # What the updates read stays live to the end, like the outputs.
         self.steps = _plan_steps(order, inputs, shapes, attrs, dynamic, outputs, into,
-                                 live=set(roots))
+                                 live=set(roots), template=self.template, scalars=scalars)
         # Outputs are handed out: fresh arrays pass as they are, anything else is copied. An
         # update's result is the parameter's (or state's) storage itself, updated in place.
         fresh = {i for i in dynamic if i in outputs and _makes_new_array(order[i])} | grouped
@@ -129,6 +137,8 @@ class _Plan:
         sources = (feeds, params, state)
         for i, kind, name in self.loads:
             values[i] = sources[kind][name]
+        for i in self.scalar_loads:
+            values[i] = values[i][()]
         empty = np.empty
         try:
             # Unrolled by call form: building an argument list or going through
@@ -166,11 +176,6 @@ class _Plan:
 def _bound_attrs(node: Node, dims: dict[str, int]) -> dict:
     specs = OPS[node.op].attrs
     return {k: bind_shape(v, dims) if specs[k].kind == "ints" else v for k, v in node.attrs}
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False       # shared by every run: an accidental write must fail
-    return array
 
 
 def _shaped_like(node: Node, shape: tuple[int, ...]) -> np.ndarray:
@@ -247,13 +252,16 @@ class _Pool:
 
 def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[tuple],
                 attrs: list[dict], dynamic: list[int], outputs: set[int],
-                into: dict[int, np.ndarray], live: set[int]) -> list[tuple]:
+                into: dict[int, np.ndarray], live: set[int], template: list,
+                scalars: set[int]) -> list[tuple]:
     """The call of each computed node, as (fn, slot, form, a, b, c, out), and where it writes:
     a pool buffer, or for an output a new array each run (callers keep outputs). An elementwise
     op may take the buffer of an operand that dies at it: numpy's ufuncs give the same result
     when the output is an input, and the op table asks the same of every `numpy_out` op. Nodes in
     `into` write into the buffer given there (a gradient into its update group's lane); values
-    in `live` are read after the last step, so their buffers are never reused."""
+    in `live` are read after the last step, so their buffers are never reused. Constants a call
+    needs of its own (relu's 0) are appended to `template` (numpy_calls.fast_call); `scalars`
+    compute numpy scalars (numpy_calls.scalar_nodes)."""
     last_use = {i: len(dynamic) if i in outputs or i in live else -1 for i in dynamic}
     for p, i in enumerate(dynamic):
         for j in inputs[i]:
@@ -266,15 +274,17 @@ def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[t
         in_place = op.kind == "elementwise"
         if in_place:
             pool.release(p, ins)
+        fn, ins, kwargs, writes = fast_call(node, ins, kwargs, shapes, shapes[i], template,
+                                            i in outputs, i in scalars)
         direct = not kwargs and len(ins) in (1, 2)    # a ufunc-like call: fn(a, b, out=...)
-        fn, form, out = op.numpy, (len(ins) if len(ins) <= 3 else _VARIADIC), ins
-        if op.numpy_out and i in outputs:
+        form, out = (len(ins) if len(ins) <= 3 else _VARIADIC), ins
+        if writes and i in outputs:
             new = (shapes[i], node.dtype.numpy)
             if direct:
                 form, out = _UNARY_NEW + len(ins) - 1, new
             else:
-                fn = partial(_into_new, op.numpy, *new, kwargs)
-        elif op.numpy_out:
+                fn = partial(_into_new, fn, *new, kwargs)
+        elif writes:
             if i in into:
                 buf = into[i]
                 pool.storage[i] = []
@@ -283,10 +293,10 @@ def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[t
             if direct:
                 form, out = _UNARY_INTO + len(ins) - 1, buf
             else:
-                fn = partial(op.numpy, out=buf, **kwargs)
+                fn = partial(fn, out=buf, **kwargs)
         else:
             if kwargs:
-                fn = partial(op.numpy, **kwargs)
+                fn = partial(fn, **kwargs)
             if not _makes_new_array(node):
                 pool.view(i, ins)
         if not in_place:

@@ -21,11 +21,13 @@ the same update (or an output `new X` of it). Everything else runs as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from graphc.ir import OPS
 from graphc.ir.node import Node
+from graphc.runtime.numpy_calls import UFUNCS
 
 NEW = "new "
 
@@ -66,6 +68,7 @@ class UpdateGroup:
         scalars = [k for *_, operands in first.program for kind, k in operands if kind == "scalar"]
         self.reads = list(dict.fromkeys([slot for m in members for slot in m.leaves] + scalars))
         self.steps, self.temps, self.finals = _flat_program(first, total)
+        self.calls = [_call(step, {"lane": self.lanes, "tmp": self.temps}) for step in self.steps]
 
     def run(self, values: list, copied: list[tuple[np.ndarray, int]]) -> None:
         """Run the update over `values` (the plan's slots); `copied`: computed lanes whose
@@ -77,10 +80,12 @@ class UpdateGroup:
                     np.copyto(view, array, casting="same_kind")
         for view, slot in copied:
             np.copyto(view, values[slot])
-        buffers = {"lane": self.lanes, "tmp": self.temps}
-        for fn, refs, (out_kind, out), attrs in self.steps:
-            args = [values[k] if kind == "scalar" else buffers[kind][k] for kind, k in refs]
-            fn(*args, out=buffers[out_kind][out], **attrs)
+        for fn, args, scalars, out in self.calls:
+            if scalars:
+                args = list(args)
+                for position, slot in scalars:
+                    args[position] = values[slot]
+            fn(*args, out=out)
         for lane, tmp in self.finals:                   # roots that could not be written in place
             np.copyto(self.lanes[lane], self.temps[tmp])
         for lane, slots in self.roots:                  # `new X` is the adopted view itself
@@ -231,6 +236,15 @@ class _NotGroupable(Exception):
     pass
 
 
+def _call(step: tuple, buffers: dict[str, list[np.ndarray]]) -> tuple:
+    """A step of the flat program as the call `run` makes: (fn, operands with the buffers in
+    place, (position, slot) of each scalar operand to take from the plan's values, out)."""
+    fn, refs, (out_kind, out), attrs = step
+    args = tuple(None if kind == "scalar" else buffers[kind][k] for kind, k in refs)
+    scalars = tuple((p, k) for p, (kind, k) in enumerate(refs) if kind == "scalar")
+    return partial(fn, **attrs) if attrs else fn, args, scalars, buffers[out_kind][out]
+
+
 def _flat_program(u: _Update, total: int):
     """The update as calls over flat buffers: (fn, operand refs, out ref, attrs), a ref being
     ("lane", k), ("tmp", k) or ("scalar", slot). Buffers are reused as soon as what they hold is
@@ -290,6 +304,7 @@ def _flat_program(u: _Update, total: int):
                 finals.append((lane, out[1]))
         holds[out] = ("node", p)
         held[p] = out
-        steps.append((OPS[op_name].numpy, refs, out, dict(attrs)))
+        fn = UFUNCS[op_name] if op_name in UFUNCS and not attrs else OPS[op_name].numpy
+        steps.append((fn, refs, out, dict(attrs)))
     return steps, temps, finals
 

@@ -363,6 +363,20 @@ def _transpose(s: Simplifier, n: Node) -> Node | None:
     return None
 
 
+def _sum(s: Simplifier, n: Node) -> Node | None:
+    """sum(one_hot(y) * c, axis=depth) = c for a single-element c (the loss gradient's 1/N): a
+    one-hot row is one 1 and zeros (a label out of range is an error on every backend), and
+    c + (+-0) is c. Exact for finite c; for c inf or nan the original is nan (0 * inf)."""
+    (x,) = n.inputs
+    pair = _big_times_scalar(x)
+    if pair is None or pair[0].op != "one_hot" or not n.dtype.is_float:
+        return None
+    c = pair[1]
+    if normalize_axes("sum", Operand(x.type, ""), n.attr["axis"]) != (x.type.ndim - 1,):
+        return None
+    return c if c.type == n.type else s.replace(n, "broadcast_to", c, shape=n.shape)
+
+
 def _mean(s: Simplifier, n: Node) -> Node | None:
     """mean -> sum / count, so backends have one reduction less. Exact: np.mean is that sum
     divided by the count (in f64, then rounded, which for one division is the same). Only f32 and
@@ -432,7 +446,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "maximum": (_same_operands,), "minimum": (_same_operands,), "where": (_same_operands,),
     "relu": (_idempotent,), "abs": (_idempotent,), "cast": (_cast,),
     "reshape": (_reshape,), "broadcast_to": (_broadcast_to,), "transpose": (_transpose,),
-    "mean": (_mean,),
+    "sum": (_sum,), "mean": (_mean,),
 }
 
 

@@ -37,7 +37,8 @@ def derive_backward(loss: Node, wrt: Sequence[Node]) -> dict[Node, Node]:
     targets = {id(w) for w in wrt}
     active: set[int] = set()          # nodes whose value depends on a target
     for node in order:
-        depends = id(node) in targets or (node.op != "stop_gradient"
+        # stop_gradient cuts the flow; size reads only its operand's shape
+        depends = id(node) in targets or (node.op not in ("stop_gradient", "size")
                                           and any(id(i) in active for i in node.inputs))
         if depends and node.dtype.is_float:   # integers carry no gradient
             active.add(id(node))

@@ -94,11 +94,15 @@ def make_parser() -> argparse.ArgumentParser:
     _add_werror_arg(p)
     p.set_defaults(run=cmd_build)
 
-    p = sub.add_parser("graph", help="print a model's graph (text or Graphviz DOT)",
-                       description="Print the IR of a model, one node per line, or as DOT.")
+    p = sub.add_parser("graph", help="print a model's graph, or draw it (DOT, PNG, SVG)",
+                       description="Print the IR of a model, one node per line, or draw it: "
+                                   "Graphviz DOT, or a PNG or SVG picture (needs Graphviz's "
+                                   "`dot`) with nodes coloured by their .nn line, fused kernels "
+                                   "framed (after the passes) and shapes on the edges.")
     p.add_argument("file", metavar="FILE")
     _add_model_arg(p)
-    p.add_argument("--format", choices=["text", "dot"], default="text")
+    p.add_argument("--format", choices=["text", "dot", "png", "svg"], default="text",
+                   help="text (default), dot, or a picture: png or svg (needs -o)")
     p.add_argument("--lowered", action="store_true",
                    help="show the graph after the pass pipeline (primitives only)")
     p.add_argument("--backward", action="store_true",
@@ -107,6 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-step", action="store_true",
                    help="show the whole compiled training step: forward in training mode, "
                         "backward, and the optimizer's update of every parameter and its state")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="do not frame the fused kernels in dot, png and svg drawings")
     p.add_argument("-o", "--out", metavar="PATH", help="write to a file instead of stdout")
     p.set_defaults(run=cmd_graph)
 
@@ -121,6 +127,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     from graphc.train_cli import add_commands
     add_commands(sub)
+    from graphc.report_cli import add_commands as add_report
+    add_report(sub)
+    from graphc.search_cli import add_commands as add_search
+    add_search(sub)
     return parser
 
 
@@ -139,6 +149,8 @@ def cmd_check(args) -> int:
         print(_model_table(checked.models[name]))
         if name in checked.trains:
             print(_train_summary(checked.trains[name]))
+        if name in checked.searches:
+            print("  search: " + checked.searches[name].summary())
         print()
     print(f"{args.file}: ok ({len(checked.models)} model{'s' if len(checked.models) != 1 else ''})")
     return 0
@@ -192,15 +204,20 @@ def _model_table(model) -> str:
     return "\n".join(lines)
 
 
+def _call_text(value: tuple) -> str:
+    name, opts = value
+    return f"{name}({', '.join(f'{k}={v}' for k, v in opts.items() if v is not None)})"
+
+
 def _train_summary(train) -> str:
     parts = []
     for key, value in train.settings.items():
-        if value is None:                  # a setting that is off (gradient clipping)
+        if value is None or value == []:   # a setting that is off (gradient clipping, augment)
             continue
         if isinstance(value, tuple):
-            name, opts = value
-            inner = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None)
-            value = f"{name}({inner})"
+            value = _call_text(value)
+        elif isinstance(value, list):          # augment: a list of calls
+            value = "[" + ", ".join(_call_text(v) for v in value) + "]"
         parts.append(f"{key}={value}")
     return "  train: " + ", ".join(parts)
 
@@ -312,10 +329,14 @@ def _print_stats(program, batch: int | None) -> None:
 
 def cmd_graph(args) -> int:
     from graphc.compiler import check_source, lower, model_graph, read_source
-    from graphc.ir.printer import format_dot, format_graph
-    checked = check_source(read_source(args.file), args.file)
+    from graphc.ir.printer import format_graph
+    if args.format in ("png", "svg") and not args.out:
+        raise _usage(f"--format {args.format} needs -o OUT.{args.format}")
+    source = read_source(args.file)
+    checked = check_source(source, args.file)
     model = checked.pick(args.model)
     graph = model_graph(model)
+    lowered = args.train_step or args.backward or args.lowered
     if args.train_step:
         from graphc.compiler import program_graphs
         if model.name not in checked.trains or model.loss is None:
@@ -331,12 +352,29 @@ def cmd_graph(args) -> int:
         graph = lower(backward_graph(lower(graph)))
     elif args.lowered:
         graph = lower(graph)
-    text = format_dot(graph) if args.format == "dot" else format_graph(graph) + "\n"
-    if args.out:
+    if args.format == "text":
+        text = format_graph(graph) + "\n"
+    else:
+        text = _graph_drawing(graph, lowered and not args.no_kernels, {args.file: source.splitlines()})
+    if args.format in ("png", "svg"):
+        from graphc.draw import render
+        render(text, args.format, Path(args.out))
+    elif args.out:
         Path(args.out).write_text(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _graph_drawing(graph, kernels: bool, sources: dict[str, list[str]]) -> str:
+    """DOT text of a graph; after the passes, with the kernel plan's fused kernels as clusters
+    (before them the graph still has composite ops, which have no kernels)."""
+    from graphc.draw import graph_dot
+    plan = None
+    if kernels:
+        from graphc.kernels import plan_kernels
+        plan = plan_kernels(graph)
+    return graph_dot(graph, plan, sources)
 
 
 def cmd_run(args) -> int:

@@ -10,6 +10,7 @@ from graphc.frontend import ast
 from graphc.frontend.builder import ModelBuilder, ModelIR
 from graphc.frontend.calls import CALLABLE_OPS, LAYERS
 from graphc.frontend.parser import parse
+from graphc.frontend.search_spec import SearchConfig, check_search
 from graphc.frontend.train_spec import TrainConfig, check_train
 from graphc.initializers import initialize
 from graphc.ir.node import Graph, topo_order
@@ -20,10 +21,11 @@ from graphc.runtime.program import ParamInfo, Program, StateInfo
 
 @dataclass
 class CheckedFile:
-    """Every model and train block of a file, checked."""
+    """Every model, train block and search block of a file, checked."""
     path: str
     models: dict[str, ModelIR] = field(default_factory=dict)
     trains: dict[str, TrainConfig] = field(default_factory=dict)
+    searches: dict[str, SearchConfig] = field(default_factory=dict)
     src: SourceText | None = None           # for the lints: source lines and the train blocks'
     module: ast.Module | None = None        # settings as written, with their locations
 
@@ -67,12 +69,37 @@ def check_source(text: str, path: str = "<string>") -> CheckedFile:
                                 did_you_mean(train.model, model_names))
             if train.model in checked.trains:
                 raise src.error(f"a second train block for model '{train.model}'", train.name_loc)
-            checked.trains[train.model] = check_train(train, src)
+            checked.trains[train.model] = check_train(train, src, checked.models.get(train.model))
         except GraphcError as err:
             errors.extend(err.diagnostics)
+    _check_searches(module, src, checked, model_names, errors)
     if errors:
         raise GraphcError(errors)
     return checked
+
+
+def _check_searches(module: ast.Module, src: SourceText, checked: CheckedFile,
+                    model_names: set[str], errors: list[Diagnostic]) -> None:
+    """A search block names a model whose train block it varies."""
+    train_blocks = {t.model for t in module.trains}
+    for search in module.searches:
+        try:
+            if search.model not in model_names:
+                raise src.error(f"search block for unknown model '{search.model}'",
+                                search.name_loc, did_you_mean(search.model, model_names))
+            if search.model not in train_blocks:
+                raise src.error(f"search block for model '{search.model}', which has no train "
+                                f"block", search.name_loc,
+                                f"a search varies the train block: add `train {search.model} "
+                                f"{{ optimizer = adam(lr=1e-3) }}`")
+            if search.model in checked.searches:
+                raise src.error(f"a second search block for model '{search.model}'",
+                                search.name_loc)
+            if search.model in checked.trains:     # else its train block's errors are reported
+                checked.searches[search.model] = check_search(search, src,
+                                                              checked.trains[search.model])
+        except GraphcError as err:
+            errors.extend(err.diagnostics)
 
 
 def _check_names(module: ast.Module, src: SourceText, errors: list[Diagnostic]) -> None:
@@ -116,6 +143,9 @@ def build_program(checked: CheckedFile, model: str | None = None, backend: str =
     values = {name: initialize(name, p.type.shape, p.type.dtype.numpy, p.init, seed)
               for name, p in ir.params.items()}
     meta = {"source": checked.path, "seed": seed, "task": task_of(ir)}
+    norms = [list(node.inputs[0].shape) for node in ir.stats.values() if node.attr["stat"] == "mean"]
+    if norms:
+        meta["batch_norm"] = norms     # the shapes it normalizes, for Program's batch-of-1 check
     if train is not None:
         meta["train"] = train_settings_json(train)
     return Program(ir.name, graphs, infos, values, backend=backend, meta=meta, state=state)
@@ -128,7 +158,7 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
     `loss_and_grads` (training mode) and, with a train block, `train_step` (forward, backward
     and the optimizer's updates in one graph)."""
     graphs = {"forward": lower(model_graph(ir, include_loss=False), options)}
-    sampling = train_mode(model_graph(ir, include_loss=False))
+    sampling = train_mode(model_graph(ir, include_loss=False), frozenset({"dropout"}))
     if sampling.nodes() != graphs["forward"].nodes() and any(
             n.op == "dropout" for n in sampling.nodes()):
         # The outputs with dropout on, for Monte Carlo dropout (Program.sample).
@@ -137,10 +167,13 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
     if ir.loss is None:
         return graphs, state
     graphs["evaluate"] = lower(model_graph(ir), options)
-    training = lower(train_mode(Graph(ir.name, (("loss", ir.loss),))), options)
+    # Batch norm's running statistics are outputs of the training graph (`stat NAME`): the
+    # train step stores them, computed from the same batch statistics the loss normalizes by.
+    stats = tuple((f"stat {name}", node) for name, node in ir.stats.items())
+    training = lower(train_mode(Graph(ir.name, (("loss", ir.loss),) + stats)), options)
     graphs["loss_and_grads"] = lower(backward_graph(training), options)
     if train is not None:
-        roles = {name: (p.type, p.role) for name, p in ir.params.items()}
+        roles = {name: (p.type, p.role) for name, p in ir.params.items() if p.role != "stat"}
         step, specs = train_step_graph(training, train.settings["optimizer"], roles,
                                        train.settings.get("clip_grad_value"),
                                        train.settings.get("clip_grad_norm"))

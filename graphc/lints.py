@@ -155,6 +155,14 @@ def _train_rules(model: ModelIR, settings: dict, train: ast.Train):
         yield (where, f"{name} with lr={lr:g}",
                f"Adam's steps are about lr in size whatever the gradient; above {ADAM_LR:g} they "
                "usually overshoot: start from 1e-3", "advice")
+    norms = [n for n in _nodes(model) if n.op == "batch_norm"]
+    if settings.get("batch") == 1 and norms:
+        where_batch = written["batch"].loc if "batch" in written else train.name_loc
+        yield (where_batch, "batch = 1 with batch norm (line "
+               + ", ".join(str(n.loc.line) for n in norms if n.loc) + ")",
+               "batch norm normalizes by each training batch's own statistics: one sample has no "
+               "variance over [N, C] features (training stops with an error) and only its own over "
+               "images; use batches of 16 or more, or layernorm()", "advice")
     weights = sum(1 for p in model.params.values() if p.role == "weight" and p.type.ndim >= 2)
     if name == "sgd" and not options.get("momentum") and weights >= DEEP_NET:
         yield (where, f"sgd without momentum on a net of {weights} weight matrices",

@@ -190,6 +190,8 @@ def train_step_graph(training: Graph, optimizer: tuple[str, dict],
     grads = clip_gradients(derive_backward(loss, nodes), clip_value, clip_norm)
     updates = build_updates(optimizer, [(n, grads[n], params[n.attr["name"]][1]) for n in nodes])
     outputs = (("loss", loss),) + tuple((f"new {k}", v) for k, v in updates.new.items())
+    outputs += tuple((f"new {name[len('stat '):]}", node) for name, node in training.outputs
+                     if name.startswith("stat "))
     return Graph(f"{training.name}.train_step", outputs, "train"), updates.state
 
 

@@ -1,17 +1,19 @@
 """The training commands of the command line: `graphc train`, `graphc eval` and `graphc predict`."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import graphc
+from graphc.cli_types import natural, positive, positive_float
 from graphc.errors import error
 
 if TYPE_CHECKING:
     import numpy as np
+
+NORMS_EVERY = 20          # graphc.runtime.norms.EVERY, without importing numpy for --help
 
 
 def add_commands(sub) -> None:
@@ -24,15 +26,19 @@ def add_commands(sub) -> None:
     p.add_argument("--model", metavar="NAME", help="which model, when the file holds several")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder of the MNIST/Fashion-MNIST files (default: $GRAPHC_DATA)")
-    p.add_argument("--epochs", type=_positive, metavar="E", help="override the train block")
-    p.add_argument("--batch", type=_positive, metavar="B", help="override the batch size")
-    p.add_argument("--lr", type=_positive_float, metavar="LR", help="override the learning rate")
-    p.add_argument("--seed", type=_natural, metavar="S",
+    p.add_argument("--epochs", type=positive, metavar="E", help="override the train block")
+    p.add_argument("--batch", type=positive, metavar="B", help="override the batch size")
+    p.add_argument("--lr", type=positive_float, metavar="LR", help="override the learning rate")
+    p.add_argument("--seed", type=natural, metavar="S",
                    help="override the seed (initialization, splits, shuffling, dropout)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/MODEL-TIME)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                                                    "checkpoint (same result as never stopping)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch lines")
+    p.add_argument("--track-norms", type=positive, nargs="?", const=NORMS_EVERY, metavar="K",
+                   help=f"every K steps (default {NORMS_EVERY}), record the L2 norm of every "
+                        f"parameter and of its gradient in RUN/norms.jsonl, for `graphc report` "
+                        f"(costs one extra forward and backward pass per record)")
     _add_backend(p)
     p.add_argument("--Werror", action="store_true", dest="werror",
                    help="treat lint warnings (and advice) about the .nn file as errors")
@@ -66,33 +72,6 @@ def _add_backend(p) -> None:
     # Checkpoints hold plain arrays, so a run trained on one backend resumes or scores on another.
     from graphc.cli import _add_backend_arg
     _add_backend_arg(p)
-
-
-def _positive(text: str) -> int:
-    value = _natural(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _natural(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -131,9 +110,16 @@ def cmd_train(args) -> int:
             "model": program.name, "source": program.meta.get("source"),
             "graphc_version": graphc.__version__, "settings": settings.to_json(),
             "data": data.describe(), "base_dir": str(Path(base_dir).resolve()),
-            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None})
+            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+            "track_norms": args.track_norms})
+    # A resumed run keeps recording norms as it was started (or from now on, with the flag).
+    every = args.track_norms or (config.get("track_norms") if args.resume else None)
+    norms = None
+    if every:
+        from graphc.runtime.norms import NORMS, NormRecorder
+        norms = NormRecorder(run.path / NORMS, every)
     trainer = Trainer(program, settings, data, run, on_epoch=None if args.quiet else _print_epoch,
-                      progress=not args.quiet)
+                      progress=not args.quiet, norms=norms)
     if args.resume:
         if not run.last.is_file():
             raise error(f"{run.path}: no checkpoint to resume from yet",

@@ -90,6 +90,13 @@ def _read(folder: Path, name: str) -> bytes:
         raise error(f"{folder / name}: cannot read: {err.strerror}") from None
 
 
+def _shapes(value) -> bool:
+    """A list of shapes whose sizes are numbers or symbol names (data, never code)."""
+    return isinstance(value, list) and all(
+        isinstance(s, list) and all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in s)
+        for s in value)
+
+
 def load_artifact(path, backend: str = "numpy"):
     """Restore a `Program` from an artifact folder. Any problem is a `GraphcError` naming the file."""
     from graphc.runtime.program import ParamInfo, Program, StateInfo
@@ -149,10 +156,11 @@ def load_artifact(path, backend: str = "numpy"):
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise error(f"{folder}: malformed artifact: {_reason(err)}") from None
     values = _load_params(folder / PARAMS_FILE, blobs[PARAMS_FILE], infos)
-    meta = {k: manifest[k] for k in ("source", "seed", "task", "train") if k in manifest}
+    meta = {k: manifest[k] for k in ("source", "seed", "task", "train", "batch_norm") if k in manifest}
     if not isinstance(meta.get("seed", 0), int) or not isinstance(meta.get("task", {}), dict) \
-            or not isinstance(meta.get("train", {}), dict):
-        raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad seed, task or train entry")
+            or not isinstance(meta.get("train", {}), dict) or not _shapes(meta.get("batch_norm", [])):
+        raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad seed, task, train or "
+                    f"batch_norm entry")
     return Program(model, graphs, infos, values, backend=backend, meta=meta, state=state)
 
 

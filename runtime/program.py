@@ -2,6 +2,7 @@
 run its graphs: `forward`, `evaluate`, `loss_and_grads` and `train_step`."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 
@@ -140,6 +141,14 @@ class Program:
         self.seed: int = int(self.meta.get("seed", 0))
         self._lr_dtype = next((n.type.dtype.numpy for n in graphs["train_step"].inputs
                                if n.attr["name"] == LR_INPUT), None) if "train_step" in graphs else None
+        self._lr_fed: tuple = (None, None)      # (self.lr, the #lr array made of it)
+        # The train step's `new X` outputs: (output, X, whether X is optimizer state).
+        self._new_values = [(name, name[4:], name[4:] in self.state_info)
+                            for name, _ in graphs["train_step"].outputs
+                            if name.startswith("new ")] if "train_step" in graphs else []
+        # The graphs with dropout read the step's random key; the others are not given one.
+        self._reads_rng = {key: any(n.attr["name"] == RNG_INPUT for n in g.inputs)
+                           for key, g in graphs.items()}
 
     def compile(self, load: bool = True) -> None:
         """Generate and load native code for every graph now (compiled backends otherwise do it
@@ -233,14 +242,22 @@ class Program:
             raise ProgramError(f"{self.name} has no training step: "
                                + ("the model has no loss" if "evaluate" not in self.graphs
                                   else f"the file has no `train {self.name} {{ ... }}` block"))
-        out = self._run("train_step", batch, rng=True,
-                        extra={LR_INPUT: np.asarray(self.lr, dtype=self._lr_dtype)})
-        for name, value in out.items():    # compiled backends update in place and return less
-            if name.startswith("new "):
-                target = name[4:]
-                store = self._state if target in self.state_info else self.params._values
-                store[target] = value
+        out = self._run("train_step", batch, rng=True, extra={LR_INPUT: self._lr_array()})
+        state, params = self._state, self.params._values
+        for name, target, is_state in self._new_values:
+            if name in out:                # compiled backends update in place and return less
+                (state if is_state else params)[target] = out[name]
         return float(out["loss"])
+
+    def _lr_array(self) -> np.ndarray:
+        """`self.lr` as the train step's #lr input: made once per value (a schedule changes it
+        now and then, every step reads it), read-only since every step shares it."""
+        lr, array = self._lr_fed
+        if lr != self.lr or array is None:
+            array = np.array(self.lr, dtype=self._lr_dtype)
+            array.flags.writeable = False
+            self._lr_fed = (self.lr, array)
+        return array
 
     def _run(self, graph: str, batch: dict, rng: bool = False, extra: dict | None = None):
         if graph not in self.graphs:
@@ -248,9 +265,23 @@ class Program:
                                f"{'d' if graph == 'evaluate' else ''}; declare `loss = ...`")
         feeds, dims = self._feeds(batch, self.train_inputs)
         if rng:
+            self._check_batch_norm(dims)
+        if rng and self._reads_rng[graph]:
             feeds[RNG_INPUT] = np.int64(rng_key(self.seed, self.step))
-        feeds.update(extra or {})
+        if extra:
+            feeds.update(extra)
         return self._executors[graph].run(feeds, self.params._values, dims, self._state)
+
+    def _check_batch_norm(self, dims: dict[str, int]) -> None:
+        """A training batch must give batch norm two values per channel: one has no variance
+        (PyTorch stops there too), and its running variance would divide by n - 1 = 0."""
+        for shape in self.meta.get("batch_norm", ()):
+            bound = bind_shape(tuple(shape), dims)
+            if math.prod(d for i, d in enumerate(bound) if i != 1) < 2:
+                raise ProgramError(
+                    f"{self.name}: batch norm needs at least 2 values per channel in a training "
+                    f"batch (it normalizes by the batch's variance); this batch gives it "
+                    f"{format_shape(bound)}: train with batches of 2 or more samples")
 
     def _feeds(self, inputs: dict, expected: dict[str, TensorType]
                ) -> tuple[dict[str, np.ndarray], dict[str, int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import error
+from graphc.runtime.augment import Augmenter, image_shape, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
 from graphc.runtime.runs import RunFolder
@@ -38,6 +39,7 @@ class TrainSettings:
     validation: float
     test: float
     scale: str
+    augment: tuple[tuple[str, dict], ...] = ()     # training batches only, in this order
 
     @property
     def lr(self) -> float:
@@ -58,7 +60,8 @@ class TrainSettings:
                            early_stop=dict(_call(early)[1]) if early else None,
                            batch=int(train["batch"]), epochs=int(train["epochs"]),
                            seed=int(train["seed"]), validation=float(train["validation"]),
-                           test=float(train["test"]), scale=str(train["scale"]))
+                           test=float(train["test"]), scale=str(train["scale"]),
+                           augment=tuple(_call(a) for a in train.get("augment") or ()))
             if settings.schedule[0] not in SCHEDULES:
                 raise ValueError(f"unknown schedule {settings.schedule[0]!r}")
         except (KeyError, TypeError, ValueError) as err:
@@ -74,7 +77,8 @@ class TrainSettings:
                 "schedule": list(self.schedule),
                 "early_stop": ["early_stop", self.early_stop] if self.early_stop else None,
                 "batch": self.batch, "epochs": self.epochs, "seed": self.seed,
-                "validation": self.validation, "test": self.test, "scale": self.scale}
+                "validation": self.validation, "test": self.test, "scale": self.scale,
+                "augment": [list(a) for a in self.augment]}
 
 
 def _call(value) -> tuple[str, dict]:
@@ -166,8 +170,10 @@ class Trainer:
     `on_epoch(row)`; with a run folder, checkpoints every epoch and writes metrics."""
 
     def __init__(self, program, settings: TrainSettings, data: Data, run: RunFolder | None = None,
-                 on_epoch: Callable[[dict], None] | None = None, progress: bool = False):
+                 on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
+                 norms=None):
         self.program, self.settings, self.data, self.run = program, settings, data, run
+        self.norms = norms           # a runtime.norms.NormRecorder (--track-norms), or None
         self.on_epoch = on_epoch or (lambda row: None)
         self.progress = progress
         self.schedule = make_schedule(settings.schedule, settings.lr)
@@ -179,6 +185,7 @@ class Trainer:
         rule = settings.early_stop or {}
         self.monitor = rule.get("on", "val_loss")
         self.patience = rule.get("patience")
+        self.augmenter = _augmenter(program, settings, data.features)
 
     def resume(self) -> None:
         """Continue from the run folder's last checkpoint."""
@@ -217,10 +224,21 @@ class Trainer:
         bar = _progress(len(order), f"epoch {epoch + 1}/{self.settings.epochs}", self.progress)
         start, seen, total = time.perf_counter(), 0, 0.0
         features, labels = self.data.features, self.data.labels
-        for i, index in enumerate(order):
+
+        def batch(i: int) -> dict[str, np.ndarray]:
+            xb = x[order[i]]
+            if self.augmenter is not None:
+                xb = self.augmenter(xb, epoch, i)
+            return {features: xb, labels: y[order[i]]}
+
+        # Augmenting runs in a background thread, one batch ahead of the compiled step.
+        feeds = prefetch(batch, len(order)) if self.augmenter else map(batch, range(len(order)))
+        for i, (index, feed) in enumerate(zip(order, feeds)):
             if self.program.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            loss = self.program.train_step(**{features: x[index], labels: y[index]})
+            if self.norms is not None:
+                self.norms.observe(self.program, feed, epoch + 1)
+            loss = self.program.train_step(**feed)
             if not math.isfinite(loss):
                 raise error(f"epoch {epoch + 1}, step {i + 1}: the loss is {loss}",
                             hint="the learning rate may be too large for this model; try a "
@@ -274,7 +292,21 @@ class Trainer:
     def checkpoint_state(self) -> dict:
         return {"loop": self.loop.to_json(), "seed": self.settings.seed,
                 "rng": {"shuffle": "numpy default_rng([seed, epoch])",
+                        "augment": "numpy default_rng([seed, epoch, batch, augmentation, tag])",
                         "dropout": "key (seed << 32 | step)", "step": self.program.step}}
+
+
+def _augmenter(program, settings: TrainSettings, features: str) -> Augmenter | None:
+    """The train block's augmentations for the features input, or None without any."""
+    if not settings.augment:
+        return None
+    t = program.train_inputs[features]
+    try:
+        if not t.dtype.is_float:
+            raise ValueError(f"augment needs a float input; {features} is {t}")
+        return Augmenter(list(settings.augment), image_shape(t.shape), settings.seed)
+    except ValueError as err:
+        raise error(f"model {program.name}: {err}") from None
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -36,14 +36,14 @@ SHIM = r"""
 #include <thread>
 #include <vector>
 using std::exp; using std::log; using std::sqrt; using std::tanh; using std::log1p; using std::pow;
-using std::fabs; using std::fmax; using std::fmin;
+using std::fabs; using std::fmax; using std::fmin; using std::erf;
 struct gc_dim3 { unsigned x = 0, y = 0, z = 0; };
 static thread_local gc_dim3 threadIdx, blockIdx;
 static gc_dim3 blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
 typedef unsigned short __half;          // f16 is not emulated
@@ -91,7 +91,7 @@ static void gc_launch(unsigned gx, unsigned gy, unsigned threads, const std::fun
 }
 """
 
-_SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\((.*?)\) \{')
+_SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\((.*?)\) \{')
 
 
 def _wrappers(text: str) -> str:

@@ -45,7 +45,7 @@ def test_every_models_kernels_compile_without_warnings(path, tmp_path):
     done = _nvcc(text, tmp_path, path.stem, "-Xptxas", "-v")
     assert done.returncode == 0 and "warning" not in done.stderr.lower(), done.stderr[-3000:]
     # Every launch names a kernel of the file, and every matrix product became a GEMM tile.
-    names = set(re.findall(r'__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', text))
+    names = set(re.findall(r'__global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\(', text))
     assert {launch.kernel for graph in launches.values() for launch in graph} == names
     _assert_gemm_tiles_do_not_spill(done.stderr)
 

@@ -117,6 +117,15 @@ def test_train_block_advice():
     assert _lints(deep, "train m { optimizer = sgd(lr=0.1, momentum=0.9)\n seed = 1 }\n") == []
 
 
+def test_batch_norm_with_batches_of_one_is_advice():
+    model = MLP.format(init="kaiming()", extra="").replace("relu(x @ W1 + b1)",
+                                                           "relu(x @ W1 + b1 -> batchnorm)")
+    found = _one(model, "train m { optimizer = adam(lr=1e-3)\n batch = 1\n seed = 1 }\n")
+    assert "m.nn:12:2: advice: batch = 1 with batch norm (line 7)" in found, found
+    assert "^" in found and "layernorm()" in found
+    assert _lints(model, "train m { optimizer = adam(lr=1e-3)\n batch = 32\n seed = 1 }\n") == []
+
+
 def test_cli_prints_lints_and_werror_makes_them_errors(tmp_path, capsys):
     f = tmp_path / "m.nn"
     f.write_text(MLP.format(init="zeros()", extra="") + "train m { optimizer = adam(lr=1e-3) }\n")

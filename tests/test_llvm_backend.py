@@ -201,9 +201,11 @@ def test_op_graph_matches_numpy(op, arrays, attrs):
     """tests/test_ops.py's primitive and composite cases (f64, fixed shapes) as one-op programs:
     the dtype and batch variations are the .nn cases' business."""
     graph = op_graph(op, arrays, attrs)
-    feeds = {f"a{i}": a for i, a in enumerate(arrays)}
-    want = _graph_program(graph, "numpy").forward(**feeds)["out"]
-    got = _graph_program(graph, "llvm").forward(**feeds)["out"]
+    ref, fast = _graph_program(graph, "numpy"), _graph_program(graph, "llvm")
+    # An operand the op ignores (batch norm's given statistics in training) is not an input.
+    feeds = {f"a{i}": a for i, a in enumerate(arrays) if f"a{i}" in ref.inputs}
+    want = ref.forward(**feeds)["out"]
+    got = fast.forward(**feeds)["out"]
     assert_close(got, want, f"{op}{attrs or ''} on {shapes_of(feeds)}")
 
 
@@ -416,7 +418,11 @@ def test_optimizer_steps_match_numpy(name, options):
     train_side_by_side(ref, fast, _problem_batches(problem, 11), optimizer_call(name, options))
 
 
-TRAINABLE = [m for m in MODELS if re.search(r"^train\s+\w+", m.read_text(), re.M)]
+# The CNNs train with Adam, whose step m / sqrt(v) has the size of lr whatever the gradient: over
+# a million weights, a few near-zero gradients flip sign between two correct float32 summation
+# orders. tests/test_conv.py compares llvm with numpy on a CNN with batch norm under SGD instead.
+TRAINABLE = [m for m in MODELS if re.search(r"^train\s+\w+", m.read_text(), re.M)
+             and "conv(" not in m.read_text()]
 
 
 @pytest.mark.parametrize("path", TRAINABLE, ids=[m.stem for m in TRAINABLE])

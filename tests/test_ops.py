@@ -2,6 +2,8 @@
 numerical stability, and the shape rules (symbolic dims, broadcasting, matmul, reshape)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from conftest import op_graph, run_op
@@ -53,6 +55,15 @@ COMPOSITE_CASES = [
     ("elu", [randn(4, 6) * 3], {"alpha": 0.7}),
     ("softplus", [randn(4, 6) * 30], {"beta": 2.0}),     # far tails: no overflow
     ("swish", [randn(4, 6) * 5], {}),
+    ("gelu", [randn(4, 6) * 3], {}),
+    ("gelu", [randn(4, 6) * 3], {"approximate": "tanh"}),
+    ("conv2d", [randn(2, 3, 7, 6), randn(4, 3, 3, 2), randn(4)], {"stride": 2, "padding": 1}),
+    ("max_pool2d", [randn(2, 3, 7, 6)], {"kernel": 3, "stride": 2, "padding": 1}),
+    ("avg_pool2d", [randn(2, 3, 7, 6)], {"kernel": 2}),
+    ("batch_norm", [randn(5, 3), randn(3), randn(3), randn(3), np.abs(randn(3))], {}),
+    ("batch_norm", [randn(4, 3, 2, 5), randn(3), randn(3), randn(3), np.abs(randn(3))], {"train": True}),
+    ("running_stat", [randn(5, 3), randn(3)], {"stat": "var", "momentum": 0.3}),
+    ("running_stat", [randn(4, 3, 2, 5), randn(3)], {}),
     ("layer_norm", [randn(4, 6) * 3 + 1, randn(6), randn(6)], {"eps": 1e-5}),
     ("embedding", [np.array([[3, 0, 3], [4, 4, 1]]), randn(5, 3)], {}),
     ("prelu", [randn(4, 6), np.abs(randn(6))], {}),
@@ -140,6 +151,7 @@ PRIMITIVE_CASES = [
     ("sqrt", [np.abs(randn(3))], {}, np.sqrt),
     ("abs", [randn(3)], {}, np.abs),
     ("tanh", [randn(3)], {}, np.tanh),
+    ("erf", [randn(5) * 2], {}, np.vectorize(math.erf)),
     ("relu", [randn(3, 3)], {}, lambda x: np.maximum(x, 0)),
     ("sigmoid", [randn(7)], {}, lambda x: 1 / (1 + np.exp(-x))),
     ("matmul", [randn(4, 5), randn(5, 2)], {}, np.matmul),
@@ -319,3 +331,17 @@ def test_uniform_under_seed_zero_has_no_fixed_element():
     from graphc.runtime.program import rng_key
     firsts = [_draw(rng_key(0, step), (4,), stream)[0] for step in range(20) for stream in range(3)]
     assert min(firsts) > 0.0 and len(set(firsts)) == len(firsts)
+
+
+def test_gelu_and_erf_gradients_match_finite_differences():
+    from graphc.compiler import check_source
+    from graphc.gradcheck import check_gradients
+    source = """model m {
+        input x: f32[N, 5]
+        input y: i64[N]
+        h = x -> linear(7) -> gelu -> linear(6) -> gelu(approximate="tanh") -> linear(3)
+        output h
+        loss = cross_entropy(h, y) + mean(erf(h))
+    }"""
+    _, results = check_gradients(check_source(source))
+    assert all(r.ok for r in results), [r for r in results if not r.ok]

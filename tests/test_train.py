@@ -897,9 +897,11 @@ def test_every_model_trains_two_epochs(model, request):
     p = graphc.compile_file(model)
     settings = replace(TrainSettings.of(p), epochs=2)
     if settings.data[0] in ("mnist", "fashion_mnist"):
-        # MNIST is slow in full: two epochs of 2,000 samples (batches as in the train block)
+        # MNIST is slow in full: two epochs of 2,000 samples (batches as in the train block),
+        # shaped as the model takes them (images for the CNNs)
         _, full = request.getfixturevalue("mnist_data")
-        subset = {k: (x[:2000], y[:2000]) for k, (x, y) in full.splits.items()}
+        shape = tuple(p.train_inputs[full.features].shape[1:])
+        subset = {k: (x[:2000].reshape((-1,) + shape), y[:2000]) for k, (x, y) in full.splits.items()}
         data = Data(subset, full.scaler, full.features, full.labels, full.source)
     else:
         data = prepare_data(p, settings, base_dir=model.parent)

@@ -146,6 +146,15 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Search:
+    """A `search MODEL { ... }` block: the hyperparameter space and how to search it."""
+    model: str
+    settings: tuple[Setting, ...]
+    loc: SourceLoc
+    name_loc: SourceLoc
+
+
+@dataclass(frozen=True)
 class Def:
     name: str
     params: tuple[str, ...]
@@ -159,4 +168,5 @@ class Module:
     path: str
     models: list[Model] = field(default_factory=list)
     trains: list[Train] = field(default_factory=list)
+    searches: list[Search] = field(default_factory=list)
     defs: list[Def] = field(default_factory=list)

@@ -4,7 +4,7 @@ naming them after where they are used, inferring parameter roles, and collecting
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
@@ -54,6 +54,9 @@ class ModelIR:
     params: dict[str, ParamSpec]
     inputs: dict[str, Node]
     loc: SourceLoc
+    # Parameters a training step sets rather than the optimizer (batch norm's running
+    # statistics, role "stat"): each one's new value, computed from the training batch.
+    stats: dict[str, Node] = field(default_factory=dict)
 
 
 class ModelBuilder:
@@ -67,6 +70,7 @@ class ModelBuilder:
         self.inputs: dict[str, Node] = {}
         self.outputs: dict[str, Node] = {}
         self.loss: Node | None = None
+        self.stats: dict[str, Node] = {}
         self.errors: list[Diagnostic] = []
         self.frames: list[Scope] = []
         self.scope_uses: dict[str, int] = {}
@@ -90,7 +94,7 @@ class ModelBuilder:
         if self.errors:
             raise GraphcError(self.errors)
         return ModelIR(self.model.name, self.outputs, self.loss, self.params, self.inputs,
-                       self.model.loc)
+                       self.model.loc, self.stats)
 
     def poison(self, stmt) -> None:
         if isinstance(stmt, (ast.Binding, ast.InputDecl, ast.ParamDecl)):
@@ -437,9 +441,10 @@ class ModelBuilder:
                              expr.loc)
         return value
 
-    def apply_op(self, op: str, operands: list, attrs: dict, expr: ast.Expr) -> Tensor:
+    def apply_op(self, op: str, operands: list, attrs: dict, expr: ast.Expr,
+                 attr_locs: dict[str, SourceLoc] | None = None) -> Tensor:
         pairs = [(o.node, o.label) if isinstance(o, Tensor) else o for o in operands]
-        return self.make(op, pairs, attrs, expr)
+        return self.make(op, pairs, attrs, expr, attr_locs)
 
     def make(self, op: str, pairs: list[tuple[Node, str]], attrs: dict, expr: ast.Expr,
              attr_locs: dict[str, SourceLoc] | None = None) -> Tensor:

@@ -185,6 +185,39 @@ def _layernorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
     return b.apply_op("layer_norm", [x, gamma, beta], attrs, call)
 
 
+def _batchnorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    """PyTorch's BatchNorm1d ([N, C]) and BatchNorm2d ([N, C, H, W]): a learned scale (ones, role
+    other) and shift (zeros, role bias), and running estimates of each channel's mean and
+    variance (role stat) that training steps update and evaluation uses."""
+    if len(args) != 1:
+        raise ArgError(f"batchnorm takes the input only (and eps=, momentum=), got {len(args)} "
+                       f"arguments", call.loc)
+    x = b.tensor_arg("batchnorm", args[0], call.args[0])
+    options = _options("batchnorm", call, kwargs, {"eps": Attr("float"), "momentum": Attr("float")})
+    shape = x.node.type.shape
+    if x.node.type.ndim not in (2, 4) or any(isinstance(d, str) for d in shape[1:]) \
+            or not x.node.type.dtype.is_float:
+        raise ArgError(f"batchnorm: needs floating-point features [N, C] or images [N, C, H, W] "
+                       f"with known sizes past the batch axis: {x.label} is {x.node.type}", call.loc)
+    if "eps" in options and options["eps"] <= 0:
+        raise ArgError(f"batchnorm: eps must be positive, got {options['eps']}",
+                       call.kwarg_loc("eps", value=True))
+    dtype, c = x.node.type.dtype, shape[1]
+    prefix = b.layer_prefix("batchnorm")
+    vec = TensorType(dtype, (c,))
+    gamma = b.new_param(f"{prefix}.gamma", vec, ("ones", ()), "other", call.loc)
+    beta = b.new_param(f"{prefix}.beta", vec, ("zeros", ()), "bias", call.loc)
+    mean = b.new_param(f"{prefix}.running_mean", vec, ("zeros", ()), "stat", call.loc)
+    var = b.new_param(f"{prefix}.running_var", vec, ("ones", ()), "stat", call.loc)
+    locs = _option_locs(call, {})
+    momentum = {k: options[k] for k in ("momentum",) if k in options}
+    for stat, running in (("mean", mean), ("var", var)):
+        b.stats[running.label] = b.apply_op("running_stat", [x, running], {"stat": stat, **momentum},
+                                            call, locs).node
+    return b.apply_op("batch_norm", [x, gamma, beta, mean, var],
+                      {k: options[k] for k in ("eps",) if k in options}, call, locs)
+
+
 def _embedding_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     """PyTorch's Embedding: a table E: [vocab, dim] drawn from N(0, 1), rows picked by x."""
     if len(args) != 3 or kwargs:
@@ -206,9 +239,77 @@ def _embedding_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
     return b.apply_op("embedding", [x, table], {}, call)
 
 
+def _options(fn: str, call: ast.Call, kwargs: dict, specs: dict[str, Attr]) -> dict:
+    """A layer's keyword options, converted as the op table would; unknown ones named."""
+    for name in kwargs:
+        if name not in specs:
+            raise ArgError(f"{fn} has no option '{name}'", call.kwarg_loc(name),
+                           did_you_mean(name, list(specs)) or f"{fn} takes {', '.join(specs)}")
+    return {name: convert_attr(fn, name, specs[name], value, call.kwarg_loc(name, value=True))
+            for name, value in kwargs.items()}
+
+
+def _conv_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    """PyTorch's Conv2d: weights [out, in, k, k] drawn by Kaiming (fan_in = in * k * k), zero bias."""
+    if len(args) != 3 or not isinstance(args[1], Scalar) or not isinstance(args[2], Scalar | ListValue):
+        raise ArgError("conv takes the images, the number of output channels and the kernel size: "
+                       "x -> conv(32, 3)", call.loc)
+    x = b.tensor_arg("conv", args[0], call.args[0])
+    out = convert_attr("conv", "out_channels", Attr("int"), args[1], call.args[1].loc)
+    if out < 1:
+        raise ArgError(f"conv: out_channels must be at least 1, got {out}", call.args[1].loc)
+    kernel = convert_attr("conv", "kernel", Attr("axes"), args[2], call.args[2].loc)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else (tuple(kernel) + (0, 0))[:2]
+    if (isinstance(kernel, tuple) and len(kernel) != 2) or kh < 1 or kw < 1:
+        raise ArgError(f"conv: kernel must be a positive size or a pair [kh, kw], got "
+                       f"{kernel if isinstance(kernel, int) else list(kernel)}", call.args[2].loc)
+    options = _options("conv", call, kwargs, {"stride": Attr("axes"), "padding": Attr("axes"),
+                                              "dilation": Attr("axes"), "bias": Attr("bool")})
+    bias = options.pop("bias", True)
+    shape = x.node.type.shape
+    if x.node.type.ndim != 4 or any(isinstance(d, str) for d in shape[1:]) \
+            or not x.node.type.dtype.is_float:
+        raise ArgError(f"conv: needs floating-point images [N, C, H, W] with known C, H and W: "
+                       f"{x.label} is {x.node.type}", call.loc)
+    dtype = x.node.type.dtype
+    prefix = b.layer_prefix("conv")
+    w = b.new_param(f"{prefix}.W", TensorType(dtype, (out, shape[1], kh, kw)),
+                    ("kaiming", (("fan_in", None),)), "weight", call.loc)
+    operands = [x, w]
+    if bias:
+        operands.append(b.new_param(f"{prefix}.b", TensorType(dtype, (out,)), ("zeros", ()), "bias",
+                                    call.loc))
+    return b.apply_op("conv2d", operands, options, call, _option_locs(call, {"kernel": 2}))
+
+
+def _pool_layer(op: str):
+    def build(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+        fn = call.func
+        if len(args) != 2 or not isinstance(args[1], Scalar | ListValue):
+            raise ArgError(f"{fn} takes the images and the kernel size: x -> {fn}(2)", call.loc)
+        x = b.tensor_arg(fn, args[0], call.args[0])
+        attrs = {"kernel": convert_attr(fn, "kernel", Attr("axes"), args[1], call.args[1].loc)}
+        attrs |= _options(fn, call, kwargs, {"stride": Attr("axes"), "padding": Attr("axes")})
+        return b.apply_op(op, [x], attrs, call, _option_locs(call, {"kernel": 1}))
+    return build
+
+
+def _option_locs(call: ast.Call, positional: dict[str, int]) -> dict:
+    """Where each option of a layer is written, so an op's complaint about one points at it."""
+    locs = {name: call.args[i].loc for name, i in positional.items() if i < len(call.args)}
+    return locs | {k.name: k.value.loc for k in call.kwargs}
+
+
 LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)"),
           "embedding": Layer("embedding", _embedding_layer, "embedding(x, vocab, dim)"),
-          "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5)")}
+          "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5)"),
+          "batchnorm": Layer("batchnorm", _batchnorm_layer, "batchnorm(x, eps=1e-5, momentum=0.1)"),
+          "conv": Layer("conv", _conv_layer,
+                        "conv(x, out_channels, kernel, stride=1, padding=0, dilation=1, bias=true)"),
+          "max_pool": Layer("max_pool", _pool_layer("max_pool2d"),
+                            "max_pool(x, kernel, stride=kernel, padding=0)"),
+          "avg_pool": Layer("avg_pool", _pool_layer("avg_pool2d"),
+                            "avg_pool(x, kernel, stride=kernel, padding=0)")}
 
 
 def is_layer_call(call: ast.Call, is_tensor: Callable[[str], bool]) -> bool:

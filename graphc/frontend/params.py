@@ -80,13 +80,13 @@ def infer_roles(b: ModelBuilder, final: bool = True) -> dict[str, str]:
     roots += [v.node for v in b.env.values() if isinstance(v, Tensor)]
     found: dict[str, str] = {}
     for node in topo_order(roots):
-        if node.op in ("matmul", "linear"):
+        if node.op in ("matmul", "linear", "conv2d"):
             for inp in node.inputs[:2]:
                 p = _param_under(inp)
                 if p is not None:
                     found[p.attr["name"]] = "weight"
-        if node.op in ("add", "sub") or (node.op == "linear" and len(node.inputs) == 3):
-            for inp in (node.inputs if node.op != "linear" else node.inputs[2:]):
+        if node.op in ("add", "sub") or (node.op in ("linear", "conv2d") and len(node.inputs) == 3):
+            for inp in (node.inputs if node.op in ("add", "sub") else node.inputs[2:]):
                 p = _param_under(inp)
                 if p is not None:
                     found.setdefault(p.attr["name"], "bias")

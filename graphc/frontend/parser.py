@@ -82,7 +82,7 @@ def _token_text(tok) -> str:
     return f"'{tok}'"
 
 
-_KEYWORDS = ("model", "train", "def", "input", "param", "output")
+_KEYWORDS = ("model", "train", "search", "def", "input", "param", "output")
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
+from graphc.ir.node import topo_order
+from graphc.runtime.augment import fit_problem, image_shape
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,14 @@ DATASETS = {"digits": {}, "mnist": {}, "fashion_mnist": {},
 EARLY_STOP = {"early_stop": {"patience": Opt("int", required=True, low=1),
                              "on": Opt("choice", "val_loss", choices=("val_loss", "val_accuracy"))}}
 SCALINGS = ("none", "unit", "standardize")
+# Augmentations of training images (runtime/augment.py implements them, in the same order).
+AUGMENTATIONS = {"shift": {"pixels": Opt("int", required=True, low=0)},
+                 "rotate": {"degrees": Opt("float", required=True, low=0, high=180)},
+                 "flip": {"direction": Opt("choice", required=True,
+                                           choices=("horizontal", "vertical")),
+                          "p": _frac(0.5, open_high=False)},
+                 "noise": {"std": Opt("float", required=True, low=0)},
+                 "crop": {"size": Opt("int", required=True, low=1), "pad": Opt("int", 0, low=0)}}
 
 # setting -> (what it is, how it is checked); for calls, what one of them is called
 SETTINGS = {
@@ -76,6 +86,8 @@ SETTINGS = {
     # clip_grad_norm_); off unless set.
     "clip_grad_value": ("the gradient clipping value", Opt("float", None, low=0, low_open=True)),
     "clip_grad_norm": ("the gradients' largest global norm", Opt("float", None, low=0, low_open=True)),
+    # Random changes to each training batch's images; a list of calls, applied in order.
+    "augment": ("augmentation", AUGMENTATIONS),
 }
 
 
@@ -191,7 +203,70 @@ def _check_optimizer(checker: _Checker, name: str, options: dict, expr: ast.Expr
                      "for example sgd(lr=0.01, momentum=0.9, nesterov=true)")
 
 
-def check_train(train: ast.Train, src: SourceText) -> TrainConfig:
+def _check_augment(checker: _Checker, expr: ast.Expr) -> list[tuple[str, dict]]:
+    """`augment = [shift(2), flip(horizontal), ...]` (or one call alone): each call checked, each
+    mistake reported."""
+    items = expr.items if isinstance(expr, ast.ListExpr) else (expr,)
+    checked = []
+    for item in items:
+        try:
+            checked.append(_check_augmentation(checker, item))
+        except GraphcError as err:
+            checker.errors.extend(err.diagnostics)
+    return checked
+
+
+def _check_augmentation(checker: _Checker, item: ast.Expr) -> tuple[str, dict]:
+    if not isinstance(item, (ast.Call, ast.Var)):
+        checker.fail("augment must be a list of augmentations", item.loc,
+                     "for example augment = [shift(2), rotate(10), noise(0.1)]")
+    name = item.func if isinstance(item, ast.Call) else item.name
+    if name not in AUGMENTATIONS:
+        guess = did_you_mean(name, AUGMENTATIONS)
+        known = f"augmentations: {', '.join(AUGMENTATIONS)}"
+        checker.fail(f"unknown augmentation '{name}'",
+                     item.func_loc if isinstance(item, ast.Call) else item.loc,
+                     f"{guess} ({known})" if guess else known)
+    return checker.call("augment", "augmentation", AUGMENTATIONS, item)
+
+
+def _check_augment_fits(checker: _Checker, expr: ast.Expr, augment: list, model) -> None:
+    """The augmentations against the model's features input: images of a known size, in floats."""
+    seen = {n.attr["name"] for out in model.outputs.values() for n in topo_order([out])
+            if n.op == "input"}
+    features = [name for name in model.inputs if name in seen]
+    if len(features) != 1:
+        return          # not trainable by graphc train, which says so itself
+    t = model.inputs[features[0]].type
+    if not t.dtype.is_float:
+        checker.fail(f"augment needs a float features input; {features[0]} is {t}", expr.loc)
+    try:
+        image = image_shape(t.shape)
+    except ValueError as err:
+        checker.fail(f"{err}; {features[0]} is {t}", expr.loc)
+    items = expr.items if isinstance(expr, ast.ListExpr) else (expr,)
+    for item, (name, options) in zip(items, augment):
+        problem = fit_problem(name, options, image)
+        if problem:
+            option, why = problem
+            at = _option_loc(item, list(AUGMENTATIONS[name]).index(option), option)
+            checker.errors.append(checker.src.diagnostic(
+                why, at, f"{features[0]} holds {image[0]} x {image[1]} x {image[2]} images "
+                         f"(channels x height x width)"))
+
+
+def _option_loc(call: ast.Expr, position: int, name: str):
+    """Where option `name` (the `position`-th positional) of a call is written, else the call."""
+    if isinstance(call, ast.Call):
+        if position < len(call.args):
+            return call.args[position].loc
+        return call.kwarg_loc(name, value=True) or call.loc
+    return call.loc
+
+
+def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
+    """The train block checked and resolved. With `model` (its checked ModelIR), settings that
+    depend on the model (augment's image sizes) are checked against it too."""
     checker = _Checker(src)
     config = TrainConfig(train.model)
     seen: dict[str, int] = {}
@@ -205,7 +280,12 @@ def check_train(train: ast.Train, src: SourceText) -> TrainConfig:
                 checker.fail(f"'{s.name}' is set twice (first at line {seen[s.name]})", s.loc)
             seen[s.name] = s.loc.line
             what, rule = SETTINGS[s.name]
-            if isinstance(rule, Opt):
+            if s.name == "augment":
+                errors = len(checker.errors)
+                config.settings[s.name] = _check_augment(checker, s.value)
+                if model is not None and config.settings[s.name] and len(checker.errors) == errors:
+                    _check_augment_fits(checker, s.value, config.settings[s.name], model)
+            elif isinstance(rule, Opt):
                 config.settings[s.name] = checker.scalar(s.name, rule, s.value)
             else:
                 config.settings[s.name] = checker.call(s.name, what, rule, s.value)
@@ -224,4 +304,5 @@ def check_train(train: ast.Train, src: SourceText) -> TrainConfig:
             config.settings[key] = rule.default
     config.settings.setdefault("data", ("digits", {}))
     config.settings.setdefault("schedule", ("constant", {}))
+    config.settings.setdefault("augment", [])
     return config

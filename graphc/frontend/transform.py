@@ -33,10 +33,12 @@ class ToAst:
         for item in tree.children:
             if item.data == "model":
                 mod.models.append(self.model(item))
-            elif item.data == "train":
+            elif item.data in ("train", "search"):
                 name, *settings = item.children
-                mod.trains.append(ast.Train(str(name), tuple(self.setting(s) for s in settings),
-                                            self.loc(item), self.loc(name)))
+                block = ast.Train if item.data == "train" else ast.Search
+                blocks = mod.trains if item.data == "train" else mod.searches
+                blocks.append(block(str(name), tuple(self.setting(s) for s in settings),
+                                    self.loc(item), self.loc(name)))
             else:
                 name, *rest = item.children
                 params = [p for p in rest[:-1] if p is not None]

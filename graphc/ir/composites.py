@@ -4,6 +4,7 @@ the decompositions to; fused kernels recover the speed of the decomposed forms.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,8 +13,9 @@ from graphc.errors import SourceLoc
 from graphc.ir import ops as op_table
 from graphc.ir.node import Node
 from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
+from graphc.ir.primitives import sliding_windows, window_out
 from graphc.ir.shapes import broadcast, float_dtype, matmul_shape, normalize_axis, same_dtype
-from graphc.ir.types import DType, TensorType
+from graphc.ir.types import DType, TensorType, dim_factors, product_dim
 
 
 class Emit:
@@ -124,9 +126,201 @@ composite("softplus", 1, *_same_float("softplus"),
           lambda x, beta: np.logaddexp(0, beta * x) / beta, _softplus_decompose,
           {"beta": Attr("float", 1.0)}, "log(1 + exp(beta * x)) / beta, a smooth relu")
 
+def _gelu_np(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2)).astype(x.dtype))
+
+
+def _gelu_decompose(emit, inputs, attrs):
+    x = inputs[0]
+    c = lambda v: emit.const(v, x.dtype)                    # noqa: E731
+    if attrs["approximate"] == "tanh":
+        inner = emit("mul", c(math.sqrt(2 / math.pi)),
+                     emit("add", x, emit("mul", c(0.044715), emit("mul", x, emit("mul", x, x)))))
+        cdf = emit("add", c(1.0), emit("tanh", inner))
+    else:
+        cdf = emit("add", c(1.0), emit("erf", emit("mul", x, c(1 / math.sqrt(2)))))
+    return emit("mul", emit("mul", c(0.5), x), cdf)
+
+
+def _gelu_shape(ops, attrs):
+    if attrs["approximate"] not in ("none", "tanh"):
+        raise TypeError_(f"gelu: approximate must be \"none\" or \"tanh\", got "
+                         f"\"{attrs['approximate']}\"", attr="approximate")
+    return ops[0].type.shape
+
+
+composite("gelu", 1, lambda ops, a: float_dtype("gelu", ops), _gelu_shape, _gelu_np, _gelu_decompose,
+          {"approximate": Attr("str", "none")},
+          "x * P(X <= x) for X ~ N(0, 1), with erf (PyTorch's default) or approximate=\"tanh\"")
+
+
 composite("swish", 1, *_same_float("swish"), lambda x: x / (1 + np.exp(-x)),
           lambda emit, inputs, attrs: emit("mul", inputs[0], emit("sigmoid", inputs[0])), {},
           "x * sigmoid(x) (SiLU)")
+
+
+# --- convolution and pooling (PyTorch's argument names and NCHW layout) ---------------------------
+
+def _pair(name: str, attrs: dict, key: str, least: int) -> tuple[int, int]:
+    """An int or a pair [h, w] of an option, checked."""
+    v = attrs[key]
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or any(not isinstance(i, int) or i < least for i in pair):
+        raise TypeError_(f"{name}: {key} must be an integer >= {least} or a pair [h, w] of them, "
+                         f"got {v if isinstance(v, int) else list(v)}", attr=key)
+    return pair
+
+
+def _image(name: str, x: Operand) -> tuple:
+    if x.type.ndim != 4 or any(isinstance(d, str) for d in x.type.shape[1:]):
+        raise TypeError_(f"{name}: needs images [N, C, H, W] with known C, H and W: {x}")
+    if not x.type.dtype.is_float:
+        raise TypeError_(f"{name}: needs floating-point images: {x}")
+    return x.type.shape
+
+
+def _out_size(name: str, x: Operand, size, kernel, stride, padding, dilation) -> tuple[int, int]:
+    out = tuple(window_out(n + 2 * p, k, s, d)
+                for n, k, s, p, d in zip(size, kernel, stride, padding, dilation))
+    if min(out) < 1:
+        raise TypeError_(f"{name}: a {kernel[0]}x{kernel[1]} window (padding {list(padding)}, "
+                         f"dilation {list(dilation)}) does not fit in the {size[0]}x{size[1]} "
+                         f"images of {x.described()}", attr="kernel")
+    return out
+
+
+def _conv_options(attrs) -> tuple:
+    return tuple(_pair("conv2d", attrs, k, least) for k, least in
+                 (("stride", 1), ("padding", 0), ("dilation", 1)))
+
+
+def _conv2d_shape(ops, attrs):
+    x, w = ops[0], ops[1]
+    n, c, h, wd = _image("conv2d", x)
+    stride, padding, dilation = _conv_options(attrs)
+    groups = attrs["groups"]
+    if w.type.ndim != 4 or any(isinstance(d, str) for d in w.type.shape):
+        raise TypeError_(f"conv2d: the weight must be [out_channels, in_channels / groups, kh, kw]: {w}")
+    o, cg, kh, kw = w.type.shape
+    if groups < 1 or c % groups or o % groups:
+        raise TypeError_(f"conv2d: groups={groups} must divide the {c} input channels of {x} "
+                         f"and the {o} output channels of {w}", attr="groups")
+    if cg != c // groups:
+        raise TypeError_(f"conv2d: {w} expects {cg * groups} input channels, {x} has {c}"
+                         + (f" (groups={groups})" if groups > 1 else ""))
+    if len(ops) == 3 and ops[2].type.shape != (o,):
+        raise TypeError_(f"conv2d: the bias must be [{o}], one per output channel: {ops[2]}")
+    oh, ow = _out_size("conv2d", x, (h, wd), (kh, kw), stride, padding, dilation)
+    return (n, o, oh, ow)
+
+
+def _conv2d_np(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    stride, padding, dilation = _conv_options(
+        {"stride": stride, "padding": padding, "dilation": dilation})
+    (ph, pw), (o, cg, kh, kw) = padding, w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    og = o // groups
+    out = np.concatenate([
+        np.einsum("ncyxij,ocij->noyx",
+                  sliding_windows(xp[:, g * cg:(g + 1) * cg], (kh, kw), stride, dilation),
+                  w[g * og:(g + 1) * og])
+        for g in range(groups)], axis=1)
+    return out if b is None else out + b[:, None, None]
+
+
+def _conv2d_decompose(emit, inputs, attrs):
+    # im2col, transposed: the windows of every output pixel as columns [C*kh*kw, N*OH*OW] (the
+    # batch and pixel axes flattened together so one BLAS GEMM per group does it; the image's
+    # rows stay the innermost, contiguous axis of the copy), then W [O, C*kh*kw] @ columns.
+    x, w = inputs[0], inputs[1]
+    stride, padding, dilation = _conv_options(attrs)
+    groups = attrs["groups"]
+    n = x.shape[0]
+    o, cg, kh, kw = w.shape
+    if padding != (0, 0):
+        x = emit("pad", x, low=(0, 0) + padding, high=(0, 0) + padding, value=0.0)
+    windows = emit("window", x, kernel=(kh, kw), stride=stride, dilation=dilation)
+    oh, ow = windows.shape[2:4]
+    rows = product_dim(*_times(n, oh * ow))
+    og = o // groups
+    outs = []
+    for g in range(groups):
+        part = windows if groups == 1 else emit("slice", windows, axis=1, start=g * cg, stop=(g + 1) * cg)
+        cols = emit("reshape", emit("transpose", part, axes=(1, 4, 5, 0, 2, 3)), shape=(cg * kh * kw, rows))
+        wg = w if groups == 1 else emit("slice", w, axis=0, start=g * og, stop=(g + 1) * og)
+        outs.append(emit("matmul", emit("reshape", wg, shape=(og, cg * kh * kw)), cols))
+    y = outs[0] if groups == 1 else emit("concat", *outs, axis=0)
+    y = emit("transpose", emit("reshape", y, shape=(o, n, oh, ow)), axes=(1, 0, 2, 3))
+    if len(inputs) == 3:
+        y = emit("add", y, emit("reshape", inputs[2], shape=(o, 1, 1)))
+    return y
+
+
+def _times(d, k: int) -> tuple[int, tuple[str, ...]]:
+    coef, syms = dim_factors(d)
+    return coef * k, syms
+
+
+composite("conv2d", (2, 3), lambda ops, a: same_dtype("conv2d", ops), _conv2d_shape,
+          _conv2d_np, _conv2d_decompose,
+          {"stride": Attr("axes", 1), "padding": Attr("axes", 0), "dilation": Attr("axes", 1),
+           "groups": Attr("int", 1)},
+          "2-D convolution of images [N, C, H, W] with weights [O, C / groups, kh, kw] (+ bias [O])")
+
+
+def _pool_options(name: str, attrs) -> tuple:
+    kernel = _pair(name, attrs, "kernel", 1)
+    stride = kernel if attrs["stride"] is None else _pair(name, attrs, "stride", 1)
+    padding = _pair(name, attrs, "padding", 0)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise TypeError_(f"{name}: padding {list(padding)} must be at most half the kernel "
+                         f"{list(kernel)}", attr="padding")
+    return kernel, stride, padding
+
+
+def _pool_shape(name):
+    def rule(ops, attrs):
+        x = ops[0]
+        n, c, h, w = _image(name, x)
+        kernel, stride, padding = _pool_options(name, attrs)
+        return (n, c) + _out_size(name, x, (h, w), kernel, stride, padding, (1, 1))
+    return rule
+
+
+def _pool_windows_np(name, x, attrs, fill):
+    kernel, stride, (ph, pw) = _pool_options(name, attrs)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    return sliding_windows(xp, kernel, stride, (1, 1))
+
+
+def _pool_decompose(name, reduce, fill):
+    def decompose(emit, inputs, attrs):
+        x = inputs[0]
+        kernel, stride, padding = _pool_options(name, attrs)
+        if padding != (0, 0):
+            x = emit("pad", x, low=(0, 0) + padding, high=(0, 0) + padding, value=fill)
+        windows = emit("window", x, kernel=kernel, stride=stride, dilation=(1, 1))
+        return emit(reduce, windows, axis=(4, 5))
+    return decompose
+
+
+_POOL_ATTRS = {"kernel": Attr("axes", required=True), "stride": Attr("axes", None),
+               "padding": Attr("axes", 0)}
+
+composite("max_pool2d", 1, lambda ops, a: ops[0].type.dtype, _pool_shape("max_pool2d"),
+          lambda x, kernel, stride=None, padding=0: _pool_windows_np(
+              "max_pool2d", x, {"kernel": kernel, "stride": stride, "padding": padding},
+              -np.inf).max(axis=(4, 5)),
+          _pool_decompose("max_pool2d", "max", float("-inf")), _POOL_ATTRS,
+          "the largest value of each kernel window of images [N, C, H, W] (stride = kernel)")
+composite("avg_pool2d", 1, lambda ops, a: ops[0].type.dtype, _pool_shape("avg_pool2d"),
+          lambda x, kernel, stride=None, padding=0: _pool_windows_np(
+              "avg_pool2d", x, {"kernel": kernel, "stride": stride, "padding": padding},
+              0.0).mean(axis=(4, 5)),
+          _pool_decompose("avg_pool2d", "mean", 0.0), _POOL_ATTRS,
+          "the mean of each kernel window of images [N, C, H, W], padding counted (stride = kernel)")
 
 
 def _layer_norm_shape(ops, attrs):
@@ -157,6 +351,115 @@ def _layer_norm_decompose(emit, inputs, attrs):
 composite("layer_norm", 3, lambda ops, a: same_dtype("layer_norm", ops), _layer_norm_shape,
           _layer_norm_np, _layer_norm_decompose, {"eps": Attr("float", 1e-5)},
           "each row normalized over the last axis (mean 0, variance 1), then * gamma + beta")
+
+
+# --- batch norm (PyTorch's BatchNorm1d / BatchNorm2d) ------------------------------------------------
+
+def _channel_axes(name: str, x: Operand) -> tuple[int, ...]:
+    """The axes batch statistics run over: all but the channel axis 1 of [N, C] or [N, C, H, W]."""
+    if x.type.ndim not in (2, 4) or any(isinstance(d, str) for d in x.type.shape[1:]):
+        raise TypeError_(f"{name}: needs [N, C] features or [N, C, H, W] images with known sizes "
+                         f"past the batch axis: {x}")
+    if not x.type.dtype.is_float:
+        raise TypeError_(f"{name}: needs floating-point values: {x}")
+    return (0,) if x.type.ndim == 2 else (0, 2, 3)
+
+
+def _per_channel(name: str, x: Operand, ops) -> None:
+    c = x.type.shape[1]
+    for p in ops:
+        if p.type.shape != (c,):
+            raise TypeError_(f"{name}: {p} must be [{c}], one value per channel of {x}")
+
+
+def _batch_norm_shape(ops, attrs):
+    _channel_axes("batch_norm", ops[0])
+    _per_channel("batch_norm", ops[0], ops[1:])
+    return ops[0].type.shape
+
+
+def _channels_np(v, ndim):
+    return v if ndim == 2 else v[:, None, None]
+
+
+def _batch_norm_np(x, gamma, beta, mean, var, eps=1e-5, train=False):
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    if train:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)       # biased, as PyTorch normalizes
+    eps = x.dtype.type(eps)
+    c = lambda v: _channels_np(v, x.ndim)                     # noqa: E731
+    return (x - c(mean)) / np.sqrt(c(var) + eps) * c(gamma) + c(beta)
+
+
+def _channels(emit, v: Node, ndim: int) -> Node:
+    return v if ndim == 2 else emit("reshape", v, shape=(v.shape[0], 1, 1))
+
+
+def _batch_moments(emit, x: Node) -> tuple[Node, Node, tuple[int, ...]]:
+    """x minus its batch mean, and the biased batch variance (both keeping the reduced axes).
+    batch_norm and running_stat build them alike, so CSE computes them once per step."""
+    axes = (0,) if x.type.ndim == 2 else (0, 2, 3)
+    centered = emit("sub", x, emit("mean", x, axis=axes, keepdims=True))
+    return centered, emit("mean", emit("mul", centered, centered), axis=axes, keepdims=True), axes
+
+
+def _batch_norm_decompose(emit, inputs, attrs):
+    x, gamma, beta, mean, var = inputs
+    eps = emit.const(attrs["eps"], x.dtype)
+    if attrs["train"]:
+        centered, var, _ = _batch_moments(emit, x)
+    else:
+        centered, var = emit("sub", x, _channels(emit, mean, x.type.ndim)), _channels(emit, var, x.type.ndim)
+    scaled = emit("div", centered, emit("sqrt", emit("add", var, eps)))
+    return emit("add", emit("mul", scaled, _channels(emit, gamma, x.type.ndim)),
+                _channels(emit, beta, x.type.ndim))
+
+
+composite("batch_norm", 5, lambda ops, a: same_dtype("batch_norm", ops), _batch_norm_shape,
+          _batch_norm_np, _batch_norm_decompose,
+          {"eps": Attr("float", 1e-5), "train": Attr("bool", False)},
+          "(x - mean) / sqrt(var + eps) * gamma + beta per channel (axis 1): the batch's own "
+          "statistics in training, the given (running) ones in evaluation")
+
+
+def _running_stat_shape(ops, attrs):
+    if attrs["stat"] not in ("mean", "var"):
+        raise TypeError_(f"running_stat: stat must be \"mean\" or \"var\", got \"{attrs['stat']}\"",
+                         attr="stat")
+    if not 0.0 <= attrs["momentum"] <= 1.0:
+        raise TypeError_(f"running_stat: momentum must be in [0, 1], got {attrs['momentum']}",
+                         attr="momentum")
+    _channel_axes("running_stat", ops[0])
+    _per_channel("running_stat", ops[0], ops[1:])
+    return ops[1].type.shape
+
+
+def _running_stat_np(x, running, stat="mean", momentum=0.1):
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    batch = x.mean(axis=axes) if stat == "mean" else x.var(axis=axes, ddof=1)
+    return (1 - momentum) * running + momentum * batch
+
+
+def _running_stat_decompose(emit, inputs, attrs):
+    x, running = inputs
+    centered, var, axes = _batch_moments(emit, x)
+    if attrs["stat"] == "mean":
+        batch = emit("reshape", emit("mean", x, axis=axes, keepdims=True), shape=running.shape)
+    else:
+        # The running estimate is unbiased: n / (n - 1) times the variance batch norm divides by.
+        n = emit("size", x, axis=axes, dtype=x.dtype.value)
+        unbiased = emit("div", emit("mul", var, n), emit("sub", n, emit.const(1.0, x.dtype)))
+        batch = emit("reshape", unbiased, shape=running.shape)
+    m = attrs["momentum"]
+    return emit("add", emit("mul", running, emit.const(1.0 - m, x.dtype)),
+                emit("mul", batch, emit.const(m, x.dtype)))
+
+
+composite("running_stat", 2, lambda ops, a: same_dtype("running_stat", ops), _running_stat_shape,
+          _running_stat_np, _running_stat_decompose,
+          {"stat": Attr("str", "mean"), "momentum": Attr("float", 0.1)},
+          "a running estimate moved toward this batch's per-channel mean or unbiased variance: "
+          "(1 - momentum) * running + momentum * batch (what a training step of batch norm stores)")
 
 
 def _embedding_dtype(ops, attrs):

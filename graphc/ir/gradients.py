@@ -3,12 +3,13 @@ gradient `g` of the output, as graph nodes. Rules ignore broadcasting (the rever
 result back to its input's shape), accumulation over several uses and arity: the walk does those.
 
 A rule is `rule(emit, node, g, wants) -> [grad or None per input]`; `wants[i]` says whether input
-i needs one. Ops with integer or bool results (comparisons, one_hot, size) and stop_gradient have
-no rule: nothing flows back through them.
+i needs one. Ops with integer or bool results (comparisons, one_hot), stop_gradient and size (a
+count of elements, which depends on the shape alone) have no rule: nothing flows back through them.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from graphc.ir.composites import Emit
 from graphc.ir.node import Node
@@ -108,6 +109,32 @@ def _concat(e, node, g, wants):
     return out
 
 
+def _window_attrs(node: Node) -> dict:
+    return {k: node.attr[k] for k in ("kernel", "stride", "dilation")}
+
+
+def _window(e, node, g, wants):
+    x = node.inputs[0]
+    k = len(node.attr["kernel"])
+    return [e("window_add", g, size=x.shape[x.type.ndim - k:], **_window_attrs(node))]
+
+
+def _pad(e, node, g, wants):
+    x = node.inputs[0]
+    for axis, (lo, n) in enumerate(zip(node.attr["low"], x.shape)):
+        if g.shape[axis] != n:
+            g = e("slice", g, axis=axis, start=lo, stop=lo + n)
+    return [g]
+
+
+def _slice(e, node, g, wants):
+    x = node.inputs[0]
+    axis = node.attr["axis"] % x.type.ndim
+    low, high = [0] * x.type.ndim, [0] * x.type.ndim
+    low[axis], high[axis] = node.attr["start"], x.shape[axis] - node.attr["stop"]
+    return [e("pad", g, low=tuple(low), high=tuple(high), value=0.0)]
+
+
 def _abs(e, node, g, wants):
     x = node.inputs[0]
     zero = _zero(e, x)
@@ -130,6 +157,8 @@ RULES = {
     "neg": lambda e, n, g, w: [e("neg", g)],
     "exp": lambda e, n, g, w: [e("mul", g, n)],
     "log": lambda e, n, g, w: [e("div", g, n.inputs[0])],
+    "erf": lambda e, n, g, w: [e("mul", g, e("mul", e.const(2.0 / math.sqrt(math.pi), n.dtype),
+                                               e("exp", e("neg", e("mul", n.inputs[0], n.inputs[0])))))],
     "log1p": lambda e, n, g, w: [e("div", g, e("add", n.inputs[0], e.const(1.0, n.dtype)))],
     "sqrt": lambda e, n, g, w: [e("div", g, e("mul", n, e.const(2.0, n.dtype)))],
     "abs": _abs,
@@ -148,7 +177,10 @@ RULES = {
     "transpose": _transpose,
     "concat": _concat,
     "broadcast_to": lambda e, n, g, w: [g],     # the walk sums g back to the input's shape
-    "slice": None,                              # only backward graphs slice, for now
+    "window": _window,
+    "window_add": lambda e, n, g, w: [e("window", g, **_window_attrs(n))],
+    "pad": _pad,
+    "slice": _slice,
 }
 
 

@@ -1,9 +1,11 @@
 """Primitive ops: the small set every backend implements. Composites decompose into these."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from graphc.ir.ops import Attr, OpDef, TypeError_, register
+from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
 from graphc.ir.shapes import (
     broadcast,
     float_dtype,
@@ -49,6 +51,16 @@ def _sigmoid(x, out=None):
     return np.exp(out, out=out)
 
 
+def _erf(x, out=None):
+    # numpy has no erf: the C library's, element by element (correctly rounded to x's dtype).
+    x = np.asarray(x)
+    value = np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype, copy=False)
+    if out is None:
+        return value
+    np.copyto(out, value)
+    return out
+
+
 def _copy(x, out=None):
     if out is None:
         return np.array(x, copy=True)
@@ -63,6 +75,7 @@ _unary("log1p", np.log1p, "log(1 + x), exact for small x")
 _unary("sqrt", np.sqrt, "square root")
 _unary("abs", np.abs, "absolute value", floats=False)
 _unary("tanh", np.tanh, "hyperbolic tangent")
+_unary("erf", lambda x, out=None: _erf(x, out), "the error function (gelu's normal CDF)")
 _unary("sigmoid", _sigmoid, "1 / (1 + exp(-x)), stable in both tails")
 _unary("relu", lambda x, out=None: np.maximum(x, 0, out=out), "max(x, 0)", floats=False)
 _unary("stop_gradient", _copy, "identity whose gradient is zero", floats=False)
@@ -157,10 +170,42 @@ def _reduction(name, fn, doc):
         return float_dtype(name, ops) if name == "mean" else ops[0].type.dtype
 
     def run(x, axis, keepdims, out=None):
+        if ufunc is not None and axis is not None and x.size >= _SMALL_REDUCE_MIN:
+            axes = axis if isinstance(axis, tuple) else (axis,)
+            if math.prod(x.shape[a] for a in axes) <= _SMALL_REDUCE_MAX:
+                return _small_reduce(ufunc, x, axes, keepdims, out)
         return fn(x, axis=axis, keepdims=keepdims, out=out)
+
+    ufunc = {"sum": np.add, "max": np.maximum}.get(name)
 
     register(OpDef(name, 1, dtype_rule, shape_rule, run, kind="reduction", numpy_out=True,
                    attrs={"axis": Attr("axes", None), "keepdims": Attr("bool", False)}, doc=doc))
+
+
+# Windows (pooling, the ties of its gradient) reduce a few elements of strided axes per output:
+# numpy's reduce walks such views element by element, while one ufunc call per element of the
+# window runs over all outputs at once.
+_SMALL_REDUCE_MAX, _SMALL_REDUCE_MIN = 16, 4096
+
+
+def _small_reduce(ufunc, x, axes, keepdims, out):
+    ndim = x.ndim
+    axes = tuple(sorted(a % ndim for a in axes))
+    kept = tuple(1 if a in axes else n for a, n in enumerate(x.shape)) if keepdims else \
+        tuple(n for a, n in enumerate(x.shape) if a not in axes)
+    if out is None:
+        out = np.empty(kept, x.dtype)
+    target = out.reshape(tuple(n for a, n in enumerate(x.shape) if a not in axes)) if keepdims else out
+    for k, index in enumerate(np.ndindex(*(x.shape[a] for a in axes))):
+        full = [slice(None)] * ndim
+        for a, i in zip(axes, index):
+            full[a] = i
+        part = x[tuple(full)]
+        if k == 0:
+            np.copyto(target, part)
+        else:
+            ufunc(target, part, out=target)
+    return out
 
 
 # The ufuncs' own reduce, not np.sum/np.max: the same loops without the wrappers' cost (a third of
@@ -227,6 +272,129 @@ def _concat_shape(ops, attrs):
 register(OpDef("concat", (1, None), lambda ops, attrs: same_dtype("concat", ops), _concat_shape,
                lambda *xs, axis: np.concatenate(xs, axis=axis), kind="layout",
                attrs={"axis": Attr("axis", 0)}, doc="join along an axis"))
+
+
+# --- windows: what convolution and pooling decompose into -------------------------------------------
+# A sliding window is a strided view (no copy on any backend); its adjoint adds each window back
+# where it was read; padding is a copy into a filled buffer. conv2d is window + matmul, pooling
+# window + a reduction, and the backward graphs need nothing else.
+
+def _spatial(name: str, x: Operand, k: int) -> tuple:
+    """The last k axes of x, which must have known sizes."""
+    if x.type.ndim < k:
+        raise TypeError_(f"{name}: needs at least {k} axes: {x}")
+    dims = x.type.shape[x.type.ndim - k:]
+    if any(isinstance(d, str) for d in dims):
+        raise TypeError_(f"{name}: the last {k} axes of {x.described()} must have known sizes")
+    return dims
+
+
+def window_out(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """How many windows fit along an axis (PyTorch's floor rule)."""
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _window_attrs(name: str, attrs: dict) -> tuple[tuple, tuple, tuple]:
+    kernel, stride, dilation = (tuple(attrs[a]) for a in ("kernel", "stride", "dilation"))
+    if not kernel or len(stride) != len(kernel) or len(dilation) != len(kernel):
+        raise TypeError_(f"{name}: kernel, stride and dilation must have one entry per window axis")
+    for a, values in (("kernel", kernel), ("stride", stride), ("dilation", dilation)):
+        if any(isinstance(v, str) or v < 1 for v in values):
+            raise TypeError_(f"{name}: {a} must be positive integers, got {list(values)}", attr=a)
+    return kernel, stride, dilation
+
+
+def _window_shape(ops, attrs):
+    kernel, stride, dilation = _window_attrs("window", attrs)
+    x = ops[0]
+    dims = _spatial("window", x, len(kernel))
+    out = tuple(window_out(*t) for t in zip(dims, kernel, stride, dilation))
+    if any(o < 1 for o in out):
+        raise TypeError_(f"window: a window of {list(kernel)} (dilation {list(dilation)}) does not "
+                         f"fit in the last axes of {x.described()}", attr="kernel")
+    return x.type.shape[: x.type.ndim - len(kernel)] + out + kernel
+
+
+def sliding_windows(x, kernel, stride, dilation):
+    k = len(kernel)
+    lead, lead_strides = x.shape[: x.ndim - k], x.strides[: x.ndim - k]
+    sizes, steps = x.shape[x.ndim - k:], x.strides[x.ndim - k:]
+    out = tuple(window_out(*t) for t in zip(sizes, kernel, stride, dilation))
+    strides = (lead_strides + tuple(st * s for st, s in zip(steps, stride))
+               + tuple(st * d for st, d in zip(steps, dilation)))
+    return np.lib.stride_tricks.as_strided(x, lead + out + tuple(kernel), strides, writeable=False)
+
+
+register(OpDef("window", 1, lambda ops, attrs: ops[0].type.dtype, _window_shape, sliding_windows,
+               kind="layout",
+               attrs={"kernel": Attr("ints", required=True), "stride": Attr("ints", required=True),
+                      "dilation": Attr("ints", required=True)},
+               doc="sliding windows over the last axes: [..., H, W] -> [..., OH, OW, KH, KW], a view"))
+
+
+def _window_add_shape(ops, attrs):
+    kernel, stride, dilation = _window_attrs("window_add", attrs)
+    g, size, k = ops[0], tuple(attrs["size"]), len(kernel)
+    if len(size) != k or g.type.ndim < 2 * k:
+        raise TypeError_(f"window_add: {g} does not hold windows of {k} axes", attr="size")
+    out = tuple(window_out(*t) for t in zip(size, kernel, stride, dilation))
+    if g.type.shape[g.type.ndim - 2 * k:] != out + kernel:
+        raise TypeError_(f"window_add: {g} does not end in the {list(out + kernel)} windows of "
+                         f"{list(kernel)} over {list(size)} (stride {list(stride)}, dilation "
+                         f"{list(dilation)})")
+    return g.type.shape[: g.type.ndim - 2 * k] + size
+
+
+def _window_add(g, size, kernel, stride, dilation, out=None):
+    k = len(kernel)
+    lead = g.shape[: g.ndim - 2 * k]
+    if out is None:
+        out = np.empty(lead + tuple(size), g.dtype)
+    out[...] = 0
+    counts = g.shape[g.ndim - 2 * k: g.ndim - k]
+    for offsets in np.ndindex(*kernel):
+        target = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                       for o, d, n, s in zip(offsets, dilation, counts, stride))
+        out[(Ellipsis,) + target] += g[(Ellipsis,) + offsets]
+    return out
+
+
+register(OpDef("window_add", 1, lambda ops, attrs: ops[0].type.dtype, _window_add_shape, _window_add,
+               kind="layout", numpy_out=True,
+               attrs={"size": Attr("ints", required=True), "kernel": Attr("ints", required=True),
+                      "stride": Attr("ints", required=True), "dilation": Attr("ints", required=True)},
+               doc="the adjoint of window: each window added back where it was read (col2im)"))
+
+
+def _pad_shape(ops, attrs):
+    x = ops[0]
+    low, high = tuple(attrs["low"]), tuple(attrs["high"])
+    if len(low) != x.type.ndim or len(high) != x.type.ndim:
+        raise TypeError_(f"pad: low and high need one entry per axis of {x.described()}", attr="low")
+    shape = []
+    for d, lo, hi in zip(x.type.shape, low, high):
+        if isinstance(lo, str) or isinstance(hi, str) or lo < 0 or hi < 0:
+            raise TypeError_(f"pad: padding must be non-negative integers, got {list(low)}, "
+                             f"{list(high)}", attr="low")
+        if isinstance(d, str) and (lo or hi):
+            raise TypeError_(f"pad: cannot pad the symbolic axis {d} of {x.described()}", attr="low")
+        shape.append(d if isinstance(d, str) else d + lo + hi)
+    return tuple(shape)
+
+
+def _pad(x, low, high, value, out=None):
+    if out is None:
+        out = np.empty(tuple(n + lo + hi for n, lo, hi in zip(x.shape, low, high)), x.dtype)
+    out[...] = value
+    out[tuple(slice(lo, lo + n) for n, lo in zip(x.shape, low))] = x
+    return out
+
+
+register(OpDef("pad", 1, lambda ops, attrs: ops[0].type.dtype, _pad_shape, _pad,
+               kind="layout", numpy_out=True,
+               attrs={"low": Attr("ints", required=True), "high": Attr("ints", required=True),
+                      "value": Attr("float", 0.0)},
+               doc="x inside a border of `value`: low and high elements before and after each axis"))
 
 
 # --- helpers the backward graphs need ----------------------------------------------------------------

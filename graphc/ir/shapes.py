@@ -1,10 +1,11 @@
 """Shape and dtype rule helpers shared by the op declarations (broadcasting, axes, matmul)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from graphc.ir.ops import Operand, TypeError_
-from graphc.ir.types import DType, Shape, format_shape
+from graphc.ir.types import DType, Shape, dim_factors, format_shape
 
 
 def _axis_name(axis_from_end: int, ndim: int) -> str:
@@ -115,11 +116,12 @@ def _transposed(label: str) -> str:
 def reshape_shape(x: Operand, target: Sequence) -> Shape:
     """Reshape with -1 and symbolic dims: a symbolic factor must carry over as a whole."""
     src = x.type.shape
-    src_syms = [d for d in src if isinstance(d, str)]
+    src_syms: list[str] = []
     src_const = 1
     for d in src:
-        if isinstance(d, int):
-            src_const *= d
+        coef, syms = dim_factors(d)
+        src_const *= coef
+        src_syms += syms
     if list(target).count(-1) > 1:
         raise TypeError_(f"reshape: at most one -1 in the target shape "
                          f"{format_shape(tuple(target))}", attr="shape")
@@ -152,6 +154,9 @@ def reshape_shape(x: Operand, target: Sequence) -> Shape:
         else:
             fill = fill_const
         return tuple(fill if d == -1 else d for d in target)
+    tgt_factors = [dim_factors(d) for d in target if isinstance(d, str)]
+    tgt_syms = [s for _, syms in tgt_factors for s in syms]
+    tgt_const *= math.prod(coef for coef, _ in tgt_factors)
     if sorted(src_syms) != sorted(tgt_syms) or src_const != tgt_const:
         raise fail
     return tuple(target)

@@ -82,10 +82,44 @@ class TensorType:
         return f"{self.dtype}{format_shape(self.shape)}"
 
 
+def dim_factors(d: int | str) -> tuple[int, tuple[str, ...]]:
+    """A size as a coefficient and symbols: 784 -> (784, ()), "N" -> (1, ("N",)). Compilers make
+    products such as "576*N" (a batch of images flattened to rows for a matrix product); .nn files
+    name single symbols only."""
+    if isinstance(d, int):
+        return d, ()
+    coef, syms = 1, []
+    for factor in d.split("*"):
+        if factor.isdigit():
+            coef *= int(factor)
+        else:
+            syms.append(factor)
+    return coef, tuple(sorted(syms))
+
+
+def product_dim(coef: int, syms) -> int | str:
+    """The size coef * product(syms), written as dim_factors reads it."""
+    syms = sorted(syms)
+    if not syms:
+        return coef
+    return "*".join(([str(coef)] if coef != 1 else []) + syms)
+
+
 def symbols(shape: Shape) -> set[str]:
-    return {d for d in shape if isinstance(d, str)}
+    return {s for d in shape for s in dim_factors(d)[1]}
 
 
 def bind_shape(shape: Shape, dims: dict[str, int]) -> tuple[int, ...]:
     """Substitute concrete sizes for symbolic dimensions."""
-    return tuple(d if isinstance(d, int) else dims[d] for d in shape)
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif d in dims:
+            out.append(dims[d])
+        else:
+            coef, syms = dim_factors(d)
+            for s in syms:
+                coef *= dims[s]
+            out.append(coef)
+    return tuple(out)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from graphc.ir import OPS
 from graphc.ir.node import Graph, Node
+from graphc.ir.types import symbols
 from graphc.kernels.ir import (
     ZERO,
     Access,
@@ -87,7 +88,7 @@ class _Planner:
         self.values: dict[int, Layout | Const | SizeOf] = {}   # materialized nodes and scalars
         self.group_of: dict[int, _Group] = {}
         self.duplicated: set[int] = set()                       # scalars recomputed where read
-        self.symbols = sorted({d for n in self.order for d in n.shape if isinstance(d, str)})
+        self.symbols = sorted({s for n in self.order for s in symbols(n.shape)})
 
     # --- grouping ---------------------------------------------------------------------------------
 
@@ -175,6 +176,10 @@ class _Planner:
                 self._matmul(node)
             elif node.op == "concat":
                 self._concat(node)
+            elif node.op == "pad":
+                self._pad(node)
+            elif node.op == "window_add":
+                self._window_add(node)
             else:
                 assert OPS[node.op].kind == "layout", f"internal error: no kernel rule for {node}"
                 self.values[id(node)] = self._layout(node)
@@ -316,6 +321,62 @@ class _Planner:
             start += part.shape[axis]
         self.values[id(node)] = layout
 
+    def _fill(self, node: Node, value) -> Layout:
+        """A new buffer for node, every element set to `value`."""
+        out = self.new_buffer(node)
+        layout = self.contiguous(node, out)
+        self._emit("fill", node.shape, (), [],
+                   [Store(self.access(layout, node.shape, node.shape), Const(value, node.dtype), None, node)],
+                   [node])
+        return layout
+
+    def _pad(self, node: Node) -> None:
+        """A filled buffer, then x copied into its interior."""
+        x = node.inputs[0]
+        layout = self._fill(node, node.attr["value"])
+        offset: Offset = ()
+        for lo, stride in zip(node.attr["low"], layout.strides):
+            offset = offset_add(offset, smul((lo, ()), stride))
+        inner = Layout(layout.buffer, layout.strides, offset)
+        value = self.values[id(x)]
+        loads, e = ([self.access(value, x.shape, x.shape)], Load(0, x.dtype)) if isinstance(value, Layout) \
+            else ([], value)
+        self._emit("pad", x.shape, (), loads, [Store(self.access(inner, x.shape, x.shape), e, None, node)],
+                   [node])
+        self.values[id(node)] = layout
+
+    def _window_add(self, node: Node) -> None:
+        """Windows added back where they were read: a zeroed buffer, then one kernel per kernel
+        offset adding that offset's slice of every window in place (no two points of a kernel
+        touch the same element, so each kernel is an ordinary read-modify-write)."""
+        g = node.inputs[0]
+        a = node.attr
+        k = len(a["kernel"])
+        lead = node.type.ndim - k
+        layout = self._fill(node, 0.0)
+        value = self.values[id(g)]
+        space = g.shape[: g.type.ndim - k]
+        out_strides = (layout.strides[:lead]
+                       + tuple(smul((s, ()), st) for s, st in zip(a["stride"], layout.strides[lead:])))
+        for offsets in _kernel_offsets(a["kernel"]):
+            target: Offset = ()
+            for o, d, st in zip(offsets, a["dilation"], layout.strides[lead:]):
+                target = offset_add(target, smul((o * d, ()), st))
+            acc = self.access(Layout(layout.buffer, out_strides, target), space, space)
+            loads = [acc]
+            if isinstance(value, Layout):
+                here: Offset = value.offset
+                for o, st in zip(offsets, value.strides[g.type.ndim - k:]):
+                    here = offset_add(here, smul((o, ()), st))
+                part = Layout(value.buffer, value.strides[: g.type.ndim - k], here)
+                loads.append(self.access(part, space, space))
+                term = Load(1, g.dtype)
+            else:
+                term = value
+            total = Op("add", (Load(0, node.dtype), term), (), node.dtype)
+            self._emit("window_add", space, (), loads, [Store(acc, total, None, node)], [node])
+        self.values[id(node)] = layout
+
     def _layout(self, node: Node):
         x = node.inputs[0]
         value = self.values[id(x)]
@@ -330,6 +391,12 @@ class _Planner:
             pad = node.type.ndim - x.type.ndim
             strides = [ZERO] * pad + [ZERO if x.shape[i] == 1 else s for i, s in enumerate(value.strides)]
             return Layout(value.buffer, tuple(strides), value.offset)
+        if node.op == "window":
+            k = len(a["kernel"])
+            lead, steps = value.strides[: x.type.ndim - k], value.strides[x.type.ndim - k:]
+            strides = (lead + tuple(smul((s, ()), st) for s, st in zip(a["stride"], steps))
+                       + tuple(smul((d, ()), st) for d, st in zip(a["dilation"], steps)))
+            return Layout(value.buffer, strides, value.offset)
         if node.op == "slice":
             axis = a["axis"] % x.type.ndim
             return Layout(value.buffer, value.strides,
@@ -352,6 +419,13 @@ class _Planner:
         if not isinstance(value, Layout):
             value = self._layout_of(node)
         return self.access(value, node.shape, node.shape), dims_of(node.shape), node.dtype
+
+
+def _kernel_offsets(kernel) -> list[tuple[int, ...]]:
+    offsets = [()]
+    for k in kernel:
+        offsets = [o + (i,) for o in offsets for i in range(k)]
+    return offsets
 
 
 def plan_kernels(graph: Graph) -> KernelPlan:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from graphc.ir.node import Node
-from graphc.ir.types import DType, Shape
+from graphc.ir.types import DType, Shape, dim_factors
 
 # A size is a monomial: coefficient times the product of symbolic dimensions, e.g. (784, ("N",)).
 Size = tuple[int, tuple[str, ...]]
@@ -24,7 +24,7 @@ ZERO: Size = (0, ())
 
 
 def size_of(dim: int | str) -> Size:
-    return (dim, ()) if isinstance(dim, int) else (1, (dim,))
+    return dim_factors(dim)
 
 
 def smul(a: Size, b: Size) -> Size:

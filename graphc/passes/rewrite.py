@@ -33,10 +33,12 @@ def cse(graph: Graph) -> Graph:
     return rewrite(graph, visit)
 
 
-def train_mode(graph: Graph) -> Graph:
-    """The training form of a graph: every op with a `train` attribute (dropout) switched on."""
+def train_mode(graph: Graph, ops: frozenset[str] | None = None) -> Graph:
+    """The training form of a graph: every op with a `train` attribute (dropout, batch_norm)
+    switched on, or only those named in `ops` (Monte Carlo dropout keeps batch norm off)."""
     def visit(node: Node, inputs: list[Node]) -> Node:
-        if "train" in op_table.OPS[node.op].attrs and not node.attr["train"]:
+        if "train" in op_table.OPS[node.op].attrs and not node.attr["train"] \
+                and (ops is None or node.op in ops):
             return op_table.apply(node.op, inputs, {**node.attr, "train": True}, loc=node.loc,
                                   name=node.name, tags=node.tags)
         return op_table.rebuilt(node, inputs)

@@ -57,7 +57,7 @@ def _register_libm(llvm) -> None:
     """Generated code calls the C math library (expf, logf, ...); tell the JIT where it is."""
     import ctypes.util
     libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    for base in ("exp", "log", "pow", "tanh", "log1p", "sqrt", "fmax", "fmin"):
+    for base in ("exp", "log", "pow", "tanh", "log1p", "sqrt", "fmax", "fmin", "erf"):
         for name in (base, base + "f"):
             if hasattr(libm, name):
                 llvm.add_symbol(name, ctypes.cast(getattr(libm, name), ctypes.c_void_p).value)

@@ -186,6 +186,7 @@ LOWER = {
     "neg": _neg, "abs": _abs, "relu": _relu, "sigmoid": _sigmoid, "stop_gradient": _identity,
     "exp": _float_call("exp"), "log": _float_call("log"), "sqrt": _float_call("sqrt"),
     "log1p": _float_call("log1p"), "tanh": _float_call("tanh"),
+    "erf": _float_call("erf"),
     "add": _arith("fadd", "add"), "sub": _arith("fsub", "sub"), "mul": _arith("fmul", "mul"),
     "div": _arith("fdiv", "sdiv"), "pow": _pow,
     "maximum": _extremum("maximum", "smax", "or"), "minimum": _extremum("minimum", "smin", "and"),

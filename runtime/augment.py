@@ -1,0 +1,264 @@
+"""Data augmentation of training batches (the train block's `augment`), and a prefetcher that
+prepares the next batch in a background thread while the compiled step runs the current one.
+Randomness comes from (seed, epoch, step) counters, so a resumed run augments exactly as before."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+# Mixed into every augmentation seed so its streams never coincide with the minibatch order's
+# (numpy's default_rng([seed, epoch])).
+_STREAM = 0x6175676D          # "augm"
+NORMALS = 1 << 20             # the size of a run's bank of noise
+
+
+# --- geometric augmentations: one inverse affine map per image ----------------------------------
+# Each returns matrices [n, 3, 3] taking an output pixel (row, col, 1) to the source pixel it reads.
+# Maps that send integer pixels to integer pixels are `exact`: sampled by copying, not blending.
+
+def shift_maps(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Move image i by rows[i] down and cols[i] right (out[r, c] = in[r - dr, c - dc])."""
+    m = _identity(len(rows))
+    m[:, 0, 2], m[:, 1, 2] = -rows, -cols
+    return m
+
+
+def flip_maps(flipped: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Mirror the images where `flipped` is true along `axis` (0 rows: vertical, 1 columns:
+    horizontal) of length `size`."""
+    m = _identity(len(flipped))
+    m[flipped, axis, axis] = -1.0
+    m[flipped, axis, 2] = size - 1
+    return m
+
+
+def rotation_maps(degrees: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Turn image i counterclockwise by degrees[i] (as displayed, rows downward) about its centre."""
+    t = np.radians(degrees)
+    cos, sin = np.cos(t), np.sin(t)
+    cr, cc = (height - 1) / 2, (width - 1) / 2
+    m = _identity(len(t))
+    # source = R (out - centre) + centre, R the inverse (clockwise) rotation in (row, col)
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
+    m[:, 0, 2] = cr - cos * cr - sin * cc
+    m[:, 1, 2] = cc + sin * cr - cos * cc
+    return m
+
+
+def crop_maps(tops: np.ndarray, lefts: np.ndarray, window: tuple[int, int], pad: int,
+              height: int, width: int) -> np.ndarray:
+    """Take the window [tops[i], lefts[i]] + `window` of image i padded by `pad` zeros on each
+    side, stretched to height x width (a plain copy when the window has the image's size)."""
+    m = _identity(len(tops))
+    # corner pixels onto the window's corner pixels, so that nothing beyond the window is read
+    m[:, 0, 0] = (window[0] - 1) / max(height - 1, 1)
+    m[:, 1, 1] = (window[1] - 1) / max(width - 1, 1)
+    m[:, 0, 2], m[:, 1, 2] = tops - pad, lefts - pad
+    return m
+
+
+def _identity(n: int) -> np.ndarray:
+    return np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+
+
+def resample(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
+    """out[i, :, r, c] = images[i, :, maps[i] @ (r, c, 1)], zero outside the image: nearest
+    pixel when `exact` (the maps hit pixel centres), else bilinear. Vectorized over the batch."""
+    n, channels, height, width = images.shape
+    # A zero border, one pixel before and two after: a source clipped into [-1, size] and its
+    # neighbour +1 both fall inside it, reading zeros beyond the image.
+    padded = np.zeros((n, channels, height + 3, width + 3), images.dtype)
+    padded[:, :, 1:-2, 1:-2] = images
+    flat, row = padded.reshape(-1), width + 3
+    small = np.int32 if flat.size < 2**31 else np.intp   # int32 index arithmetic is faster
+    # the first pixel of image i, channel k
+    first = (np.arange(n * channels, dtype=small) * (row * (height + 3))).reshape(
+        n, channels, 1, 1) + (row + 1)
+    if exact and not maps[:, 0, 1].any() and not maps[:, 1, 0].any():
+        # Shifts, flips and crops keep rows in rows: one index per row and per column.
+        rows = _clipped(maps[:, 0, 0, None] * np.arange(height) + maps[:, 0, 2, None], height)
+        cols = _clipped(maps[:, 1, 1, None] * np.arange(width) + maps[:, 1, 2, None], width)
+        index = first + (rows * row)[:, None, :, None] + cols[:, None, None, :]
+        return flat.take(index)
+    src = (maps[:, :2].reshape(2 * n, 3).astype(np.float32) @ _grid(height, width))   # [2n, HW]
+    src = src.reshape(n, 2, height * width)
+    np.maximum(src, -1, out=src)
+    np.minimum(src, np.array([[height], [width]], np.float32), out=src)
+    corner = np.rint(src) if exact else np.floor(src)
+    pixel = corner.astype(small)                # (casting floats to int64 is several times slower)
+    index = (pixel[:, 0] * row + pixel[:, 1])[:, None, :] + first.reshape(n, channels, 1)
+    index = index.astype(np.intp)
+    if exact:
+        return flat.take(index).reshape(images.shape)
+    src -= corner                               # the fractions
+    fraction = src.astype(images.dtype, copy=False)
+    fr, fc = fraction[:, None, 0], fraction[:, None, 1]
+    # the neighbours right, below and below right: the same indices into shifted views
+    top, top_right = flat.take(index), flat[1:].take(index)
+    bottom, bottom_right = flat[row:].take(index), flat[row + 1:].take(index)
+    top_right -= top
+    top_right *= fc
+    top += top_right
+    bottom_right -= bottom
+    bottom_right *= fc
+    bottom += bottom_right
+    bottom -= top
+    bottom *= fr
+    top += bottom
+    return top.reshape(images.shape)
+
+
+def _clipped(coords: np.ndarray, size: int) -> np.ndarray:
+    """Whole pixel coordinates as indices, those beyond the image onto the zero border."""
+    return np.clip(np.rint(coords), -1, size).astype(np.intp)
+
+
+_GRIDS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _grid(height: int, width: int) -> np.ndarray:
+    """Every pixel's (row, col, 1) as columns [3, H*W], computed once per image size."""
+    if (height, width) not in _GRIDS:
+        r, c = np.meshgrid(np.arange(height, dtype=np.float32),
+                           np.arange(width, dtype=np.float32), indexing="ij")
+        _GRIDS[height, width] = np.stack([r.reshape(-1), c.reshape(-1), np.ones(r.size, np.float32)])
+    return _GRIDS[height, width]
+
+
+# --- the table: name -> how one augmentation draws its randomness ----------------------------
+
+@dataclass(frozen=True)
+class Augmentation:
+    geometric: bool          # an affine map (composed with its geometric neighbours) or a pixel op
+    # geometric: (rng, n, (C, H, W), options) -> (maps [n, 3, 3], exact)
+    # pixel: (rng, images [n, C, H, W], options, normals) -> new images
+    draw: Callable
+
+
+def _shift(rng, n, image, o):
+    p = o["pixels"]
+    return shift_maps(rng.integers(-p, p + 1, n), rng.integers(-p, p + 1, n)), True
+
+
+def _rotate(rng, n, image, o):
+    return rotation_maps(rng.uniform(-o["degrees"], o["degrees"], n), image[1], image[2]), False
+
+
+def _flip(rng, n, image, o):
+    axis = 1 if o["direction"] == "horizontal" else 0
+    return flip_maps(rng.random(n) < o["p"], axis, image[1 + axis]), True
+
+
+def _crop(rng, n, image, o):
+    window = crop_window(o["size"], image)
+    pad, height, width = o["pad"], image[1], image[2]
+    tops = rng.integers(0, height + 2 * pad - window[0] + 1, n)
+    lefts = rng.integers(0, width + 2 * pad - window[1] + 1, n)
+    return crop_maps(tops, lefts, window, pad, height, width), window == (height, width)
+
+
+def _noise(rng, x, o, normals):
+    # Each image reads its noise from a random window of the run's bank of normal numbers:
+    # drawing 50,000 fresh normals would cost more than a training step of MNIST's MLP.
+    size = x[0].size
+    windows = np.lib.stride_tricks.sliding_window_view(normals, size)
+    noise = windows[rng.integers(0, len(windows), len(x))].reshape(x.shape)
+    return x + (o["std"] * noise).astype(x.dtype, copy=False)
+
+
+AUGMENTATIONS = {"shift": Augmentation(True, _shift), "rotate": Augmentation(True, _rotate),
+                 "flip": Augmentation(True, _flip), "noise": Augmentation(False, _noise),
+                 "crop": Augmentation(True, _crop)}
+
+
+def crop_window(size: int, image: tuple[int, int, int]) -> tuple[int, int]:
+    """crop(size)'s window: `size` rows, and as many columns as keep the image's aspect ratio."""
+    return size, max(1, round(size * image[2] / image[1]))
+
+
+def image_shape(shape: tuple) -> tuple[int, int, int]:
+    """(channels, height, width) of the images an input of `shape` (batch axis first) holds:
+    [N, C, H, W], [N, H, W], or [N, D] with D a square (one channel, sqrt(D) on a side).
+    A ValueError says what is needed otherwise."""
+    dims = tuple(shape[1:])
+    if not all(isinstance(d, int) for d in dims):
+        raise ValueError("augment needs an input with fixed image sizes")
+    if len(dims) == 3:
+        return dims
+    if len(dims) == 2:
+        return (1, *dims)
+    if len(dims) == 1 and math.isqrt(dims[0]) ** 2 == dims[0]:
+        side = math.isqrt(dims[0])
+        return 1, side, side
+    raise ValueError("augment needs image inputs: [N, C, H, W], [N, H, W], or [N, D] with D a "
+                     "square (one channel of sqrt(D) x sqrt(D), like MNIST's 784 = 28 x 28)")
+
+
+def fit_problem(name: str, options: dict, image: tuple[int, int, int]) -> tuple[str, str] | None:
+    """Why augmentation `name(options)` cannot work on images of `image` (C, H, W), as (the option
+    at fault, the reason), or None when it can."""
+    _, height, width = image
+    if name == "shift" and options["pixels"] >= min(height, width):
+        return "pixels", (f"shift({options['pixels']}) would move {height} x {width} images "
+                          f"out of sight; shift by less than {min(height, width)}")
+    if name == "crop":
+        pad, window = options["pad"], crop_window(options["size"], image)
+        if window[0] > height + 2 * pad or window[1] > width + 2 * pad:
+            return "size", (f"crop({options['size']}, pad={pad}): the window is larger than the "
+                            f"padded image ({height + 2 * pad} x {width + 2 * pad})")
+    return None
+
+
+class Augmenter:
+    """The train block's augmentations, in order, for images of shape `image`: consecutive
+    geometric ones are composed into one affine map per image and sampled once (so no pixels are
+    lost between them and interpolation blurs once), pixel ones apply in between."""
+
+    def __init__(self, augment: list, image: tuple[int, int, int], seed: int):
+        self.augment = [(name, dict(options)) for name, options in augment]
+        self.image, self.seed = tuple(image), seed
+        # The bank of standard normal numbers that noise reads, drawn once from the seed.
+        self.normals = np.random.default_rng([seed, _STREAM]).standard_normal(
+            max(NORMALS, 4 * math.prod(image)), dtype=np.float32) if any(
+            name == "noise" for name, _ in self.augment) else None
+        for name, options in self.augment:
+            if name not in AUGMENTATIONS:
+                raise ValueError(f"unknown augmentation {name!r}")
+            problem = fit_problem(name, options, self.image)
+            if problem:
+                raise ValueError(problem[1])
+
+    def __call__(self, x: np.ndarray, epoch: int, step: int) -> np.ndarray:
+        """Batch `step` of epoch `epoch`, augmented: a pure function of the batch and the counters."""
+        images = x.reshape(len(x), *self.image)
+        maps, exact = None, True
+        for index, (name, options) in enumerate(self.augment):
+            rng = np.random.default_rng([self.seed, epoch, step, index, _STREAM])
+            op = AUGMENTATIONS[name]
+            if op.geometric:
+                new, new_exact = op.draw(rng, len(x), self.image, options)
+                maps = new if maps is None else maps @ new     # apply maps first, then new
+                exact = exact and new_exact
+            else:
+                if maps is not None:
+                    images, maps, exact = resample(images, maps, exact), None, True
+                images = op.draw(rng, images, options, self.normals)
+        if maps is not None:
+            images = resample(images, maps, exact)
+        return images.reshape(x.shape)
+
+
+def prefetch(make: Callable[[int], object], count: int) -> Iterator:
+    """make(0), ..., make(count - 1), each prepared in a background thread while the consumer
+    works on the one before (numpy and the compiled steps release the GIL in their heavy work)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="graphc-prefetch") as pool:
+        ahead = pool.submit(make, 0) if count else None
+        for k in range(count):
+            item = ahead.result()
+            if k + 1 < count:
+                ahead = pool.submit(make, k + 1)
+            yield item

@@ -1,0 +1,295 @@
+"""Data augmentation (runtime/augment.py and the train block's `augment`): each op on hand-made
+images, randomness from (seed, epoch, step) counters, training batches only (labels unchanged,
+evaluation never augmented), bit-identical resume, the checks of the setting with their
+locations, and `graphc train` on the digits with augmentation."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+import graphc
+from graphc.cli import main
+from graphc.compiler import check_source
+from graphc.errors import GraphcError
+from graphc.frontend import train_spec
+from graphc.runtime import augment
+from graphc.runtime.augment import (
+    Augmenter,
+    crop_maps,
+    flip_maps,
+    image_shape,
+    prefetch,
+    resample,
+    rotation_maps,
+    shift_maps,
+)
+from graphc.runtime.data import Scaler, batches
+from graphc.runtime.program import Program
+from graphc.runtime.train import Data, Trainer, TrainSettings, prepare_data
+
+MODEL = """\
+model m {
+    input x: f32[N, 64]
+    input y: i64[N]
+    logits = x -> linear(16) -> relu -> linear(10)
+    output logits
+    loss = cross_entropy(logits, y)
+}
+train m {
+    optimizer = adam(lr=3e-3)
+    augment   = AUGMENT
+    epochs    = 3
+    seed      = 4
+}
+"""
+SOME = "[shift(1), rotate(10), flip(horizontal), noise(0.05), crop(8, pad=1)]"
+
+
+def model_text(augment: str = SOME) -> str:
+    return MODEL.replace("AUGMENT", augment)
+
+
+def numbered(h: int, w: int, n: int = 1) -> np.ndarray:
+    """n images [n, 1, h, w] whose pixels are 1, 2, 3, ... (no zero, so zero fill shows)."""
+    return np.arange(1, n * h * w + 1, dtype=np.float32).reshape(n, 1, h, w)
+
+
+# --- each op on hand-made images ----------------------------------------------------------------
+
+def test_shift_moves_pixels_and_fills_with_zeros():
+    x = numbered(4, 5, n=2)
+    out = resample(x, shift_maps(np.array([1, -2]), np.array([2, 0])), exact=True)
+    expected = np.zeros_like(x)
+    expected[0, 0, 1:, 2:] = x[0, 0, :-1, :-2]         # 1 down, 2 right
+    expected[1, 0, :-2, :] = x[1, 0, 2:, :]            # 2 up
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_flip_mirrors_only_the_chosen_images():
+    x = numbered(3, 4, n=2)
+    horizontal = resample(x, flip_maps(np.array([True, False]), axis=1, size=4), exact=True)
+    np.testing.assert_array_equal(horizontal[0], x[0, :, :, ::-1])
+    np.testing.assert_array_equal(horizontal[1], x[1])
+    vertical = resample(x, flip_maps(np.array([True, True]), axis=0, size=3), exact=True)
+    np.testing.assert_array_equal(vertical, x[:, :, ::-1, :])
+
+
+def test_crop_takes_a_window_of_the_padded_image():
+    x = numbered(4, 4, n=2)
+    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    out = resample(x, crop_maps(np.array([0, 3]), np.array([4, 1]), (4, 4), 2, 4, 4), exact=True)
+    np.testing.assert_array_equal(out[0], padded[0, :, 0:4, 4:8])
+    np.testing.assert_array_equal(out[1], padded[1, :, 3:7, 1:5])
+
+
+def test_a_smaller_crop_is_stretched_to_the_image_size():
+    x = np.ones((1, 1, 6, 6), np.float32)
+    x[0, 0, :3, :3] = 5.0                      # the top-left quarter
+    out = resample(x, crop_maps(np.array([0]), np.array([0]), (3, 3), 0, 6, 6), exact=False)
+    assert out.shape == x.shape
+    # the 3 x 3 window holds only fives, and reads no zeros from beyond the image
+    np.testing.assert_allclose(out[0, 0, :5, :5], 5.0)
+
+
+def test_rotate_by_90_degrees_turns_a_known_pattern_counterclockwise():
+    x = np.zeros((1, 1, 5, 5), np.float32)
+    x[0, 0, 0, 2] = 1.0                        # top middle
+    x[0, 0, 1, 4] = 2.0                        # right edge, upper
+    out = resample(x, rotation_maps(np.array([90.0]), 5, 5), exact=False)
+    expected = np.rot90(x, k=1, axes=(2, 3))   # numpy's rot90 turns counterclockwise
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert out[0, 0, 2, 0] == pytest.approx(1.0)         # now left middle
+
+
+def test_small_rotations_keep_the_centre_and_blend_bilinearly():
+    x = numbered(7, 7)
+    out = resample(x, rotation_maps(np.array([-8.0, 8.0]), 7, 7)[:1], exact=False)
+    assert out[0, 0, 3, 3] == pytest.approx(x[0, 0, 3, 3])
+    assert not np.array_equal(out, x)
+    assert out.min() >= 0 and out.max() <= x.max()      # a convex blend, zeros outside
+
+
+def test_noise_has_the_requested_spread_and_no_bias():
+    x = np.zeros((256, 784), np.float32)
+    out = Augmenter([("noise", {"std": 0.5})], (1, 28, 28), seed=0)(x, 0, 0)
+    assert out.dtype == np.float32
+    assert abs(out.mean()) < 0.01 and out.std() == pytest.approx(0.5, rel=0.01)
+
+
+def test_composed_geometric_ops_match_applying_them_one_by_one():
+    """shift then flip sample once through the product of their maps: the same pixels as doing
+    them in order, where no pixel leaves the image in between."""
+    x = np.zeros((1, 1, 6, 6), np.float32)
+    x[0, 0, 2:4, 1:3] = [[1, 2], [3, 4]]
+    shift, flip = shift_maps(np.array([1]), np.array([1])), flip_maps(np.array([True]), 1, 6)
+    one_by_one = resample(resample(x, shift, True), flip, True)
+    np.testing.assert_array_equal(resample(x, shift @ flip, True), one_by_one)
+
+
+def test_image_shapes_are_inferred_from_the_input():
+    assert image_shape(("N", 784)) == (1, 28, 28)
+    assert image_shape(("N", 64)) == (1, 8, 8)
+    assert image_shape(("N", 3, 32, 30)) == (3, 32, 30)
+    for bad in (("N", 60), ("N", 2, 3, 4, 5), ("N", "D")):
+        with pytest.raises(ValueError):
+            image_shape(bad)
+
+
+# --- randomness from counters -------------------------------------------------------------------
+
+def test_augmenting_is_a_pure_function_of_seed_epoch_and_step():
+    x = np.random.default_rng(0).random((16, 64), dtype=np.float32)
+    ops = [("shift", {"pixels": 2}), ("rotate", {"degrees": 10.0}), ("noise", {"std": 0.1})]
+    a, b = Augmenter(ops, (1, 8, 8), seed=3), Augmenter(ops, (1, 8, 8), seed=3)
+    later = a(x, 1, 5)
+    assert np.array_equal(a(x, 0, 2), b(x, 0, 2)) and np.array_equal(later, a(x, 1, 5))
+    others = [a(x, 0, 3), a(x, 1, 2), Augmenter(ops, (1, 8, 8), seed=4)(x, 0, 2)]
+    assert all(not np.array_equal(a(x, 0, 2), o) for o in others)
+    assert later.shape == x.shape and later.dtype == x.dtype
+
+
+def test_prefetch_yields_in_order_and_passes_errors_on():
+    assert list(prefetch(lambda k: k * k, 5)) == [0, 1, 4, 9, 16]
+    assert list(prefetch(lambda k: k, 0)) == []
+
+    def fails(k):
+        if k == 2:
+            raise RuntimeError("batch 2")
+        return k
+    with pytest.raises(RuntimeError, match="batch 2"):
+        list(prefetch(fails, 4))
+
+
+def test_front_end_and_runtime_know_the_same_augmentations():
+    assert list(train_spec.AUGMENTATIONS) == list(augment.AUGMENTATIONS)
+
+
+# --- in the training loop -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Program, object]:
+    program = graphc.compile_source(model_text())
+    settings = TrainSettings.of(program)
+    return program, settings
+
+
+def test_only_training_batches_are_augmented_and_labels_are_unchanged(trained, monkeypatch):
+    program, settings = trained
+    settings = replace(settings, epochs=1)
+    data = prepare_data(program, settings)
+    x, y = data.splits["train"]
+    fed, evaluated = [], []
+    step, evaluate = program.train_step, program.evaluate
+    monkeypatch.setattr(program, "train_step", lambda **b: fed.append(b) or step(**b))
+    monkeypatch.setattr(program, "evaluate", lambda **b: evaluated.append(b) or evaluate(**b))
+    Trainer(program, settings, data).fit()
+
+    assert len(fed) == -(-len(y) // settings.batch)
+    for index, batch in zip(batches(len(y), settings.batch, settings.seed, 0), fed):
+        np.testing.assert_array_equal(batch["y"], y[index])          # labels as they were
+        assert batch["x"].shape == x[index].shape and not np.array_equal(batch["x"], x[index])
+    for split in ("val", "test"):                                    # evaluation: the data itself
+        xs, ys = data.splits[split]
+        assert any(np.array_equal(b["x"], xs) and np.array_equal(b["y"], ys) for b in evaluated)
+
+
+def test_a_model_without_image_inputs_is_refused_at_training():
+    program = graphc.compile_source(model_text("[]").replace("f32[N, 64]", "f32[N, 60]"))
+    settings = replace(TrainSettings.of(program), augment=(("shift", {"pixels": 1}),))
+    with pytest.raises(GraphcError, match=r"model m: augment needs image inputs"):
+        Trainer(program, settings, Data({}, Scaler("none"), "x", "y", "generated"))
+
+
+# --- the setting's checks ------------------------------------------------------------------------
+
+def errors_of(text: str, with_model: bool = False) -> list[str]:
+    """Each diagnostic as 'line:col: message | hint'."""
+    try:
+        checked = check_source(text, "aug.nn")
+        if with_model:
+            train_spec.check_train(checked.module.trains[0], checked.src, checked.models["m"])
+    except GraphcError as err:
+        return [f"{d.loc.line}:{d.loc.col}: {d.message} | {d.hint}" for d in err.diagnostics]
+    return []
+
+
+def test_mistakes_in_augment_are_reported_each_at_its_place():
+    text = model_text("[shfit(1), rotate(-3), flip(diagonal), noise(std=-1), crop(0), 3, "
+                      "shift(1, 2)]")
+    assert errors_of(text) == [
+        "10:18: unknown augmentation 'shfit' | did you mean 'shift'? "
+        "(augmentations: shift, rotate, flip, noise, crop)",
+        "10:35: rotate: degrees must be in [0, 180], got -3 | None",
+        "10:45: flip: direction: unknown value 'diagonal' | choose horizontal, vertical",
+        "10:66: noise: std must be >= 0, got -1 | None",
+        "10:76: crop: size must be >= 1, got 0 | None",
+        "10:80: augment must be a list of augmentations | "
+        "for example augment = [shift(2), rotate(10), noise(0.1)]",
+        "10:83: shift takes at most 1 positional argument, got 2 | None",
+    ]
+    assert errors_of(model_text("[blur(2)]")) == [
+        "10:18: unknown augmentation 'blur' | augmentations: shift, rotate, flip, noise, crop"]
+
+
+def test_augment_is_checked_against_the_model_input():
+    assert errors_of(model_text(SOME), with_model=True) == []
+    assert errors_of(model_text("[shift(8), crop(11, pad=1)]"), with_model=True) == [
+        "10:24: shift(8) would move 8 x 8 images out of sight; shift by less than 8 | "
+        "x holds 1 x 8 x 8 images (channels x height x width)",
+        "10:33: crop(11, pad=1): the window is larger than the padded image (10 x 10) | "
+        "x holds 1 x 8 x 8 images (channels x height x width)"]
+    flat = model_text("[shift(1)]").replace("f32[N, 64]", "f32[N, 60]")
+    assert errors_of(flat, with_model=True) == [
+        "10:17: augment needs image inputs: [N, C, H, W], [N, H, W], or [N, D] with D a square "
+        "(one channel of sqrt(D) x sqrt(D), like MNIST's 784 = 28 x 28); x is f32[N, 60] | None"]
+
+
+def test_the_resolved_block_lists_the_augmentations():
+    checked = check_source(model_text("[shift(2), flip(vertical, p=0.25)]"))
+    assert checked.trains["m"].settings["augment"] == [
+        ("shift", {"pixels": 2}), ("flip", {"direction": "vertical", "p": 0.25})]
+    assert check_source(model_text("[]")).trains["m"].settings["augment"] == []
+
+
+# --- graphc train, interrupted and resumed --------------------------------------------------------
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def params_of(run) -> dict[str, np.ndarray]:
+    with np.load(run / "trained" / "params.npz", allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def test_graphc_train_with_augment_resumes_bit_identically(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    source = tmp_path / "aug.nn"
+    source.write_text(model_text())
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    code, out, err = cli(capsys, "train", source, "--out", whole, "--quiet")
+    assert code == 0, err
+    config = json.loads((whole / "config.json").read_text())
+    assert config["settings"]["augment"][0] == ["shift", {"pixels": 1}]
+
+    step = Program.train_step
+    stop_at = 34 + 10                               # 34 steps an epoch: inside epoch 2
+
+    def interrupted(self, **batch):
+        if self.step == stop_at:
+            raise KeyboardInterrupt
+        return step(self, **batch)
+    monkeypatch.setattr(Program, "train_step", interrupted)
+    assert cli(capsys, "train", source, "--out", broken, "--quiet")[0] == 130
+    monkeypatch.setattr(Program, "train_step", step)
+    code, out2, err = cli(capsys, "train", "--resume", broken, "--quiet")
+    assert code == 0, err
+    assert out2 == out
+    a, b = params_of(whole), params_of(broken)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -201,11 +201,25 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
     # A killed trial fails at once (and graphc retries it once) instead of being re-run by the
     # scheduler three times first. The scheduler's web server takes any free port, since
     # another cluster may hold Dask's usual 8787.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), _environment_kept(), \
             LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
                          processes=True, dashboard_address="127.0.0.1:0",
                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
+
+
+@contextlib.contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Dask's nannies set OMP_NUM_THREADS=1, OPENBLAS_NUM_THREADS=1, PYTHONHASHSEED and more in
+    *this* process's environment for the workers they spawn, and leave them there: every process
+    started later (a training run, a test's subprocess) would then sum in another order than this
+    one. They are put back once the cluster is closed."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 # --- the search -----------------------------------------------------------------------------------

@@ -205,6 +205,16 @@ def local_search(client, tmp_path_factory):
     return plan, folder, search, ranked
 
 
+def test_a_local_cluster_leaves_this_process_environment_as_it_was():
+    """Dask's nannies set OPENBLAS_NUM_THREADS=1 (and more) here for their workers; left in place,
+    every later subprocess would run BLAS with another thread count, so other sums."""
+    from graphc.search import dask_client
+    before = dict(os.environ)
+    with dask_client(workers=1) as client:
+        assert client.submit(lambda: os.environ.get("OPENBLAS_NUM_THREADS")).result() == "1"
+    assert dict(os.environ) == before
+
+
 def test_random_search_on_a_local_cluster(local_search):
     plan, folder, search, ranked = local_search
     assert len(ranked) == 4 and len(search.ran) == 4

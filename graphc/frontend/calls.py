@@ -125,6 +125,16 @@ class Layer:
     signature: str
 
 
+def _options(fn: str, call: ast.Call, kwargs: dict, specs: dict[str, Attr]) -> dict:
+    """A layer's keyword options, converted as the op table would; unknown ones named."""
+    for name in kwargs:
+        if name not in specs:
+            raise ArgError(f"{fn} has no option '{name}'", call.kwarg_loc(name),
+                           did_you_mean(name, list(specs)) or f"{fn} takes {', '.join(specs)}")
+    return {name: convert_attr(fn, name, specs[name], value, call.kwarg_loc(name, value=True))
+            for name, value in kwargs.items()}
+
+
 def _linear_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     if len(args) != 2 or not isinstance(args[1], Scalar):
         raise AssertionError("internal error: dispatch sends only linear(x, n) here")
@@ -165,15 +175,7 @@ def _layernorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
         raise ArgError(f"layernorm takes the input only (and eps=), got {len(args)} arguments",
                        call.loc)
     x = b.tensor_arg("layernorm", args[0], call.args[0])
-    unknown = set(kwargs) - {"eps"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise ArgError(f"layernorm has no option '{name}'", call.kwarg_loc(name),
-                       did_you_mean(name, ["eps"]) or "layernorm takes eps")
-    attrs = {}
-    if "eps" in kwargs:
-        attrs["eps"] = convert_attr("layernorm", "eps", Attr("float"), kwargs["eps"],
-                                    call.kwarg_loc("eps", value=True))
+    attrs = _options("layernorm", call, kwargs, {"eps": Attr("float")})
     shape = x.node.type.shape
     if not x.node.type.dtype.is_float or not shape or isinstance(shape[-1], str):
         raise ArgError(f"layernorm: needs floating-point features with a known last axis: "
@@ -237,16 +239,6 @@ def _embedding_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
     table = b.new_param(f"{prefix}.E", TensorType(DType.f32, tuple(sizes)),
                         ("normal", (("mean", 0.0), ("std", 1.0))), "weight", call.loc)
     return b.apply_op("embedding", [x, table], {}, call)
-
-
-def _options(fn: str, call: ast.Call, kwargs: dict, specs: dict[str, Attr]) -> dict:
-    """A layer's keyword options, converted as the op table would; unknown ones named."""
-    for name in kwargs:
-        if name not in specs:
-            raise ArgError(f"{fn} has no option '{name}'", call.kwarg_loc(name),
-                           did_you_mean(name, list(specs)) or f"{fn} takes {', '.join(specs)}")
-    return {name: convert_attr(fn, name, specs[name], value, call.kwarg_loc(name, value=True))
-            for name, value in kwargs.items()}
 
 
 def _conv_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:

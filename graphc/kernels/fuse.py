@@ -258,11 +258,7 @@ class _Planner:
         if isinstance(value, Layout):
             return value
         # A scalar constant read where a buffer is needed (a matrix product): fill one.
-        out = self.new_buffer(node)
-        layout = self.contiguous(node, out)
-        space = node.shape
-        self._emit("fill", space, (), [], [Store(self.access(layout, node.shape, space), value, None, node)],
-                   [node])
+        layout = self._fill(node, value)
         self.values[id(node)] = layout
         return layout
 
@@ -321,19 +317,18 @@ class _Planner:
             start += part.shape[axis]
         self.values[id(node)] = layout
 
-    def _fill(self, node: Node, value) -> Layout:
-        """A new buffer for node, every element set to `value`."""
+    def _fill(self, node: Node, value: Const | SizeOf) -> Layout:
+        """A new buffer for node, every element set to the scalar `value`."""
         out = self.new_buffer(node)
         layout = self.contiguous(node, out)
         self._emit("fill", node.shape, (), [],
-                   [Store(self.access(layout, node.shape, node.shape), Const(value, node.dtype), None, node)],
-                   [node])
+                   [Store(self.access(layout, node.shape, node.shape), value, None, node)], [node])
         return layout
 
     def _pad(self, node: Node) -> None:
         """A filled buffer, then x copied into its interior."""
         x = node.inputs[0]
-        layout = self._fill(node, node.attr["value"])
+        layout = self._fill(node, Const(node.attr["value"], node.dtype))
         offset: Offset = ()
         for lo, stride in zip(node.attr["low"], layout.strides):
             offset = offset_add(offset, smul((lo, ()), stride))
@@ -353,7 +348,7 @@ class _Planner:
         a = node.attr
         k = len(a["kernel"])
         lead = node.type.ndim - k
-        layout = self._fill(node, 0.0)
+        layout = self._fill(node, Const(0.0, node.dtype))
         value = self.values[id(g)]
         space = g.shape[: g.type.ndim - k]
         out_strides = (layout.strides[:lead]

@@ -1,2 +1,12 @@
 """The backends' names, known without importing any of them (the CLI's choices)."""
 BACKEND_NAMES = ("numpy", "llvm", "cuda")
+DEVICES = ("cpu", "cuda")          # a train block's `device`
+
+
+def backend_for(train: dict | None, backend: str | None = None) -> str:
+    """The backend a program runs on: `backend` where one is named (--backend), else the one its
+    train block's `device` asks for: cuda for `cuda`; for `cpu`, the default, numpy (the
+    reference; --backend llvm is the fast one)."""
+    if backend is not None:
+        return backend
+    return "cuda" if (train or {}).get("device") == "cuda" else "numpy"

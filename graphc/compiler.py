@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphc.autodiff import backward_graph
+from graphc.backends import backend_for
 from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean, error
 from graphc.frontend import ast
 from graphc.frontend.builder import ModelBuilder, ModelIR
@@ -132,8 +133,9 @@ def lower(graph: Graph, options: PipelineOptions | None = None) -> Graph:
     return run_pipeline(graph, options)
 
 
-def build_program(checked: CheckedFile, model: str | None = None, backend: str = "numpy",
+def build_program(checked: CheckedFile, model: str | None = None, backend: str | None = "numpy",
                   seed: int | None = None, options: PipelineOptions | None = None) -> Program:
+    """The program of `model` on `backend` (None: the one its train block's `device` asks for)."""
     ir = checked.pick(model)
     train = checked.trains.get(ir.name)
     if seed is None:
@@ -148,7 +150,8 @@ def build_program(checked: CheckedFile, model: str | None = None, backend: str =
         meta["batch_norm"] = norms     # the shapes it normalizes, for Program's batch-of-1 check
     if train is not None:
         meta["train"] = train_settings_json(train)
-    return Program(ir.name, graphs, infos, values, backend=backend, meta=meta, state=state)
+    return Program(ir.name, graphs, infos, values, backend=backend_for(meta.get("train"), backend),
+                   meta=meta, state=state)
 
 
 def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOptions | None = None
@@ -209,9 +212,10 @@ def train_settings_json(train: TrainConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in train.settings.items()}
 
 
-def compile_source(text: str, backend: str = "numpy", model: str | None = None,
+def compile_source(text: str, backend: str | None = "numpy", model: str | None = None,
                    seed: int | None = None, path: str = "<string>") -> Program:
-    """Compile .nn source text. `model` picks one when the text holds several."""
+    """Compile .nn source text. `model` picks one when the text holds several; backend None
+    takes the one its train block's `device` asks for."""
     return build_program(check_source(text, path), model, backend, seed)
 
 
@@ -229,7 +233,8 @@ def read_source(path) -> str:
         raise error(f"cannot read: {err.strerror}", file=path) from None
 
 
-def compile_file(path, backend: str = "numpy", model: str | None = None,
+def compile_file(path, backend: str | None = "numpy", model: str | None = None,
                  seed: int | None = None) -> Program:
-    """Compile a .nn file. `model` picks one when the file holds several."""
+    """Compile a .nn file. `model` picks one when the file holds several; backend None takes
+    the one its train block's `device` asks for."""
     return compile_source(read_source(path), backend, model, seed, str(path))

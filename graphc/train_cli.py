@@ -42,7 +42,8 @@ def add_commands(sub) -> None:
     _add_backend(p)
     p.add_argument("--Werror", action="store_true", dest="werror",
                    help="treat lint warnings (and advice) about the .nn file as errors")
-    p.set_defaults(run=cmd_train)
+    # Without --backend, training runs where the train block's `device` says (backend_for).
+    p.set_defaults(run=cmd_train, backend=None)
 
     p = sub.add_parser("eval", help="score a trained run or an artifact on a data split",
                        description="Evaluate a run folder (or an artifact) on its data.")
@@ -98,6 +99,7 @@ def cmd_train(args) -> int:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
         program, base_dir = _load_trainable(args)
+        program.compile()     # native code now: a missing GPU fails before a run folder exists
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                     seed=args.seed)
         data = prepare_data(program, settings, args.data_dir, base_dir)

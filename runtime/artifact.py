@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import graphc
+from graphc.backends import backend_for
 from graphc.errors import GraphcError, error
 from graphc.ir.serialize import FORMAT as GRAPH_FORMAT
 from graphc.ir.serialize import VERSION as GRAPH_VERSION
@@ -97,8 +98,9 @@ def _shapes(value) -> bool:
         for s in value)
 
 
-def load_artifact(path, backend: str = "numpy"):
-    """Restore a `Program` from an artifact folder. Any problem is a `GraphcError` naming the file."""
+def load_artifact(path, backend: str | None = "numpy"):
+    """Restore a `Program` from an artifact folder, on `backend` (None: the one its train block's
+    `device` asks for). Any problem is a `GraphcError` naming the file."""
     from graphc.runtime.program import ParamInfo, Program, StateInfo
 
     folder = Path(path)
@@ -161,7 +163,8 @@ def load_artifact(path, backend: str = "numpy"):
             or not isinstance(meta.get("train", {}), dict) or not _shapes(meta.get("batch_norm", [])):
         raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad seed, task, train or "
                     f"batch_norm entry")
-    return Program(model, graphs, infos, values, backend=backend, meta=meta, state=state)
+    return Program(model, graphs, infos, values, backend=backend_for(meta.get("train"), backend),
+                   meta=meta, state=state)
 
 
 def _reason(err: Exception) -> str:

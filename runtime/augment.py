@@ -1,6 +1,10 @@
 """Data augmentation of training batches (the train block's `augment`), and a prefetcher that
 prepares the next batch in a background thread while the compiled step runs the current one.
-Randomness comes from (seed, epoch, step) counters, so a resumed run augments exactly as before."""
+Randomness comes from (seed, epoch, step) counters, so a resumed run augments exactly as before.
+
+The pixel work (resampling, noise) has two implementations with the same arithmetic: numpy here,
+the reference, and native kernels (runtime/llvm/image_kernels.py), five to ten times faster and
+free of the GIL, which the Augmenter uses where llvmlite loads."""
 from __future__ import annotations
 
 import math
@@ -67,7 +71,8 @@ def _identity(n: int) -> np.ndarray:
 
 def resample(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
     """out[i, :, r, c] = images[i, :, maps[i] @ (r, c, 1)], zero outside the image: nearest
-    pixel when `exact` (the maps hit pixel centres), else bilinear. Vectorized over the batch."""
+    pixel when `exact` (the maps hit pixel centres), else bilinear. Vectorized over the batch.
+    The source coordinates are float32, clipped to [-1, size]."""
     n, channels, height, width = images.shape
     # A zero border, one pixel before and two after: a source clipped into [-1, size] and its
     # neighbour +1 both fall inside it, reading zeros beyond the image.
@@ -135,7 +140,7 @@ def _grid(height: int, width: int) -> np.ndarray:
 class Augmentation:
     geometric: bool          # an affine map (composed with its geometric neighbours) or a pixel op
     # geometric: (rng, n, (C, H, W), options) -> (maps [n, 3, 3], exact)
-    # pixel: (rng, images [n, C, H, W], options, normals) -> new images
+    # pixel: (rng, images [n, C, H, W], options, normals, kernels) -> new images
     draw: Callable
 
 
@@ -161,13 +166,38 @@ def _crop(rng, n, image, o):
     return crop_maps(tops, lefts, window, pad, height, width), window == (height, width)
 
 
-def _noise(rng, x, o, normals):
+def _noise(rng, x, o, normals, kernels):
     # Each image reads its noise from a random window of the run's bank of normal numbers:
     # drawing 50,000 fresh normals would cost more than a training step of MNIST's MLP.
-    size = x[0].size
-    windows = np.lib.stride_tricks.sliding_window_view(normals, size)
-    noise = windows[rng.integers(0, len(windows), len(x))].reshape(x.shape)
-    return x + (o["std"] * noise).astype(x.dtype, copy=False)
+    offsets = rng.integers(0, len(normals) - x[0].size + 1, len(x))
+    return kernels.add_noise(x, normals, offsets, o["std"])
+
+
+def add_noise(x: np.ndarray, normals: np.ndarray, offsets: np.ndarray, std: float) -> np.ndarray:
+    """x + std * normals[offsets[i]:offsets[i] + size] for each image i of x (size = x[i].size),
+    the product in float32."""
+    windows = np.lib.stride_tricks.sliding_window_view(normals, x[0].size)
+    return x + (std * windows[offsets].reshape(x.shape)).astype(x.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Where the pixel work runs: `resample(images, maps, exact)` and
+    `add_noise(x, normals, offsets, std)`, as defined above."""
+    resample: Callable
+    add_noise: Callable
+
+
+NUMPY = Kernels(resample, add_noise)
+
+
+def native_kernels() -> Kernels | None:
+    """The native kernels, or None where llvmlite does not load (then numpy does the work)."""
+    try:
+        from graphc.runtime.llvm import image_kernels
+    except ImportError:
+        return None
+    return Kernels(image_kernels.resample, image_kernels.add_noise)
 
 
 AUGMENTATIONS = {"shift": Augmentation(True, _shift), "rotate": Augmentation(True, _rotate),
@@ -218,9 +248,11 @@ class Augmenter:
     geometric ones are composed into one affine map per image and sampled once (so no pixels are
     lost between them and interpolation blurs once), pixel ones apply in between."""
 
-    def __init__(self, augment: list, image: tuple[int, int, int], seed: int):
+    def __init__(self, augment: list, image: tuple[int, int, int], seed: int,
+                 kernels: Kernels | None = None):
         self.augment = [(name, dict(options)) for name, options in augment]
         self.image, self.seed = tuple(image), seed
+        self.kernels = kernels or native_kernels() or NUMPY
         # The bank of standard normal numbers that noise reads, drawn once from the seed.
         self.normals = np.random.default_rng([seed, _STREAM]).standard_normal(
             max(NORMALS, 4 * math.prod(image)), dtype=np.float32) if any(
@@ -235,9 +267,12 @@ class Augmenter:
     def __call__(self, x: np.ndarray, epoch: int, step: int) -> np.ndarray:
         """Batch `step` of epoch `epoch`, augmented: a pure function of the batch and the counters."""
         images = x.reshape(len(x), *self.image)
+        # the native kernels take float32 and float64 images
+        kernels = self.kernels if images.dtype in (np.float32, np.float64) else NUMPY
         maps, exact = None, True
-        for index, (name, options) in enumerate(self.augment):
-            rng = np.random.default_rng([self.seed, epoch, step, index, _STREAM])
+        # One generator for the batch (making one costs more than a draw), drawn from in order.
+        rng = np.random.default_rng([self.seed, epoch, step, _STREAM])
+        for name, options in self.augment:
             op = AUGMENTATIONS[name]
             if op.geometric:
                 new, new_exact = op.draw(rng, len(x), self.image, options)
@@ -245,10 +280,10 @@ class Augmenter:
                 exact = exact and new_exact
             else:
                 if maps is not None:
-                    images, maps, exact = resample(images, maps, exact), None, True
-                images = op.draw(rng, images, options, self.normals)
+                    images, maps, exact = kernels.resample(images, maps, exact), None, True
+                images = op.draw(rng, images, options, self.normals, kernels)
         if maps is not None:
-            images = resample(images, maps, exact)
+            images = kernels.resample(images, maps, exact)
         return images.reshape(x.shape)
 
 

@@ -55,10 +55,10 @@ class RunFolder:
     def config(self) -> dict:
         return self.read_json(CONFIG)
 
-    def load_program(self, backend: str = "numpy"):
+    def load_program(self, backend: str | None = "numpy"):
         return load_artifact(self.path / MODEL, backend=backend)
 
-    def load_trained(self, backend: str = "numpy"):
+    def load_trained(self, backend: str | None = "numpy"):
         """The program with the run's final parameters (or, for a run that has not finished,
         those of its last checkpoint); returns it and the checkpoint used."""
         program = self.load_program(backend)

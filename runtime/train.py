@@ -40,6 +40,7 @@ class TrainSettings:
     test: float
     scale: str
     augment: tuple[tuple[str, dict], ...] = ()     # training batches only, in this order
+    device: str = "cpu"                             # the backend without --backend (backend_for)
 
     @property
     def lr(self) -> float:
@@ -61,7 +62,8 @@ class TrainSettings:
                            batch=int(train["batch"]), epochs=int(train["epochs"]),
                            seed=int(train["seed"]), validation=float(train["validation"]),
                            test=float(train["test"]), scale=str(train["scale"]),
-                           augment=tuple(_call(a) for a in train.get("augment") or ()))
+                           augment=tuple(_call(a) for a in train.get("augment") or ()),
+                           device=str(train.get("device", "cpu")))
             if settings.schedule[0] not in SCHEDULES:
                 raise ValueError(f"unknown schedule {settings.schedule[0]!r}")
         except (KeyError, TypeError, ValueError) as err:
@@ -78,7 +80,7 @@ class TrainSettings:
                 "early_stop": ["early_stop", self.early_stop] if self.early_stop else None,
                 "batch": self.batch, "epochs": self.epochs, "seed": self.seed,
                 "validation": self.validation, "test": self.test, "scale": self.scale,
-                "augment": [list(a) for a in self.augment]}
+                "augment": [list(a) for a in self.augment], "device": self.device}
 
 
 def _call(value) -> tuple[str, dict]:
@@ -292,7 +294,7 @@ class Trainer:
     def checkpoint_state(self) -> dict:
         return {"loop": self.loop.to_json(), "seed": self.settings.seed,
                 "rng": {"shuffle": "numpy default_rng([seed, epoch])",
-                        "augment": "numpy default_rng([seed, epoch, batch, augmentation, tag])",
+                        "augment": "numpy default_rng([seed, epoch, batch, tag])",
                         "dropout": "key (seed << 32 | step)", "step": self.program.step}}
 
 

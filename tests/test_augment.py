@@ -130,6 +130,56 @@ def test_composed_geometric_ops_match_applying_them_one_by_one():
     np.testing.assert_array_equal(resample(x, shift @ flip, True), one_by_one)
 
 
+# --- the native kernels against the numpy reference --------------------------------------------
+
+def _random_maps(rng, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(exact maps: shifts, flips and crops; blending maps: rotations and stretching crops)."""
+    exact = (shift_maps(rng.integers(-3, 4, n), rng.integers(-3, 4, n))
+             @ flip_maps(rng.random(n) < 0.5, 1, w) @ flip_maps(rng.random(n) < 0.5, 0, h)
+             @ crop_maps(rng.integers(0, 5, n), rng.integers(0, 5, n), (h, w), 2, h, w))
+    blend = (rotation_maps(rng.uniform(-180, 180, n), h, w)
+             @ crop_maps(rng.integers(0, 3, n), rng.integers(0, 3, n), (h - 2, w - 3), 1, h, w))
+    return exact, blend
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (1, 2, 1, 6)])
+def test_native_resampling_matches_the_numpy_reference(dtype, shape):
+    """Same pixels for copies; blends within float32 rounding of the coordinates (numpy's
+    product of the maps and the pixel grid is a BLAS call, the kernel's a multiply-add)."""
+    native = augment.native_kernels()
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(dtype)
+    exact, blend = _random_maps(rng, shape[0], *shape[2:])
+    out = native.resample(x, exact, True)
+    assert out.dtype == dtype and out.shape == shape
+    np.testing.assert_array_equal(out, resample(x, exact, True))
+    np.testing.assert_array_equal(native.resample(x, blend, True), resample(x, blend, True))
+    np.testing.assert_allclose(native.resample(x, blend, False), resample(x, blend, False),
+                               atol=2e-5 * np.abs(x).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_native_noise_is_the_reference_bit_for_bit(dtype):
+    native = augment.native_kernels()
+    rng = np.random.default_rng(1)
+    x, normals = rng.random((9, 2, 5, 5)).astype(dtype), rng.standard_normal(500, np.float32)
+    offsets = rng.integers(0, 500 - 50 + 1, 9)
+    offsets[0], offsets[-1] = 0, 450                     # both ends of the bank
+    out = native.add_noise(x, normals, offsets, 0.3)
+    assert out.dtype == dtype and out is not x
+    np.testing.assert_array_equal(out, augment.add_noise(x, normals, offsets, 0.3))
+
+
+def test_the_augmenter_runs_natively_and_agrees_with_numpy():
+    x = np.random.default_rng(2).random((32, 64), dtype=np.float32)
+    flip = ("flip", {"direction": "horizontal", "p": 0.5})
+    ops = [("noise", {"std": 0.1}), ("shift", {"pixels": 1}), flip]
+    native, reference = Augmenter(ops, (1, 8, 8), 5), Augmenter(ops, (1, 8, 8), 5, augment.NUMPY)
+    assert native.kernels is not augment.NUMPY
+    np.testing.assert_array_equal(native(x, 2, 7), reference(x, 2, 7))
+
+
 def test_image_shapes_are_inferred_from_the_input():
     assert image_shape(("N", 784)) == (1, 28, 28)
     assert image_shape(("N", 64)) == (1, 8, 8)

@@ -6,6 +6,7 @@ block training for two epochs."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -528,6 +529,28 @@ def test_train_a_built_artifact(short_run, tmp_path, capsys):
     # the artifact holds the same initial parameters and train block as the .nn file
     assert same_params(params_of(run), params_of(short_run))
     assert scores(run) == scores(short_run)
+
+
+def test_device_picks_the_backend_unless_one_is_named(tmp_path, capsys):
+    """`device = cuda` trains on the cuda backend; without pycuda or a GPU that is one clear
+    error before any run folder exists. --backend overrides the device, and the run records it."""
+    source = tmp_path / "m.nn"
+    source.write_text((REPO / DIGITS_MLP).read_text().replace("seed", "device = cuda\n    seed"))
+    assert graphc.compile_file(REPO / DIGITS_MLP, backend=None).backend == "numpy"   # cpu
+    program = graphc.compile_file(source, backend=None)
+    assert program.backend == "cuda" and program.meta["train"]["device"] == "cuda"
+    assert graphc.compile_file(source, backend="llvm").backend == "llvm"
+    if importlib.util.find_spec("pycuda") is None:
+        code, _, err = cli(capsys, "train", source, "--out", tmp_path / "gpu", "--quiet")
+        clean_error(code, err)
+        assert "the cuda backend needs pycuda" in err and not (tmp_path / "gpu").exists()
+    run = tmp_path / "cpu"
+    code, _, err = cli(capsys, "train", source, "--backend", "numpy", "--epochs", 1,
+                       "--out", run, "--quiet")
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["settings"]["device"] == "cuda"
+    assert load_artifact(run / "model").backend == "numpy"        # loading names no backend
+    assert load_artifact(run / "model", backend=None).backend == "cuda"
 
 
 def test_train_needs_a_train_block(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphc.backends import DEVICES
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.ir.node import topo_order
@@ -82,6 +83,8 @@ SETTINGS = {
                                                  high_open=True)),
     "test": ("the test fraction", Opt("float", 0.2, low=0, high=1, low_open=True, high_open=True)),
     "scale": ("input scaling", Opt("choice", "unit", choices=SCALINGS)),
+    # Where `graphc train` runs the step when --backend does not say (graphc.backends.backend_for).
+    "device": ("the device", Opt("choice", "cpu", choices=DEVICES)),
     # Gradient clipping before the optimizer sees the gradients (PyTorch's clip_grad_value_ and
     # clip_grad_norm_); off unless set.
     "clip_grad_value": ("the gradient clipping value", Opt("float", None, low=0, low_open=True)),

@@ -46,6 +46,9 @@ static gc_dim3 blockDim, gridDim;
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct alignas(16) float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 typedef unsigned short __half;          // f16 is not emulated
 static std::barrier<>* gc_block;
 static std::vector<std::barrier<>*> gc_warp_barrier;
@@ -141,7 +144,7 @@ class Emulated:
     def run(self, key: str, feeds: dict, params: dict, state: dict, dims: dict) -> dict:
         """Outputs of graph `key`; params and state are updated in place where the plan says."""
         plan = self.plans[key]
-        arena = plan_arena(plan, dims)
+        arena = plan_arena(codegen.launched(plan), dims)
         memory = np.zeros(arena.size + ALIGN, dtype=np.uint8)
         base = memory.ctypes.data + (-memory.ctypes.data) % ALIGN
         pointers = {b: base + off for b, off in arena.offsets.items()}

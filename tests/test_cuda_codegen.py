@@ -18,6 +18,7 @@ from graphc.cli import main
 from graphc.ir.primitives import hash32
 from graphc.ir.types import DType
 from graphc.kernels import plan_kernels
+from graphc.kernels.memory import plan_arena
 from graphc.runtime.cuda import codegen
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,14 +89,110 @@ def test_each_kernel_gets_the_shape_of_launch_its_work_wants():
     kinds = {launch.kind for launch in launches["train_step"]}
     assert kinds == {"points", "rows", "outputs", "gemm"}
     plan = plan_kernels(program.graphs["train_step"])
-    assert [launch.index for launch in launches["train_step"]] == list(range(len(plan.kernels)))
+    # Every kernel of the plan runs in exactly one launch; fewer launches than kernels.
+    ran = sorted(i for launch in launches["train_step"] for i in launch.kernels)
+    assert ran == list(range(len(plan.kernels)))
+    assert len(launches["train_step"]) < len(plan.kernels)
     # Softmax rows reduce with warp shuffles; bias gradients (columns) with a thread per column.
     assert "__shfl_down_sync" in text
-    for launch, kernel in zip(launches["train_step"], plan.kernels):
+    for launch in launches["train_step"]:
+        head = plan.kernels[launch.index]
+        assert launch.index == launch.kernels[0]
         if launch.kind == "gemm":
-            assert kernel.matmul is not None
+            assert head.matmul is not None
         if launch.kind == "outputs":
-            assert 0 in kernel.reduce_axes
+            assert 0 in head.reduce_axes
+
+
+def _written_params(plan, launch) -> set[str]:
+    real = {b.id: plan.buffers[plan.aliases.get(b.id, b.id)] for b in plan.buffers}
+    return {real[s.access.buffer].name for i in launch.kernels for s in plan.kernels[i].stores
+            if real[s.access.buffer].kind == "param"}
+
+
+@pytest.mark.parametrize("path", ["bench/models/mnist_mlp.nn", "models/digits_adamw.nn",
+                                  "models/digits_nesterov.nn", "models/digits_rmsprop.nn",
+                                  "models/digits_adagrad.nn"])
+def test_the_optimizer_updates_every_parameter_in_at_most_one_launch_besides_gemms(path):
+    """Weights are updated in the epilogue of the GEMM computing their gradient; what is left
+    (the biases) in one launch over the concatenation of their spaces."""
+    program = graphc.compile_file(path)
+    plan = plan_kernels(program.graphs["train_step"])
+    _, launches = codegen.render_module({"train_step": plan})
+    updating = [launch for launch in launches["train_step"] if _written_params(plan, launch)]
+    assert set().union(*(_written_params(plan, launch) for launch in updating)) == set(program.params)
+    others = [launch for launch in updating if launch.kind != "gemm"]
+    assert len(others) <= 1
+    weights = {name for name, value in program.params.items() if value.ndim == 2}
+    for launch in updating:
+        if launch.kind == "gemm":
+            assert len(launch.kernels) >= 2 and _written_params(plan, launch) <= weights
+    if others:
+        (grouped,) = others
+        assert grouped.kind == "points" and len(grouped.kernels) == len(program.params) - len(weights)
+        assert grouped.kernel.startswith("gc_updates_")
+
+
+def test_gemm_epilogues_fuse_bias_activation_and_the_relu_mask():
+    program = graphc.compile_file("bench/models/mnist_mlp.nn")
+    plans = _plans(program)
+    text, launches = codegen.render_module(plans)
+    plan = plans["train_step"]
+    ops = [{n.op for i in launch.kernels[1:] for n in plan.kernels[i].nodes}
+           for launch in launches["train_step"] if launch.kind == "gemm"]
+    assert {"add", "relu"} <= ops[0]                # x @ W1 + b1, relu
+    assert any("where" in o for o in ops)           # the gradient mask of relu
+    # The product feeding an epilogue alone is never stored: the first launch writes h's
+    # pre-activation (the mask reads it later) and h, not x @ W1.
+    first = launches["train_step"][0]
+    product = plan.kernels[first.kernels[0]].stores[0].access.buffer
+    assert product not in first.buffers
+
+
+def test_launch_order_keeps_the_arena_safe():
+    """A launch's buffers are all alive at its position of the launch order, so the arena never
+    places two of them in the same memory."""
+    from graphc.kernels.memory import lifetimes
+    program = graphc.compile_file("bench/models/mnist_mlp.nn")
+    plan = plan_kernels(program.graphs["train_step"])
+    launched = codegen.launched(plan)
+    arena = plan_arena(launched, {"N": 64})
+    live = lifetimes(launched)
+    sizes = {b.id: b.elements[0] * 64 ** len(b.elements[1]) * 4 for b in plan.buffers}
+    for i, kernel in enumerate(launched.kernels):
+        touched = sorted({a.buffer for a in kernel.loads} | {s.access.buffer for s in kernel.stores})
+        spans = [(arena.offsets[b], arena.offsets[b] + sizes[b]) for b in touched if b in arena.offsets]
+        assert all(live[b][0] <= i <= live[b][1] for b in touched if b in live)
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"launch {i} overlaps"
+
+
+def test_f32_gemm_tiles_load_four_floats_at_once_with_a_scalar_fallback():
+    program = graphc.compile_file("models/backprop_example.nn")
+    text, _ = codegen.render_module(_plans(program))
+    assert "reinterpret_cast<const float4*>(A + " in text and "reinterpret_cast<const float4*>(B + " in text
+    assert "vec_A && " in text and "} else {" in text
+
+
+@needs_nvcc
+def test_tf32_gemms_use_the_tensor_cores_and_compile(tmp_path):
+    program = graphc.compile_file("bench/models/mnist_mlp.nn")
+    plans = _plans(program)
+    text, launches = codegen.render_module(plans, precision="tf32")
+    assert text.count("nvcuda::wmma::mma_sync") == len(
+        {launch.kernel for graph in launches.values() for launch in graph if launch.kind == "gemm"})
+    assert "__float_to_tf32" in text and "#include <mma.h>" in text
+    assert "nvcuda::wmma" not in codegen.render_module(plans)[0]      # f32 is the default
+    done = _nvcc(text, tmp_path, "tf32", "-Xptxas", "-v")
+    assert done.returncode == 0 and "warning" not in done.stderr.lower(), done.stderr[-3000:]
+    _assert_gemm_tiles_do_not_spill(done.stderr)
+
+
+def test_f64_gemms_stay_on_the_fma_units_under_tf32():
+    program = graphc.compile_source(
+        "model m { input x: f64[N, 8]\n param W: f64[8, 4] = zeros()\n y = x @ W\n output y }")
+    kernels = codegen.render_module(_plans(program), precision="tf32")[0].split("#include <mma.h>")[1]
+    assert "gc_matmul" in kernels and "wmma" not in kernels and "float4" not in kernels
 
 
 def test_graphs_share_their_kernels_once():

@@ -10,17 +10,20 @@ in the graph. A kernel's blocks return at once when `status` already holds a fai
 failed check (a label out of range) writes anything: the step stops before any update, as on the
 other backends, without the host synchronizing after each launch.
 
+Launches (schedule.py): a GEMM runs the elementwise kernels that read its result point by point
+as its epilogue (bias, activation, ReLU's gradient mask, a weight's optimizer update); the other
+optimizer updates share one launch over the concatenation of their spaces.
+
 Kernel shapes:
 - elementwise: one thread per point of the (coalesced) iteration space, grid-stride;
 - reductions over trailing axes (softmax rows, the loss): one warp per output row, lanes striding
   along the row, combined with warp shuffles;
 - other reductions (bias gradients: columns): one thread per output element, consecutive threads
   on consecutive columns, so reads are coalesced;
-- matrix products: a tiled GEMM, BM x BN output tiles in shared memory over BK-deep slices of K,
-  each thread a 4 x 4 register block; operands of any strides (transposes are strides), the tile
-  loads ordered along whichever axis is contiguous.
+- matrix products: the tiled GEMM of gemm.py (float4 tile loads where the operand allows, TF32
+  tensor cores behind `precision="tf32"`).
 f32 arithmetic is IEEE (nvcc's defaults: -prec-div, -prec-sqrt; multiply-adds may contract into
-FMAs, as on the llvm backend).
+FMAs, as on the llvm backend), except TF32 GEMMs, which round their inputs (docs/cuda.md).
 """
 from __future__ import annotations
 
@@ -46,13 +49,16 @@ from graphc.kernels.ir import (
     sprod,
     sstr,
 )
+from graphc.runtime.cuda import gemm
+from graphc.runtime.cuda.schedule import Group, as_launched, schedule
 
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"
 STORE_TYPE = {DType.f16: "__half", DType.f32: "float", DType.f64: "double", DType.i32: "int",
               DType.i64: "long long", DType.bool: "unsigned char"}
 VALUE_TYPE = {**STORE_TYPE, DType.f16: "float", DType.bool: "bool"}   # half computes in float
 BLOCK = 256                     # threads per block of elementwise and reduction kernels
-GEMM_BM, GEMM_BN, GEMM_BK, GEMM_THREADS = 64, 64, 16, 256
+GEMM_BM, GEMM_BN, GEMM_THREADS = gemm.BM, gemm.BN, gemm.THREADS
+PRECISIONS = gemm.PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,9 @@ class Launch:
     kernel: str
     buffers: tuple[int, ...]
     kind: str                   # "points" | "rows" | "outputs" | "gemm"
-    work: tuple                 # sizes the grid is computed from (monomials)
-    index: int                  # the kernel's position in its graph (for failed checks)
+    work: tuple                 # sizes the grid is computed from (monomials; points: their sum)
+    index: int                  # the first kernel's position in its graph (for failed checks)
+    kernels: tuple[int, ...] = ()   # the plan's kernels it runs, in order
 
 
 def _comment(text: str) -> str:
@@ -141,7 +148,9 @@ class _Body:
 
 
 class Module:
-    def __init__(self):
+    def __init__(self, precision: str = "f32"):
+        assert precision in PRECISIONS, f"internal error: unknown precision {precision}"
+        self.precision = precision
         self.functions: dict[str, str] = {}      # name -> source; equal kernels once
         self.tables: list[str] = []
         self.launches: dict[str, list[Launch]] = {}
@@ -162,31 +171,37 @@ class Module:
     def offset(self, offset) -> str:
         return " + ".join(self.size(t) for t in offset) if offset else "0"
 
-    # --- kernels ---------------------------------------------------------------------------------
+    # --- launches --------------------------------------------------------------------------------
 
-    def render_kernel(self, kernel: Kernel, index: int) -> Launch:
-        kernel = coalesce(kernel)
-        buffers = sorted({self.resolve(a.buffer) for a in kernel.loads}
-                         | {self.resolve(s.access.buffer) for s in kernel.stores})
+    def render_launch(self, group: Group) -> Launch:
+        """One `__global__` function running the group's kernels (see schedule.py)."""
+        kernels = [self.plan.kernels[i] for i in group.kernels]
+        if group.kind != "gemm":
+            kernels = [coalesce(k) for k in kernels]
+        buffers = sorted({self.resolve(a.buffer) for k in kernels for a in k.loads}
+                         | {self.resolve(s.access.buffer) for k in kernels for s in k.stores})
+        if group.kind == "gemm" and len(kernels) > 1:
+            # An epilogue's results stay in registers where nothing else reads them.
+            dropped = {self.resolve(s.access.buffer) for k in kernels for s in k.stores
+                       if not self._needed(s.access.buffer, group)}
+            buffers = [b for b in buffers if b not in dropped]
         self.args = {b: f"b{i}" for i, b in enumerate(buffers)}
-        self.kernel = kernel
-        written = {self.resolve(s.access.buffer) for s in kernel.stores}
-        dtypes = {}
-        for b in buffers:
-            dtypes[b] = self.plan.buffers[b].dtype
+        self.kernel = kernels[0]
+        written = {self.resolve(s.access.buffer) for k in kernels for s in k.stores}
         params = ", ".join(
-            f"{'' if b in written else 'const '}{STORE_TYPE[dtypes[b]]}* __restrict__ {self.args[b]}"
-            for b in buffers)
+            f"{'' if b in written else 'const '}{STORE_TYPE[self.plan.buffers[b].dtype]}* "
+            f"__restrict__ {self.args[b]}" for b in buffers)
         body = _Body()
-        if kernel.matmul is not None and self._gemm_ok(kernel):
+        kernel = kernels[0]
+        if group.kind == "gemm":
             kind, work = "gemm", (kernel.space[0], kernel.space[2])
             # Two blocks per multiprocessor: with the block size alone, ptxas spills a few
             # registers of some tiles (seen with K = 128, N = 3136) that fit without spilling.
             bounds = f"__launch_bounds__({GEMM_THREADS}, 2) "
-            self._gemm(body, kernel)
-        elif not kernel.reduce_axes:
-            kind, work, bounds = "points", (sprod(kernel.space),), ""
-            self._points(body, kernel)
+            self._gemm(body, kernels, group)
+        elif group.kind == "points" or not kernel.reduce_axes:
+            kind, work, bounds = "points", tuple(sprod(k.space) for k in kernels), ""
+            self._points(body, kernels)
         elif self._trailing(kernel):
             outer = kernel.space[: min(kernel.reduce_axes)]
             kind, work, bounds = "rows", (sprod(outer),), ""
@@ -203,13 +218,15 @@ class Module:
                 "    __syncthreads();\n"
                 "    if (stop) return;\n"
                 + "".join(f"    {line}\n" for line in body.lines) + "}\n")
-        header = (f"// {_comment(kernel.label)}: space [{', '.join(sstr(s) for s in kernel.space)}]"
-                  + (f", reduce {list(kernel.reduce_axes)}" if kernel.reduce_axes else "")
-                  + f"; {kind}")
-        name = f"gc_{kernel.name.split('_', 1)[-1]}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+        header = "\n".join(
+            f"// {_comment(k.label)}: space [{', '.join(sstr(s) for s in k.space)}]"
+            + (f", reduce {list(k.reduce_axes)}" if k.reduce_axes else "") for k in kernels)
+        header += f"\n// {kind}" + (f" ({len(kernels)} kernels in one launch)" if len(kernels) > 1 else "")
+        stem = "updates" if group.kind == "points" and len(kernels) > 1 else kernel.name.split("_", 1)[-1]
+        name = f"gc_{stem}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
         self.functions.setdefault(
             name, f'{header}\nextern "C" __global__ void {bounds}{name}{text}')
-        return Launch(name, tuple(buffers), kind, work, index)
+        return Launch(name, tuple(buffers), kind, work, group.kernels[0], group.kernels)
 
     def _trailing(self, kernel: Kernel) -> bool:
         r = len(kernel.space)
@@ -228,16 +245,35 @@ class Module:
                 rem = body.let("i64", f"{rem} / {size}", "q")
         return index
 
-    def _points(self, body: _Body, kernel: Kernel) -> None:
-        total = body.let("i64", self.size(sprod(kernel.space)), "total")
-        body.do(f"for (i64 p = blockIdx.x * (i64)blockDim.x + threadIdx.x; p < {total}; "
+    def _points(self, body: _Body, kernels: list[Kernel]) -> None:
+        """One thread per point, grid-stride over the concatenation of the kernels' spaces (the
+        optimizer's updates of every parameter in one launch): each point runs the kernel whose
+        part of the concatenation it falls in."""
+        ends: list[str] = []
+        for k in kernels:
+            size = self.size(sprod(k.space))
+            ends.append(body.let("i64", f"{ends[-1]} + {size}" if ends else size, "end"))
+        body.do(f"for (i64 p = blockIdx.x * (i64)blockDim.x + threadIdx.x; p < {ends[-1]}; "
                 "p += (i64)blockDim.x * gridDim.x) {")
-        inner = _Body()
-        index = self._decompose(inner, "p", list(range(len(kernel.space))), "i")
-        values = _Values(self, inner, index, "p")
-        for s in kernel.stores:
-            self._store(inner, s.access, s.expr.dtype, values.expr(s.expr), index)
-        body.lines += ["    " + line for line in inner.lines] + ["}"]
+        for n, k in enumerate(kernels):
+            self.kernel = k
+            inner = _Body()
+            inner.counter = body.counter
+            at = "p" if n == 0 else inner.let("i64", f"p - {ends[n - 1]}", "q")
+            index = self._decompose(inner, at, list(range(len(k.space))), "i")
+            values = _Values(self, inner, index, at)
+            for s in k.stores:
+                self._store(inner, s.access, s.expr.dtype, values.expr(s.expr), index)
+            body.counter = inner.counter
+            if len(kernels) == 1:
+                body.lines += ["    " + line for line in inner.lines]
+                continue
+            opening = "if" if n == 0 else "} else if"
+            body.do(f"    {opening} (p < {ends[n]}) {{" if n < len(kernels) - 1 else "    } else {")
+            body.lines += ["        " + line for line in inner.lines]
+        if len(kernels) > 1:
+            body.do("    }")
+        body.do("}")
 
     def _rows(self, body: _Body, kernel: Kernel) -> None:
         first = min(kernel.reduce_axes)
@@ -315,85 +351,58 @@ class Module:
 
     # --- matrix products -------------------------------------------------------------------------
 
-    def _gemm_ok(self, kernel: Kernel) -> bool:
-        (store,) = kernel.stores
-        e = store.expr
-        return (store.reduce == "sum" and isinstance(e, Op) and e.op == "mul"
-                and all(isinstance(x, Load) for x in e.args) and e.dtype in (DType.f32, DType.f64)
-                and all(x.dtype is e.dtype for x in e.args) and len(kernel.space) == 3)
-
-    def _gemm(self, body: _Body, kernel: Kernel) -> None:
-        """C[m, n] = sum_k A[m, k] B[k, n]: a BM x BN tile per block, BK-deep slices of K
-        through shared memory, a 4 x 4 block of C per thread in registers."""
-        (store,) = kernel.stores
+    def _gemm(self, body: _Body, kernels: list[Kernel], group: Group) -> None:
+        """The tiled GEMM (gemm.py) of kernels[0]; the other kernels are its epilogue."""
+        head, epilogue = kernels[0], kernels[1:]
+        (store,) = head.stores
         a_load, b_load = store.expr.args
-        ta = STORE_TYPE[store.expr.dtype]
-        acc_a, acc_b = kernel.loads[a_load.access], kernel.loads[b_load.access]
+        acc_a, acc_b = head.loads[a_load.access], head.loads[b_load.access]
         out = store.access
-        m, k, n = (self.size(s) for s in kernel.space)
 
         def stride(access, axis):
             return self.size(access.strides[axis]) if access.strides[axis][0] else "0LL"
-        bm, bn, bk = GEMM_BM, GEMM_BN, GEMM_BK
-        lines = [
-            f"const i64 M = {m}, K = {k}, N = {n};",
-            f"__shared__ {ta} As[{bk}][{bm} + 1];",
-            f"__shared__ {ta} Bs[{bk}][{bn} + 1];",
-            f"const {ta}* A = {self.args[self.resolve(acc_a.buffer)]} + ({self.offset(acc_a.offset)});",
-            f"const {ta}* B = {self.args[self.resolve(acc_b.buffer)]} + ({self.offset(acc_b.offset)});",
-            f"{ta}* C = {self.args[self.resolve(out.buffer)]} + ({self.offset(out.offset)});",
-            f"const i64 sam = {stride(acc_a, 0)}, sak = {stride(acc_a, 1)};",
-            f"const i64 sbk = {stride(acc_b, 1)}, sbn = {stride(acc_b, 2)};",
-            f"const i64 scm = {stride(out, 0)}, scn = {stride(out, 2)};",
-            f"const i64 m0 = (i64)blockIdx.y * {bm}, n0 = (i64)blockIdx.x * {bn};",
-            "const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;",
-            f"{ta} acc[4][4];",
-            "#pragma unroll",
-            "for (int i = 0; i < 4; ++i)",
-            "    #pragma unroll",
-            "    for (int j = 0; j < 4; ++j) acc[i][j] = 0;",
-            f"for (i64 k0 = 0; k0 < K; k0 += {bk}) {{",
-        ]
-        # Tile loads walk the operand's contiguous axis with consecutive threads (coalesced).
-        a_k_fast = acc_a.strides[1] == ONE
-        b_n_fast = acc_b.strides[2] == ONE or acc_b.strides[1] != ONE
-        lines += [
-            f"    for (int t = threadIdx.x; t < {bm * bk}; t += {GEMM_THREADS}) {{",
-            (f"        const int kk = t % {bk}, mm = t / {bk};" if a_k_fast
-             else f"        const int mm = t % {bm}, kk = t / {bm};"),
-            "        const i64 gm = m0 + mm, gk = k0 + kk;",
-            "        As[kk][mm] = (gm < M && gk < K) ? A[gm * sam + gk * sak] : 0;",
-            "    }",
-            f"    for (int t = threadIdx.x; t < {bk * bn}; t += {GEMM_THREADS}) {{",
-            (f"        const int nn = t % {bn}, kk = t / {bn};" if b_n_fast
-             else f"        const int kk = t % {bk}, nn = t / {bk};"),
-            "        const i64 gk = k0 + kk, gn = n0 + nn;",
-            "        Bs[kk][nn] = (gk < K && gn < N) ? B[gk * sbk + gn * sbn] : 0;",
-            "    }",
-            "    __syncthreads();",
-            "    #pragma unroll",
-            f"    for (int kk = 0; kk < {bk}; ++kk) {{",
-            f"        {ta} a[4], b[4];",
-            "        #pragma unroll",
-            "        for (int i = 0; i < 4; ++i) { a[i] = As[kk][ty + 16 * i]; b[i] = Bs[kk][tx + 16 * i]; }",
-            "        #pragma unroll",
-            "        for (int i = 0; i < 4; ++i)",
-            "            #pragma unroll",
-            "            for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];",
-            "    }",
-            "    __syncthreads();",
-            "}",
-            "#pragma unroll",
-            "for (int i = 0; i < 4; ++i) {",
-            "    const i64 gm = m0 + ty + 16 * i;",
-            "    #pragma unroll",
-            "    for (int j = 0; j < 4; ++j) {",
-            "        const i64 gn = n0 + tx + 16 * j;",
-            "        if (gm < M && gn < N) C[gm * scm + gn * scn] = acc[i][j];",
-            "    }",
-            "}",
-        ]
-        body.lines += lines
+
+        def pointer(access):
+            return f"{self.args[self.resolve(access.buffer)]} + ({self.offset(access.offset)})"
+        strides = {"sam": stride(acc_a, 0), "sak": stride(acc_a, 1), "sbk": stride(acc_b, 1),
+                   "sbn": stride(acc_b, 2), "scm": stride(out, 0), "scn": stride(out, 2)}
+        pointers = {"A": pointer(acc_a), "B": pointer(acc_b)}
+        point = self._epilogue(head, epilogue, group) if epilogue else None
+        if point is None:
+            pointers["C"] = pointer(out)
+        body.lines += gemm.render(acc_a, acc_b, out, tuple(self.size(s) for s in head.space),
+                                  strides, pointers, STORE_TYPE[store.expr.dtype], self.precision,
+                                  point)
+
+    def _needed(self, buffer: int, group: Group) -> bool:
+        """Must the launch store this result: does anything outside it read the buffer?"""
+        b = self.resolve(buffer)
+        return (self.plan.buffers[b].kind != "temp" or b in self.outputs
+                or bool(self.readers.get(b, set()) - set(group.kernels)))
+
+    def _epilogue(self, head: Kernel, epilogue: list[Kernel], group: Group):
+        """What the GEMM does at each element of C: the epilogue kernels at that point, reading
+        the product (and each other's results) from registers; results that nothing outside the
+        launch reads are never stored."""
+        def needed(buffer: int) -> bool:
+            return self._needed(buffer, group)
+
+        def point(value: str, gm: str, gn: str) -> list[str]:
+            body = _Body()
+            out = head.stores[0].access
+            held = {(self.resolve(out.buffer), (out.strides[0], out.strides[2]), out.offset): value}
+            if needed(out.buffer):
+                self._store(body, out, head.stores[0].expr.dtype, value, {0: gm, 2: gn})
+            for k in epilogue:
+                self.kernel = k
+                values = _Values(self, body, {0: gm, 1: gn}, "0", held)
+                for s in k.stores:
+                    v = values.expr(s.expr)
+                    if needed(s.access.buffer):
+                        self._store(body, s.access, s.expr.dtype, v, {0: gm, 1: gn})
+                    held[(self.resolve(s.access.buffer), s.access.strides, s.access.offset)] = v
+            return body.lines
+        return point
 
     # --- values, stores, reductions ----------------------------------------------------------------
 
@@ -440,7 +449,12 @@ class Module:
 
     def render_graph(self, key: str, plan: KernelPlan) -> None:
         self.plan = plan
-        launches = [self.render_kernel(kernel, i) for i, kernel in enumerate(plan.kernels)]
+        self.readers: dict[int, set[int]] = {}
+        for i, k in enumerate(plan.kernels):
+            for a in k.loads:
+                self.readers.setdefault(self.resolve(a.buffer), set()).add(i)
+        self.outputs = {self.resolve(access.buffer) for _, access, _, _ in plan.outputs}
+        launches = [self.render_launch(group) for group in schedule(plan)]
         self.launches[key] = launches
         lines = [f"// graph {_comment(plan.name)} ({key}): {len(launches)} launches, "
                  f"{len(plan.buffers)} buffers; symbols: {', '.join(plan.symbols) or 'none'}"]
@@ -449,20 +463,25 @@ class Module:
             lines.append(f"//   b{buf.id}: {buf.kind} {_comment(buf.name or '')} {buf.dtype}"
                          f"[{', '.join(sstr(s) for s in buf.shape)}]{where}")
         for launch in launches:
-            lines.append(f"//   {launch.index}: {launch.kernel}<<<{launch.kind} of "
-                         f"{' x '.join(sstr(s) for s in launch.work)}>>>("
+            joined = " + " if launch.kind == "points" else " x "
+            runs = ",".join(f"k{i}" for i in launch.kernels)
+            lines.append(f"//   {runs}: {launch.kernel}<<<{launch.kind} of "
+                         f"{joined.join(sstr(s) for s in launch.work)}>>>("
                          f"{', '.join(f'b{b}' for b in launch.buffers)})")
         self.tables.append("\n".join(lines))
 
     def text(self) -> str:
-        return "\n".join([PRELUDE] + list(self.functions.values()) + self.tables) + "\n"
+        prelude = PRELUDE + ("#include <mma.h>\n" if self.precision == "tf32" else "")
+        return "\n".join([prelude] + list(self.functions.values()) + self.tables) + "\n"
 
 
 class _Values:
     """C expressions of a kernel's values at one point, each computed once."""
 
-    def __init__(self, module: Module, body: _Body, index: dict[int, str], flat: str):
+    def __init__(self, module: Module, body: _Body, index: dict[int, str], flat: str,
+                 held: dict | None = None):
         self.m, self.body, self.index, self.flat = module, body, index, flat
+        self.held = held or {}          # (buffer, strides, offset) -> a value already in a register
         self.memo: dict = {}
 
     def expr(self, e) -> str:
@@ -470,7 +489,10 @@ class _Values:
             return self.memo[e]
         m, body = self.m, self.body
         if isinstance(e, Load):
-            v = body.let(VALUE_TYPE[e.dtype], m.load(m.kernel.loads[e.access], e.dtype, self.index))
+            a = m.kernel.loads[e.access]
+            v = self.held.get((m.resolve(a.buffer), a.strides, a.offset))
+            if v is None:
+                v = body.let(VALUE_TYPE[e.dtype], m.load(a, e.dtype, self.index))
         elif isinstance(e, Const):
             v = literal(e.value, e.dtype)
         elif isinstance(e, SizeOf):
@@ -551,9 +573,18 @@ LOWER = {
 }
 
 
-def render_module(plans: dict[str, KernelPlan]) -> tuple[str, dict[str, list[Launch]]]:
-    """One translation unit for the graphs of a program, and each graph's launches."""
-    module = Module()
+def render_module(plans: dict[str, KernelPlan], precision: str = "f32"
+                  ) -> tuple[str, dict[str, list[Launch]]]:
+    """One translation unit for the graphs of a program, and each graph's launches.
+    `precision`: "f32" (IEEE f32 throughout) or "tf32" (f32 GEMMs on the tensor cores)."""
+    module = Module(precision)
     for key, plan in plans.items():
         module.render_graph(key, plan)
     return module.text(), module.launches
+
+
+def launched(plan: KernelPlan) -> KernelPlan:
+    """The plan with one kernel per launch, in launch order: what the arena must be planned on
+    (`plan_arena(launched(plan), dims)`), since a launch may run kernels that the plan's order
+    keeps apart."""
+    return as_launched(plan, schedule(plan))

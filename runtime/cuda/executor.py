@@ -8,9 +8,12 @@ missing one is one clear sentence (`CudaUnavailable`).
 Memory: parameters and optimizer state live on the device from their first use and are updated
 there in place (`new W` outputs are not returned, as on the llvm backend); the host arrays are
 brought up to date when the program reads them (`sync_to_host`). Temporaries live in one device
-arena per batch shape; inputs are copied up each run (synchronously, for now: pinned buffers
-and a stream are to come); only the outputs asked for come back. The device's context is made
-current around each use, so any thread may call.
+arena per batch shape. A run is asynchronous up to its one synchronization at the end: the batch
+is staged in page-locked host memory and copied up on the executor's stream, the launches follow
+on that stream (the copy of one input runs while the host stages the next), the outputs come back
+into page-locked buffers, and only then does the host wait (the failed-check word and the loss
+come back together). The device's context is made current around each use, so any thread may
+call.
 """
 from __future__ import annotations
 
@@ -115,8 +118,9 @@ def compile_cubin(source: str, arch: str) -> bytes:
 class _Code:
     """The CUDA module of linked executors: rendered once, compiled and loaded on first use."""
 
-    def __init__(self, executors: dict[str, CUDAExecutor]):
+    def __init__(self, executors: dict[str, CUDAExecutor], precision: str = "f32"):
         self.executors = executors
+        self.precision = precision
         self._text: str | None = None
         self.launches: dict[str, list[codegen.Launch]] = {}
         self.functions: dict[str, object] = {}
@@ -131,7 +135,7 @@ class _Code:
     def text(self) -> str:
         if self._text is None:
             plans = {key: ex.plan for key, ex in self.executors.items()}
-            self._text, self.launches = codegen.render_module(plans)
+            self._text, self.launches = codegen.render_module(plans, self.precision)
         return self._text
 
     def compile(self, drv) -> None:
@@ -140,6 +144,7 @@ class _Code:
         module = drv.module_from_buffer(compile_cubin(self.text(), device_arch()))
         names = {launch.kernel for launches in self.launches.values() for launch in launches}
         self.module = module
+        self.stream = drv.Stream()
         self.functions = {name: module.get_function(name) for name in names}
         for key, ex in self.executors.items():
             ex._launches = self.launches[key]
@@ -162,8 +167,10 @@ class CUDAExecutor:
                          if self.plan.aliases.get(access.buffer) in in_place and shape}
 
     @classmethod
-    def link(cls, executors: dict[str, CUDAExecutor]) -> None:
-        code = _Code(executors)
+    def link(cls, executors: dict[str, CUDAExecutor], precision: str = "f32") -> None:
+        """One module for the graphs of a program; `precision` "tf32" runs its f32 matrix
+        products on the tensor cores (see docs/cuda.md for the tolerance)."""
+        code = _Code(executors, precision)
         for ex in executors.values():
             ex._code = code
 
@@ -181,19 +188,44 @@ class CUDAExecutor:
     # --- running ---------------------------------------------------------------------------------
 
     def _frame(self, drv, dims: dict[str, int]) -> dict:
+        """What runs at these sizes keep: the arena (planned on the launch order, see
+        codegen.launched), the dims and status words, and page-locked staging for the inputs and
+        outputs (one batch in flight at a time: each run ends synchronized)."""
         key = tuple(dims.get(s, 0) for s in self.plan.symbols)
         frame = self._frames.get(key)
         if frame is None:
-            arena = plan_arena(self.plan, dims)
+            arena = plan_arena(codegen.launched(self.plan), dims)
             memory = drv.mem_alloc(max(arena.size, 1) + ALIGN)
             base = int(memory) + (-int(memory)) % ALIGN
             pointers = {b: base + off for b, off in arena.offsets.items()}
             dims_host = np.array([dims.get(s, 0) for s in self.plan.symbols] or [0], dtype=np.int64)
-            dims_dev = drv.to_device(dims_host)
-            status = drv.mem_alloc(3 * 8)
-            frame = self._frames[key] = {"memory": memory, "pointers": pointers, "dims": dims_dev,
-                                         "status": status}
+            inputs = {}
+            for b in self.plan.buffers:
+                count = sval(b.elements, dims)
+                if b.kind == "input" and count:      # CUDA allocates no 0 bytes; no kernel reads it
+                    host = drv.pagelocked_empty(count, b.dtype.numpy)
+                    inputs[b.id] = (host, drv.mem_alloc(host.nbytes))
+            frame = self._frames[key] = {
+                "memory": memory, "pointers": pointers, "dims": drv.to_device(dims_host),
+                "status": drv.mem_alloc(3 * 8), "status_host": drv.pagelocked_zeros(3, np.int64),
+                "no_status": drv.pagelocked_zeros(3, np.int64),
+                "inputs": inputs, "outputs": self._output_staging(drv, dims)}
         return frame
+
+    def _output_staging(self, drv, dims: dict[str, int]) -> dict:
+        """Per returned output: the span of its buffer it lies in (element offset, count), a
+        page-locked buffer of that span, and its shape and strides within it."""
+        staging = {}
+        for name, access, shape, dtype in self.plan.outputs:
+            if name in self.in_place:
+                continue
+            size = [sval(s, dims) for s in shape]
+            strides = [sval(s, dims) for s in access.strides]
+            offset = sum(sval(t, dims) for t in access.offset)
+            span = 1 + sum((d - 1) * s for d, s in zip(size, strides)) if all(size) else 0
+            host = drv.pagelocked_empty(max(span, 1), dtype.numpy)
+            staging[name] = (offset, span, host, size, [s * host.itemsize for s in strides])
+        return staging
 
     def _resident(self, drv, name: str, array: np.ndarray):
         """The device copy of a parameter or state array, uploaded when the host array changed
@@ -216,55 +248,44 @@ class CUDAExecutor:
 
     def _run(self, drv, feeds, params, dims, state) -> dict[str, np.ndarray]:
         self._code.compile(drv)
+        stream = self._code.stream
         frame = self._frame(drv, dims)
         pointers = dict(frame["pointers"])
-        keep = []
         for b in self.plan.buffers:
             if b.kind == "input":
-                array = np.ascontiguousarray(feeds[b.name], dtype=b.dtype.numpy)
-                if array.size == 0:          # CUDA allocates no 0 bytes; no kernel reads it
+                staged = frame["inputs"].get(b.id)
+                if staged is None:
                     pointers[b.id] = 0
                     continue
-                dev = drv.to_device(array)
-                keep.append(dev)
+                host, dev = staged
+                np.copyto(host, np.asarray(feeds[b.name]).reshape(-1), casting="unsafe")
+                drv.memcpy_htod_async(dev, host, stream)
                 pointers[b.id] = int(dev)
             elif b.kind in ("param", "state"):
                 source = params if b.kind == "param" else state
                 pointers[b.id] = int(self._resident(drv, b.name, source[b.name]))
         for alias, target in self.plan.aliases.items():
             pointers[alias] = pointers[target]
-        drv.memset_d8(frame["status"], 0, 24)
+        drv.memcpy_htod_async(frame["status"], frame["no_status"], stream)
         for launch in self._launches:
             fn = self._code.functions[launch.kernel]
             threads = codegen.GEMM_THREADS if launch.kind == "gemm" else codegen.BLOCK
-            grid = _grid(launch, dims)
             args = [np.uintp(pointers[b]) for b in launch.buffers]
             args += [np.uintp(int(frame["dims"])), np.uintp(int(frame["status"])), np.int32(launch.index)]
-            fn(*args, block=(threads, 1, 1), grid=grid)
-        status = np.zeros(3, dtype=np.int64)
-        drv.memcpy_dtoh(status, frame["status"])
+            fn(*args, block=(threads, 1, 1), grid=_grid(launch, dims), stream=stream)
+        drv.memcpy_dtoh_async(frame["status_host"], frame["status"], stream)
+        for name, (offset, span, host, _, _) in frame["outputs"].items():
+            if span:
+                access = next(a for n, a, _, _ in self.plan.outputs if n == name)
+                buf = self.plan.aliases.get(access.buffer, access.buffer)
+                drv.memcpy_dtoh_async(host, pointers[buf] + offset * host.itemsize, stream)
+        stream.synchronize()            # the step's one wait
         self._code.dirty = self._code.dirty or bool(self.in_place)
+        status = frame["status_host"]
         if status[0]:
             raise self._failure(status)
-        out = {}
-        for name, access, shape, dtype in self.plan.outputs:
-            if name in self.in_place:
-                continue
-            buf = self.plan.aliases.get(access.buffer, access.buffer)
-            size = [sval(s, dims) for s in shape]
-            host = np.empty(size, dtype=dtype.numpy)
-            strides = [sval(s, dims) for s in access.strides]
-            offset = sum(sval(t, dims) for t in access.offset)
-            if host.size and strides == [int(np.prod(size[i + 1:])) for i in range(len(size))]:
-                drv.memcpy_dtoh(host, pointers[buf] + offset * host.itemsize)
-            elif host.size:
-                extent = offset + 1 + sum((d - 1) * s for d, s in zip(size, strides))
-                whole = np.empty(extent, dtype=dtype.numpy)
-                drv.memcpy_dtoh(whole, pointers[buf])
-                host = np.lib.stride_tricks.as_strided(
-                    whole[offset:], size, [s * host.itemsize for s in strides]).copy()
-            out[name] = host
-        return out
+        return {name: np.lib.stride_tricks.as_strided(host, size, strides).copy()
+                for name, (_, _, host, size, strides) in frame["outputs"].items()}
 
     def sync_to_host(self, params: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
         """Copy the device's parameters and state into the host arrays the program holds."""
@@ -291,6 +312,6 @@ def _grid(launch: codegen.Launch, dims: dict[str, int]) -> tuple[int, int, int]:
     if launch.kind == "gemm":
         m, n = (sval(s, dims) for s in launch.work)
         return (max(1, -(-n // codegen.GEMM_BN)), max(1, -(-m // codegen.GEMM_BM)), 1)
-    work = sval(launch.work[0], dims)
+    work = sum(sval(s, dims) for s in launch.work)
     threads = work * 32 if launch.kind == "rows" else work
     return (max(1, min(MAX_BLOCKS, -(-threads // codegen.BLOCK))), 1, 1)

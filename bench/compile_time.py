@@ -8,11 +8,13 @@ the folder of the last cold run.
 Bytecode: an installed graphc has its .pyc files (pip writes them), so the children drop
 PYTHONDONTWRITEBYTECODE and keep their .pyc under PYTHONPYCACHEPREFIX, a folder in this run's
 temporary directory, filled by untimed warm-up processes before anything is timed. "cold" means
-an empty kernel cache, never missing bytecode."""
+an empty kernel cache, never missing bytecode. `cli` runs also record the CPU seconds the process
+used (a cold llvm build compiles on every core, so its wall clock depends on how busy they are)."""
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,16 +31,24 @@ QUICK_MODEL = "mnist_mlp.nn"        # --quick builds this one model only
 PROBE_KEYS = ("import_s", "build_s", "first_s", "total_s", "process_s")
 
 
-def _run_timed(args: list[str], cache: Path, tmp: Path) -> tuple[float, subprocess.CompletedProcess]:
+def _run_timed(args: list[str], cache: Path, tmp: Path) -> tuple[float, float, subprocess.CompletedProcess]:
     """Run `python ARGS` with the kernel cache `cache` and the bytecode under `tmp`; the wall
-    clock from before the process starts to its exit."""
+    clock from before the process starts to its exit, and the CPU seconds (user and system, all
+    its threads) it used: on a busy machine the wall clock of a build that compiles on every core
+    grows with the load, its CPU time hardly."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(GRAPHC_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(tmp / "pycache"),
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    before = _children_cpu()
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=600)
-    return time.perf_counter() - t0, done
+    return time.perf_counter() - t0, _children_cpu() - before, done
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:
@@ -47,7 +57,7 @@ def _failure(done: subprocess.CompletedProcess) -> str:
 
 
 def _probe(mode: str, path: Path, backend: str, cache: Path, tmp: Path) -> dict:
-    wall, done = _run_timed(["-m", "bench.probe", mode, str(path), backend], cache, tmp)
+    wall, _, done = _run_timed(["-m", "bench.probe", mode, str(path), backend], cache, tmp)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         return {"error": _failure(done)}
@@ -56,10 +66,10 @@ def _probe(mode: str, path: Path, backend: str, cache: Path, tmp: Path) -> dict:
 
 def _cli(path: Path, backend: str, cache: Path, tmp: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix="artifact-", dir=tmp))
-    wall, done = _run_timed(["-m", "graphc", "build", str(path), "--backend", backend, "-o", str(out)],
-                            cache, tmp)
+    wall, cpu, done = _run_timed(["-m", "graphc", "build", str(path), "--backend", backend, "-o",
+                                  str(out)], cache, tmp)
     shutil.rmtree(out, ignore_errors=True)
-    return {"error": _failure(done)} if done.returncode else {"process_s": wall}
+    return {"error": _failure(done)} if done.returncode else {"process_s": wall, "cpu_s": cpu}
 
 
 def _cold_then_warm(run: Callable[[Path], dict], repeats: int, tmp: Path) -> tuple[list, list]:
@@ -91,13 +101,15 @@ def _probe_series(mode: str, path: Path, backend: str, repeats: int, tmp: Path) 
 
 
 def _cli_series(path: Path, backend: str, repeats: int, tmp: Path) -> dict:
-    """Median seconds of the whole `graphc build` process, cold and warm, and every run's; any
-    run that exits with a non-zero status makes the series an error."""
+    """Median seconds of the whole `graphc build` process, cold and warm, and every run's, with
+    the median CPU seconds it used; any run that exits with a non-zero status makes the series an
+    error."""
     cold, warm = _cold_then_warm(lambda cache: _cli(path, backend, cache, tmp), repeats, tmp)
     failed = [run["error"] for run in cold + warm if "error" in run]
     if failed:
         return {"error": failed[0]}
     return {name: {"process_s": statistics.median(run["process_s"] for run in runs),
+                   "cpu_s": statistics.median(run["cpu_s"] for run in runs),
                    "runs_s": [round(run["process_s"], 4) for run in runs]}
             for name, runs in (("cold", cold), ("warm", warm))}
 

@@ -49,7 +49,14 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
                         "(generated CUDA kernels on an NVIDIA GPU, through pycuda)")
 
 
-def make_parser() -> argparse.ArgumentParser:
+# The commands defined in this file. Naming one of them, the other modules' commands are left
+# out of the parser: they import what `build` never needs (the search specs import the whole op
+# table), and a build from the build cache should cost little more than starting Python.
+OWN_COMMANDS = ("check", "build", "graph", "run")
+
+
+def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
+    """The command line parser; with `own_only`, only the commands of this file."""
     parser = argparse.ArgumentParser(
         prog="graphc", description="Compile neural networks declared in .nn files.",
         epilog="Run `graphc COMMAND --help` for each command's options.")
@@ -124,6 +131,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="an input array (repeatable)")
     p.add_argument("-o", "--out", metavar="FILE.npz", help="save the outputs to a .npz file")
     p.set_defaults(run=cmd_run)
+    if own_only:
+        return parser
 
     from graphc.train_cli import add_commands
     add_commands(sub)
@@ -441,8 +450,15 @@ def _usage(message: str) -> _UsageError:
     return _UsageError(message)
 
 
+def _command_word(argv: list[str]) -> str | None:
+    """The command the arguments name: the first that is not an option (graphc's own options
+    take no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser(own_only=_command_word(argv) in OWN_COMMANDS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="graphc: %(message)s")

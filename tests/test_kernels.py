@@ -89,7 +89,7 @@ def test_object_code_is_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     program = graphc.compile_file("models/backprop_example.nn", backend="llvm")
     program.compile()
-    cached = list((tmp_path / "llvm").glob("*.o"))
+    cached = list((tmp_path / "llvm").glob("*.objs"))
     assert len(cached) == 1          # the program's graphs are one module
 
     def no_compiling(text):
@@ -210,7 +210,7 @@ def test_build_command_caches_code_without_loading_it(tmp_path, monkeypatch):
     from graphc.runtime.llvm import jit
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["build", "models/backprop_example.nn", "--backend", "llvm", "-o", str(tmp_path / "a")]) == 0
-    assert len(list((tmp_path / "cache" / "llvm").glob("*.o"))) == 1
+    assert len(list((tmp_path / "cache" / "llvm").glob("*.objs"))) == 1
 
     def no_loading(*args):
         raise AssertionError("graphc build loaded or compiled code the cache already holds")
@@ -239,7 +239,7 @@ def test_an_unchanged_build_is_copied_from_the_build_cache(tmp_path, monkeypatch
     # Any change to the source, the options, or the kernels leaving the cache builds again.
     for change in (lambda: model.write_text(model.read_text() + "\n# edited\n"),
                    lambda: build.extend(["--seed", "7"]),
-                   lambda: [p.unlink() for p in (tmp_path / "cache" / "llvm").glob("*.o")]):
+                   lambda: [p.unlink() for p in (tmp_path / "cache" / "llvm").glob("*.objs")]):
         change()
         assert main(build + ["-o", str(tmp_path / "c")]) == 70   # graphc's internal-error status
         assert "compiled again" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 at odd batch sizes, test_ops' op cases through their IR graphs, the counter-based random numbers
 and dropout masks bit for bit, every bundled model's outputs, loss and gradients, 20 optimizer
 steps for every optimizer configuration, a short training run, batch-shape changes, input layouts
-and run-time errors."""
+and run-time errors; a program's module compiled in parts at once, and its cache file."""
 from __future__ import annotations
 
 import math
@@ -729,3 +729,74 @@ def test_f16_if_the_backend_runs_it():
     want = ref.forward(**feeds)
     for name in want:
         assert_close(got[name], want[name], f"f16 {name}")
+
+
+# --- 7. compiling a program's module in parts, at once -----------------------------------------
+
+def _train_twice(ref: Program, batch: dict) -> tuple[dict, float, dict]:
+    """Forward, one train step, and the parameters after it, on a fresh llvm twin."""
+    fast = llvm_twin(ref)
+    forward = fast.forward(x=batch["x"])
+    loss = fast.train_step(**batch)
+    return forward, loss, {k: v.copy() for k, v in fast.params.items()}
+
+
+def test_module_compiled_in_parallel_parts_runs_like_one(tmp_path, monkeypatch):
+    """A module split into parts compiled in threads (kernels called across parts) computes what
+    the module in one part does, bit for bit; its parts are cached in one file that a second
+    program reads without compiling."""
+    from graphc.runtime.llvm import executor, jit
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "one"))
+    ref = graphc.compile_file(REPO / "models/digits_adamw.nn")
+    batch = model_feeds(ref, 9, np.random.default_rng(4))
+    monkeypatch.setattr(jit, "compile_threads", lambda: 1)
+    whole = _train_twice(ref, batch)
+
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "parts"))
+    monkeypatch.setattr(jit, "compile_threads", lambda: 3)
+    monkeypatch.setattr(executor, "MIN_FUNCTIONS_PER_PART", 2)
+    compiled = []
+    real_compile = jit.compile_ir
+    monkeypatch.setattr(jit, "compile_ir", lambda text: compiled.append(text) or real_compile(text))
+    parts = _train_twice(ref, batch)
+    assert len(compiled) == 3 and all("define internal" not in text for text in compiled)
+    for name, value in whole[0].items():
+        np.testing.assert_array_equal(parts[0][name], value, err_msg=name)
+    assert parts[1] == whole[1]
+    for name, value in whole[2].items():
+        np.testing.assert_array_equal(parts[2][name], value, err_msg=name)
+
+    cached = list((tmp_path / "parts" / "llvm").iterdir())
+    assert len(cached) == 1 and len(jit._unpack(cached[0].read_bytes())) == 3
+    monkeypatch.setattr(jit, "compile_ir", lambda text: pytest.fail("compiled despite the cache"))
+    again = _train_twice(ref, batch)
+    for name, value in parts[2].items():
+        np.testing.assert_array_equal(again[2][name], value, err_msg=name)
+
+
+def test_a_damaged_cache_file_is_compiled_again(tmp_path, monkeypatch):
+    import ctypes
+
+    from graphc.runtime.llvm import jit
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    ir = "define i32 @seven() {\nentry:\n  ret i32 7\n}\n"
+    first = jit.object_code("seven", lambda: ir)
+    path = tmp_path / jit.object_name("seven")
+    path.write_bytes(path.read_bytes()[:-5])          # cut short, as by a full disk
+    assert jit.object_code("seven", lambda: ir) == first
+    assert jit._unpack(path.read_bytes()) == [first]
+    compiled = jit.Compiled(first)                    # alive while its code runs
+    assert ctypes.CFUNCTYPE(ctypes.c_int32)(compiled.address("seven"))() == 7
+
+
+def test_compiling_goes_around_llvmlites_lock():
+    """The pass pipeline and the code generator are called outside llvmlite's process-wide lock
+    (else the parts would be compiled one after another): this llvmlite still wraps its ctypes
+    functions the way jit._unlocked expects."""
+    import ctypes
+
+    from graphc.runtime.llvm import jit
+    ffi = jit._llvm().ffi
+    for name in ("LLVMPY_RunNewModulePassManager", "LLVMPY_TargetMachineEmitToMemory"):
+        wrapped = getattr(ffi.lib, name)
+        assert isinstance(jit._unlocked(wrapped), ctypes._CFuncPtr) and jit._unlocked(wrapped) is not wrapped

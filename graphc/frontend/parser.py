@@ -2,10 +2,12 @@
 graphc's own, with an 'expected ...' list in the language's words and a caret under the column."""
 from __future__ import annotations
 
+import ast as literals
 import functools
 import hashlib
-import io
+import sys
 from importlib import resources
+from pathlib import Path
 
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
@@ -19,31 +21,79 @@ from graphc.runtime.artifact import atomic_write
 # How the parser's terminals read in a message.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
           "COMPARE_OP": "a comparison", "$END": "the end of the file"}
+_OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+TABLES_MODULE = Path(__file__).with_name("parser_tables.py")
+
+
+def _grammar() -> str:
+    return resources.files("graphc.grammar").joinpath("graphc.lark").read_text(encoding="utf-8")
+
+
+def tables_key(grammar: str) -> str:
+    """What the LALR tables are made from: the grammar, the options and lark's version."""
+    text = f"{lark.__version__}\0{sorted(_OPTIONS.items())}\0{grammar}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 @functools.cache
 def _parser() -> lark.Lark:
-    text = resources.files("graphc.grammar").joinpath("graphc.lark").read_text(encoding="utf-8")
-    options = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
-    # Building the LALR tables takes a fifth of a second, so they are kept in the user's own
-    # graphc cache folder (never a shared temp folder: lark reads them back with pickle), in a
-    # file named by a hash of the grammar, the options and lark's version, written atomically.
-    key = hashlib.sha256(f"{lark.__version__}\0{sorted(options.items())}\0{text}".encode()).hexdigest()
-    path = cache_dir() / f"parser-{key[:24]}.lark"
+    """The parser. Building its LALR tables costs a fifth of a second, more than the rest of a
+    small build, so they come with graphc: parser_tables.py, Python literals that load in a few
+    ms. With another lark (or an edited grammar) they are built, and kept in the user's graphc
+    cache folder as literals too. Tables are read with `ast.literal_eval`, never pickle: nothing
+    read from a cache can run as code."""
+    grammar = _grammar()
+    key = tables_key(grammar)
+    from graphc.frontend import parser_tables
+    if key == parser_tables.KEY:
+        tables = parser_tables.TABLES
+    else:
+        tables = _cached_tables(cache_dir() / f"parser-{key}.tables")
+    if tables is not None:
+        try:
+            return lark.Lark._load_from_dict(tables["data"], tables["memo"])
+        except Exception:   # tables lark cannot read back: build them again
+            pass
+    parser = lark.Lark(grammar, **_OPTIONS)
     try:
-        with open(path, "rb") as fh:
-            return lark.Lark.load(fh)
-    except Exception:   # missing, unreadable or from another lark: build the tables again
-        pass
-    parser = lark.Lark(text, **options)
-    try:
+        path = cache_dir() / f"parser-{key}.tables"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tables = io.BytesIO()
-        parser.save(tables)
-        atomic_write(path, tables.getvalue())
+        atomic_write(path, _tables_literal(parser).encode())
     except OSError:
         pass
     return parser
+
+
+def _cached_tables(path: Path) -> dict | None:
+    try:
+        return literals.literal_eval(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def _tables_literal(parser: lark.Lark) -> str:
+    """The parser's tables as a Python literal (lark's own serialization: dicts, lists, strings,
+    numbers)."""
+    data, memo = parser.memo_serialize([lark.lexer.TerminalDef, lark.grammar.Rule])
+    return repr({"data": data, "memo": memo})
+
+
+def write_tables_module(path: Path = TABLES_MODULE) -> None:
+    """Write parser_tables.py for the grammar and the installed lark (run after editing the
+    grammar: `python -m graphc.frontend.parser`). lark numbers its states in an order that
+    string hashing sways, so two runs may write different, equivalent tables."""
+    grammar = _grammar()
+    parser = lark.Lark(grammar, **_OPTIONS)
+    path.write_text(
+        f'''"""The LALR tables of grammar/graphc.lark, made by lark {lark.__version__}: written by
+`python -m graphc.frontend.parser` (do not edit), read by parser.py when KEY is the tables_key of
+the grammar and the installed lark."""
+# ruff: noqa: E501
+
+KEY = "{tables_key(grammar)}"
+LARK_VERSION = "{lark.__version__}"
+TABLES = {_tables_literal(parser)}
+''', encoding="utf-8")
 
 
 def _describe(parser: lark.Lark, terminal: str) -> str:
@@ -186,3 +236,8 @@ def parse(text: str, path: str = "<string>") -> ast.Module:
     except UnexpectedInput as err:
         raise _parse_error(src, err) from None
     return ToAst(path).module(tree)
+
+
+if __name__ == "__main__":
+    write_tables_module()
+    print(f"wrote {TABLES_MODULE}", file=sys.stderr)

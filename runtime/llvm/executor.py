@@ -1,9 +1,11 @@
 """The llvm executor: a graph's kernel plan compiled into one native function, called once per
 run through ctypes (which releases the GIL), on buffers planned once per batch shape. The graphs
-of a program are compiled together, as one module (`LLVMExecutor.link`)."""
+of a program are compiled together, as one module (`LLVMExecutor.link`), in as many parts as
+there are cores to compile them at once."""
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 from dataclasses import dataclass
 
@@ -22,33 +24,85 @@ class _Code:
 
     def __init__(self, executors: dict[str, LLVMExecutor]):
         self.executors = executors
-        self._text: str | None = None
+        self._module = None
+        self._identity: str | None = None
         self._compiled = None
 
+    def module(self):
+        """The rendered module (codegen's `Module`): its functions, graph_main functions and
+        declarations."""
+        if self._module is None:
+            from graphc.runtime.llvm.codegen import Module  # not needed on a cache hit
+            self._module = Module(jit.blas().int_bits)
+            for key, ex in self.executors.items():
+                self._module.render_graph(key, ex.plan)
+        return self._module
+
     def text(self) -> str:
-        if self._text is None:
-            from graphc.runtime.llvm.codegen import render_module  # not needed on a cache hit
-            plans = {key: ex.plan for key, ex in self.executors.items()}
-            self._text = render_module(plans, jit.blas().int_bits)
-        return self._text
+        return self.module().text()
+
+    def parts(self) -> list[str]:
+        return module_parts(self.module(), jit.compile_threads())
 
     def identity(self) -> str:
         """What the module is generated from: the plans (their repr is complete, deterministic
-        and a fifth of the cost of rendering them) and the BLAS's integer width."""
-        plans = {key: ex.plan for key, ex in self.executors.items()}
-        return f"blas int{jit.blas().int_bits}\n{plans!r}"
+        and a fifth of the cost of rendering them) and the BLAS's integer width. Taken once: every
+        linked executor asks for it."""
+        if self._identity is None:
+            plans = {key: ex.plan for key, ex in self.executors.items()}
+            self._identity = f"blas int{jit.blas().int_bits}\n{plans!r}"
+        return self._identity
 
     def compile(self, load: bool = True) -> None:
         if self._compiled is not None:
             return
         if not load:                  # only make sure the object code is in the cache
-            jit.object_code(self.identity(), self.text, need=False)
+            jit.module_objects(self.identity(), self.parts, need=False)
             return
-        self._compiled = jit.Compiled(jit.object_code(self.identity(), self.text))
+        self._compiled = jit.Compiled(*jit.module_objects(self.identity(), self.parts))
         blas = jit.blas()
         for key, ex in self.executors.items():
             ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
             ex._blas[:] = [blas.sgemm or None, blas.dgemm or None]
+
+
+# Fewer functions than this per part, and a part costs more (a context, a target machine, a pass
+# pipeline set up, an object file loaded) than compiling it beside the others saves.
+MIN_FUNCTIONS_PER_PART = 8
+_DEFINE = re.compile(r"^define internal (\S+) @([\w.]+)\(([^)]*)\)", re.MULTILINE)
+
+
+def module_parts(module, most: int) -> list[str]:
+    """The rendered module as IR modules to compile at once, at most `most`: its functions (the
+    kernels and the graph_main functions) dealt out, longest first, to the shortest part. In
+    parts, the kernels are not `internal`, so a graph_main can call one in another part; each
+    part declares the kernels it does not define. One part is the module's own text."""
+    functions = dict(module.functions)
+    functions.update((f"main {i}", text) for i, text in enumerate(module.mains))
+    count = min(most, len(functions) // MIN_FUNCTIONS_PER_PART)
+    if count <= 1:
+        return [module.text()]
+    signatures = {}
+    for name, text in module.functions.items():
+        ret, symbol, params = _DEFINE.search(text).groups()
+        assert symbol == name, f"internal error: function {name} is defined as {symbol}"
+        types = ", ".join(p.split()[0] for p in params.split(", ") if p)
+        signatures[name] = f"declare {ret} @{name}({types})"
+        functions[name] = text.replace("define internal ", "define ", 1)
+    parts: list[list[str]] = [[] for _ in range(count)]
+    sizes = [0] * count
+    for name in sorted(functions, key=lambda n: -len(functions[n])):
+        smallest = sizes.index(min(sizes))
+        parts[smallest].append(name)
+        sizes[smallest] += len(functions[name])
+    declarations = sorted(module.declarations.values())
+    texts = []
+    for names in parts:
+        defined = set(names)
+        elsewhere = [signatures[n] for n in signatures if n not in defined]
+        texts.append("\n".join(["; graphc: generated LLVM IR, a part", ""] + declarations + elsewhere
+                               + [""] + [functions[n] for n in names]))
+    return texts
 
 
 _MAIN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

@@ -1,10 +1,11 @@
 """Compiling LLVM IR for this CPU, with an on-disk cache of object code, and finding the BLAS.
 
 The target machine gets the host CPU's own name and features, so AVX2 or AVX-512 are used where
-they exist (llvmlite emits plain SSE2 otherwise). Object code is cached under
-$GRAPHC_CACHE_DIR (default: the user cache folder) keyed by a hash of what the IR is generated
-from (the kernel plans), the renderer's code, the CPU and llvmlite's version: the cache holds only
-code this compiler generated from IR it wrote itself.
+they exist (llvmlite emits plain SSE2 otherwise). A program's module may come in parts, compiled
+at once on separate cores. Object code is cached under $GRAPHC_CACHE_DIR (default: the user cache
+folder), one file per module holding the object code of its parts, keyed by a hash of what the IR
+is generated from (the kernel plans), the renderer's code, the CPU and llvmlite's version: the
+cache holds only code this compiler generated from IR it wrote itself.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import ctypes
 import functools
 import hashlib
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from graphc.runtime.artifact import atomic_write
 log = logging.getLogger("graphc")
 
 CODEGEN_VERSION = "1"     # bump when the renderer's output changes meaning for the same IR
+MAX_THREADS = 8           # modules compiled at once, at most
 
 
 @functools.cache
@@ -86,36 +90,89 @@ def _renderer_digest() -> str:
 
 def object_name(source: str) -> str:
     """The cache file of the object code generated from `source`, relative to the cache folder."""
-    return f"llvm/{_key(source)}.o"
+    return f"llvm/{_key(source)}.objs"
+
+
+def compile_threads() -> int:
+    """How many modules to compile at once: the cores this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:            # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_THREADS))
 
 
 def object_code(source: str, render: Callable[[], str], need: bool = True) -> bytes | None:
     """Optimized object code for the IR module that `render()` writes, from the cache when it is
     there. `source` is what the module is generated from (the cache key; cheaper than the IR
     text). With `need=False` the caller only wants it cached: a hit reads nothing, returns None."""
+    objects = module_objects(source, lambda: [render()], need)
+    return None if objects is None else objects[0]
+
+
+def module_objects(source: str, render_parts: Callable[[], list[str]],
+                   need: bool = True) -> list[bytes] | None:
+    """Object code for each part of the module that `render_parts()` writes (the parts compiled
+    at once), from the cache when it is there; as `object_code`."""
     path = cache_dir() / object_name(source)
     if not need and path.is_file():
         log.debug("llvm cache hit %s", path.name)
         return None
     try:
-        data = path.read_bytes()
+        objects = _unpack(path.read_bytes())
         log.debug("llvm cache hit %s", path.name)
-        return data
-    except OSError:
+        return objects
+    except (OSError, ValueError):     # missing, or cut short
         pass
-    data = compile_ir(render())
+    objects = compile_parts(render_parts())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, data)
+        atomic_write(path, _pack(objects))
     except OSError as err:            # a read-only cache is not an error, just a slower start
         log.debug("llvm cache not written: %s", err)
-    return data
+    return objects
 
 
-def optimized_module(text: str):
+_MAGIC = b"graphc objects\n"       # then, per object: its length (8 bytes, little-endian), its bytes
+
+
+def _pack(objects: list[bytes]) -> bytes:
+    return _MAGIC + b"".join(len(o).to_bytes(8, "little") + o for o in objects)
+
+
+def _unpack(data: bytes) -> list[bytes]:
+    if not data.startswith(_MAGIC):
+        raise ValueError("not a graphc object file")
+    objects, at = [], len(_MAGIC)
+    while at < len(data):
+        size = int.from_bytes(data[at:at + 8], "little")
+        at += 8
+        if at + size > len(data):
+            raise ValueError("truncated graphc object file")
+        objects.append(data[at:at + size])
+        at += size
+    if not objects:
+        raise ValueError("an empty graphc object file")
+    return objects
+
+
+def compile_parts(texts: list[str]) -> list[bytes]:
+    """Object code for each IR module, in threads: the LLVM calls that take the time run without
+    the GIL (ctypes releases it) and without llvmlite's lock (see `compile_ir`)."""
+    if len(texts) == 1:
+        return [compile_ir(texts[0])]
+    _llvm()                           # LLVM is set up once, before the threads start
+    with ThreadPoolExecutor(min(len(texts), MAX_THREADS)) as pool:
+        return list(pool.map(compile_ir, texts))
+
+
+def optimized_module(text: str, tm=None, context=None):
+    """The module parsed and optimized (O3, vectorized) for `tm`, by default the shared target
+    machine. Given a `context` (and then a `tm`) of the caller's own, the pass pipeline runs
+    outside llvmlite's lock."""
     llvm = _llvm()
-    tm = target_machine()
-    mod = llvm.parse_assembly(text)
+    tm = tm or target_machine()
+    mod = llvm.parse_assembly(text, context=context)
     mod.triple = tm.triple
     mod.data_layout = str(tm.target_data)
     mod.verify()
@@ -123,24 +180,52 @@ def optimized_module(text: str):
     pto.loop_vectorization = True
     pto.slp_vectorization = True
     pb = llvm.create_pass_builder(tm, pto)
-    pb.getModulePassManager().run(mod, pb)
+    run = llvm.ffi.lib.LLVMPY_RunNewModulePassManager
+    (run if context is None else _unlocked(run))(pb.getModulePassManager(), mod, pb)
     return mod
 
 
 def compile_ir(text: str) -> bytes:
-    return target_machine().emit_object(optimized_module(text))
+    """Object code for one IR module; safe to call from several threads at once. Each call has an
+    LLVM context and a target machine of its own, which LLVM's threading rules ask for before two
+    modules are compiled at once; llvmlite also serializes every call into LLVM with one lock,
+    which the pass pipeline and the code generator (nearly all the time) go around."""
+    tm = new_target_machine()
+    return _emit_object(tm, optimized_module(text, tm, _llvm().create_context()))
+
+
+def _unlocked(fn):
+    """The ctypes function inside one of llvmlite's locked wrappers (as it is, if an llvmlite
+    wraps it otherwise)."""
+    return getattr(fn, "_cfn", fn)
+
+
+def _emit_object(tm, module) -> bytes:
+    """`tm.emit_object(module)`, its code generation outside llvmlite's lock."""
+    ffi = _llvm().ffi
+    with ffi.OutputString() as err:
+        buffer = _unlocked(ffi.lib.LLVMPY_TargetMachineEmitToMemory)(tm, module, 1, err)
+        if not buffer:
+            raise RuntimeError(str(err))
+    try:
+        return ctypes.string_at(ffi.lib.LLVMPY_GetBufferStart(buffer),
+                                ffi.lib.LLVMPY_GetBufferSize(buffer))
+    finally:
+        ffi.lib.LLVMPY_DisposeMemoryBuffer(buffer)
 
 
 class Compiled:
-    """Loaded object code; keeps its engine (and so the code) alive."""
+    """Loaded object code, one object or the parts of a module (linked to each other); keeps its
+    engine (and so the code) alive."""
 
-    def __init__(self, obj: bytes):
+    def __init__(self, *objects: bytes):
         llvm = _llvm()
         tm = new_target_machine()     # the engine takes ownership of its target machine
         empty = llvm.parse_assembly("")
         empty.triple = tm.triple
         self.engine = llvm.create_mcjit_compiler(empty, tm)
-        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        for obj in objects:
+            self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self.engine.finalize_object()
 
     def address(self, symbol: str) -> int:

@@ -42,11 +42,15 @@ def report_lints(checked, werror: bool) -> str:
     return text
 
 
-def _add_backend_arg(p: argparse.ArgumentParser) -> None:
-    from graphc.backends import BACKEND_NAMES
+def _add_backend_arg(p: argparse.ArgumentParser, precision: bool = False) -> None:
+    from graphc.backends import BACKEND_NAMES, PRECISIONS
     p.add_argument("--backend", default="numpy", choices=BACKEND_NAMES,
                    help="numpy (the reference), llvm (fused native kernels for this CPU) or cuda "
                         "(generated CUDA kernels on an NVIDIA GPU, through pycuda)")
+    if precision:
+        p.add_argument("--precision", default="f32", choices=PRECISIONS,
+                       help="matrix products in f32 (IEEE, the default) or, with --backend cuda, "
+                            "tf32 on the tensor cores (about 1e-3 relative error; docs/cuda.md)")
 
 
 # The commands defined in this file. Naming one of them, the other modules' commands are left
@@ -88,7 +92,7 @@ def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--seed", type=int, help="seed for parameter initialization "
                                             "(default: the train block's, else 0)")
-    _add_backend_arg(p)
+    _add_backend_arg(p, precision=True)
     p.add_argument("--verify", action="store_true", help="check IR invariants after every pass")
     p.add_argument("--dump-after", metavar="PASS", action="append", default=[],
                    help="print the IR after a pass, or the kernel plan after `fuse` (repeatable)")
@@ -267,6 +271,7 @@ def cmd_build(args) -> int:
     warnings = report_lints(checked, args.werror)
     options = PipelineOptions(verify=args.verify, dump_after=args.dump_after, dump=print)
     program = build_program(checked, args.model, args.backend, args.seed, options)
+    program.use_precision(args.precision)
     if FUSE_STAGE in args.dump_after:
         from graphc.kernels import plan_kernels
         from graphc.kernels.printer import format_plan

@@ -72,7 +72,7 @@ def add_commands(sub) -> None:
 def _add_backend(p) -> None:
     # Checkpoints hold plain arrays, so a run trained on one backend resumes or scores on another.
     from graphc.cli import _add_backend_arg
-    _add_backend_arg(p)
+    _add_backend_arg(p, precision=True)
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -89,6 +89,7 @@ def cmd_train(args) -> int:
         run = RunFolder(args.resume)
         config = run.config()
         program = run.load_program(args.backend)
+        program.use_precision(args.precision)
         if args.epochs is not None:    # recorded, so a later plain --resume trains as long
             config["settings"]["epochs"] = args.epochs
             run.write_json("config.json", config)
@@ -99,6 +100,7 @@ def cmd_train(args) -> int:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
         program, base_dir = _load_trainable(args)
+        program.use_precision(args.precision)
         program.compile()     # native code now: a missing GPU fails before a run folder exists
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                     seed=args.seed)
@@ -203,8 +205,15 @@ def _scores(scores: dict) -> str:
 
 # --- eval and predict -------------------------------------------------------------------------------
 
-def _open_target(target: str, backend: str = "numpy"):
-    """(program, run config or None) for a run folder or an artifact folder."""
+def _open_target(args):
+    """(program, run config or None) for the run folder or artifact folder args.target, on
+    --backend in --precision."""
+    program, config = _open_folder(args.target, args.backend)
+    program.use_precision(args.precision)
+    return program, config
+
+
+def _open_folder(target: str, backend: str):
     from graphc.runtime import load_artifact
     from graphc.runtime.runs import RunFolder
     if RunFolder.is_run(target):
@@ -219,7 +228,7 @@ def _open_target(target: str, backend: str = "numpy"):
 
 def cmd_eval(args) -> int:
     from graphc.runtime.train import TrainSettings, evaluate_arrays, prepare_data
-    program, config = _open_target(args.target, args.backend)
+    program, config = _open_target(args)
     settings = TrainSettings.of(program)
     if config is not None:
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
@@ -237,7 +246,7 @@ def cmd_predict(args) -> int:
 
     from graphc.cli import _load_array
     from graphc.runtime.data import Scaler
-    program, config = _open_target(args.target, args.backend)
+    program, config = _open_target(args)
     features = (program.meta.get("task") or {}).get("features") or list(program.inputs)
     if len(features) != 1:
         raise error(f"{args.target}: predict feeds one input; {program.name} takes "

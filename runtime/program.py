@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.backends import BACKEND_NAMES
+from graphc.backends import BACKEND_NAMES, PRECISIONS
 from graphc.errors import did_you_mean, error
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
@@ -149,6 +149,18 @@ class Program:
         # The graphs with dropout read the step's random key; the others are not given one.
         self._reads_rng = {key: any(n.attr["name"] == RNG_INPUT for n in g.inputs)
                            for key, g in graphs.items()}
+
+    def use_precision(self, precision: str) -> None:
+        """Matrix products in `precision`: "f32" (IEEE, the default) or "tf32" (the cuda
+        backend's f32 products on the tensor cores; see docs/cuda.md for the tolerance)."""
+        if precision not in PRECISIONS:
+            raise error(f"unknown precision {precision!r}", hint=f"precisions: {', '.join(PRECISIONS)}")
+        if precision != "f32" and self.backend != "cuda":
+            raise error(f"precision {precision} runs matrix products on a GPU's tensor cores; "
+                        f"{self.name} runs on the {self.backend} backend",
+                        hint="use --backend cuda, or leave the precision at f32")
+        if self.backend == "cuda":
+            executor_class("cuda").link(self._executors, precision)
 
     def compile(self, load: bool = True) -> None:
         """Generate and load native code for every graph now (compiled backends otherwise do it

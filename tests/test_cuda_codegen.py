@@ -253,6 +253,22 @@ def test_build_emits_self_contained_cuda_without_pycuda(tmp_path, capsys):
         assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_precision_tf32_reaches_the_emitted_gemms_and_needs_the_cuda_backend(tmp_path, capsys):
+    for precision in ("f32", "tf32"):
+        out = tmp_path / precision
+        assert main(["build", "models/mnist_mlp.nn", "--backend", "cuda", "--precision",
+                     precision, "--emit-source", str(out)]) == 0
+        assert ("wmma::" in (out / "mnist_mlp.cu").read_text()) == (precision == "tf32")
+    capsys.readouterr()
+    for argv in (["build", "models/mnist_mlp.nn", "-o", str(tmp_path / "a")],
+                 ["train", "models/digits_mlp.nn", "--backend", "llvm", "--out", str(tmp_path / "r")]):
+        assert main(argv + ["--precision", "tf32"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: precision tf32 runs matrix products on a GPU's tensor cores")
+        assert "hint: use --backend cuda" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
+
+
 def test_training_on_cuda_without_pycuda_is_one_clear_message(capsys):
     try:
         import pycuda  # noqa: F401

@@ -4,7 +4,8 @@ It runs a primitive graph node by node with each op's numpy reference from the o
 made once per batch shape: what only depends on shapes and constants is computed then; every
 other node becomes a precomputed call, and its result goes into a buffer of a pool reused once
 the value it held is dead (in place over a dying operand of an elementwise op), so a step touches
-few, warm buffers. Graph outputs get fresh arrays, never pool buffers: callers keep them.
+few, warm buffers. The calls, with the parameter updates', are one generated Python function per
+plan, a line each. Graph outputs get fresh arrays, never pool buffers: callers keep them.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ _UNARY_INTO, _BINARY_INTO, _UNARY_NEW, _BINARY_NEW, _VARIADIC = 11, 12, 21, 22, 
 # Ops whose value depends only on their operand's shape, so a plan computes them once.
 _SHAPE_ONLY = frozenset({"size"})
 _LOADS = ("input", "param", "state")
+_LOADS_FROM = ("feeds", "params", "state")      # where a run finds each kind of load
 
 
 class NumpyExecutor:
@@ -50,9 +52,6 @@ class NumpyExecutor:
         self._lock = threading.Lock()     # a plan's buffers serve one run at a time
 
     def plan(self, dims: dict[str, int]) -> _Plan:
-        last_dims, plan = self._last
-        if dims == last_dims:           # training runs one batch shape after another
-            return plan
         key = tuple(sorted(dims.items()))
         plan = self.plans.get(key)
         if plan is None:
@@ -64,7 +63,10 @@ class NumpyExecutor:
             dims: dict[str, int], state: dict[str, np.ndarray] | None = None
             ) -> dict[str, np.ndarray]:
         with self._lock:
-            return self.plan(dims).run(feeds, params, state or {})
+            last_dims, plan = self._last
+            if dims != last_dims:           # training runs one batch shape after another
+                plan = self.plan(dims)
+            return plan.run(feeds, params, state or {})
 
 
 class _Plan:
@@ -76,26 +78,26 @@ class _Plan:
         shapes = [bind_shape(n.shape, dims) for n in order]
         attrs = [_bound_attrs(n, dims) for n in order]
         outputs = {i for _, i in ex.outputs}
-        self.template: list = [None] * len(order)     # constants in place, the rest per run
-        self.loads: list[tuple[int, int, str]] = []   # (slot, 0 feeds | 1 params | 2 state, name)
+        template: list = [None] * len(order)          # constants in place, the rest per run
+        loads: list[tuple[int, int, str]] = []        # (slot, 0 feeds | 1 params | 2 state, name)
         constant = [False] * len(order)
         dynamic: list[int] = []
         for i, node in enumerate(order):
             op = OPS[node.op]
             if node.op in _LOADS:
-                self.loads.append((i, _LOADS.index(node.op), node.attr["name"]))
+                loads.append((i, _LOADS.index(node.op), node.attr["name"]))
             elif node.op == "const":
                 constant[i] = True
-                self.template[i] = frozen(np.asarray(node.attr["value"], node.dtype.numpy))
+                template[i] = frozen(np.asarray(node.attr["value"], node.dtype.numpy))
             elif node.op in _SHAPE_ONLY or (op.kind != "random"
                                             and all(constant[j] for j in inputs[i])):
                 constant[i] = True
-                args = [self.template[j] if constant[j] else _shaped_like(order[j], shapes[j])
+                args = [template[j] if constant[j] else _shaped_like(order[j], shapes[j])
                         for j in inputs[i]]
                 if op.numpy_out:
                     attrs[i]["out"] = np.empty(shapes[i], node.dtype.numpy)
                 try:
-                    self.template[i] = frozen(np.asarray(op.numpy(*args, **attrs[i])))
+                    template[i] = frozen(np.asarray(op.numpy(*args, **attrs[i])))
                 except ValueError as err:
                     raise _runtime_error(node, err) from None
             else:
@@ -105,7 +107,7 @@ class _Plan:
         grouped = {i for g in ex.updates for i in g.cone}
         dynamic_set = set(dynamic) - grouped
         roots = [i for _, i in ex.outputs if i not in grouped]
-        self.groups: list[tuple[UpdateGroup, list]] = []
+        groups: list[tuple[UpdateGroup, list]] = []
         into: dict[int, np.ndarray] = {}       # gradient steps that write straight into a lane
         for g in ex.updates:
             roots += g.reads
@@ -115,62 +117,33 @@ class _Plan:
                     into[slot] = view
                 else:
                     copied.append((view, slot))
-            self.groups.append((g, copied))
+            groups.append((g, copied))
         dynamic = _schedule(inputs, dynamic_set, roots)
-        scalars = scalar_nodes(order, inputs, shapes, dynamic, [i for i, _, _ in self.loads])
-        self.scalar_loads = [i for i, _, _ in self.loads if i in scalars]
+        scalars = scalar_nodes(order, inputs, shapes, dynamic, [i for i, _, _ in loads])
         # What the updates read stays live to the end, like the outputs.
-        self.steps = _plan_steps(order, inputs, shapes, attrs, dynamic, outputs, into,
-                                 live=set(roots), template=self.template, scalars=scalars)
+        steps = _plan_steps(order, inputs, shapes, attrs, dynamic, outputs, into,
+                            live=set(roots), template=template, scalars=scalars)
         # Outputs are handed out: fresh arrays pass as they are, anything else is copied. An
         # update's result is the parameter's (or state's) storage itself, updated in place.
-        fresh = {i for i in dynamic if i in outputs and _makes_new_array(order[i])} | grouped
-        self.outputs = []
+        fresh = {i for i in dynamic if i in outputs and _makes_new_array(order[i])}
+        taken = []
         for name, i in ex.outputs:
-            self.outputs.append((name, i, i in fresh))
-            fresh.discard(i)            # a second output of the same node gets its own copy
-        self.updated = [(name, i) for name, i in ex.outputs if i in grouped]
-        self.updated_slots = {i for _, i in self.updated}
+            if i not in grouped:
+                taken.append((name, i, i in fresh))
+                fresh.discard(i)        # a second output of the same node gets its own copy
+        new_views = {slot: view for g, _ in groups for view, slot in g.new_views}
+        self.run_step = _compile_run(steps, loads, scalars, template, groups, taken,
+                                     [(name, new_views[i]) for name, i in ex.outputs if i in grouped],
+                                     [name for name, _ in ex.outputs])
 
     def run(self, feeds, params, state) -> dict[str, np.ndarray]:
-        values = self.template.copy()
-        sources = (feeds, params, state)
-        for i, kind, name in self.loads:
-            values[i] = sources[kind][name]
-        for i in self.scalar_loads:
-            values[i] = values[i][()]
-        empty = np.empty
         try:
-            # Unrolled by call form: building an argument list or going through
-            # functools.partial would cost more than many of the ops themselves.
-            for fn, i, form, a, b, c, out in self.steps:
-                if form == _BINARY_INTO:
-                    values[i] = fn(values[a], values[b], out=out)
-                elif form == _UNARY_INTO:
-                    values[i] = fn(values[a], out=out)
-                elif form == _BINARY_NEW:
-                    values[i] = fn(values[a], values[b], out=empty(*out))
-                elif form == _UNARY_NEW:
-                    values[i] = fn(values[a], out=empty(*out))
-                elif form == 2:
-                    values[i] = fn(values[a], values[b])
-                elif form == 1:
-                    values[i] = fn(values[a])
-                elif form == 3:
-                    values[i] = fn(values[a], values[b], values[c])
-                else:
-                    values[i] = fn(*[values[j] for j in out])
+            return self.run_step(feeds, params, state)
         except ValueError as err:
+            i = _failed_step(err, self.run_step)
+            if i is None:
+                raise
             raise _runtime_error(self.nodes[i], err) from None
-        # Other outputs are taken before the updates write over the parameters they may view.
-        out = {name: None if i in self.updated_slots else
-               np.asarray(values[i]) if fresh else np.array(values[i], copy=True)
-               for name, i, fresh in self.outputs}
-        for group, copied in self.groups:
-            group.run(values, copied)
-        for name, i in self.updated:
-            out[name] = values[i]
-        return out
 
 
 def _bound_attrs(node: Node, dims: dict[str, int]) -> dict:
@@ -304,6 +277,71 @@ def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[t
         a, b, c = (ins + (0, 0, 0))[:3]
         steps.append((fn, i, form, a, b, c, out))
     return steps
+
+
+def _compile_run(steps: list[tuple], loads: list[tuple[int, int, str]], scalars: set[int],
+                 template: list, groups: list[tuple[UpdateGroup, list]],
+                 taken: list[tuple[str, int, bool]], updated: list[tuple[str, np.ndarray]],
+                 names: list[str]) -> Callable:
+    """A run of the plan as one generated Python function of the feeds, params and state: the
+    loads, a line per step, the outputs taken, the update groups' lines, the result. Values are
+    local variables `v<slot>`; functions, buffers and constants are bound once. Interpreting a
+    list of steps would cost as much as the small ops themselves. Loads in `scalars` are read as
+    numpy scalars; `taken`: (name, slot, fresh) of the outputs that are not updates, taken
+    before the updates write over the parameters they may view; `updated`: (name, the storage
+    the update writes in place); `names`: the result's keys in order. When every updated param
+    and state passed in was that storage already (a run given the last run's results), updates
+    are not returned, as the compiled backends do: the arrays passed in hold them. A ValueError
+    leaves with its step's line (_failed_step)."""
+    scope: dict = {"empty": np.empty, "asarray": np.asarray, "array": np.array,
+                   "copyto": np.copyto}
+    scope |= {f"v{j}": constant for j, constant in enumerate(template) if constant is not None}
+    lines = []
+    for i, kind, name in loads:
+        lines.append(f"v{i} = {_LOADS_FROM[kind]}[{name!r}]" + ("[()]" if i in scalars else ""))
+    first = len(lines) + 2                      # the line of the first step, after the def
+    for p, (fn, i, form, a, b, c, out) in enumerate(steps):
+        scope[f"f{p}"], scope[f"o{p}"] = fn, out
+        if form == _VARIADIC:
+            args = ", ".join(f"v{j}" for j in out)
+        else:
+            args = ", ".join(f"v{j}" for j in (a, b, c)[:_arity(form)])
+        if form in (_UNARY_INTO, _BINARY_INTO):
+            args += f", out=o{p}"
+        elif form in (_UNARY_NEW, _BINARY_NEW):
+            args += f", out=empty(*o{p})"
+        lines.append(f"v{i} = f{p}({args})")
+    for k, (_, i, fresh) in enumerate(taken):
+        lines.append(f"r{k} = asarray(v{i})" if fresh else f"r{k} = array(v{i}, copy=True)")
+    lines.append("adopted = True")
+    for k, (group, copied) in enumerate(groups):
+        lines += group.source(f"g{k}_", copied, scope)
+    results = {name: f"r{k}" for k, (name, _, _) in enumerate(taken)}
+    returned = [name for name in names if name in results]
+    lines.append("if adopted: return {" + ", ".join(f"{n!r}: {results[n]}" for n in returned) + "}")
+    for k, (name, view) in enumerate(updated):
+        scope[f"n{k}"] = view
+        results[name] = f"n{k}"
+    lines.append("return {" + ", ".join(f"{n!r}: {results[n]}" for n in names) + "}")
+    source = "def run_step(feeds, params, state):\n" + "".join(f"    {line}\n" for line in lines)
+    exec(compile(source, "<graphc numpy plan>", "exec"), scope)
+    run = scope["run_step"]
+    run.step_slots = [i for _, i, *_ in steps]      # by line, from `first_line`
+    run.first_line = first
+    return run
+
+
+def _arity(form: int) -> int:
+    return {_UNARY_INTO: 1, _BINARY_INTO: 2, _UNARY_NEW: 1, _BINARY_NEW: 2}.get(form, form)
+
+
+def _failed_step(err: BaseException, run: Callable) -> int | None:
+    """The slot of the step of generated `run` that raised `err`, by its line (None: not a step)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_frame.f_code is not run.__code__:
+        tb = tb.tb_next
+    line = -1 if tb is None else tb.tb_lineno - run.first_line
+    return run.step_slots[line] if 0 <= line < len(run.step_slots) else None
 
 
 def _into_new(fn: Callable, shape: tuple, dtype: np.dtype, kwargs: dict, *args) -> np.ndarray:

@@ -30,6 +30,8 @@ SCALAR_OPERATORS = {"add": operator.add, "sub": operator.sub, "mul": operator.mu
                     "div": operator.truediv, "neg": operator.neg}
 _SCALAR_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
 
+_TRANSPOSED = operator.attrgetter("T")     # a matrix's transpose view, a third of .transpose(axes)
+
 
 def frozen(array: np.ndarray) -> np.ndarray:
     array.flags.writeable = False       # shared by every run: an accidental write must fail
@@ -72,24 +74,27 @@ def fast_call(node: Node, ins: tuple[int, ...], kwargs: dict, shapes: list[tuple
     if node.op == "relu" and node.dtype.is_float:
         template.append(frozen(np.zeros((), node.dtype.numpy)))
         return np.maximum, (ins[0], len(template) - 1), {}, True
+    if node.op == "transpose" and kwargs["axes"] in ((1, 0), [1, 0]):
+        return _TRANSPOSED, ins, {}, False
     if node.op == "transpose":
         return operator.methodcaller("transpose", kwargs["axes"]), ins, {}, False
     if node.op == "one_hot" and not output:
         rows = frozen(np.eye(kwargs["depth"], dtype=node.dtype.numpy))
-        return partial(_one_hot, rows, op.numpy, kwargs), ins, {}, True
+        unsigned = np.dtype(f"u{node.inputs[0].dtype.numpy.itemsize}")
+        return partial(_one_hot, rows, unsigned, op.numpy, kwargs), ins, {}, True
     if node.op == "where" and not output and _selects_zero(node, ins, shapes, shape, template):
-        mask = np.empty(shape, f"u{node.dtype.numpy.itemsize}")
-        return partial(_select_or_zero, mask=mask), ins[:2], {}, True
+        bits = np.dtype(f"u{node.dtype.numpy.itemsize}")
+        return partial(_select_or_zero, bits=bits), ins[:2], {}, True
     return op.numpy, ins, kwargs, op.numpy_out
 
 
-def _one_hot(rows: np.ndarray, reference: Callable, kwargs: dict, y: np.ndarray,
-             out: np.ndarray) -> np.ndarray:
+def _one_hot(rows: np.ndarray, unsigned: np.dtype, reference: Callable, kwargs: dict,
+             y: np.ndarray, out: np.ndarray) -> np.ndarray:
     """one_hot as rows of the identity picked by label, the range checked in one pass (labels
-    seen unsigned: a negative one is huge). A label out of range goes to the reference, which
+    seen `unsigned`: a negative one is huge). A label out of range goes to the reference, which
     says which."""
     y = np.asarray(y)
-    if y.size and np.maximum.reduce(y.view(f"u{y.itemsize}"), None) >= len(rows):
+    if y.size and np.maximum.reduce(y.view(unsigned), None) >= len(rows):
         return reference(y, **kwargs, out=out)
     return rows.take(y, 0, out, "clip")     # all in range: "clip" only skips take's own copy
 
@@ -106,12 +111,10 @@ def _selects_zero(node: Node, ins: tuple[int, ...], shapes: list[tuple], shape: 
            and template[c] is None and shapes[c] == shapes[a] == shape)
 
 
-def _select_or_zero(c: np.ndarray, a: np.ndarray, out: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """`a where c else +0.0`, bit for bit as np.where gives it (NaN, -0.0 kept), branch free and
-    in preallocated buffers: c's bytes widened to a's size and negated are all-ones masks."""
-    np.copyto(mask, np.asarray(c).view(np.uint8))
-    np.negative(mask, out=mask)
-    np.bitwise_and(np.asarray(a).view(mask.dtype), mask, out=out.view(mask.dtype))
+def _select_or_zero(c: np.ndarray, a: np.ndarray, out: np.ndarray, bits: np.dtype) -> np.ndarray:
+    """`a where c else +0.0`, bit for bit as np.where gives it (NaN, -0.0 kept), branch free in
+    one pass: a's bits times c (True 1, False 0) as unsigned integers are a's bits or +0.0's."""
+    np.multiply(np.asarray(a).view(bits), c, out=out.view(bits))
     return out
 
 
@@ -130,6 +133,6 @@ def _scalar_call(node: Node, ins: tuple[int, ...], kwargs: dict,
         return SCALAR_OPERATORS[node.op], tuple(operands), {}, False
     if node.op in REDUCES:
         return REDUCES[node.op], tuple(operands), kwargs, False
-    if node.op == "cast":
-        return OPS["cast"].numpy, tuple(operands), kwargs, False
+    if node.op == "cast":            # the scalar type's constructor: numpy's cast, as astype
+        return node.dtype.numpy.type, tuple(operands), {}, False
     return UFUNCS[node.op], tuple(operands), kwargs, False

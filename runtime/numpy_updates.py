@@ -12,7 +12,9 @@ once over flat buffers that hold every member end to end, the way PyTorch's mult
 - gradients are written straight into their views by the steps that compute them;
 - parameters and optimizer state are adopted: the arrays passed in are copied into their views
   the first time, and the views are handed back as the updated values (`new W`), so from the
-  second step on nothing is copied and every update is written in place;
+  second step on nothing is copied and every update is written in place (and, given its views
+  back, a run returns no `new W`: like the compiled backends', the arrays passed in hold it);
+- the program runs as lines of the plan's generated step function (numpy_backend.py);
 - the program's intermediates live in a few flat buffers reused once dead.
 
 Only updates are grouped: nodes of the parameter's shape whose every consumer is another node of
@@ -51,7 +53,7 @@ class UpdateGroup:
         # computed lanes (gradients) are written by their steps or copied (`computed`).
         self.lanes: list[np.ndarray] = []
         self.lane_views: list[list[np.ndarray]] = []
-        self.adopt: list[tuple[list[np.ndarray], list[int]]] = []   # (views, load slots)
+        self.adopted: list[tuple[np.ndarray, int]] = []              # (view, load slot)
         self.computed: list[tuple[np.ndarray, int]] = []            # (view, computing slot)
         for lane, (kind, _) in enumerate(first.lanes):
             flat = np.zeros(total, order[first.leaves[lane]].type.dtype.numpy)
@@ -60,37 +62,47 @@ class UpdateGroup:
             self.lane_views.append(member_views)
             slots = [m.leaves[lane] for m in members]
             if kind == "load":
-                self.adopt.append((member_views, slots))
+                self.adopted.extend(zip(member_views, slots))
             else:
                 self.computed.extend(zip(member_views, slots))
-        self.roots = [(lane, [m.roots[suffix] for m in members]) for suffix, lane in first.root_lanes]
+        self.new_views = [(view, m.roots[suffix]) for suffix, lane in first.root_lanes
+                          for view, m in zip(self.lane_views[lane], members)]
         # Every slot the update reads: its lanes' sources and its scalars.
         scalars = [k for *_, operands in first.program for kind, k in operands if kind == "scalar"]
         self.reads = list(dict.fromkeys([slot for m in members for slot in m.leaves] + scalars))
         self.steps, self.temps, self.finals = _flat_program(first, total)
-        self.calls = [_call(step, {"lane": self.lanes, "tmp": self.temps}) for step in self.steps]
 
-    def run(self, values: list, copied: list[tuple[np.ndarray, int]]) -> None:
-        """Run the update over `values` (the plan's slots); `copied`: computed lanes whose
-        steps could not write into their views."""
-        for member_views, slots in self.adopt:          # params and state into their lanes
-            for view, slot in zip(member_views, slots):
-                array = values[slot]
-                if array is not view:
-                    np.copyto(view, array, casting="same_kind")
-        for view, slot in copied:
-            np.copyto(view, values[slot])
-        for fn, args, scalars, out in self.calls:
-            if scalars:
-                args = list(args)
-                for position, slot in scalars:
-                    args[position] = values[slot]
-            fn(*args, out=out)
-        for lane, tmp in self.finals:                   # roots that could not be written in place
-            np.copyto(self.lanes[lane], self.temps[tmp])
-        for lane, slots in self.roots:                  # `new X` is the adopted view itself
-            for view, slot in zip(self.lane_views[lane], slots):
-                values[slot] = view
+    def source(self, prefix: str, copied: list[tuple[np.ndarray, int]], scope: dict) -> list[str]:
+        """The update as lines of the plan's generated step function (numpy_backend), whose
+        locals `v<slot>` hold the plan's values; what the lines name is bound in `scope`, under
+        names starting with `prefix`. Params and state are copied into their lanes only when
+        they are other arrays (the first step), which sets the local `adopted` False; `copied`:
+        computed lanes whose steps could not write into their views. Looping over the calls
+        instead would cost a tenth of the update."""
+        lines = []
+        for k, (view, slot) in enumerate(self.adopted):      # `adopted` is set False by a copy
+            scope[f"{prefix}a{k}"] = view
+            lines.append(f"if v{slot} is not {prefix}a{k}: "
+                         f"copyto({prefix}a{k}, v{slot}, casting='same_kind'); adopted = False")
+        for k, (view, slot) in enumerate(copied):
+            scope[f"{prefix}c{k}"] = view
+            lines.append(f"copyto({prefix}c{k}, v{slot})")
+        buffers = {"lane": self.lanes, "tmp": self.temps}
+        for p, (fn, refs, (out_kind, out), attrs) in enumerate(self.steps):
+            scope[f"{prefix}f{p}"] = partial(fn, **attrs) if attrs else fn
+            scope[f"{prefix}o{p}"] = buffers[out_kind][out]
+            args = []
+            for k, (kind, ref) in enumerate(refs):
+                if kind == "scalar":
+                    args.append(f"v{ref}")
+                else:
+                    scope[f"{prefix}b{p}_{k}"] = buffers[kind][ref]
+                    args.append(f"{prefix}b{p}_{k}")
+            lines.append(f"{prefix}f{p}({', '.join(args)}, out={prefix}o{p})")
+        for k, (lane, tmp) in enumerate(self.finals):   # roots that could not be written in place
+            scope[f"{prefix}l{k}"], scope[f"{prefix}t{k}"] = self.lanes[lane], self.temps[tmp]
+            lines.append(f"copyto({prefix}l{k}, {prefix}t{k})")
+        return lines
 
 
 @dataclass
@@ -234,15 +246,6 @@ def _canonical(param, loads, roots, order, inputs, consumers, output_slots) -> _
 
 class _NotGroupable(Exception):
     pass
-
-
-def _call(step: tuple, buffers: dict[str, list[np.ndarray]]) -> tuple:
-    """A step of the flat program as the call `run` makes: (fn, operands with the buffers in
-    place, (position, slot) of each scalar operand to take from the plan's values, out)."""
-    fn, refs, (out_kind, out), attrs = step
-    args = tuple(None if kind == "scalar" else buffers[kind][k] for kind, k in refs)
-    scalars = tuple((p, k) for p, (kind, k) in enumerate(refs) if kind == "scalar")
-    return partial(fn, **attrs) if attrs else fn, args, scalars, buffers[out_kind][out]
 
 
 def _flat_program(u: _Update, total: int):

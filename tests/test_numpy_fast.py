@@ -130,3 +130,35 @@ def test_a_changed_learning_rate_is_used_at_once():
     fed = a._lr_array()
     assert fed == np.float32(0.01) and not fed.flags.writeable
     assert any(not np.array_equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_names_from_an_artifact_never_become_code(tmp_path):
+    """The numpy backend runs a plan as generated Python; names reach it only as string literals.
+    An artifact whose parameter name reads as Python statements (hashes recomputed, as an attacker
+    would) loads and trains without running them."""
+    import hashlib
+    import io
+    import json
+
+    from graphc.runtime import load_artifact
+    art, canary = tmp_path / "art", tmp_path / "pwned"
+    graphc.compile_file("models/digits_mlp.nn").save(art)
+    old, bad = "logits.linear.W", f"W'] ; open({str(canary)!r}, 'w') ; x = params['W"
+    graph = (art / "graph.json").read_text().replace(json.dumps(old), json.dumps(bad))
+    (art / "graph.json").write_text(graph)
+    manifest = json.loads((art / "manifest.json").read_text())
+    for p in manifest["params"]:
+        p["name"] = bad if p["name"] == old else p["name"]
+    with np.load(art / "params.npz") as z:
+        arrays = {(bad if k == old else k): z[k] for k in z.files}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    (art / "params.npz").write_bytes(buffer.getvalue())
+    for name in ("graph.json", "params.npz"):
+        manifest["files"][name] = hashlib.sha256((art / name).read_bytes()).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    program = load_artifact(art)
+    x, y = np.zeros((4, 64), np.float32), np.zeros(4, np.int64)
+    assert program.forward(x=x)["probs"].shape == (4, 10)
+    assert np.isfinite(program.train_step(x=x, y=y)) and bad in program.params
+    assert not canary.exists()

@@ -170,7 +170,8 @@ def renamed(node: Node, name: str | None, loc: SourceLoc | None = None) -> Node:
 
 def rebuilt(node: Node, inputs: Sequence[Node]) -> Node:
     """`node` over new inputs (used by passes); rules rerun, so types are checked, not trusted."""
-    if tuple(inputs) == node.inputs and all(a is b for a, b in zip(inputs, node.inputs)):
+    # Identity, not equality: comparing equal but distinct inputs walks their whole subgraphs.
+    if len(inputs) == len(node.inputs) and all(a is b for a, b in zip(inputs, node.inputs)):
         return node
     new = apply(node.op, inputs, node.attr, loc=node.loc, name=node.name, tags=node.tags)
     assert new.type == node.type, f"internal error: rebuilding {node} changed its type to {new.type}"

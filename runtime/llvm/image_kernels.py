@@ -31,8 +31,10 @@ _NOISE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_
 
 def _resample_ir(t: str, bilinear: bool) -> str:
     """out[i, k, r, c] = images[i, k] at maps[i] @ (r, c, 1), for a batch [n, channels, h, w] of
-    element type `t`; maps are [n, 6] float32 (the first two rows of each 3 x 3 matrix). Loops:
-    every (image, channel) plane, its rows, its columns."""
+    element type `t`, read from `src`: the planes with a zero border, one pixel before and two
+    after ([n * channels, h + 3, w + 3]), so that source pixels clipped into [-1, size] and their
+    neighbours +1 need no bounds checks. Maps are [n, 6] float32 (the first two rows of each
+    3 x 3 matrix). Loops: every (image, channel) plane, its rows, its columns."""
     name = f"graphc_resample_{'bilinear' if bilinear else 'nearest'}_{t}"
     if bilinear:
         sample = f"""
@@ -74,6 +76,11 @@ entry:
   %planes = mul i64 %n, %channels
   %h32 = trunc i64 %h to i32
   %w32 = trunc i64 %w to i32
+  %pitch = add i32 %w32, 3
+  %pitch64 = sext i32 %pitch to i64
+  %h3 = add i64 %h, 3
+  %padded.size = mul i64 %h3, %pitch64
+  %first = add i64 %pitch64, 1
   %hf = sitofp i32 %h32 to float
   %wf = sitofp i32 %w32 to float
   %empty = icmp eq i64 %planes, 0
@@ -97,7 +104,9 @@ plane:                                        ; one channel of one image
   %m5 = load float, ptr %m5p
   %size = mul i64 %h, %w
   %base = mul i64 %q, %size
-  %in = getelementptr {t}, ptr %src, i64 %base
+  %padded.base = mul i64 %q, %padded.size
+  %corner = getelementptr {t}, ptr %src, i64 %padded.base
+  %in = getelementptr {t}, ptr %corner, i64 %first          ; pixel (0, 0)
   %out = getelementptr {t}, ptr %dst, i64 %base
   br label %row
 
@@ -147,17 +156,12 @@ done:
 
 
 def _pixel(t: str, name: str, row: str, col: str) -> str:
-    """%name = the pixel (row, col) of the plane at %in, or zero outside it. One unsigned
-    comparison per axis tests both bounds; the load reads pixel 0 instead of a pixel outside."""
-    return f"""  %{name}.ri = icmp ult i32 {row}, %h32
-  %{name}.ci = icmp ult i32 {col}, %w32
-  %{name}.in = and i1 %{name}.ri, %{name}.ci
-  %{name}.rw = mul i32 {row}, %w32
+    """%name = the pixel (row, col), row and col in [-1, size + 1], of the padded plane whose
+    pixel (0, 0) is at %in: the border reads zero."""
+    return f"""  %{name}.rw = mul i32 {row}, %pitch
   %{name}.at = add i32 %{name}.rw, {col}
-  %{name}.safe = select i1 %{name}.in, i32 %{name}.at, i32 0
-  %{name}.p = getelementptr {t}, ptr %in, i32 %{name}.safe
-  %{name}.v = load {t}, ptr %{name}.p
-  %{name} = select i1 %{name}.in, {t} %{name}.v, {t} 0.0"""
+  %{name}.p = getelementptr {t}, ptr %in, i32 %{name}.at
+  %{name} = load {t}, ptr %{name}.p"""
 
 
 def _widen(t: str, name: str, value: str) -> str:
@@ -247,14 +251,15 @@ def _compiled() -> jit.Compiled:
 
 def resample(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
     """augment.resample, natively: images [n, C, H, W] (float32 or float64), maps [n, 3, 3]."""
-    images = np.ascontiguousarray(images)
     n, channels, height, width = images.shape
-    assert height * width < 2**31, "pixels of a plane are indexed with 32-bit integers"
+    assert (height + 3) * (width + 3) < 2**31, "pixels of a plane are indexed with 32-bit integers"
     rows = np.ascontiguousarray(maps[:, :2].reshape(n, 6), dtype=np.float32)
+    padded = np.zeros((n, channels, height + 3, width + 3), images.dtype)
+    padded[:, :, 1:-2, 1:-2] = images
     out = np.empty_like(images)
     kind = "nearest" if exact else "bilinear"
     fn = _function(f"graphc_resample_{kind}_{_TYPES[images.dtype]}", _RESAMPLE)
-    fn(images.ctypes.data, out.ctypes.data, rows.ctypes.data, n, channels, height, width)
+    fn(padded.ctypes.data, out.ctypes.data, rows.ctypes.data, n, channels, height, width)
     return out
 
 

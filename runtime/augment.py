@@ -74,11 +74,7 @@ def resample(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
     pixel when `exact` (the maps hit pixel centres), else bilinear. Vectorized over the batch.
     The source coordinates are float32, clipped to [-1, size]."""
     n, channels, height, width = images.shape
-    # A zero border, one pixel before and two after: a source clipped into [-1, size] and its
-    # neighbour +1 both fall inside it, reading zeros beyond the image.
-    padded = np.zeros((n, channels, height + 3, width + 3), images.dtype)
-    padded[:, :, 1:-2, 1:-2] = images
-    flat, row = padded.reshape(-1), width + 3
+    flat, row = bordered(images).reshape(-1), width + 3
     small = np.int32 if flat.size < 2**31 else np.intp   # int32 index arithmetic is faster
     # the first pixel of image i, channel k
     first = (np.arange(n * channels, dtype=small) * (row * (height + 3))).reshape(
@@ -115,6 +111,16 @@ def resample(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
     bottom *= fr
     top += bottom
     return top.reshape(images.shape)
+
+
+def bordered(images: np.ndarray) -> np.ndarray:
+    """The images [n, C, H, W] in a zero border, one pixel before and two after: a source pixel
+    clipped into [-1, size] and its neighbour +1 both fall inside it, reading zeros beyond the
+    image (both resamplers read this layout)."""
+    n, channels, height, width = images.shape
+    padded = np.zeros((n, channels, height + 3, width + 3), images.dtype)
+    padded[:, :, 1:-2, 1:-2] = images
+    return padded
 
 
 def _clipped(coords: np.ndarray, size: int) -> np.ndarray:
@@ -183,9 +189,10 @@ def add_noise(x: np.ndarray, normals: np.ndarray, offsets: np.ndarray, std: floa
 @dataclass(frozen=True)
 class Kernels:
     """Where the pixel work runs: `resample(images, maps, exact)` and
-    `add_noise(x, normals, offsets, std)`, as defined above."""
+    `add_noise(x, normals, offsets, std)`, as defined above, for images of `dtypes` (None: any)."""
     resample: Callable
     add_noise: Callable
+    dtypes: tuple | None = None
 
 
 NUMPY = Kernels(resample, add_noise)
@@ -197,7 +204,7 @@ def native_kernels() -> Kernels | None:
         from graphc.runtime.llvm import image_kernels
     except ImportError:
         return None
-    return Kernels(image_kernels.resample, image_kernels.add_noise)
+    return Kernels(image_kernels.resample, image_kernels.add_noise, image_kernels.DTYPES)
 
 
 AUGMENTATIONS = {"shift": Augmentation(True, _shift), "rotate": Augmentation(True, _rotate),
@@ -267,8 +274,9 @@ class Augmenter:
     def __call__(self, x: np.ndarray, epoch: int, step: int) -> np.ndarray:
         """Batch `step` of epoch `epoch`, augmented: a pure function of the batch and the counters."""
         images = x.reshape(len(x), *self.image)
-        # the native kernels take float32 and float64 images
-        kernels = self.kernels if images.dtype in (np.float32, np.float64) else NUMPY
+        kernels = self.kernels
+        if kernels.dtypes is not None and images.dtype not in kernels.dtypes:
+            kernels = NUMPY
         maps, exact = None, True
         # One generator for the batch (making one costs more than a draw), drawn from in order.
         rng = np.random.default_rng([self.seed, epoch, step, _STREAM])

@@ -121,6 +121,7 @@ class Program:
         self.params = ParamStore(params, values, sync=self.sync)
         self.meta = dict(meta or {})
         self.state_info = dict(state or {})
+        self.precision = "f32"                  # of matrix products (use_precision)
         self._executors: dict = {}
         self._state: dict[str, np.ndarray] = {}
         self.reset_state()
@@ -159,8 +160,9 @@ class Program:
             raise error(f"precision {precision} runs matrix products on a GPU's tensor cores; "
                         f"{self.name} runs on the {self.backend} backend",
                         hint="use --backend cuda, or leave the precision at f32")
-        if self.backend == "cuda":
+        if precision != self.precision:        # only the cuda backend gets here
             executor_class("cuda").link(self._executors, precision)
+            self.precision = precision
 
     def compile(self, load: bool = True) -> None:
         """Generate and load native code for every graph now (compiled backends otherwise do it

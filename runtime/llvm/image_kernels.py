@@ -19,9 +19,11 @@ import functools
 
 import numpy as np
 
+from graphc.runtime.augment import bordered
 from graphc.runtime.llvm import jit
 
 _TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+DTYPES = tuple(_TYPES)            # the image types the kernels take
 
 _RESAMPLE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
@@ -32,9 +34,9 @@ _NOISE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_
 def _resample_ir(t: str, bilinear: bool) -> str:
     """out[i, k, r, c] = images[i, k] at maps[i] @ (r, c, 1), for a batch [n, channels, h, w] of
     element type `t`, read from `src`: the planes with a zero border, one pixel before and two
-    after ([n * channels, h + 3, w + 3]), so that source pixels clipped into [-1, size] and their
-    neighbours +1 need no bounds checks. Maps are [n, 6] float32 (the first two rows of each
-    3 x 3 matrix). Loops: every (image, channel) plane, its rows, its columns."""
+    after ([n * channels, h + 3, w + 3], `augment.bordered`), so that source pixels clipped into
+    [-1, size] and their neighbours +1 need no bounds checks. Maps are [n, 6] float32 (the first
+    two rows of each 3 x 3 matrix). Loops: every (image, channel) plane, its rows, its columns."""
     name = f"graphc_resample_{'bilinear' if bilinear else 'nearest'}_{t}"
     if bilinear:
         sample = f"""
@@ -254,11 +256,10 @@ def resample(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
     n, channels, height, width = images.shape
     assert (height + 3) * (width + 3) < 2**31, "pixels of a plane are indexed with 32-bit integers"
     rows = np.ascontiguousarray(maps[:, :2].reshape(n, 6), dtype=np.float32)
-    padded = np.zeros((n, channels, height + 3, width + 3), images.dtype)
-    padded[:, :, 1:-2, 1:-2] = images
-    out = np.empty_like(images)
+    out = np.empty(images.shape, images.dtype)     # row-major, as the kernel writes it
     kind = "nearest" if exact else "bilinear"
     fn = _function(f"graphc_resample_{kind}_{_TYPES[images.dtype]}", _RESAMPLE)
+    padded = bordered(images)       # held here: the kernel reads it through a bare address
     fn(padded.ctypes.data, out.ctypes.data, rows.ctypes.data, n, channels, height, width)
     return out
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from graphc.backends import PRECISIONS
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "bench" / "models"
 WORKLOADS = [("mnist_mlp_b64", "mnist_mlp.nn", 64), ("mnist_mlp_b1024", "mnist_mlp.nn", 1024),
@@ -58,9 +60,8 @@ def _batches(program, n: int, count: int) -> list[dict]:
 def graphc_train(model: str, n: int, steps: int, precision: str) -> float:
     """Milliseconds per train step of graphc's cuda backend."""
     import graphc
-    from graphc.runtime.cuda.executor import CUDAExecutor
     program = graphc.compile_file(MODELS / model, backend="cuda")
-    CUDAExecutor.link(program._executors, precision)
+    program.use_precision(precision)
     batches = _batches(program, n, 8)
     for b in batches[:3]:                               # compile, upload, warm up
         program.train_step(**b)
@@ -111,9 +112,10 @@ def graphc_gemm(n: int, repeats: int, precision: str) -> float:
     with CUDA events: no host transfers)."""
     import graphc
     from graphc.kernels.ir import sval
-    from graphc.runtime.cuda.executor import CUDAExecutor, _current, _grid
+    from graphc.runtime.cuda import codegen
+    from graphc.runtime.cuda.executor import _current, _grid
     program = graphc.compile_source(GEMM_SOURCE.format(n=n), backend="cuda")
-    CUDAExecutor.link(program._executors, precision)
+    program.use_precision(precision)
     ex = program._executors["forward"]
     dims = {"N": n}
     with ex._code.lock, _current() as drv:
@@ -131,7 +133,7 @@ def graphc_gemm(n: int, repeats: int, precision: str) -> float:
         fn = ex._code.functions[launch.kernel]
 
         def run():
-            fn(*args, block=(256, 1, 1), grid=_grid(launch, dims))
+            fn(*args, block=(codegen.GEMM_THREADS, 1, 1), grid=_grid(launch, dims))
         return _events(drv, run, repeats)
 
 
@@ -208,7 +210,7 @@ def run(steps: int, precision: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="timed train steps per workload")
-    p.add_argument("--precision", choices=("f32", "tf32"), default="f32",
+    p.add_argument("--precision", choices=PRECISIONS, default="f32",
                    help="graphc's GEMMs in f32 (default) or on the TF32 tensor cores")
     p.add_argument("--out", help="results file (default bench/results/gpu-TIME-DEVICE.json)")
     args = p.parse_args(argv)

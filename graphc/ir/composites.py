@@ -13,7 +13,7 @@ from graphc.errors import SourceLoc
 from graphc.ir import ops as op_table
 from graphc.ir.node import Node
 from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
-from graphc.ir.primitives import sliding_windows, window_out
+from graphc.ir.primitives import erf, sliding_windows, window_out
 from graphc.ir.shapes import broadcast, float_dtype, matmul_shape, normalize_axis, same_dtype
 from graphc.ir.types import DType, TensorType, dim_factors, product_dim
 
@@ -129,7 +129,7 @@ composite("softplus", 1, *_same_float("softplus"),
 def _gelu_np(x, approximate="none"):
     if approximate == "tanh":
         return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
-    return 0.5 * x * (1 + np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2)).astype(x.dtype))
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
 
 
 def _gelu_decompose(emit, inputs, attrs):

@@ -51,7 +51,7 @@ def _sigmoid(x, out=None):
     return np.exp(out, out=out)
 
 
-def _erf(x, out=None):
+def erf(x, out=None):
     # numpy has no erf: the C library's, element by element (correctly rounded to x's dtype).
     x = np.asarray(x)
     value = np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype, copy=False)
@@ -75,7 +75,7 @@ _unary("log1p", np.log1p, "log(1 + x), exact for small x")
 _unary("sqrt", np.sqrt, "square root")
 _unary("abs", np.abs, "absolute value", floats=False)
 _unary("tanh", np.tanh, "hyperbolic tangent")
-_unary("erf", lambda x, out=None: _erf(x, out), "the error function (gelu's normal CDF)")
+_unary("erf", erf, "the error function (gelu's normal CDF)")
 _unary("sigmoid", _sigmoid, "1 / (1 + exp(-x)), stable in both tails")
 _unary("relu", lambda x, out=None: np.maximum(x, 0, out=out), "max(x, 0)", floats=False)
 _unary("stop_gradient", _copy, "identity whose gradient is zero", floats=False)

@@ -9,6 +9,7 @@ read them. Matrix products are kernels of their own that a backend may hand to a
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from graphc.ir import OPS
@@ -353,7 +354,7 @@ class _Planner:
         space = g.shape[: g.type.ndim - k]
         out_strides = (layout.strides[:lead]
                        + tuple(smul((s, ()), st) for s, st in zip(a["stride"], layout.strides[lead:])))
-        for offsets in _kernel_offsets(a["kernel"]):
+        for offsets in itertools.product(*map(range, a["kernel"])):
             target: Offset = ()
             for o, d, st in zip(offsets, a["dilation"], layout.strides[lead:]):
                 target = offset_add(target, smul((o * d, ()), st))
@@ -414,13 +415,6 @@ class _Planner:
         if not isinstance(value, Layout):
             value = self._layout_of(node)
         return self.access(value, node.shape, node.shape), dims_of(node.shape), node.dtype
-
-
-def _kernel_offsets(kernel) -> list[tuple[int, ...]]:
-    offsets = [()]
-    for k in kernel:
-        offsets = [o + (i,) for o in offsets for i in range(k)]
-    return offsets
 
 
 def plan_kernels(graph: Graph) -> KernelPlan:

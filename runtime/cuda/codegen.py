@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphc.backends import PRECISIONS
 from graphc.ir.primitives import hash32
 from graphc.ir.types import DType
 from graphc.kernels.ir import (
@@ -58,7 +59,6 @@ STORE_TYPE = {DType.f16: "__half", DType.f32: "float", DType.f64: "double", DTyp
 VALUE_TYPE = {**STORE_TYPE, DType.f16: "float", DType.bool: "bool"}   # half computes in float
 BLOCK = 256                     # threads per block of elementwise and reduction kernels
 GEMM_BM, GEMM_BN, GEMM_THREADS = gemm.BM, gemm.BN, gemm.THREADS
-PRECISIONS = gemm.PRECISIONS
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from graphc.kernels.ir import ONE
 
 BM, BN, BK, THREADS = 64, 64, 16, 256
 PAD = 4                 # keeps shared rows 16-byte aligned and spreads the transposed stores over banks
-PRECISIONS = ("f32", "tf32")
 assert BM * BK == BN * BK == 4 * THREADS, "each thread loads one group of four of each tile"
 
 
@@ -53,7 +52,7 @@ def _operand(name: str, tile: str, row: str, extent: str, s_row: str, s_k: str, 
     return lines
 
 
-def _fast(access, row_axis: int, k_axis: int) -> str:
+def _fast(access, k_axis: int) -> str:
     """The axis along which a thread's four loaded elements lie: the contiguous one."""
     if access.strides[k_axis] == ONE:
         return "k"
@@ -69,7 +68,7 @@ def render(a, b, out, sizes: tuple[str, str, str], strides: dict[str, str], poin
     f32 = ctype == "float"
     tensor = precision == "tf32" and f32
     m, k, n = sizes
-    fast_a, fast_b = _fast(a, 0, 1), _fast(b, 2, 1)
+    fast_a, fast_b = _fast(a, 1), _fast(b, 1)
     lines = [
         f"const i64 M = {m}, K = {k}, N = {n};",
         f"__shared__ __align__(32) {ctype} As[{BK}][{BM} + {PAD}];",

@@ -62,7 +62,6 @@ class _Uses:
         real = lambda b: plan.aliases.get(b, b)     # noqa: E731
         self.reads = [{real(a.buffer) for a in k.loads} for k in plan.kernels]
         self.writes = [{real(s.access.buffer) for s in k.stores} for k in plan.kernels]
-        self.outputs = {real(access.buffer) for _, access, _, _ in plan.outputs}
 
     def conflict(self, a: int, b: int) -> bool:
         """Do kernels a and b depend on each other (one writes what the other touches)?"""

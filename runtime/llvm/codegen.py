@@ -473,9 +473,9 @@ def _dtype(e) -> DType:
     return e.dtype
 
 
-def render_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64) -> str:
+def build_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64) -> Module:
     """One module for the graphs of a program: `graph_main_KEY` for each plan."""
     module = Module(blas_int_bits)
     for key, plan in plans.items():
         module.render_graph(key, plan)
-    return module.text()
+    return module

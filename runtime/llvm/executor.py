@@ -32,10 +32,9 @@ class _Code:
         """The rendered module (codegen's `Module`): its functions, graph_main functions and
         declarations."""
         if self._module is None:
-            from graphc.runtime.llvm.codegen import Module  # not needed on a cache hit
-            self._module = Module(jit.blas().int_bits)
-            for key, ex in self.executors.items():
-                self._module.render_graph(key, ex.plan)
+            from graphc.runtime.llvm.codegen import build_module  # not needed on a cache hit
+            plans = {key: ex.plan for key, ex in self.executors.items()}
+            self._module = build_module(plans, jit.blas().int_bits)
         return self._module
 
     def text(self) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphc.errors import error
+from graphc.runtime.artifact import read_jsonl
 
 REPORT_DIR = "report"
 RESULTS, SEARCH = "results.jsonl", "search.json"
@@ -72,7 +73,7 @@ def _run_report(target: Path, folder: Path) -> Report:
     from graphc.runtime.runs import RunFolder
     run = RunFolder(target)
     config = run.config()
-    rows = _jsonl(target / "metrics.jsonl")
+    rows = read_jsonl(target / "metrics.jsonl")
     if not rows:
         raise error(f"{target}: the run has no finished epoch to plot yet")
     settings = config.get("settings", {})
@@ -230,7 +231,7 @@ def _warning_text(w: dict) -> str:
 def _search_report(target: Path, folder: Path) -> Report:
     meta = _json_or_none(target / SEARCH) or {}
     config = meta.get("config") if isinstance(meta.get("config"), dict) else meta
-    trials = _final_trials(_jsonl(target / RESULTS))
+    trials = _final_trials(read_jsonl(target / RESULTS))
     done = [t for t in trials if t["metrics"]]
     if not done:
         raise error(f"{target}: the search has no finished trial to plot yet")
@@ -416,20 +417,6 @@ def _cell(v) -> str:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue          # a line cut short by a crash
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _json_or_none(path: Path):

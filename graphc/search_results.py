@@ -18,7 +18,7 @@ from pathlib import Path
 
 from graphc.errors import error
 from graphc.frontend.search_spec import SearchConfig
-from graphc.runtime.artifact import atomic_write
+from graphc.runtime.artifact import atomic_write, read_jsonl
 
 FORMAT, VERSION = "graphc-search", 1
 SEARCH, RESULTS, TABLE, BEST = "search.json", "results.jsonl", "results.csv", "best.nn"
@@ -71,18 +71,7 @@ class SearchFolder:
 
     def load_results(self) -> list[dict]:
         """The finished jobs; a last line cut short by a crash is dropped (its job runs again)."""
-        path = self.path / RESULTS
-        if not path.is_file():
-            return []
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and {"trial", "epochs", "status"} <= set(record):
-                records.append(record)
-        return records
+        return [r for r in read_jsonl(self.path / RESULTS) if {"trial", "epochs", "status"} <= set(r)]
 
     def append(self, record: dict, final: list[dict], config: SearchConfig) -> None:
         """Add a finished job: one synced line, then the per-trial table rewritten."""

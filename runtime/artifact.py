@@ -41,6 +41,22 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file (metrics, norms, search results), none when it is
+    missing; a line cut short by a crash, or one that is not an object, is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

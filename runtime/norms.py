@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from graphc.runtime.artifact import read_jsonl
+
 NORMS = "norms.jsonl"
 EVERY = 20                      # steps between records: a forward and backward pass each
 VANISHING, EXPLODING, SPREAD = 1e-7, 1e3, 1e4
@@ -67,16 +69,7 @@ def _norm(array: np.ndarray) -> float:
 def read_norms(path) -> list[dict]:
     """The recorded rows (none when the file is missing); a torn last line, as a killed run may
     leave, is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_jsonl(Path(path))
 
 
 def gradient_warnings(rows: list[dict], weights: list[str] | None = None) -> list[dict]:

@@ -1,12 +1,14 @@
 """Data augmentation of training batches (the train block's `augment`), and a prefetcher that
-prepares the next batch in a background thread while the compiled step runs the current one.
-Randomness comes from (seed, epoch, step) counters, so a resumed run augments exactly as before.
+prepares the next block of batches in a background thread while the compiled step runs.
+What happens to a sample depends only on (seed, epoch, its position in the epoch's order): a
+resumed run augments exactly as before, whatever the batch size.
 
 The pixel work (resampling, noise) has two implementations with the same arithmetic: numpy here,
-the reference, and native kernels (runtime/llvm/image_kernels.py), five to ten times faster and
-free of the GIL, which the Augmenter uses where llvmlite loads."""
+the reference, and native kernels (runtime/llvm/image_kernels.py), more than ten times faster
+and free of the GIL, which the Augmenter uses where llvmlite loads."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphc.runtime.cores import usable_cores
+
 # Mixed into every augmentation seed so its streams never coincide with the minibatch order's
 # (numpy's default_rng([seed, epoch])).
 _STREAM = 0x6175676D          # "augm"
 NORMALS = 1 << 20             # the size of a run's bank of noise
+# The random choices of an epoch are drawn for this many positions at once, from their own
+# generator: drawing them batch by batch cost more than resampling a batch of MNIST, and larger
+# chunks than this cost more per position (their arrays no longer fit the allocator's heap).
+CHUNK = 1024
 
 
 # --- geometric augmentations: one inverse affine map per image ----------------------------------
@@ -65,14 +73,37 @@ def crop_maps(tops: np.ndarray, lefts: np.ndarray, window: tuple[int, int], pad:
     return m
 
 
+def then(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """first @ second for stacks of affine maps [n, 3, 3] (bottom rows 0, 0, 1): the map that
+    applies `first`, then `second` (a dozen vector operations; numpy's matmul on a stack of
+    small matrices takes five times as long)."""
+    out = _identity(len(first))
+    for i in range(2):
+        a0, a1 = first[:, i, 0], first[:, i, 1]
+        for k in range(3):
+            out[:, i, k] = a0 * second[:, 0, k] + a1 * second[:, 1, k]
+        out[:, i, 2] += first[:, i, 2]
+    return out
+
+
 def _identity(n: int) -> np.ndarray:
-    return np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+    m = np.zeros((n, 3, 3))
+    m.reshape(n, 9)[:, ::4] = 1.0            # the diagonal (a broadcast copy of eye is slower)
+    return m
 
 
-def resample(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
+def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | None = None,
+             index: np.ndarray | None = None) -> np.ndarray:
     """out[i, :, r, c] = images[i, :, maps[i] @ (r, c, 1)], zero outside the image: nearest
     pixel when `exact` (the maps hit pixel centres), else bilinear. Vectorized over the batch.
-    The source coordinates are float32, clipped to [-1, size]."""
+    The maps are [n, 3, 3], or their first two rows [n, 2, 3]; the source coordinates are
+    float32, clipped to [-1, size]. With `noise` = (normals, offsets, std), add_noise follows;
+    with `index`, images[index] are resampled."""
+    out = _resampled(images if index is None else images[index], maps, exact)
+    return out if noise is None else add_noise(out, *noise)
+
+
+def _resampled(images: np.ndarray, maps: np.ndarray, exact: bool) -> np.ndarray:
     n, channels, height, width = images.shape
     flat, row = bordered(images).reshape(-1), width + 3
     small = np.int32 if flat.size < 2**31 else np.intp   # int32 index arithmetic is faster
@@ -144,24 +175,32 @@ def _grid(height: int, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Augmentation:
-    geometric: bool          # an affine map (composed with its geometric neighbours) or a pixel op
-    # geometric: (rng, n, (C, H, W), options) -> (maps [n, 3, 3], exact)
-    # pixel: (rng, images [n, C, H, W], options, normals, kernels) -> new images
+    """How one augmentation draws its random choices for `count` images of shape (C, H, W):
+    draw(rng, count, image, options) -> an array with a row per image."""
     draw: Callable
+    # Geometric ones draw inverse affine maps [count, 3, 3], composed with their geometric
+    # neighbours and sampled once; exact(image, options) says whether the maps hit pixel centres.
+    exact: Callable | None = None
+    # The others add noise: noise(rows, options, normals) -> add_noise's (normals, offsets, std).
+    noise: Callable | None = None
+
+    @property
+    def geometric(self) -> bool:
+        return self.exact is not None
 
 
 def _shift(rng, n, image, o):
     p = o["pixels"]
-    return shift_maps(rng.integers(-p, p + 1, n), rng.integers(-p, p + 1, n)), True
+    return shift_maps(rng.integers(-p, p + 1, n), rng.integers(-p, p + 1, n))
 
 
 def _rotate(rng, n, image, o):
-    return rotation_maps(rng.uniform(-o["degrees"], o["degrees"], n), image[1], image[2]), False
+    return rotation_maps(rng.uniform(-o["degrees"], o["degrees"], n), image[1], image[2])
 
 
 def _flip(rng, n, image, o):
     axis = 1 if o["direction"] == "horizontal" else 0
-    return flip_maps(rng.random(n) < o["p"], axis, image[1 + axis]), True
+    return flip_maps(rng.random(n) < o["p"], axis, image[1 + axis])
 
 
 def _crop(rng, n, image, o):
@@ -169,26 +208,34 @@ def _crop(rng, n, image, o):
     pad, height, width = o["pad"], image[1], image[2]
     tops = rng.integers(0, height + 2 * pad - window[0] + 1, n)
     lefts = rng.integers(0, width + 2 * pad - window[1] + 1, n)
-    return crop_maps(tops, lefts, window, pad, height, width), window == (height, width)
+    return crop_maps(tops, lefts, window, pad, height, width)
 
 
-def _noise(rng, x, o, normals, kernels):
+def _crop_exact(image, o) -> bool:
+    return crop_window(o["size"], image) == tuple(image[1:])
+
+
+def _noise_offsets(rng, n, image, o):
     # Each image reads its noise from a random window of the run's bank of normal numbers:
     # drawing 50,000 fresh normals would cost more than a training step of MNIST's MLP.
-    offsets = rng.integers(0, len(normals) - x[0].size + 1, len(x))
-    return kernels.add_noise(x, normals, offsets, o["std"])
+    return rng.integers(0, bank_size(image) - math.prod(image) + 1, n)
+
+
+def bank_size(image: tuple[int, int, int]) -> int:
+    """How many normal numbers the bank that noise reads holds, for images of shape `image`."""
+    return max(NORMALS, 4 * math.prod(image))
 
 
 def add_noise(x: np.ndarray, normals: np.ndarray, offsets: np.ndarray, std: float) -> np.ndarray:
     """x + std * normals[offsets[i]:offsets[i] + size] for each image i of x (size = x[i].size),
     the product in float32."""
-    windows = np.lib.stride_tricks.sliding_window_view(normals, x[0].size)
+    windows = np.lib.stride_tricks.sliding_window_view(normals, math.prod(x.shape[1:]))
     return x + (std * windows[offsets].reshape(x.shape)).astype(x.dtype, copy=False)
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """Where the pixel work runs: `resample(images, maps, exact)` and
+    """Where the pixel work runs: `resample(images, maps, exact, noise=None)` and
     `add_noise(x, normals, offsets, std)`, as defined above, for images of `dtypes` (None: any)."""
     resample: Callable
     add_noise: Callable
@@ -207,9 +254,14 @@ def native_kernels() -> Kernels | None:
     return Kernels(image_kernels.resample, image_kernels.add_noise, image_kernels.DTYPES)
 
 
-AUGMENTATIONS = {"shift": Augmentation(True, _shift), "rotate": Augmentation(True, _rotate),
-                 "flip": Augmentation(True, _flip), "noise": Augmentation(False, _noise),
-                 "crop": Augmentation(True, _crop)}
+AUGMENTATIONS = {
+    "shift": Augmentation(_shift, exact=lambda image, o: True),
+    "rotate": Augmentation(_rotate, exact=lambda image, o: False),
+    "flip": Augmentation(_flip, exact=lambda image, o: True),
+    "noise": Augmentation(_noise_offsets,
+                          noise=lambda offsets, o, normals: (normals, offsets, o["std"])),
+    "crop": Augmentation(_crop, exact=_crop_exact),
+}
 
 
 def crop_window(size: int, image: tuple[int, int, int]) -> tuple[int, int]:
@@ -250,49 +302,124 @@ def fit_problem(name: str, options: dict, image: tuple[int, int, int]) -> tuple[
     return None
 
 
+@dataclass(frozen=True)
+class _Stage:
+    """What one pass over the pixels does: consecutive geometric augmentations, their maps
+    composed (`exact`: the product hits pixel centres), or one that adds noise."""
+    ops: tuple[tuple[Augmentation, dict], ...]
+    geometric: bool
+    exact: bool
+
+
+def _stages(augment: list[tuple[str, dict]], image: tuple[int, int, int]) -> list[_Stage]:
+    stages: list[_Stage] = []
+    for name, options in augment:
+        op = AUGMENTATIONS[name]
+        last = stages[-1] if stages else None
+        if op.geometric and last is not None and last.geometric:
+            stages[-1] = _Stage(last.ops + ((op, options),), True,
+                                last.exact and op.exact(image, options))
+        else:
+            stages.append(_Stage(((op, options),), op.geometric,
+                                 op.geometric and op.exact(image, options)))
+    return stages
+
+
 class Augmenter:
     """The train block's augmentations, in order, for images of shape `image`: consecutive
     geometric ones are composed into one affine map per image and sampled once (so no pixels are
-    lost between them and interpolation blurs once), pixel ones apply in between."""
+    lost between them and interpolation blurs once); noise right after them is added in the same
+    pass.
+
+    The random choices for the sample at position p of an epoch's order come from the generator
+    of its chunk, default_rng([seed, epoch, p // CHUNK, tag]), which draws each augmentation's
+    choices for the whole chunk in turn: they do not depend on the batch size, and no generator
+    state is carried from batch to batch."""
 
     def __init__(self, augment: list, image: tuple[int, int, int], seed: int,
                  kernels: Kernels | None = None):
         self.augment = [(name, dict(options)) for name, options in augment]
         self.image, self.seed = tuple(image), seed
         self.kernels = kernels or native_kernels() or NUMPY
-        # The bank of standard normal numbers that noise reads, drawn once from the seed.
-        self.normals = np.random.default_rng([seed, _STREAM]).standard_normal(
-            max(NORMALS, 4 * math.prod(image)), dtype=np.float32) if any(
-            name == "noise" for name, _ in self.augment) else None
         for name, options in self.augment:
             if name not in AUGMENTATIONS:
                 raise ValueError(f"unknown augmentation {name!r}")
             problem = fit_problem(name, options, self.image)
             if problem:
                 raise ValueError(problem[1])
+        self.stages = _stages(self.augment, self.image)
+        # The bank of standard normal numbers that noise reads, drawn once from the seed.
+        self.normals = np.random.default_rng([seed, _STREAM]).standard_normal(
+            bank_size(self.image), dtype=np.float32) if any(
+            not s.geometric for s in self.stages) else None
+        # A batch reads one chunk's choices, or two: a few chunks are kept.
+        self._chunk = functools.lru_cache(maxsize=4)(self._draw_chunk)
 
-    def __call__(self, x: np.ndarray, epoch: int, step: int) -> np.ndarray:
-        """Batch `step` of epoch `epoch`, augmented: a pure function of the batch and the counters."""
+    def _draw_chunk(self, epoch: int, chunk: int) -> list[np.ndarray]:
+        """Each stage's random choices for positions chunk * CHUNK ..< (chunk + 1) * CHUNK of
+        epoch `epoch`: maps as their first two rows in float32 [CHUNK, 2, 3], noise offsets."""
+        rng = np.random.default_rng([self.seed, epoch, chunk, _STREAM])
+        values = []
+        for stage in self.stages:
+            rows = None
+            for op, options in stage.ops:
+                new = op.draw(rng, CHUNK, self.image, options)
+                rows = new if rows is None else then(rows, new)
+            values.append(np.ascontiguousarray(rows[:, :2], dtype=np.float32)
+                          if stage.geometric else rows)
+        return values
+
+    def draws(self, epoch: int, start: int, count: int) -> list[np.ndarray]:
+        """Each stage's random choices for positions start ..< start + count of epoch `epoch`."""
+        first, last = start // CHUNK, (start + max(count, 1) - 1) // CHUNK
+        chunks = [self._chunk(epoch, k) for k in range(first, last + 1)]
+        at = start - first * CHUNK
+        if len(chunks) == 1:
+            return [v[at:at + count] for v in chunks[0]]
+        return [np.concatenate(parts)[at:at + count] for parts in zip(*chunks)]
+
+    def __call__(self, x: np.ndarray, epoch: int, start: int,
+                 index: np.ndarray | None = None) -> np.ndarray:
+        """x[index] (x itself without `index`): the samples at positions start ..< start + n of
+        epoch `epoch`'s order, augmented; a pure function of the samples, the seed, the epoch
+        and the positions. The first resampling reads the samples where they lie in x."""
         images = x.reshape(len(x), *self.image)
+        n = len(images) if index is None else len(index)
         kernels = self.kernels
         if kernels.dtypes is not None and images.dtype not in kernels.dtypes:
             kernels = NUMPY
-        maps, exact = None, True
-        # One generator for the batch (making one costs more than a draw), drawn from in order.
-        rng = np.random.default_rng([self.seed, epoch, step, _STREAM])
-        for name, options in self.augment:
-            op = AUGMENTATIONS[name]
-            if op.geometric:
-                new, new_exact = op.draw(rng, len(x), self.image, options)
-                maps = new if maps is None else maps @ new     # apply maps first, then new
-                exact = exact and new_exact
+        values, stages = self.draws(epoch, start, n), self.stages
+        if index is not None and not (stages and stages[0].geometric):
+            images, index = images[index], None
+        k = 0
+        while k < len(stages):
+            if stages[k].geometric:
+                noise = None
+                if k + 1 < len(stages) and not stages[k + 1].geometric:   # in the same pass
+                    noise = self._noise(stages[k + 1], values[k + 1])
+                images = kernels.resample(images, values[k], stages[k].exact, noise, index)
+                index, k = None, k + (1 if noise is None else 2)
             else:
-                if maps is not None:
-                    images, maps, exact = kernels.resample(images, maps, exact), None, True
-                images = op.draw(rng, images, options, self.normals, kernels)
-        if maps is not None:
-            images = kernels.resample(images, maps, exact)
-        return images.reshape(x.shape)
+                images = kernels.add_noise(images, *self._noise(stages[k], values[k]))
+                k += 1
+        return images.reshape(n, *x.shape[1:])
+
+    def _noise(self, stage: _Stage, rows: np.ndarray) -> tuple:
+        (op, options), = stage.ops
+        return op.noise(rows, options, self.normals)
+
+
+BLOCK = 8                     # training batches augmented per call (its fixed cost shared)
+# Whether the train loop augments a block ahead in a background thread; None: where the process
+# may use more than two cores. On two, the compiled step's BLAS threads already use both, and
+# a third thread contends with them: in five runs of bench/augment_overhead.py on two cores, an
+# epoch of MNIST's MLP took 1.21-1.23x as long with augmentation inline, 1.21-1.26x in a thread.
+AHEAD: bool | None = None
+
+
+def ahead() -> bool:
+    """Whether to augment ahead in a background thread (see AHEAD)."""
+    return usable_cores() > 2 if AHEAD is None else AHEAD
 
 
 def prefetch(make: Callable[[int], object], count: int) -> Iterator:

@@ -7,14 +7,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import error
-from graphc.runtime.augment import Augmenter, image_shape, prefetch
+from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, image_shape, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
 from graphc.runtime.runs import RunFolder
@@ -227,14 +227,8 @@ class Trainer:
         start, seen, total = time.perf_counter(), 0, 0.0
         features, labels = self.data.features, self.data.labels
 
-        def batch(i: int) -> dict[str, np.ndarray]:
-            xb = x[order[i]]
-            if self.augmenter is not None:
-                xb = self.augmenter(xb, epoch, i)
-            return {features: xb, labels: y[order[i]]}
-
-        # Augmenting runs in a background thread, one batch ahead of the compiled step.
-        feeds = prefetch(batch, len(order)) if self.augmenter else map(batch, range(len(order)))
+        feeds = (self._augmented(x, y, order, epoch) if self.augmenter is not None else
+                 ({features: x[index], labels: y[index]} for index in order))
         for i, (index, feed) in enumerate(zip(order, feeds)):
             if self.program.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -258,6 +252,28 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"epoch": epoch + 1, "lr": self.program.lr, "loss": total / max(seen, 1),
                 "seconds": round(seconds, 3), "samples_per_s": round(seen / max(seconds, 1e-9))}
+
+    def _augmented(self, x: np.ndarray, y: np.ndarray, order: list[np.ndarray],
+                   epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """The epoch's batches with their features augmented, BLOCK batches per call of
+        the augmenter (its fixed cost is then shared). The augmentation reads the samples where
+        they lie in x: no gathered copy first. With cores to spare it runs a block ahead, in a
+        background thread; on two cores the step's BLAS threads use both, and a third thread
+        only contends with them (see `augment.ahead`)."""
+        starts = np.cumsum([0] + [len(index) for index in order])    # each batch's position
+        blocks = range(0, len(order), BLOCK)
+
+        def block(b: int) -> list[np.ndarray]:
+            first, last = blocks[b], min(blocks[b] + BLOCK, len(order))
+            xs = self.augmenter(x, epoch, int(starts[first]),
+                                index=np.concatenate(order[first:last]))
+            return np.split(xs, starts[first + 1:last] - starts[first])
+
+        made = prefetch(block, len(blocks)) if ahead() else map(block, range(len(blocks)))
+        features, labels = self.data.features, self.data.labels
+        for xs, first in zip(made, blocks):
+            for xb, index in zip(xs, order[first:first + BLOCK]):
+                yield {features: xb, labels: y[index]}
 
     def end_epoch(self, row: dict) -> None:
         val = evaluate_arrays(self.program, *self.data.splits["val"], self.data.features,
@@ -294,7 +310,7 @@ class Trainer:
     def checkpoint_state(self) -> dict:
         return {"loop": self.loop.to_json(), "seed": self.settings.seed,
                 "rng": {"shuffle": "numpy default_rng([seed, epoch])",
-                        "augment": "numpy default_rng([seed, epoch, batch, tag])",
+                        "augment": f"numpy default_rng([seed, epoch, position // {CHUNK}, tag])",
                         "dropout": "key (seed << 32 | step)", "step": self.program.step}}
 
 

@@ -1,5 +1,5 @@
 """Data augmentation (runtime/augment.py and the train block's `augment`): each op on hand-made
-images, randomness from (seed, epoch, step) counters, training batches only (labels unchanged,
+images, randomness from (seed, epoch, position) counters, training batches only (labels unchanged,
 evaluation never augmented), bit-identical resume, the checks of the setting with their
 locations, and `graphc train` on the digits with augmentation."""
 from __future__ import annotations
@@ -18,6 +18,7 @@ from graphc.errors import GraphcError
 from graphc.frontend import train_spec
 from graphc.runtime import augment
 from graphc.runtime.augment import (
+    CHUNK,
     Augmenter,
     crop_maps,
     flip_maps,
@@ -26,6 +27,7 @@ from graphc.runtime.augment import (
     resample,
     rotation_maps,
     shift_maps,
+    then,
 )
 from graphc.runtime.data import Scaler, batches
 from graphc.runtime.program import Program
@@ -160,6 +162,41 @@ def test_native_resampling_matches_the_numpy_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (3, 2, 1, 1)])
+def test_native_resampling_adds_noise_and_gathers_in_the_same_pass(dtype, shape):
+    """resample(..., noise, index): the reference's resample of images[index], then add_noise,
+    on planes whose size is no multiple of the kernel's 8 lanes and images of several channels
+    (each reads its own part of the image's noise window)."""
+    native = augment.native_kernels()
+    rng = np.random.default_rng(sum(shape) + 1)
+    n, size = shape[0], int(np.prod(shape[1:]))
+    x = rng.standard_normal((2 * n + 1, *shape[1:])).astype(dtype)
+    index = rng.permutation(len(x))[:n]
+    normals = rng.standard_normal(3 * size + 40, np.float32)
+    offsets = rng.integers(0, len(normals) - size + 1, n)
+    offsets[-1] = len(normals) - size                    # the window that ends the bank
+    noise = (normals, offsets, 0.25)
+    exact, blend = _random_maps(rng, n, *shape[2:])
+    copied = native.resample(x, exact, True, noise, index)
+    np.testing.assert_array_equal(copied, augment.add_noise(resample(x[index], exact, True),
+                                                            *noise))
+    np.testing.assert_array_equal(copied, resample(x, exact, True, noise, index))
+    blended = native.resample(x, blend, False, noise, index)
+    assert blended.dtype == dtype and blended.shape == shape
+    np.testing.assert_allclose(blended, resample(x, blend, False, noise, index),
+                               atol=2e-5 * np.abs(x).max())
+    # images that are not contiguous are gathered first; the result is the same
+    strided = np.repeat(x, 2, axis=0)[::2]
+    np.testing.assert_array_equal(native.resample(strided, exact, True, noise, index), copied)
+
+
+def test_composing_maps_is_their_matrix_product():
+    rng = np.random.default_rng(3)
+    first, second = _random_maps(rng, 50, 9, 7)
+    np.testing.assert_allclose(then(first, second), first @ second, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_native_noise_is_the_reference_bit_for_bit(dtype):
     native = augment.native_kernels()
     rng = np.random.default_rng(1)
@@ -171,13 +208,17 @@ def test_native_noise_is_the_reference_bit_for_bit(dtype):
     np.testing.assert_array_equal(out, augment.add_noise(x, normals, offsets, 0.3))
 
 
-def test_the_augmenter_runs_natively_and_agrees_with_numpy():
+@pytest.mark.parametrize("ops", [
+    [("noise", {"std": 0.1}), ("shift", {"pixels": 1}), ("flip", {"direction": "horizontal",
+                                                                  "p": 0.5})],
+    [("shift", {"pixels": 1}), ("noise", {"std": 0.1}), ("crop", {"size": 8, "pad": 2})]])
+def test_the_augmenter_runs_natively_and_agrees_with_numpy(ops):
     x = np.random.default_rng(2).random((32, 64), dtype=np.float32)
-    flip = ("flip", {"direction": "horizontal", "p": 0.5})
-    ops = [("noise", {"std": 0.1}), ("shift", {"pixels": 1}), flip]
     native, reference = Augmenter(ops, (1, 8, 8), 5), Augmenter(ops, (1, 8, 8), 5, augment.NUMPY)
     assert native.kernels is not augment.NUMPY
     np.testing.assert_array_equal(native(x, 2, 7), reference(x, 2, 7))
+    index = np.array([31, 0, 5, 5, 17])
+    np.testing.assert_array_equal(native(x, 2, 7, index=index), reference(x[index], 2, 7))
 
 
 def test_image_shapes_are_inferred_from_the_input():
@@ -191,7 +232,7 @@ def test_image_shapes_are_inferred_from_the_input():
 
 # --- randomness from counters -------------------------------------------------------------------
 
-def test_augmenting_is_a_pure_function_of_seed_epoch_and_step():
+def test_augmenting_is_a_pure_function_of_seed_epoch_and_position():
     x = np.random.default_rng(0).random((16, 64), dtype=np.float32)
     ops = [("shift", {"pixels": 2}), ("rotate", {"degrees": 10.0}), ("noise", {"std": 0.1})]
     a, b = Augmenter(ops, (1, 8, 8), seed=3), Augmenter(ops, (1, 8, 8), seed=3)
@@ -200,6 +241,30 @@ def test_augmenting_is_a_pure_function_of_seed_epoch_and_step():
     others = [a(x, 0, 3), a(x, 1, 2), Augmenter(ops, (1, 8, 8), seed=4)(x, 0, 2)]
     assert all(not np.array_equal(a(x, 0, 2), o) for o in others)
     assert later.shape == x.shape and later.dtype == x.dtype
+
+
+@pytest.mark.parametrize("start", [0, 40, CHUNK - 5])
+def test_a_sample_is_augmented_the_same_whatever_the_batches(start):
+    """Position p's random choices do not depend on the batch it is in, also where a batch
+    spans two chunks of draws."""
+    x = np.random.default_rng(1).random((16, 64), dtype=np.float32)
+    ops = [("rotate", {"degrees": 30.0}), ("noise", {"std": 0.1}), ("flip",
+           {"direction": "vertical", "p": 0.5})]
+    a = Augmenter(ops, (1, 8, 8), seed=2)
+    whole = a(x, 4, start)
+    pieces = [a(x[:3], 4, start), a(x[3:11], 4, start + 3), a(x[11:], 4, start + 11)]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+    assert not np.array_equal(whole[:8], whole[8:])
+
+
+def test_augmenting_ahead_in_a_thread_needs_cores_to_spare(monkeypatch):
+    monkeypatch.setattr(augment, "AHEAD", None)
+    monkeypatch.setattr(augment, "usable_cores", lambda: 2)
+    assert not augment.ahead()
+    monkeypatch.setattr(augment, "usable_cores", lambda: 4)
+    assert augment.ahead()
+    monkeypatch.setattr(augment, "AHEAD", False)
+    assert not augment.ahead()
 
 
 def test_prefetch_yields_in_order_and_passes_errors_on():
@@ -245,6 +310,26 @@ def test_only_training_batches_are_augmented_and_labels_are_unchanged(trained, m
     for split in ("val", "test"):                                    # evaluation: the data itself
         xs, ys = data.splits[split]
         assert any(np.array_equal(b["x"], xs) and np.array_equal(b["y"], ys) for b in evaluated)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_the_train_loop_augments_each_batch_at_its_positions(trained, monkeypatch, ahead):
+    """Blocks of batches augmented at once, inline or a block ahead in a thread, give each batch
+    what augmenting it alone at its place in the epoch gives."""
+    program, settings = trained
+    settings = replace(settings, epochs=1, batch=7)
+    data = prepare_data(program, settings)
+    x, y = data.splits["train"]
+    fed = []
+    monkeypatch.setattr(augment, "AHEAD", ahead)
+    monkeypatch.setattr(program, "train_step", lambda **b: fed.append(b) or 1.0)
+    trainer = Trainer(program, settings, data)
+    trainer.train_epoch(x, y)
+    order = batches(len(y), settings.batch, settings.seed, 0)
+    assert len(order) % augment.BLOCK and len(fed) == len(order) > augment.BLOCK
+    for k, (index, batch) in enumerate(zip(order, fed)):
+        np.testing.assert_array_equal(batch["x"], trainer.augmenter(x[index], 0, 7 * k))
+        np.testing.assert_array_equal(batch["y"], y[index])
 
 
 def test_a_model_without_image_inputs_is_refused_at_training():

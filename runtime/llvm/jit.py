@@ -13,7 +13,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from graphc.cache import cache_dir, cpu_key
 from graphc.runtime.artifact import atomic_write
+from graphc.runtime.cores import usable_cores
 
 log = logging.getLogger("graphc")
 
@@ -95,11 +95,7 @@ def object_name(source: str) -> str:
 
 def compile_threads() -> int:
     """How many modules to compile at once: the cores this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:            # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_THREADS))
+    return max(1, min(usable_cores(), MAX_THREADS))
 
 
 def object_code(source: str, render: Callable[[], str], need: bool = True) -> bytes | None:

@@ -1,7 +1,8 @@
 """GPU workloads, in one run: graphc's cuda backend beside PyTorch CUDA eager (and torch.compile
 where it works) on the MNIST MLP at batch 64 and 1024 and the 784-1024-1024-10 MLP at batch 1024
-(Adam train steps, the loss read back every step on both sides, as Program.train_step returns it),
-and a GEMM-only line at 4096 against cuBLAS through PyTorch (f32, and TF32 with --precision tf32).
+(Adam train steps, timed two ways on both sides: the loss read back after every step, and the
+steps queued with every loss read at the end, as `graphc train` and the course's loop do), and
+a GEMM-only line at 4096 against cuBLAS through PyTorch (f32, and TF32 with --precision tf32).
 Writes bench/results/gpu-TIME-DEVICE.json.
 
     python bench/gpu.py [--steps 200] [--precision f32|tf32] [--out FILE]
@@ -57,8 +58,9 @@ def _batches(program, n: int, count: int) -> list[dict]:
             for _ in range(count)]
 
 
-def graphc_train(model: str, n: int, steps: int, precision: str) -> float:
-    """Milliseconds per train step of graphc's cuda backend."""
+def graphc_train(model: str, n: int, steps: int, precision: str, queued: bool) -> float:
+    """Milliseconds per train step of graphc's cuda backend: each loss read as its step returns,
+    or (`queued`) the steps queued and their losses read at the end."""
     import graphc
     program = graphc.compile_file(MODELS / model, backend="cuda")
     program.use_precision(precision)
@@ -66,8 +68,12 @@ def graphc_train(model: str, n: int, steps: int, precision: str) -> float:
     for b in batches[:3]:                               # compile, upload, warm up
         program.train_step(**b)
     start = time.perf_counter()
-    for i in range(steps):
-        program.train_step(**batches[i % len(batches)])
+    if queued:
+        losses = [program.queue_train_step(**batches[i % len(batches)]) for i in range(steps)]
+        sum(float(loss) for loss in losses)
+    else:
+        for i in range(steps):
+            program.train_step(**batches[i % len(batches)])
     return (time.perf_counter() - start) / steps * 1e3
 
 
@@ -80,8 +86,9 @@ def _torch_mlp(model: str):
     return torch.nn.Sequential(*layers[:-1]).cuda()
 
 
-def torch_train(model: str, n: int, steps: int, compiled: bool) -> float:
-    """Milliseconds per train step of PyTorch CUDA (eager, or torch.compile'd)."""
+def torch_train(model: str, n: int, steps: int, compiled: bool, queued: bool) -> float:
+    """Milliseconds per train step of PyTorch CUDA (eager, or torch.compile'd): each loss read
+    with .item() as its step returns, or (`queued`) all of them at the end."""
     import torch
     net = _torch_mlp(model)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -101,9 +108,13 @@ def torch_train(model: str, n: int, steps: int, compiled: bool) -> float:
         step(x.cuda(non_blocking=True), y.cuda(non_blocking=True)).item()
     torch.cuda.synchronize()
     start = time.perf_counter()
+    losses = []
     for i in range(steps):
         x, y = host[i % len(host)]
-        step(x.cuda(non_blocking=True), y.cuda(non_blocking=True)).item()   # as graphc reports it
+        loss = step(x.cuda(non_blocking=True), y.cuda(non_blocking=True))
+        losses.append(loss.detach() if queued else loss.item())
+    if queued:
+        sum(loss.item() for loss in losses)
     return (time.perf_counter() - start) / steps * 1e3
 
 
@@ -128,12 +139,11 @@ def graphc_gemm(n: int, repeats: int, precision: str) -> float:
             held.append(drv.to_device(rng.standard_normal(count, dtype=np.float32)))
         dims_dev = drv.to_device(np.array([n], dtype=np.int64))
         status = drv.to_device(np.zeros(3, dtype=np.int64))
-        args = [np.uintp(int(d)) for d in held] + [np.uintp(int(dims_dev)), np.uintp(int(status)),
-                                                   np.int32(launch.index)]
-        fn = ex._code.functions[launch.kernel]
+        args = [int(d) for d in held] + [int(dims_dev), int(status), launch.index]
+        fn = ex._code.functions[launch.kernel]          # prepared (pointers, then the index)
 
         def run():
-            fn(*args, block=(codegen.GEMM_THREADS, 1, 1), grid=_grid(launch, dims))
+            fn.prepared_call(_grid(launch, dims), (codegen.GEMM_THREADS, 1, 1), *args)
         return _events(drv, run, repeats)
 
 
@@ -186,12 +196,15 @@ def run(steps: int, precision: str) -> dict:
     no_torch = _torch_reason()
     rows = []
     for name, model, n in WORKLOADS:
-        row = {"workload": name, "batch": n,
-               "graphc_cuda": _attempt(graphc_train, model, n, steps, precision)}
-        if no_torch is None:
-            row["torch_eager"] = _attempt(torch_train, model, n, steps, False)
-            row["torch_compile"] = _attempt(torch_train, model, n, steps, True)
-        rows.append(row)
+        for queued in (False, True):
+            row = {"workload": name, "batch": n, "losses": "at the end" if queued else "every step",
+                   "graphc_cuda": _attempt(graphc_train, model, n, steps, precision, queued)}
+            if no_torch is None:
+                row["torch_eager"] = _attempt(torch_train, model, n, steps, False, queued)
+                row["torch_compile"] = _attempt(torch_train, model, n, steps, True, queued)
+                if "ms" in row["graphc_cuda"] and "ms" in row["torch_eager"]:
+                    row["graphc_vs_eager"] = round(row["graphc_cuda"]["ms"] / row["torch_eager"]["ms"], 3)
+            rows.append(row)
     flops = 2 * GEMM_N ** 3
     gemm = {"workload": f"gemm_{GEMM_N}", "graphc_cuda": _attempt(graphc_gemm, GEMM_N, 20, precision)}
     if no_torch is None:
@@ -226,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     for row in result["rows"]:
         cells = [f"{k} {v.get('ms', v.get('error'))}" for k, v in row.items() if isinstance(v, dict)]
-        print(f"{row['workload']:>16}: " + ", ".join(cells) + " (ms)")
+        mode = f" (losses read {row['losses']})" if "losses" in row else ""
+        print(f"{row['workload']:>16}{mode}: " + ", ".join(cells) + " (ms)")
     print(f"wrote {out}")
     return 0
 

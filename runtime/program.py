@@ -3,13 +3,13 @@ run its graphs: `forward`, `evaluate`, `loss_and_grads` and `train_step`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from graphc.backends import BACKEND_NAMES, PRECISIONS
-from graphc.errors import did_you_mean, error
+from graphc.errors import GraphcError, did_you_mean, error
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
 from graphc.runtime.numpy_backend import BACKENDS
@@ -55,6 +55,28 @@ def executor_class(backend: str):
 def rng_key(seed: int, step: int) -> int:
     """The random key of a training step: dropout masks are a function of (seed, step) alone."""
     return ((seed & 0x7FFFFFFF) << 32) | (step & 0xFFFFFFFF)
+
+
+class Loss:
+    """A train step's loss, which a device backend may still be computing: `float(loss)` waits
+    for it (and raises the step's failed check, if one failed); `ready()` tells without waiting."""
+
+    def __init__(self, value: float | Callable[[], object], ready: Callable[[], bool] | None = None):
+        self._value = value if isinstance(value, float) else None
+        self._read = None if isinstance(value, float) else value
+        self._ready = ready
+
+    def ready(self) -> bool:
+        return self._value is not None or self._ready is None or self._ready()
+
+    def __float__(self) -> float:
+        if self._value is None:
+            self._value = float(self._read())
+            self._read = self._ready = None
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Loss({self._value})" if self._value is not None else "Loss(pending)"
 
 
 class ProgramError(ValueError):
@@ -161,6 +183,7 @@ class Program:
                         f"{self.name} runs on the {self.backend} backend",
                         hint="use --backend cuda, or leave the precision at f32")
         if precision != self.precision:        # only the cuda backend gets here
+            self.sync()                         # the new module's device copies start from these
             executor_class("cuda").link(self._executors, precision)
             self.precision = precision
 
@@ -252,16 +275,41 @@ class Program:
     def train_step(self, **batch) -> float:
         """One optimizer step on exactly `batch`, with the learning rate `self.lr` (the train
         loop's schedule sets it); updates parameters and optimizer state, returns the loss."""
+        return float(self.queue_train_step(**batch))
+
+    def queue_train_step(self, **batch) -> Loss:
+        """`train_step`, without waiting for it where the backend runs on a device (cuda): the
+        step is queued there and its loss is read back only when `float(loss)` asks for it, so
+        the host prepares the next batch while the device computes. On the CPU backends the step
+        has run when this returns. A failed check raises here or when the loss is read."""
         if "train_step" not in self.graphs:
             raise ProgramError(f"{self.name} has no training step: "
                                + ("the model has no loss" if "evaluate" not in self.graphs
                                   else f"the file has no `train {self.name} {{ ... }}` block"))
-        out = self._run("train_step", batch, rng=True, extra={LR_INPUT: self._lr_array()})
+        executor = self._executors["train_step"]
+        feeds = self._train_feeds("train_step", batch, {LR_INPUT: self._lr_array()})
+        if getattr(executor, "queues", False):
+            pending = self._device_call(executor.submit, *feeds)
+            # The device advances its step count in place; the host's copy follows it, so the
+            # next step's random key needs no read back.
+            if STEP_STATE in self._state:
+                self._state[STEP_STATE][()] += 1
+            return Loss(lambda: self._device_call(pending.result)["loss"], pending.ready)
+        out = executor.run(*feeds)
         state, params = self._state, self.params._values
         for name, target, is_state in self._new_values:
             if name in out:                # compiled backends update in place and return less
                 (state if is_state else params)[target] = out[name]
-        return float(out["loss"])
+        return Loss(float(out["loss"]))
+
+    def _device_call(self, call, *args):
+        """call(*args); after a failed check on the device, the host's parameters, state and
+        step count are read back (the device's are those from before the failed step)."""
+        try:
+            return call(*args)
+        except GraphcError:
+            self.sync()
+            raise
 
     def _lr_array(self) -> np.ndarray:
         """`self.lr` as the train step's #lr input: made once per value (a schedule changes it
@@ -273,18 +321,29 @@ class Program:
             self._lr_fed = (self.lr, array)
         return array
 
-    def _run(self, graph: str, batch: dict, rng: bool = False, extra: dict | None = None):
+    def _run(self, graph: str, batch: dict, rng: bool = False) -> dict[str, np.ndarray]:
+        feeds = self._train_feeds(graph, batch) if rng else self._graph_feeds(graph, batch)
+        executor = self._executors[graph]
+        return self._device_call(executor.run, *feeds) if rng else executor.run(*feeds)
+
+    def _graph_feeds(self, graph: str, batch: dict) -> tuple:
+        """What `graph`'s executor runs on: (feeds, parameters, dims, state)."""
         if graph not in self.graphs:
             raise ProgramError(f"{self.name} has no loss, so it cannot be {graph.replace('_', ' ')}"
                                f"{'d' if graph == 'evaluate' else ''}; declare `loss = ...`")
         feeds, dims = self._feeds(batch, self.train_inputs)
-        if rng:
-            self._check_batch_norm(dims)
-        if rng and self._reads_rng[graph]:
+        return feeds, self.params._values, dims, self._state
+
+    def _train_feeds(self, graph: str, batch: dict, extra: dict | None = None) -> tuple:
+        """_graph_feeds for a graph in training mode: the batch is checked for batch norm, and
+        the graphs with dropout get the current step's random key."""
+        feeds, params, dims, state = self._graph_feeds(graph, batch)
+        self._check_batch_norm(dims)
+        if self._reads_rng[graph]:
             feeds[RNG_INPUT] = np.int64(rng_key(self.seed, self.step))
         if extra:
             feeds.update(extra)
-        return self._executors[graph].run(feeds, self.params._values, dims, self._state)
+        return feeds, params, dims, state
 
     def _check_batch_norm(self, dims: dict[str, int]) -> None:
         """A training batch must give batch norm two values per channel: one has no variance

@@ -2,6 +2,7 @@
 epoch, learning-rate schedules, early stopping, atomic checkpoints and bit-identical resume."""
 from __future__ import annotations
 
+import collections
 import math
 import os
 import signal
@@ -224,7 +225,8 @@ class Trainer:
         order = batches(len(y), self.settings.batch, self.settings.seed, epoch)
         kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
         bar = _progress(len(order), f"epoch {epoch + 1}/{self.settings.epochs}", self.progress)
-        start, seen, total = time.perf_counter(), 0, 0.0
+        start = time.perf_counter()
+        losses = _Losses(epoch)
         features, labels = self.data.features, self.data.labels
 
         feeds = (self._augmented(x, y, order, epoch) if self.augmenter is not None else
@@ -234,24 +236,22 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.norms is not None:
                 self.norms.observe(self.program, feed, epoch + 1)
-            loss = self.program.train_step(**feed)
-            if not math.isfinite(loss):
-                raise error(f"epoch {epoch + 1}, step {i + 1}: the loss is {loss}",
-                            hint="the learning rate may be too large for this model; try a "
-                                 "smaller --lr")
-            seen += len(index)
-            total += loss * len(index)
+            # Queued: on a GPU the step runs while the next batch is prepared, and its loss is
+            # taken in once the device has it; the host waits for the device at the epoch's end.
+            losses.add(i, len(index), self.program.queue_train_step(**feed))
             if bar is not None and (i % 20 == 0 or i == len(order) - 1):
-                rate = seen / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"loss {total / seen:.4f}, {rate:,.0f} samples/s",
+                rate = losses.seen / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"loss {losses.mean:.4f}, {rate:,.0f} samples/s",
                                     refresh=False)
             if bar is not None:
                 bar.update()
+        losses.settle(wait=True)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        return {"epoch": epoch + 1, "lr": self.program.lr, "loss": total / max(seen, 1),
-                "seconds": round(seconds, 3), "samples_per_s": round(seen / max(seconds, 1e-9))}
+        return {"epoch": epoch + 1, "lr": self.program.lr, "loss": losses.mean,
+                "seconds": round(seconds, 3),
+                "samples_per_s": round(losses.seen / max(seconds, 1e-9))}
 
     def _augmented(self, x: np.ndarray, y: np.ndarray, order: list[np.ndarray],
                    epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -312,6 +312,35 @@ class Trainer:
                 "rng": {"shuffle": "numpy default_rng([seed, epoch])",
                         "augment": f"numpy default_rng([seed, epoch, position // {CHUNK}, tag])",
                         "dropout": "key (seed << 32 | step)", "step": self.program.step}}
+
+
+class _Losses:
+    """An epoch's training losses as they come back: their mean over the samples, and the first
+    that is not finite stops the run (naming its step)."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.seen, self.total = epoch, 0, 0.0
+        self.waiting: collections.deque = collections.deque()     # (step, samples, Loss)
+
+    def add(self, step: int, samples: int, loss) -> None:
+        self.waiting.append((step, samples, loss))
+        self.settle(wait=False)
+
+    def settle(self, wait: bool) -> None:
+        """Take in the losses that are back (all of them, waiting for the device, with `wait`)."""
+        while self.waiting and (wait or self.waiting[0][2].ready()):
+            step, samples, loss = self.waiting.popleft()
+            value = float(loss)
+            if not math.isfinite(value):
+                raise error(f"epoch {self.epoch + 1}, step {step + 1}: the loss is {value}",
+                            hint="the learning rate may be too large for this model; try a "
+                                 "smaller --lr")
+            self.seen += samples
+            self.total += value * samples
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.seen, 1)
 
 
 def _augmenter(program, settings: TrainSettings, features: str) -> Augmenter | None:

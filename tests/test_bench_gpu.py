@@ -1,10 +1,12 @@
 """bench/gpu.py without a GPU: one sentence saying what is missing, exit status 1, no results
-file. (On a GPU it is a benchmark, run by hand: see docs/cuda.md.)"""
+file; and its graphc measurements, small, on the emulated device. (On a GPU it is a benchmark,
+run by hand: see docs/cuda.md.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from emulated_device import emulated_pycuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +30,11 @@ def test_without_a_gpu_it_says_what_is_missing(gpu, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error: bench/gpu.py needs a CUDA GPU: ") and err.count("\n") == 1
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_its_graphc_measurements_run_on_the_emulated_device(gpu, queued):
+    with emulated_pycuda():
+        assert gpu.graphc_train("mnist_mlp.nn", 8, 2, "f32", queued) > 0
+        if queued:
+            assert gpu.graphc_gemm(64, 1, "f32") > 0

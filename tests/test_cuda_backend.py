@@ -1,37 +1,49 @@
-"""The cuda backend on a GPU against the numpy backend: every op case, every bundled model's
-graphs and a few training steps, the label check, and checkpoints moving between backends.
-Skipped, with the reason, where pycuda, the driver or a GPU is missing (CI has none; the kernels
-are checked there by tests/test_cuda_codegen.py and tests/test_cuda_emulated.py)."""
+"""The cuda backend's executor against the numpy backend: every bundled model's graphs and
+training steps, queued steps, the label check, checkpoints moving between backends, and
+`graphc train --backend cuda`. On a GPU where pycuda finds one; elsewhere on the emulated pycuda
+(tests/emulated_pycuda: the same executor, kernels on the CPU, queued work run as late as the host
+allows), except the op cases, which need a GPU here (tests/test_cuda_emulated.py runs them through
+the emulator in one module)."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from backend_cases import OP_CASES
+from emulated_device import emulated_env, emulated_pycuda, gpu_problem
 from test_llvm_backend import TRAIN_TOLERANCES, assert_close
 
 import graphc
 from graphc.errors import GraphcError
+from graphc.runtime.train import Trainer, TrainSettings, prepare_data
 
-
-def _gpu_or_skip() -> None:
-    pytest.importorskip("pycuda", reason="the cuda backend runs through pycuda (pip install '.[cuda]')")
-    from graphc.runtime.cuda.executor import CudaUnavailable, _driver
-    try:
-        _driver()
-    except CudaUnavailable as exc:
-        pytest.skip(str(exc).splitlines()[0])
+GPU_PROBLEM = gpu_problem()
+on_gpu = pytest.mark.skipif(GPU_PROBLEM is not None, reason=f"needs a GPU: {GPU_PROBLEM}")
+emulated_only = pytest.mark.skipif(GPU_PROBLEM is None,
+                                   reason="counts the emulated driver's waits (a GPU is in use)")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def gpu():
-    _gpu_or_skip()
+def device():
+    """The real driver where a GPU is, else the emulated one, for the whole module."""
+    if GPU_PROBLEM is None:
+        import pycuda.driver as drv
+        yield drv
+    else:
+        with emulated_pycuda() as drv:
+            yield drv
 
 
 MODELS = ["models/backprop_example.nn", "models/digits_mlp.nn", "models/digits_adamw.nn",
           "models/digits_nesterov.nn", "models/digits_rmsprop.nn", "models/digits_adagrad.nn",
           "models/digits_logreg.nn", "models/mnist_mlp.nn"]
+F32 = TRAIN_TOLERANCES[np.dtype(np.float32)]
 
 
+@on_gpu
 @pytest.mark.parametrize("case", OP_CASES, ids=[c.name for c in OP_CASES])
 def test_every_op_case_matches_numpy(case):
     rng = np.random.default_rng(0)
@@ -57,18 +69,70 @@ def _batch(program, n, rng):
     return out
 
 
+def _assert_params_close(fast, ref, where: str, tol=F32) -> None:
+    for name in ref.params:           # reading the parameters brings the device's values back
+        assert_close(fast.params[name], ref.params[name], f"{where}: {name}", tol)
+
+
 @pytest.mark.parametrize("path", MODELS)
 def test_models_train_like_numpy(path):
     ref, fast = graphc.compile_file(path), graphc.compile_file(path, backend="cuda")
     rng = np.random.default_rng(1)
-    tol = {**TRAIN_TOLERANCES[np.dtype(np.float32)], "atol": max(1e-5, 0.03 * ref.lr)}
-    for step in range(5):
+    tol = {**F32, "atol": max(1e-5, 0.03 * ref.lr)}
+    trains = "train_step" in ref.graphs        # (backprop_example has no train block)
+    for step in range(5 if trains else 1):
         batch = _batch(ref, 16 + step, rng)
-        assert_close(fast.loss_and_grads(**batch)[0], ref.loss_and_grads(**batch)[0], f"{path} loss")
-        assert_close(fast.train_step(**batch), ref.train_step(**batch), f"{path} step {step}", tol)
-        for name in ref.params:           # reading the parameters brings the device's values back
-            assert_close(fast.params[name], ref.params[name], f"{path} {name} step {step}", tol)
-    assert fast.step == ref.step == 5
+        (loss, grads), (want, want_grads) = fast.loss_and_grads(**batch), ref.loss_and_grads(**batch)
+        assert_close(loss, want, f"{path} loss", F32)
+        for name in want_grads:
+            assert_close(grads[name], want_grads[name], f"{path} gradient of {name}", F32)
+        if trains:
+            assert_close(fast.train_step(**batch), ref.train_step(**batch), f"{path} step {step}", tol)
+            _assert_params_close(fast, ref, f"{path} step {step}", tol)
+    assert fast.step == ref.step == (5 if trains else 0)
+    batch = {k: v for k, v in _batch(ref, 9, rng).items() if k in ref.inputs}
+    for name, want in ref.forward(**batch).items():
+        assert_close(fast.forward(**batch)[name], want, f"{path} forward {name}")
+
+
+def test_queued_steps_read_their_own_batches_and_losses():
+    """Six steps queued before any loss is read, batches alternating between two sizes (two
+    arenas) and each batch's arrays overwritten as soon as the step is queued: every step must
+    have staged its batch before returning, and each loss must be its own step's."""
+    ref = graphc.compile_file("models/digits_adamw.nn")
+    fast = graphc.compile_file("models/digits_adamw.nn", backend="cuda")
+    rng = np.random.default_rng(4)
+    batches = [_batch(ref, 8 if k % 2 else 12, rng) for k in range(6)]
+    queued = []
+    for batch in batches:
+        scratch = {k: v.copy() for k, v in batch.items()}
+        queued.append(fast.queue_train_step(**scratch))
+        for value in scratch.values():
+            value[...] = 0 if value.dtype.kind == "i" else np.nan
+    assert fast.step == 6                 # counted on the host, without reading the device
+    want = [ref.train_step(**batch) for batch in batches]
+    for k, (loss, expected) in enumerate(zip(queued, want)):
+        assert_close(float(loss), expected, f"queued step {k}", F32)
+    _assert_params_close(fast, ref, "after six queued steps")
+    assert int(fast.state["#step"]) == 6
+
+
+@emulated_only
+def test_an_epoch_leaves_the_device_idle_only_at_its_end(device):
+    """The train loop queues its steps and reads their losses as they come back: over an epoch
+    the host never waits for the device to run dry, except for the last loss."""
+    program = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
+    settings = TrainSettings.of(program)
+    data = prepare_data(program, settings)
+    x, y = data.splits["train"]
+    x, y = x[:8 * settings.batch], y[:8 * settings.batch]
+    trainer = Trainer(program, settings, data)
+    trainer.train_epoch(x[:settings.batch], y[:settings.batch])   # compiles, allocates
+    before = dict(device.stats)
+    row = trainer.train_epoch(x, y)
+    assert program.step == 9 and np.isfinite(row["loss"])
+    assert device.stats["launches"] - before["launches"] > 8
+    assert device.stats["drained"] - before["drained"] == 1
 
 
 def test_a_label_out_of_range_stops_the_step_before_any_update():
@@ -81,6 +145,27 @@ def test_a_label_out_of_range_stops_the_step_before_any_update():
         program.train_step(**batch)
     for name, value in program.params.items():
         np.testing.assert_array_equal(value, before[name])
+    assert program.step == 0
+
+
+def test_a_failed_queued_step_stops_the_steps_queued_behind_it():
+    """Step 2 of 3 has a label out of range: reading its loss raises, step 3 (queued behind it)
+    changed nothing either, and the program goes on from step 1's parameters."""
+    ref = graphc.compile_file("models/digits_mlp.nn")
+    fast = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
+    rng = np.random.default_rng(5)
+    good, bad, after = _batch(ref, 8, rng), _batch(ref, 8, rng), _batch(ref, 8, rng)
+    bad["y"][5] = -1
+    first = fast.queue_train_step(**good)
+    failed = fast.queue_train_step(**bad)
+    fast.queue_train_step(**after)
+    assert_close(float(first), ref.train_step(**good), "step 1", F32)
+    with pytest.raises(GraphcError, match=r"class label -1 is out of range"):
+        float(failed)
+    assert fast.step == 1
+    _assert_params_close(fast, ref, "after the failed step")
+    assert_close(fast.train_step(**after), ref.train_step(**after), "the step after", F32)
+    _assert_params_close(fast, ref, "after the step after")
 
 
 def test_checkpoints_move_between_backends(tmp_path):
@@ -89,8 +174,34 @@ def test_checkpoints_move_between_backends(tmp_path):
     gpu = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
     cpu = graphc.compile_file("models/digits_mlp.nn")
     for _ in range(3):
-        gpu.train_step(**_batch(gpu, 16, rng))
+        gpu.queue_train_step(**_batch(gpu, 16, rng))
     save_checkpoint(tmp_path / "c.npz", gpu, {})
     load_checkpoint(tmp_path / "c.npz", cpu)
+    assert cpu.step == 3
     batch = _batch(cpu, 16, rng)
     assert_close(gpu.evaluate(**batch)["loss"], cpu.evaluate(**batch)["loss"], "after the move")
+    # and back: the device takes the loaded arrays (new objects) at its next step
+    cpu.train_step(**batch)
+    load_checkpoint(tmp_path / "c.npz", gpu)
+    save_checkpoint(tmp_path / "d.npz", cpu, {})
+    load_checkpoint(tmp_path / "d.npz", gpu)
+    assert gpu.step == 4
+    _assert_params_close(gpu, cpu, "loaded onto the device")
+    batch = _batch(cpu, 16, rng)
+    assert_close(gpu.train_step(**batch), cpu.train_step(**batch), "a step after loading", F32)
+
+
+def test_graphc_train_runs_on_the_cuda_backend(tmp_path):
+    """`graphc train --backend cuda` end to end (an epoch of the digits), scored like the llvm
+    backend's run of the same file and seed."""
+    runs = {}
+    for backend in ("llvm", "cuda"):
+        env = emulated_env() if backend == "cuda" and GPU_PROBLEM is not None else None
+        done = subprocess.run([sys.executable, "-m", "graphc", "train", "models/digits_mlp.nn",
+                               "--backend", backend, "--epochs", "1", "--out",
+                               str(tmp_path / backend)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        runs[backend] = json.loads((tmp_path / backend / "scores.json").read_text())
+    assert abs(runs["cuda"]["test"]["loss"] - runs["llvm"]["test"]["loss"]) < 1e-3
+    assert abs(runs["cuda"]["test"]["accuracy"] - runs["llvm"]["test"]["accuracy"]) < 0.01

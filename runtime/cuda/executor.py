@@ -6,14 +6,18 @@ works anywhere); pycuda, a driver and a GPU are needed from the first compile or
 missing one is one clear sentence (`CudaUnavailable`).
 
 Memory: parameters and optimizer state live on the device from their first use and are updated
-there in place (`new W` outputs are not returned, as on the llvm backend); the host arrays are
-brought up to date when the program reads them (`sync_to_host`). Temporaries live in one device
-arena per batch shape. A run is asynchronous up to its one synchronization at the end: the batch
-is staged in page-locked host memory and copied up on the executor's stream, the launches follow
-on that stream (the copy of one input runs while the host stages the next), the outputs come back
-into page-locked buffers, and only then does the host wait (the failed-check word and the loss
-come back together). The device's context is made current around each use, so any thread may
-call.
+there in place (no `new X` output is returned, the step count's neither: the program counts
+steps on the host); the host arrays are brought up to date when the program reads them
+(`sync_to_host`). Temporaries live in one device arena per batch shape.
+
+Runs are queued, not waited for (`submit`): a run's inputs are staged in page-locked host memory
+and copied up on a copy stream, its launches follow on the compute stream once that copy is done,
+and its outputs (a train step's: the loss alone) come back into page-locked memory behind it. Each
+batch shape has SLOTS sets of that staging, so the host prepares the next batch while the device
+computes the one before; the host waits only when it reads a result (`Pending.result`) or reuses
+a slot whose run is still in flight. A failed check (a label out of range) stays set on the device
+until the host reads it, so the runs queued behind the failed one change nothing either. The
+device's context is made current around each use, so any thread may call.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from graphc.runtime.artifact import atomic_write
 from graphc.runtime.cuda import codegen
 
 MAX_BLOCKS = 65535 * 4
+SLOTS = 2                 # runs in flight per batch shape
 
 
 class CudaUnavailable(GraphcError):
@@ -127,6 +132,7 @@ class _Code:
         # Parameters and state on the device, shared by the linked graphs: name -> (the host
         # array it was uploaded from, its device copy). `dirty`: the device holds newer values.
         self.resident: dict[str, tuple] = {}
+        self.uploads = 0            # how many uploads there were: launch arguments hold pointers
         self.dirty = False
         # One lock for the linked graphs: they share the device's parameters (a forward pass
         # must not read them while a train step writes them) and the compiled module.
@@ -142,29 +148,140 @@ class _Code:
         if self.functions:
             return
         module = drv.module_from_buffer(compile_cubin(self.text(), device_arch()))
-        names = {launch.kernel for launches in self.launches.values() for launch in launches}
+        # Prepared launches: pycuda checks no argument types per call (buffers, dims and status
+        # are pointers, the kernel's index an int).
+        functions = {}
+        for launches in self.launches.values():
+            for launch in launches:
+                if launch.kernel not in functions:
+                    functions[launch.kernel] = module.get_function(launch.kernel).prepare(
+                        "P" * (len(launch.buffers) + 2) + "i")
         self.module = module
-        self.stream = drv.Stream()
-        self.functions = {name: module.get_function(name) for name in names}
+        self.stream, self.copies = drv.Stream(), drv.Stream()
+        self.functions = functions
         for key, ex in self.executors.items():
             ex._launches = self.launches[key]
+
+    def synchronize(self) -> None:
+        """Wait for everything queued on the device."""
+        if self.functions:
+            self.copies.synchronize()
+            self.stream.synchronize()
+
+
+class _Slot:
+    """The staging of one run in flight: page-locked host memory and device buffers for its
+    inputs, page-locked memory for its outputs and its copy of the status words, and the events
+    that mark its inputs copied up and its outputs back."""
+
+    def __init__(self, drv, plan, dims: dict[str, int], outputs: dict):
+        self.inputs = {}
+        for b in plan.buffers:
+            count = sval(b.elements, dims)
+            if b.kind == "input" and count:      # CUDA allocates no 0 bytes; no kernel reads it
+                host = drv.pagelocked_empty(count, b.dtype.numpy)
+                self.inputs[b.id] = (b.name, host, drv.mem_alloc(host.nbytes))
+        # name -> (element offset in its buffer, the buffer, page-locked copy of the span,
+        # shape, strides in bytes)
+        self.outputs = {name: (offset, buf, drv.pagelocked_empty(max(span, 1), dtype), size,
+                               [s * np.dtype(dtype).itemsize for s in strides])
+                        for name, (offset, buf, span, dtype, size, strides) in outputs.items()}
+        self.status = drv.pagelocked_zeros(3, np.int64)
+        self.copied, self.done = drv.Event(), drv.Event()
+        self.pending: Pending | None = None
+        # Bound by CUDAExecutor._bind: each launch with its arguments, each output's copy back,
+        # and the count of uploads they were made at.
+        self.launches: list[tuple] = []
+        self.copies_back: list[tuple] = []
+        self.made_at = -1
+
+
+class _Frame:
+    """What runs at one batch shape keep: the arena (planned on the launch order, see
+    codegen.launched), the dims and the status words on the device, and SLOTS slots."""
+
+    def __init__(self, drv, executor: CUDAExecutor, dims: dict[str, int]):
+        plan = executor.plan
+        arena = plan_arena(codegen.launched(plan), dims)
+        self.memory = drv.mem_alloc(max(arena.size, 1) + ALIGN)
+        base = int(self.memory) + (-int(self.memory)) % ALIGN
+        self.pointers = {b: base + off for b, off in arena.offsets.items()}
+        self.dims = drv.to_device(np.array([dims.get(s, 0) for s in plan.symbols] or [0], np.int64))
+        self.status = drv.to_device(np.zeros(3, np.int64))
+        outputs = {}
+        for name, access, shape, dtype in plan.outputs:
+            if name in executor.in_place:
+                continue
+            size = [sval(s, dims) for s in shape]
+            strides = [sval(s, dims) for s in access.strides]
+            offset = sum(sval(t, dims) for t in access.offset)
+            span = 1 + sum((d - 1) * s for d, s in zip(size, strides)) if all(size) else 0
+            buf = plan.aliases.get(access.buffer, access.buffer)
+            outputs[name] = (offset, buf, span, dtype.numpy, size, strides)
+        self.slots = [_Slot(drv, plan, dims, outputs) for _ in range(SLOTS)]
+        self.turn = 0
+        self.grids = [_grid(launch, dims) for launch in executor._launches]
+        self.blocks = [(codegen.GEMM_THREADS if launch.kind == "gemm" else codegen.BLOCK, 1, 1)
+                       for launch in executor._launches]
+
+
+class Pending:
+    """A run queued on the device. `result()` waits for it and returns its outputs, or raises the
+    check that failed in it; `ready()` tells without waiting."""
+
+    def __init__(self, executor: CUDAExecutor, frame: _Frame, slot: _Slot):
+        self._executor, self._frame, self._slot = executor, frame, slot
+        self._outputs: dict[str, np.ndarray] | None = None
+        self._failure: GraphcError | None = None
+
+    def ready(self) -> bool:
+        if self._slot is None:
+            return True
+        with self._executor._code.lock, _current():
+            return bool(self._slot.done.query())
+
+    def result(self) -> dict[str, np.ndarray]:
+        self.wait()
+        if self._failure is not None:
+            raise self._failure
+        return self._outputs
+
+    def wait(self) -> None:
+        """Wait for the run and take its outputs out of the slot, which is then free."""
+        slot = self._slot
+        if slot is None:
+            return
+        code = self._executor._code
+        with code.lock, _current():
+            slot.done.synchronize()
+            if slot.status[0]:
+                self._failure = self._executor._failure(slot.status)
+                # The runs queued behind this one stopped at their first kernel. Once they have,
+                # the device may run again; its parameters are those from before the failed run.
+                code.synchronize()
+                _driver()[0].memcpy_htod(self._frame.status, np.zeros(3, np.int64))
+                code.dirty = True
+            else:
+                self._outputs = {name: np.lib.stride_tricks.as_strided(host, size, strides).copy()
+                                 for name, (_, _, host, size, strides) in slot.outputs.items()}
+            slot.pending, self._slot = None, None
 
 
 class CUDAExecutor:
     name = "cuda"
     source_suffix = ".cu"
+    queues = True           # runs may be submitted without waiting (see `submit`)
 
     def __init__(self, graph: Graph):
         self.graph = graph
         self.plan = plan_kernels(graph)
         self._code = _Code({"graph": self})
         self._launches: list[codegen.Launch] = []
-        self._frames: dict[tuple, dict] = {}
+        self._frames: dict[tuple, _Frame] = {}
         in_place = set(self.plan.aliases.values())
-        # Updated in place on the device and not returned, except 0-d ones (the step count,
-        # which the host needs for the next step's random key): eight bytes back.
-        self.in_place = {name for name, access, shape, _ in self.plan.outputs
-                         if self.plan.aliases.get(access.buffer) in in_place and shape}
+        # Updated in place on the device and not returned.
+        self.in_place = {name for name, access, _, _ in self.plan.outputs
+                         if self.plan.aliases.get(access.buffer) in in_place}
 
     @classmethod
     def link(cls, executors: dict[str, CUDAExecutor], precision: str = "f32") -> None:
@@ -173,6 +290,7 @@ class CUDAExecutor:
         code = _Code(executors, precision)
         for ex in executors.values():
             ex._code = code
+            ex._frames = {}                 # (their grids and arguments follow the launches)
 
     def source(self) -> str:
         """The CUDA C of the module this graph is compiled in (self-contained, for nvcc)."""
@@ -187,112 +305,94 @@ class CUDAExecutor:
 
     # --- running ---------------------------------------------------------------------------------
 
-    def _frame(self, drv, dims: dict[str, int]) -> dict:
-        """What runs at these sizes keep: the arena (planned on the launch order, see
-        codegen.launched), the dims and status words, and page-locked staging for the inputs and
-        outputs (one batch in flight at a time: each run ends synchronized)."""
+    def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
+            dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        return self.submit(feeds, params, dims, state).result()
+
+    def submit(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
+               dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> Pending:
+        """Queue a run on the device and return at once (the feeds are staged before it
+        returns: the caller may reuse them)."""
+        with self._code.lock, _current() as drv:
+            return self._submit(drv, feeds, params, dims, state or {})
+
+    def _submit(self, drv, feeds, params, dims, state) -> Pending:
+        code = self._code
+        code.compile(drv)
         key = tuple(dims.get(s, 0) for s in self.plan.symbols)
         frame = self._frames.get(key)
         if frame is None:
-            arena = plan_arena(codegen.launched(self.plan), dims)
-            memory = drv.mem_alloc(max(arena.size, 1) + ALIGN)
-            base = int(memory) + (-int(memory)) % ALIGN
-            pointers = {b: base + off for b, off in arena.offsets.items()}
-            dims_host = np.array([dims.get(s, 0) for s in self.plan.symbols] or [0], dtype=np.int64)
-            inputs = {}
-            for b in self.plan.buffers:
-                count = sval(b.elements, dims)
-                if b.kind == "input" and count:      # CUDA allocates no 0 bytes; no kernel reads it
-                    host = drv.pagelocked_empty(count, b.dtype.numpy)
-                    inputs[b.id] = (host, drv.mem_alloc(host.nbytes))
-            frame = self._frames[key] = {
-                "memory": memory, "pointers": pointers, "dims": drv.to_device(dims_host),
-                "status": drv.mem_alloc(3 * 8), "status_host": drv.pagelocked_zeros(3, np.int64),
-                "no_status": drv.pagelocked_zeros(3, np.int64),
-                "inputs": inputs, "outputs": self._output_staging(drv, dims)}
-        return frame
+            frame = self._frames[key] = _Frame(drv, self, dims)
+        slot = frame.slots[frame.turn % SLOTS]
+        frame.turn += 1
+        if slot.pending is not None:       # its run is still in flight (or its result unread)
+            previous = slot.pending
+            previous.wait()
+            if previous._failure is not None:
+                raise previous._failure
+        # Parameters first: an upload is a synchronous copy, and changes launch arguments.
+        resident = {b.id: self._resident(drv, b.name, (params if b.kind == "param" else state)[b.name])
+                    for b in self.plan.buffers if b.kind in ("param", "state")}
+        for name, host, dev in slot.inputs.values():
+            np.copyto(host, np.asarray(feeds[name]).reshape(-1), casting="unsafe")
+            drv.memcpy_htod_async(dev, host, code.copies)
+        slot.copied.record(code.copies)
+        stream = code.stream
+        stream.wait_for_event(slot.copied)
+        if slot.made_at != code.uploads:       # made once per slot, unless parameters moved
+            self._bind(frame, slot, resident)
+        for fn, grid, block, args in slot.launches:
+            fn.prepared_async_call(grid, block, stream, *args)
+        drv.memcpy_dtoh_async(slot.status, frame.status, stream)
+        for host, source in slot.copies_back:
+            drv.memcpy_dtoh_async(host, source, stream)
+        slot.done.record(stream)
+        code.dirty = code.dirty or bool(self.in_place)
+        slot.pending = Pending(self, frame, slot)
+        return slot.pending
 
-    def _output_staging(self, drv, dims: dict[str, int]) -> dict:
-        """Per returned output: the span of its buffer it lies in (element offset, count), a
-        page-locked buffer of that span, and its shape and strides within it."""
-        staging = {}
-        for name, access, shape, dtype in self.plan.outputs:
-            if name in self.in_place:
-                continue
-            size = [sval(s, dims) for s in shape]
-            strides = [sval(s, dims) for s in access.strides]
-            offset = sum(sval(t, dims) for t in access.offset)
-            span = 1 + sum((d - 1) * s for d, s in zip(size, strides)) if all(size) else 0
-            host = drv.pagelocked_empty(max(span, 1), dtype.numpy)
-            staging[name] = (offset, span, host, size, [s * host.itemsize for s in strides])
-        return staging
+    def _bind(self, frame: _Frame, slot: _Slot, resident: dict[int, int]) -> None:
+        """The slot's launches with their arguments (pointers), and its outputs' copies back."""
+        pointers = {**frame.pointers, **resident}
+        for b in self.plan.buffers:
+            if b.kind == "input":
+                staged = slot.inputs.get(b.id)
+                pointers[b.id] = int(staged[2]) if staged else 0
+        for alias, target in self.plan.aliases.items():
+            pointers[alias] = pointers[target]
+        tail = [int(frame.dims), int(frame.status)]
+        slot.launches = [(self._code.functions[launch.kernel], grid, block,
+                          [pointers[b] for b in launch.buffers] + tail + [launch.index])
+                         for launch, grid, block in zip(self._launches, frame.grids, frame.blocks)]
+        slot.copies_back = [(host, pointers[buf] + offset * host.itemsize)
+                            for offset, buf, host, size, _ in slot.outputs.values() if all(size)]
+        slot.made_at = self._code.uploads
 
-    def _resident(self, drv, name: str, array: np.ndarray):
-        """The device copy of a parameter or state array, uploaded when the host array changed
+    def _resident(self, drv, name: str, array: np.ndarray) -> int:
+        """The device address of a parameter or state array, uploaded when the host array changed
         (a new object: assigned, loaded from a checkpoint). Edits made inside a host array
         (`w[:] = 0`) are not seen: assign a new array instead."""
-        held = self._code.resident.get(name)
+        code = self._code
+        held = code.resident.get(name)
         if held is None or held[0] is not array:
+            # A synchronous copy, after the runs queued before it (which read the old copy).
             held = (array, drv.to_device(np.ascontiguousarray(array)))
-            self._code.resident[name] = held
-        return held[1]
+            code.resident[name] = held
+            code.uploads += 1
+        return int(held[1])
 
     @property
     def dirty(self) -> bool:
         return self._code.dirty
 
-    def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
-            dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        with self._code.lock, _current() as drv:
-            return self._run(drv, feeds, params, dims, state or {})
-
-    def _run(self, drv, feeds, params, dims, state) -> dict[str, np.ndarray]:
-        self._code.compile(drv)
-        stream = self._code.stream
-        frame = self._frame(drv, dims)
-        pointers = dict(frame["pointers"])
-        for b in self.plan.buffers:
-            if b.kind == "input":
-                staged = frame["inputs"].get(b.id)
-                if staged is None:
-                    pointers[b.id] = 0
-                    continue
-                host, dev = staged
-                np.copyto(host, np.asarray(feeds[b.name]).reshape(-1), casting="unsafe")
-                drv.memcpy_htod_async(dev, host, stream)
-                pointers[b.id] = int(dev)
-            elif b.kind in ("param", "state"):
-                source = params if b.kind == "param" else state
-                pointers[b.id] = int(self._resident(drv, b.name, source[b.name]))
-        for alias, target in self.plan.aliases.items():
-            pointers[alias] = pointers[target]
-        drv.memcpy_htod_async(frame["status"], frame["no_status"], stream)
-        for launch in self._launches:
-            fn = self._code.functions[launch.kernel]
-            threads = codegen.GEMM_THREADS if launch.kind == "gemm" else codegen.BLOCK
-            args = [np.uintp(pointers[b]) for b in launch.buffers]
-            args += [np.uintp(int(frame["dims"])), np.uintp(int(frame["status"])), np.int32(launch.index)]
-            fn(*args, block=(threads, 1, 1), grid=_grid(launch, dims), stream=stream)
-        drv.memcpy_dtoh_async(frame["status_host"], frame["status"], stream)
-        for name, (offset, span, host, _, _) in frame["outputs"].items():
-            if span:
-                access = next(a for n, a, _, _ in self.plan.outputs if n == name)
-                buf = self.plan.aliases.get(access.buffer, access.buffer)
-                drv.memcpy_dtoh_async(host, pointers[buf] + offset * host.itemsize, stream)
-        stream.synchronize()            # the step's one wait
-        self._code.dirty = self._code.dirty or bool(self.in_place)
-        status = frame["status_host"]
-        if status[0]:
-            raise self._failure(status)
-        return {name: np.lib.stride_tricks.as_strided(host, size, strides).copy()
-                for name, (_, _, host, size, strides) in frame["outputs"].items()}
-
     def sync_to_host(self, params: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
-        """Copy the device's parameters and state into the host arrays the program holds."""
+        """Copy the device's parameters and state into the host arrays the program holds, once
+        the runs queued before have finished."""
         code = self._code
         if not code.dirty:
             return
         with code.lock, _current() as drv:
+            code.synchronize()
             for name, (array, dev) in code.resident.items():
                 target = params.get(name) if name in params else state.get(name)
                 if target is array:

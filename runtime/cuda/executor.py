@@ -202,7 +202,7 @@ class _Frame:
 
     def __init__(self, drv, executor: CUDAExecutor, dims: dict[str, int]):
         plan = executor.plan
-        arena = plan_arena(codegen.launched(plan), dims)
+        arena = plan_arena(executor.launched_plan, dims)
         self.memory = drv.mem_alloc(max(arena.size, 1) + ALIGN)
         base = int(self.memory) + (-int(self.memory)) % ALIGN
         self.pointers = {b: base + off for b, off in arena.offsets.items()}
@@ -282,6 +282,15 @@ class CUDAExecutor:
         # Updated in place on the device and not returned.
         self.in_place = {name for name, access, _, _ in self.plan.outputs
                          if self.plan.aliases.get(access.buffer) in in_place}
+        # The parameters and state it reads: (buffer, name, whether a parameter).
+        self._held = [(b.id, b.name, b.kind == "param") for b in self.plan.buffers
+                      if b.kind in ("param", "state")]
+
+    @functools.cached_property
+    def launched_plan(self):
+        """The plan in launch order, one kernel per launch: what each batch shape's arena is
+        planned on (codegen.launched; scheduled once, not per shape)."""
+        return codegen.launched(self.plan)
 
     @classmethod
     def link(cls, executors: dict[str, CUDAExecutor], precision: str = "f32") -> None:
@@ -331,8 +340,8 @@ class CUDAExecutor:
             if previous._failure is not None:
                 raise previous._failure
         # Parameters first: an upload is a synchronous copy, and changes launch arguments.
-        resident = {b.id: self._resident(drv, b.name, (params if b.kind == "param" else state)[b.name])
-                    for b in self.plan.buffers if b.kind in ("param", "state")}
+        resident = {id_: self._resident(drv, name, (params if is_param else state)[name])
+                    for id_, name, is_param in self._held}
         for name, host, dev in slot.inputs.values():
             np.copyto(host, np.asarray(feeds[name]).reshape(-1), casting="unsafe")
             drv.memcpy_htod_async(dev, host, code.copies)

@@ -30,7 +30,7 @@ from graphc.runtime.augment import (
     then,
 )
 from graphc.runtime.data import Scaler, batches
-from graphc.runtime.program import Program
+from graphc.runtime.program import Loss, Program
 from graphc.runtime.train import Data, Trainer, TrainSettings, prepare_data
 
 MODEL = """\
@@ -298,8 +298,8 @@ def test_only_training_batches_are_augmented_and_labels_are_unchanged(trained, m
     data = prepare_data(program, settings)
     x, y = data.splits["train"]
     fed, evaluated = [], []
-    step, evaluate = program.train_step, program.evaluate
-    monkeypatch.setattr(program, "train_step", lambda **b: fed.append(b) or step(**b))
+    step, evaluate = program.queue_train_step, program.evaluate
+    monkeypatch.setattr(program, "queue_train_step", lambda **b: fed.append(b) or step(**b))
     monkeypatch.setattr(program, "evaluate", lambda **b: evaluated.append(b) or evaluate(**b))
     Trainer(program, settings, data).fit()
 
@@ -322,7 +322,7 @@ def test_the_train_loop_augments_each_batch_at_its_positions(trained, monkeypatc
     x, y = data.splits["train"]
     fed = []
     monkeypatch.setattr(augment, "AHEAD", ahead)
-    monkeypatch.setattr(program, "train_step", lambda **b: fed.append(b) or 1.0)
+    monkeypatch.setattr(program, "queue_train_step", lambda **b: fed.append(b) or Loss(1.0))
     trainer = Trainer(program, settings, data)
     trainer.train_epoch(x, y)
     order = batches(len(y), settings.batch, settings.seed, 0)
@@ -413,16 +413,16 @@ def test_graphc_train_with_augment_resumes_bit_identically(tmp_path, capsys, mon
     config = json.loads((whole / "config.json").read_text())
     assert config["settings"]["augment"][0] == ["shift", {"pixels": 1}]
 
-    step = Program.train_step
+    step = Program.queue_train_step
     stop_at = 34 + 10                               # 34 steps an epoch: inside epoch 2
 
     def interrupted(self, **batch):
         if self.step == stop_at:
             raise KeyboardInterrupt
         return step(self, **batch)
-    monkeypatch.setattr(Program, "train_step", interrupted)
+    monkeypatch.setattr(Program, "queue_train_step", interrupted)
     assert cli(capsys, "train", source, "--out", broken, "--quiet")[0] == 130
-    monkeypatch.setattr(Program, "train_step", step)
+    monkeypatch.setattr(Program, "queue_train_step", step)
     code, out2, err = cli(capsys, "train", "--resume", broken, "--quiet")
     assert code == 0, err
     assert out2 == out

@@ -18,6 +18,7 @@ from test_llvm_backend import TRAIN_TOLERANCES, assert_close
 
 import graphc
 from graphc.errors import GraphcError
+from graphc.runtime.cuda.executor import SLOTS
 from graphc.runtime.train import Trainer, TrainSettings, prepare_data
 
 GPU_PROBLEM = gpu_problem()
@@ -158,14 +159,37 @@ def test_a_failed_queued_step_stops_the_steps_queued_behind_it():
     bad["y"][5] = -1
     first = fast.queue_train_step(**good)
     failed = fast.queue_train_step(**bad)
-    fast.queue_train_step(**after)
+    behind = fast.queue_train_step(**after)
     assert_close(float(first), ref.train_step(**good), "step 1", F32)
     with pytest.raises(GraphcError, match=r"class label -1 is out of range"):
         float(failed)
     assert fast.step == 1
     _assert_params_close(fast, ref, "after the failed step")
-    assert_close(fast.train_step(**after), ref.train_step(**after), "the step after", F32)
-    _assert_params_close(fast, ref, "after the step after")
+    with pytest.raises(GraphcError, match=r"class label -1 is out of range"):
+        float(behind)                     # it did not run either
+    for k in range(3):                    # and the slots it held raise nothing more
+        batch = _batch(ref, 8, rng)
+        assert_close(fast.train_step(**batch), ref.train_step(**batch), f"step {k} after", F32)
+    _assert_params_close(fast, ref, "after the steps after")
+    assert fast.step == ref.step == 4
+
+
+def test_a_failed_step_found_by_queuing_raises_there():
+    """Nobody reads the failed step's loss: queuing into its slot finds the failure and raises."""
+    ref = graphc.compile_file("models/digits_mlp.nn")
+    fast = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
+    rng = np.random.default_rng(6)
+    good, bad = _batch(ref, 8, rng), _batch(ref, 8, rng)
+    bad["y"][0] = 12
+    fast.queue_train_step(**good)
+    fast.queue_train_step(**bad)
+    fast.queue_train_step(**good)
+    with pytest.raises(GraphcError, match=r"class label 12 is out of range"):
+        for _ in range(SLOTS):
+            fast.queue_train_step(**good)
+    ref.train_step(**good)
+    assert fast.step == ref.step == 1
+    _assert_params_close(fast, ref, "after the failure")
 
 
 def test_checkpoints_move_between_backends(tmp_path):

@@ -133,6 +133,7 @@ class _Code:
         # array it was uploaded from, its device copy). `dirty`: the device holds newer values.
         self.resident: dict[str, tuple] = {}
         self.uploads = 0            # how many uploads there were: launch arguments hold pointers
+        self.stops = 0              # failed checks cleared from the device's status words
         self.dirty = False
         # One lock for the linked graphs: they share the device's parameters (a forward pass
         # must not read them while a train step writes them) and the compiled module.
@@ -227,12 +228,14 @@ class _Frame:
 
 class Pending:
     """A run queued on the device. `result()` waits for it and returns its outputs, or raises the
-    check that failed in it; `ready()` tells without waiting."""
+    check that failed in it (or in a run queued before it); `ready()` tells without waiting."""
 
     def __init__(self, executor: CUDAExecutor, frame: _Frame, slot: _Slot):
         self._executor, self._frame, self._slot = executor, frame, slot
         self._outputs: dict[str, np.ndarray] | None = None
         self._failure: GraphcError | None = None
+        self._stops = executor._code.stops     # failures cleared before it was queued
+        self.first = False                     # whether its wait found the device stopped
 
     def ready(self) -> bool:
         if self._slot is None:
@@ -252,15 +255,18 @@ class Pending:
         if slot is None:
             return
         code = self._executor._code
-        with code.lock, _current():
+        with code.lock, _current() as drv:
             slot.done.synchronize()
             if slot.status[0]:
                 self._failure = self._executor._failure(slot.status)
-                # The runs queued behind this one stopped at their first kernel. Once they have,
-                # the device may run again; its parameters are those from before the failed run.
-                code.synchronize()
-                _driver()[0].memcpy_htod(self._frame.status, np.zeros(3, np.int64))
-                code.dirty = True
+                if self._stops == code.stops:
+                    # The first to see this failure: once the runs queued behind it have
+                    # stopped too, the device may run again, from the parameters it had before.
+                    self.first = True
+                    code.synchronize()
+                    drv.memcpy_htod(self._frame.status, np.zeros(3, np.int64))
+                    code.stops += 1
+                    code.dirty = True
             else:
                 self._outputs = {name: np.lib.stride_tricks.as_strided(host, size, strides).copy()
                                  for name, (_, _, host, size, strides) in slot.outputs.items()}
@@ -337,7 +343,7 @@ class CUDAExecutor:
         if slot.pending is not None:       # its run is still in flight (or its result unread)
             previous = slot.pending
             previous.wait()
-            if previous._failure is not None:
+            if previous.first:             # a failure nobody has seen yet stops this run too
                 raise previous._failure
         # Parameters first: an upload is a synchronous copy, and changes launch arguments.
         resident = {id_: self._resident(drv, name, (params if is_param else state)[name])

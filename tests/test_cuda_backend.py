@@ -192,6 +192,22 @@ def test_a_failed_step_found_by_queuing_raises_there():
     _assert_params_close(fast, ref, "after the failure")
 
 
+def test_a_parameter_assigned_between_queued_steps_is_used_from_the_next_step():
+    ref = graphc.compile_file("models/digits_mlp.nn")
+    fast = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
+    rng = np.random.default_rng(7)
+    batches = [_batch(ref, 8, rng) for _ in range(4)]
+    name = next(iter(ref.params))
+    value = rng.standard_normal(ref.params[name].shape).astype(np.float32) * 0.1
+    for program in (ref, fast):
+        losses = [program.queue_train_step(**b) for b in batches[:2]]
+        program.params[name] = value          # while the steps may still be queued
+        losses += [program.queue_train_step(**b) for b in batches[2:]]
+        program.losses = [float(loss) for loss in losses]
+    assert_close(np.array(fast.losses), np.array(ref.losses), "losses", F32)
+    _assert_params_close(fast, ref, "after the assignment")
+
+
 def test_checkpoints_move_between_backends(tmp_path):
     from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
     rng = np.random.default_rng(3)

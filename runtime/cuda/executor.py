@@ -390,7 +390,8 @@ class CUDAExecutor:
         code = self._code
         held = code.resident.get(name)
         if held is None or held[0] is not array:
-            # A synchronous copy, after the runs queued before it (which read the old copy).
+            if held is not None:        # the runs queued before may still read the old copy
+                code.synchronize()
             held = (array, drv.to_device(np.ascontiguousarray(array)))
             code.resident[name] = held
             code.uploads += 1

@@ -6,8 +6,9 @@ wait (staging overwritten before its copy ran, an output read before it came bac
 that does not wait for its inputs' copy) gives wrong numbers here instead of passing by luck.
 
 It also checks what a GPU would reject or corrupt: every pointer a kernel is given lies in live
-device memory, asynchronous copies go between device memory and page-locked host memory, and
-fresh device memory holds garbage (0xFF bytes: NaN in floats), not zeros.
+device memory, no queued work touches memory freed after it was queued, asynchronous copies go
+between device memory and page-locked host memory, and fresh device memory holds garbage (0xFF
+bytes: NaN in floats), not zeros.
 
 `stats` counts what happened (launches, host waits, and `drained`: waits after which nothing
 was left queued, i.e. the device went idle for the host), for tests of the runtime's overlap.
@@ -88,7 +89,9 @@ class Context:
 
 _device: dict[int, np.ndarray] = {}        # address -> its allocation's bytes
 _pinned: dict[int, np.ndarray] = {}        # address -> page-locked host bytes
-_freed: list[np.ndarray] = []              # kept until the work queued before the free has run
+# Freed allocations, kept until no queued work is left: queued work that touches one is a use
+# after free, which a GPU would not report.
+_freed: dict[int, np.ndarray] = {}
 
 
 class DeviceAllocation:
@@ -107,7 +110,8 @@ class DeviceAllocation:
     def free(self) -> None:
         if self._bytes is not None:
             del _device[self._address]
-            _freed.append(self._bytes)
+            if _queued():
+                _freed[self._address] = self._bytes
             self._bytes = None
 
     def __del__(self):
@@ -272,12 +276,21 @@ def _execute(op) -> None:
     kind = op[0]
     if kind == "copy":
         _, dst, src, nbytes, _ = op
+        _not_freed((dst, src), op)
         ctypes.memmove(dst, src, nbytes)
     elif kind == "record":
         op[1].reached, op[1].when = max(op[1].reached, op[2]), time.perf_counter()
     elif kind == "launch":
         _, function, grid, block, args = op
+        _not_freed(args[:-1], op)
         function._run(grid, block, args)
+
+
+def _not_freed(addresses, op) -> None:
+    for address in addresses:
+        if address and _inside(_freed, address, 1):
+            raise LogicError(f"use after free: queued {op[0]} touches {address:#x}, freed before "
+                             f"it ran")
 
 
 def _check_context() -> None:

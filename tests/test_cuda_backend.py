@@ -150,12 +150,13 @@ def test_a_label_out_of_range_stops_the_step_before_any_update():
 
 
 def test_a_failed_queued_step_stops_the_steps_queued_behind_it():
-    """Step 2 of 3 has a label out of range: reading its loss raises, step 3 (queued behind it)
-    changed nothing either, and the program goes on from step 1's parameters."""
+    """Step 2 of 3 has a label out of range: reading its loss raises, step 3 (queued behind it,
+    a batch of another size) changed nothing either, and the program goes on from step 1's
+    parameters."""
     ref = graphc.compile_file("models/digits_mlp.nn")
     fast = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
     rng = np.random.default_rng(5)
-    good, bad, after = _batch(ref, 8, rng), _batch(ref, 8, rng), _batch(ref, 8, rng)
+    good, bad, after = _batch(ref, 8, rng), _batch(ref, 8, rng), _batch(ref, 5, rng)
     bad["y"][5] = -1
     first = fast.queue_train_step(**good)
     failed = fast.queue_train_step(**bad)

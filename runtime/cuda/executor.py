@@ -134,6 +134,7 @@ class _Code:
         self.resident: dict[str, tuple] = {}
         self.uploads = 0            # how many uploads there were: launch arguments hold pointers
         self.stops = 0              # failed checks cleared from the device's status words
+        self.status = None          # the status words, one set for all the graphs' runs
         self.dirty = False
         # One lock for the linked graphs: they share the device's parameters (a forward pass
         # must not read them while a train step writes them) and the compiled module.
@@ -159,6 +160,8 @@ class _Code:
                         "P" * (len(launch.buffers) + 2) + "i")
         self.module = module
         self.stream, self.copies = drv.Stream(), drv.Stream()
+        # One failed check stops every run queued behind it, of any graph and batch shape.
+        self.status = drv.to_device(np.zeros(3, np.int64))
         self.functions = functions
         for key, ex in self.executors.items():
             ex._launches = self.launches[key]
@@ -168,6 +171,18 @@ class _Code:
         if self.functions:
             self.copies.synchronize()
             self.stream.synchronize()
+
+    def failure(self, status: np.ndarray) -> GraphcError:
+        """The error a failed check wrote (code 1: a label out of range; the kernel argument
+        says which graph's launch, see CUDAExecutor._bind)."""
+        _, value, where = (int(v) for v in status)
+        executor = list(self.executors.values())[where >> 16]
+        launch = next(la for la in executor._launches if la.index == where & 0xFFFF)
+        node = next(n for k in launch.kernels for n in executor.plan.kernels[k].nodes
+                    if n.op == "one_hot")
+        what = f" (computing {node.name})" if node.name else ""
+        return GraphcError(Diagnostic(f"{node.op}{what}: class label {value} is out of range "
+                                      f"[0, {node.attr['depth']})", node.loc))
 
 
 class _Slot:
@@ -199,7 +214,7 @@ class _Slot:
 
 class _Frame:
     """What runs at one batch shape keep: the arena (planned on the launch order, see
-    codegen.launched), the dims and the status words on the device, and SLOTS slots."""
+    codegen.launched), the dims on the device, and SLOTS slots."""
 
     def __init__(self, drv, executor: CUDAExecutor, dims: dict[str, int]):
         plan = executor.plan
@@ -208,7 +223,6 @@ class _Frame:
         base = int(self.memory) + (-int(self.memory)) % ALIGN
         self.pointers = {b: base + off for b, off in arena.offsets.items()}
         self.dims = drv.to_device(np.array([dims.get(s, 0) for s in plan.symbols] or [0], np.int64))
-        self.status = drv.to_device(np.zeros(3, np.int64))
         outputs = {}
         for name, access, shape, dtype in plan.outputs:
             if name in executor.in_place:
@@ -230,17 +244,17 @@ class Pending:
     """A run queued on the device. `result()` waits for it and returns its outputs, or raises the
     check that failed in it (or in a run queued before it); `ready()` tells without waiting."""
 
-    def __init__(self, executor: CUDAExecutor, frame: _Frame, slot: _Slot):
-        self._executor, self._frame, self._slot = executor, frame, slot
+    def __init__(self, code: _Code, slot: _Slot):
+        self._code, self._slot = code, slot
         self._outputs: dict[str, np.ndarray] | None = None
         self._failure: GraphcError | None = None
-        self._stops = executor._code.stops     # failures cleared before it was queued
+        self._stops = code.stops               # failures cleared before it was queued
         self.first = False                     # whether its wait found the device stopped
 
     def ready(self) -> bool:
         if self._slot is None:
             return True
-        with self._executor._code.lock, _current():
+        with self._code.lock, _current():
             return bool(self._slot.done.query())
 
     def result(self) -> dict[str, np.ndarray]:
@@ -254,17 +268,17 @@ class Pending:
         slot = self._slot
         if slot is None:
             return
-        code = self._executor._code
+        code = self._code
         with code.lock, _current() as drv:
             slot.done.synchronize()
             if slot.status[0]:
-                self._failure = self._executor._failure(slot.status)
+                self._failure = code.failure(slot.status)
                 if self._stops == code.stops:
                     # The first to see this failure: once the runs queued behind it have
                     # stopped too, the device may run again, from the parameters it had before.
                     self.first = True
                     code.synchronize()
-                    drv.memcpy_htod(self._frame.status, np.zeros(3, np.int64))
+                    drv.memcpy_htod(code.status, np.zeros(3, np.int64))
                     code.stops += 1
                     code.dirty = True
             else:
@@ -303,9 +317,16 @@ class CUDAExecutor:
         """One module for the graphs of a program; `precision` "tf32" runs its f32 matrix
         products on the tensor cores (see docs/cuda.md for the tolerance)."""
         code = _Code(executors, precision)
+        retired = [(ex._code, ex._frames) for ex in executors.values()]
         for ex in executors.values():
             ex._code = code
             ex._frames = {}                 # (their grids and arguments follow the launches)
+        if any(old.functions for old, _ in retired):
+            # pycuda frees device memory only with its context current on this thread
+            with _current():
+                for old, _ in retired:
+                    old.synchronize()
+                retired.clear()
 
     def source(self) -> str:
         """The CUDA C of the module this graph is compiled in (self-contained, for nvcc)."""
@@ -358,12 +379,12 @@ class CUDAExecutor:
             self._bind(frame, slot, resident)
         for fn, grid, block, args in slot.launches:
             fn.prepared_async_call(grid, block, stream, *args)
-        drv.memcpy_dtoh_async(slot.status, frame.status, stream)
+        drv.memcpy_dtoh_async(slot.status, code.status, stream)
         for host, source in slot.copies_back:
             drv.memcpy_dtoh_async(host, source, stream)
         slot.done.record(stream)
         code.dirty = code.dirty or bool(self.in_place)
-        slot.pending = Pending(self, frame, slot)
+        slot.pending = Pending(code, slot)
         return slot.pending
 
     def _bind(self, frame: _Frame, slot: _Slot, resident: dict[int, int]) -> None:
@@ -375,9 +396,13 @@ class CUDAExecutor:
                 pointers[b.id] = int(staged[2]) if staged else 0
         for alias, target in self.plan.aliases.items():
             pointers[alias] = pointers[target]
-        tail = [int(frame.dims), int(frame.status)]
-        slot.launches = [(self._code.functions[launch.kernel], grid, block,
-                          [pointers[b] for b in launch.buffers] + tail + [launch.index])
+        code = self._code
+        tail = [int(frame.dims), int(code.status)]
+        # A kernel's last argument is what a failed check writes: the graph and the launch.
+        graph = list(code.executors.values()).index(self) << 16
+        assert len(self._launches) < 1 << 16, "internal error: too many launches to number"
+        slot.launches = [(code.functions[launch.kernel], grid, block,
+                          [pointers[b] for b in launch.buffers] + tail + [graph | launch.index])
                          for launch, grid, block in zip(self._launches, frame.grids, frame.blocks)]
         slot.copies_back = [(host, pointers[buf] + offset * host.itemsize)
                             for offset, buf, host, size, _ in slot.outputs.values() if all(size)]
@@ -414,14 +439,6 @@ class CUDAExecutor:
                 if target is array:
                     drv.memcpy_dtoh(array, dev)
             code.dirty = False
-
-    def _failure(self, status: np.ndarray) -> GraphcError:
-        _, value, index = (int(v) for v in status)     # code 1: a label out of range
-        kernel = self.plan.kernels[index]
-        node = next(n for n in kernel.nodes if n.op == "one_hot")
-        what = f" (computing {node.name})" if node.name else ""
-        return GraphcError(Diagnostic(f"{node.op}{what}: class label {value} is out of range "
-                                      f"[0, {node.attr['depth']})", node.loc))
 
 
 def _grid(launch: codegen.Launch, dims: dict[str, int]) -> tuple[int, int, int]:

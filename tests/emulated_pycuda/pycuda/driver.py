@@ -22,6 +22,7 @@ import ctypes
 import random
 import re
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -69,16 +70,14 @@ class Device:
 
 
 class Context:
-    depth = 0
-
     def push(self) -> None:
-        Context.depth += 1
+        _thread.depth = getattr(_thread, "depth", 0) + 1
 
     @staticmethod
     def pop() -> None:
-        if Context.depth == 0:
+        if not getattr(_thread, "depth", 0):
             raise LogicError("context stack is empty")
-        Context.depth -= 1
+        _thread.depth -= 1
 
     @staticmethod
     def synchronize() -> None:
@@ -172,18 +171,22 @@ def memcpy_htod(dest, src) -> None:
 
 
 def memcpy_dtoh(dest: np.ndarray, src) -> None:
+    if not dest.flags.writeable:
+        raise LogicError("memcpy_dtoh: the host buffer is read-only")
     _wait(lambda: not _queued())
     ctypes.memmove(_host_span(dest, "memcpy_dtoh", pinned=False),
                    _device_span(src, dest.nbytes, "memcpy_dtoh"), dest.nbytes)
 
 
 def memcpy_htod_async(dest, src: np.ndarray, stream: Stream | None = None) -> None:
+    _check_context()
     host = _host_span(src, "memcpy_htod_async", pinned=True)
     device = _device_span(dest, src.nbytes, "memcpy_htod_async")
     _stream(stream).ops.append(("copy", device, host, src.nbytes, src))
 
 
 def memcpy_dtoh_async(dest: np.ndarray, src, stream: Stream | None = None) -> None:
+    _check_context()
     host = _host_span(dest, "memcpy_dtoh_async", pinned=True)
     device = _device_span(src, dest.nbytes, "memcpy_dtoh_async")
     _stream(stream).ops.append(("copy", host, device, dest.nbytes, dest))
@@ -193,6 +196,9 @@ def memcpy_dtoh_async(dest: np.ndarray, src, stream: Stream | None = None) -> No
 
 class Stream:
     def __init__(self, flags: int = 0):
+        _check_context()
+        if flags:
+            raise LogicError("only blocking streams are emulated")
         self.ops: deque = deque()
         _streams.append(self)
 
@@ -208,16 +214,19 @@ class Stream:
 
 class Event:
     def __init__(self, flags: int = 0):
+        _check_context()
         self.recorded = 0            # records asked for
         self.reached = 0             # records the device has reached
         self.when = None             # the host's clock when it reached the last one
 
     def record(self, stream: Stream | None = None) -> Event:
+        _check_context()
         self.recorded += 1
         _stream(stream).ops.append(("record", self, self.recorded))
         return self
 
     def query(self) -> bool:
+        _check_context()
         return self.reached == self.recorded
 
     def synchronize(self) -> Event:
@@ -257,6 +266,7 @@ _rng = random.Random(SEED)
 
 def _wait(done) -> None:
     """Run queued work, heads of streams in a random order their waits allow, until done()."""
+    _check_context()
     stats["waits"] += 1
     ran = False
     while not done():
@@ -293,9 +303,12 @@ def _not_freed(addresses, op) -> None:
                              f"it ran")
 
 
+_thread = threading.local()        # each thread's context stack depth
+
+
 def _check_context() -> None:
-    if Context.depth == 0:
-        raise LogicError("no CUDA context is current on this thread")
+    if not getattr(_thread, "depth", 0):
+        raise LogicError("no currently active context? (none is current on this thread)")
 
 
 # --- modules and launches -------------------------------------------------------------------------
@@ -336,16 +349,21 @@ class Function:
     def prepared_async_call(self, grid, block, stream, *args, shared_size: int = 0) -> None:
         if self.arg_types is None:
             raise LogicError(f"{self.name}: prepared_async_call before prepare")
+        for shape in (grid, block):         # pycuda takes tuples of ints (a list is an argument)
+            if not isinstance(shape, tuple) or not all(type(v) is int and v > 0 for v in shape):
+                raise LogicError(f"{self.name}: grid and block must be tuples of positive ints, "
+                                 f"not {shape!r}")
+        if block[0] > 1024 or grid[0] > 2**31 - 1 or len(grid) > 1 and grid[1] > 65535:
+            raise LogicError(f"{self.name}: launch of grid {grid}, block {block} is too large")
         if len(args) != len(self.arg_types):
             raise LogicError(f"{self.name}: {len(args)} arguments for {len(self.arg_types)} types")
         values = []
         for kind, value in zip(self.arg_types, args):
-            if kind == "P":
-                values.append(int(value))
-            elif kind == "i":
-                values.append(int(np.int32(value)))
-            else:
-                raise LogicError(f"{self.name}: argument type {kind!r} is not emulated")
+            fits = isinstance(value, int | np.integer) and (kind == "P" or kind == "i" and
+                                                             -2**31 <= value < 2**31)
+            if not fits:
+                raise LogicError(f"{self.name}: {value!r} does not fit argument type {kind!r}")
+            values.append(int(value))
         self._enqueue(grid, block, stream, values)
 
     def __call__(self, *args, block, grid=(1, 1), stream=None, shared=0):

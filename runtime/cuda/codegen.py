@@ -5,10 +5,11 @@ buffers, with which grid) that the runtime replays. The text is meant to be read
 anyone: `graphc build FILE --backend cuda --emit-source DIR` writes it, self-contained.
 
 Every kernel takes its buffers, then `dims` (the symbolic sizes, in plan.symbols order, in device
-memory), `status` (three words a failed check fills: code, value, kernel index) and its own index
-in the graph. A kernel's blocks return at once when `status` already holds a failure, so nothing after a
-failed check (a label out of range) writes anything: the step stops before any update, as on the
-other backends, without the host synchronizing after each launch.
+memory), `status` (three words a failed check fills: code, value, and the kernel's last argument)
+and that argument, which says where it runs (the runtime passes the graph's number << 16 | the index
+of the launch's first kernel). A kernel's blocks return at once when `status` already holds a
+failure, so nothing after a failed check (a label out of range) writes anything: the step stops
+before any update, as on the other backends, without the host synchronizing after each launch.
 
 Launches (schedule.py): a GEMM runs the elementwise kernels that read its result point by point
 as its epilogue (bias, activation, ReLU's gradient mask, a weight's optimizer update); the other

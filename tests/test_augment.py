@@ -145,10 +145,12 @@ def _random_maps(rng, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (1, 2, 1, 6)])
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (1, 2, 1, 6), (4, 2, 5, 17),
+                                   (3, 1, 6, 16)])
 def test_native_resampling_matches_the_numpy_reference(dtype, shape):
     """Same pixels for copies; blends within float32 rounding of the coordinates (numpy's
-    product of the maps and the pixel grid is a BLAS call, the kernel's a multiply-add)."""
+    product of the maps and the pixel grid is a BLAS call, the kernel's a multiply-add). Rows
+    of any width: the kernel copies them eight pixels at a time, writing zeros past the row."""
     native = augment.native_kernels()
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape).astype(dtype)
@@ -162,7 +164,7 @@ def test_native_resampling_matches_the_numpy_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (3, 2, 1, 1)])
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (3, 2, 1, 1), (4, 3, 8, 8)])
 def test_native_resampling_adds_noise_and_gathers_in_the_same_pass(dtype, shape):
     """resample(..., noise, index): the reference's resample of images[index], then add_noise,
     on planes whose size is no multiple of the kernel's 8 lanes and images of several channels
@@ -188,6 +190,21 @@ def test_native_resampling_adds_noise_and_gathers_in_the_same_pass(dtype, shape)
     # images that are not contiguous are gathered first; the result is the same
     strided = np.repeat(x, 2, axis=0)[::2]
     np.testing.assert_array_equal(native.resample(strided, exact, True, noise, index), copied)
+
+
+@pytest.mark.parametrize("width", [5, 8, 13])
+def test_native_resampling_keeps_its_scratch_border_zero(width):
+    """The kernels reuse one zero-bordered scratch plane from call to call and write only its
+    interior (and zeros): after images of sevens, an image of zeros still resamples to zeros,
+    also where the maps read the border."""
+    native = augment.native_kernels()
+    rng = np.random.default_rng(width)
+    for exact, blend in [_random_maps(rng, 6, 7, width)] * 2:
+        for maps, nearest in ((exact, True), (blend, False), (blend, True)):
+            sevens = np.full((6, 2, 7, width), 7.0, np.float32)
+            assert native.resample(sevens, maps, nearest).max() == 7.0
+            zeros = native.resample(np.zeros_like(sevens), maps, nearest)
+            np.testing.assert_array_equal(zeros, 0.0)
 
 
 def test_composing_maps_is_their_matrix_product():

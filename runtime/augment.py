@@ -29,67 +29,94 @@ CHUNK = 1024
 
 
 # --- geometric augmentations: one inverse affine map per image ----------------------------------
-# Each returns matrices [n, 3, 3] taking an output pixel (row, col, 1) to the source pixel it reads.
+# A map takes an output pixel (row, col) to the source pixel it reads: (m00 row + m01 col + m02,
+# m10 row + m11 col + m12). The augmentations draw a map per image as these six `Coefficients`,
+# each an [n] array or one number for all the images: composing them is then a few operations on
+# contiguous vectors, with no matrices built. The `*_maps` functions return the same maps as
+# matrices [n, 3, 3] (bottom rows 0, 0, 1), which the resamplers also take.
 # Maps that send integer pixels to integer pixels are `exact`: sampled by copying, not blending.
 
-def shift_maps(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+Coefficients = tuple          # (m00, m01, m02, m10, m11, m12)
+
+
+def shifts(rows: np.ndarray, cols: np.ndarray) -> Coefficients:
     """Move image i by rows[i] down and cols[i] right (out[r, c] = in[r - dr, c - dc])."""
-    m = _identity(len(rows))
-    m[:, 0, 2], m[:, 1, 2] = -rows, -cols
-    return m
+    return 1.0, 0.0, 0.0 - rows, 0.0, 1.0, 0.0 - cols      # (0.0 - 0 is +0.0, as -rows is)
 
 
-def flip_maps(flipped: np.ndarray, axis: int, size: int) -> np.ndarray:
+def flips(flipped: np.ndarray, axis: int, size: int) -> Coefficients:
     """Mirror the images where `flipped` is true along `axis` (0 rows: vertical, 1 columns:
     horizontal) of length `size`."""
-    m = _identity(len(flipped))
-    m[flipped, axis, axis] = -1.0
-    m[flipped, axis, 2] = size - 1
-    return m
+    scale, offset = np.where(flipped, -1.0, 1.0), np.where(flipped, float(size - 1), 0.0)
+    return (scale, 0.0, offset, 0.0, 1.0, 0.0) if axis == 0 else (1.0, 0.0, 0.0, 0.0, scale, offset)
 
 
-def rotation_maps(degrees: np.ndarray, height: int, width: int) -> np.ndarray:
+def rotations(degrees: np.ndarray, height: int, width: int) -> Coefficients:
     """Turn image i counterclockwise by degrees[i] (as displayed, rows downward) about its centre."""
     t = np.radians(degrees)
     cos, sin = np.cos(t), np.sin(t)
     cr, cc = (height - 1) / 2, (width - 1) / 2
-    m = _identity(len(t))
     # source = R (out - centre) + centre, R the inverse (clockwise) rotation in (row, col)
-    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
-    m[:, 0, 2] = cr - cos * cr - sin * cc
-    m[:, 1, 2] = cc + sin * cr - cos * cc
-    return m
+    return cos, sin, cr - cos * cr - sin * cc, -sin, cos, cc + sin * cr - cos * cc
+
+
+def crops(tops: np.ndarray, lefts: np.ndarray, window: tuple[int, int], pad: int, height: int,
+          width: int) -> Coefficients:
+    """Take the window [tops[i], lefts[i]] + `window` of image i padded by `pad` zeros on each
+    side, stretched to height x width (a plain copy when the window has the image's size)."""
+    # corner pixels onto the window's corner pixels, so that nothing beyond the window is read
+    return ((window[0] - 1) / max(height - 1, 1), 0.0, (tops - pad).astype(np.float64),
+            0.0, (window[1] - 1) / max(width - 1, 1), (lefts - pad).astype(np.float64))
+
+
+def composed(first: Coefficients, second: Coefficients) -> Coefficients:
+    """The map that applies `first`, then `second` (the matrix product first @ second)."""
+    a0, a1, a2, b0, b1, b2 = first
+    s00, s01, s02, s10, s11, s12 = second
+    return (a0 * s00 + a1 * s10, a0 * s01 + a1 * s11, a0 * s02 + a1 * s12 + a2,
+            b0 * s00 + b1 * s10, b0 * s01 + b1 * s11, b0 * s02 + b1 * s12 + b2)
+
+
+def matrices(maps: Coefficients, n: int, rows: int = 3, dtype=np.float64) -> np.ndarray:
+    """The maps of n images as matrices [n, 3, 3], or their first two rows [n, 2, 3] (rows=2)."""
+    out = np.zeros((n, rows, 3), dtype)
+    if rows == 3:
+        out[:, 2, 2] = 1.0
+    flat = out.reshape(n, 3 * rows)
+    for k, value in enumerate(maps):
+        flat[:, k] = value
+    return out
+
+
+def coefficients(maps: np.ndarray) -> Coefficients:
+    """Matrices [n, 3, 3] (or their first two rows) as Coefficients."""
+    return tuple(maps[:, i, k] for i in range(2) for k in range(3))
+
+
+def then(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """`composed` for matrices [n, 3, 3]: first @ second."""
+    return matrices(composed(coefficients(first), coefficients(second)), len(first))
+
+
+def shift_maps(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`shifts` as matrices [n, 3, 3]."""
+    return matrices(shifts(rows, cols), len(rows))
+
+
+def flip_maps(flipped: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """`flips` as matrices [n, 3, 3]."""
+    return matrices(flips(flipped, axis, size), len(flipped))
+
+
+def rotation_maps(degrees: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`rotations` as matrices [n, 3, 3]."""
+    return matrices(rotations(degrees, height, width), len(degrees))
 
 
 def crop_maps(tops: np.ndarray, lefts: np.ndarray, window: tuple[int, int], pad: int,
               height: int, width: int) -> np.ndarray:
-    """Take the window [tops[i], lefts[i]] + `window` of image i padded by `pad` zeros on each
-    side, stretched to height x width (a plain copy when the window has the image's size)."""
-    m = _identity(len(tops))
-    # corner pixels onto the window's corner pixels, so that nothing beyond the window is read
-    m[:, 0, 0] = (window[0] - 1) / max(height - 1, 1)
-    m[:, 1, 1] = (window[1] - 1) / max(width - 1, 1)
-    m[:, 0, 2], m[:, 1, 2] = tops - pad, lefts - pad
-    return m
-
-
-def then(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """first @ second for stacks of affine maps [n, 3, 3] (bottom rows 0, 0, 1): the map that
-    applies `first`, then `second` (a dozen vector operations; numpy's matmul on a stack of
-    small matrices takes five times as long)."""
-    out = _identity(len(first))
-    for i in range(2):
-        a0, a1 = first[:, i, 0], first[:, i, 1]
-        for k in range(3):
-            out[:, i, k] = a0 * second[:, 0, k] + a1 * second[:, 1, k]
-        out[:, i, 2] += first[:, i, 2]
-    return out
-
-
-def _identity(n: int) -> np.ndarray:
-    m = np.zeros((n, 3, 3))
-    m.reshape(n, 9)[:, ::4] = 1.0            # the diagonal (a broadcast copy of eye is slower)
-    return m
+    """`crops` as matrices [n, 3, 3]."""
+    return matrices(crops(tops, lefts, window, pad, height, width), len(tops))
 
 
 def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | None = None,
@@ -176,9 +203,9 @@ def _grid(height: int, width: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Augmentation:
     """How one augmentation draws its random choices for `count` images of shape (C, H, W):
-    draw(rng, count, image, options) -> an array with a row per image."""
+    draw(rng, count, image, options) -> an array with a row per image, or Coefficients."""
     draw: Callable
-    # Geometric ones draw inverse affine maps [count, 3, 3], composed with their geometric
+    # Geometric ones draw inverse affine maps (Coefficients), composed with their geometric
     # neighbours and sampled once; exact(image, options) says whether the maps hit pixel centres.
     exact: Callable | None = None
     # The others add noise: noise(rows, options, normals) -> add_noise's (normals, offsets, std).
@@ -191,16 +218,16 @@ class Augmentation:
 
 def _shift(rng, n, image, o):
     p = o["pixels"]
-    return shift_maps(rng.integers(-p, p + 1, n), rng.integers(-p, p + 1, n))
+    return shifts(rng.integers(-p, p + 1, n), rng.integers(-p, p + 1, n))
 
 
 def _rotate(rng, n, image, o):
-    return rotation_maps(rng.uniform(-o["degrees"], o["degrees"], n), image[1], image[2])
+    return rotations(rng.uniform(-o["degrees"], o["degrees"], n), image[1], image[2])
 
 
 def _flip(rng, n, image, o):
     axis = 1 if o["direction"] == "horizontal" else 0
-    return flip_maps(rng.random(n) < o["p"], axis, image[1 + axis])
+    return flips(rng.random(n) < o["p"], axis, image[1 + axis])
 
 
 def _crop(rng, n, image, o):
@@ -208,7 +235,7 @@ def _crop(rng, n, image, o):
     pad, height, width = o["pad"], image[1], image[2]
     tops = rng.integers(0, height + 2 * pad - window[0] + 1, n)
     lefts = rng.integers(0, width + 2 * pad - window[1] + 1, n)
-    return crop_maps(tops, lefts, window, pad, height, width)
+    return crops(tops, lefts, window, pad, height, width)
 
 
 def _crop_exact(image, o) -> bool:
@@ -361,12 +388,12 @@ class Augmenter:
         rng = np.random.default_rng([self.seed, epoch, chunk, _STREAM])
         values = []
         for stage in self.stages:
-            rows = None
+            drawn = None
             for op, options in stage.ops:
                 new = op.draw(rng, CHUNK, self.image, options)
-                rows = new if rows is None else then(rows, new)
-            values.append(np.ascontiguousarray(rows[:, :2], dtype=np.float32)
-                          if stage.geometric else rows)
+                drawn = new if drawn is None else composed(drawn, new)
+            values.append(matrices(drawn, CHUNK, rows=2, dtype=np.float32)
+                          if stage.geometric else drawn)
         return values
 
     def draws(self, epoch: int, start: int, count: int) -> list[np.ndarray]:

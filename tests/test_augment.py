@@ -213,6 +213,20 @@ def test_composing_maps_is_their_matrix_product():
     np.testing.assert_allclose(then(first, second), first @ second, rtol=1e-12, atol=1e-12)
 
 
+def test_a_chunks_maps_are_the_product_of_each_augmentations_maps():
+    """The maps the Augmenter draws for a chunk of positions: each geometric augmentation's maps
+    from the chunk's generator, in order, composed in float64 and rounded to float32 once."""
+    ops = [("shift", {"pixels": 2}), ("rotate", {"degrees": 10.0}), ("flip",
+           {"direction": "vertical", "p": 0.5}), ("noise", {"std": 0.1})]
+    drawn = Augmenter(ops, (1, 9, 7), seed=6)._draw_chunk(2, 3)
+    rng = np.random.default_rng([6, 2, 3, augment._STREAM])
+    maps = then(then(shift_maps(rng.integers(-2, 3, CHUNK), rng.integers(-2, 3, CHUNK)),
+                     rotation_maps(rng.uniform(-10, 10, CHUNK), 9, 7)),
+                flip_maps(rng.random(CHUNK) < 0.5, 0, 9))
+    np.testing.assert_array_equal(drawn[0], maps[:, :2].astype(np.float32))
+    np.testing.assert_array_equal(drawn[1], rng.integers(0, augment.NORMALS - 63 + 1, CHUNK))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_native_noise_is_the_reference_bit_for_bit(dtype):
     native = augment.native_kernels()

@@ -263,10 +263,18 @@ def add_noise(x: np.ndarray, normals: np.ndarray, offsets: np.ndarray, std: floa
 @dataclass(frozen=True)
 class Kernels:
     """Where the pixel work runs: `resample(images, maps, exact, noise=None)` and
-    `add_noise(x, normals, offsets, std)`, as defined above, for images of `dtypes` (None: any)."""
+    `add_noise(x, normals, offsets, std)`, as defined above, for images of `dtypes` (None: any)
+    whose planes with their border, (H + 3) * (W + 3), have fewer than `pixels` elements."""
     resample: Callable
     add_noise: Callable
     dtypes: tuple | None = None
+    pixels: int | None = None
+
+    def take(self, images: np.ndarray) -> bool:
+        """Whether they take `images` [N, C, H, W]."""
+        height, width = images.shape[2:]
+        return ((self.dtypes is None or images.dtype in self.dtypes) and
+                (self.pixels is None or (height + 3) * (width + 3) < self.pixels))
 
 
 NUMPY = Kernels(resample, add_noise)
@@ -278,7 +286,8 @@ def native_kernels() -> Kernels | None:
         from graphc.runtime.llvm import image_kernels
     except ImportError:
         return None
-    return Kernels(image_kernels.resample, image_kernels.add_noise, image_kernels.DTYPES)
+    return Kernels(image_kernels.resample, image_kernels.add_noise, image_kernels.DTYPES,
+                   image_kernels.PIXELS)
 
 
 AUGMENTATIONS = {
@@ -413,7 +422,7 @@ class Augmenter:
         images = x.reshape(len(x), *self.image)
         n = len(images) if index is None else len(index)
         kernels = self.kernels
-        if kernels.dtypes is not None and images.dtype not in kernels.dtypes:
+        if not kernels.take(images):
             kernels = NUMPY
         values, stages = self.draws(epoch, start, n), self.stages
         if index is not None and not (stages and stages[0].geometric):

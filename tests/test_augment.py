@@ -252,6 +252,27 @@ def test_the_augmenter_runs_natively_and_agrees_with_numpy(ops):
     np.testing.assert_array_equal(native(x, 2, 7, index=index), reference(x[index], 2, 7))
 
 
+def test_images_the_kernels_do_not_take_are_augmented_by_numpy():
+    """The native kernels take float32 and float64 planes of fewer than 2**24 elements with their
+    border; the Augmenter gives anything else to numpy."""
+    def refuse(*args):
+        raise AssertionError("these kernels should not have been called")
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    ops = [("rotate", {"degrees": 10.0}), ("noise", {"std": 0.1})]
+    small = augment.Kernels(refuse, refuse, (np.dtype(np.float32),), pixels=11 * 11)
+    assert not small.take(x.reshape(4, 1, 8, 8))
+    assert small.take(x.reshape(4, 1, 8, 8)[:, :, :7])
+    np.testing.assert_array_equal(Augmenter(ops, (1, 8, 8), 1, small)(x, 0, 0),
+                                  Augmenter(ops, (1, 8, 8), 1, augment.NUMPY)(x, 0, 0))
+    native = augment.native_kernels()
+
+    def images(*shape, dtype=np.float32):                # (a view: nothing allocated)
+        return np.broadcast_to(np.zeros((), dtype), shape)
+    assert native.pixels == 2**24 and native.take(images(1, 3, 4093, 4092))
+    assert not native.take(images(1, 1, 4093, 4093))
+    assert not native.take(images(1, 1, 8, 8, dtype=np.float16))
+
+
 def test_image_shapes_are_inferred_from_the_input():
     assert image_shape(("N", 784)) == (1, 28, 28)
     assert image_shape(("N", 64)) == (1, 8, 8)

@@ -11,7 +11,9 @@ disk.
 The arithmetic is the numpy reference's (`augment.resample`, `augment.add_noise`): source
 coordinates in float32, clipped to [-1, size], zero outside the image, nearest pixel by rint or
 bilinear blending as top + (top_right - top) * fc, and so on; noise as x + float32(std * z). Only
-the coordinates' rounding may differ (numpy's product is a BLAS call), by an ulp.
+the coordinates' rounding may differ, by an ulp: numpy's product of maps and pixel grid is a
+BLAS call, the kernels' two fused multiply-adds (whole-pixel maps give whole coordinates either
+way, so copies are the same pixels).
 
 How an image is resampled, in two passes. First its map is applied to every output pixel, LANES
 at a time: where each reads in the scratch plane (an int32) and, for blending, its two fractions,
@@ -47,6 +49,9 @@ DTYPES = tuple(_TYPES)            # the image types the kernels take
 _BYTES = {"float": 4, "double": 8}
 _SHORT = {"float": "f32", "double": "f64"}
 LANES = 8                         # output pixels computed at once
+# Planes with their border have fewer elements than this: the kernels compute where a pixel
+# reads as a float32 integer, exact below 2**24.
+PIXELS = 2**24
 
 _RESAMPLE = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 8, ctypes.c_float,
                              *[ctypes.c_int64] * 4, ctypes.c_void_p)
@@ -164,9 +169,11 @@ def _masked_load(name: str, t: str, pointer: str, mask: str) -> str:
 
 def _coordinates(t: str, bilinear: bool) -> str:
     """Block `where`, the first pass over an image: for each run of LANES output pixels %u, the
-    source coordinates (grid rows and columns through the map, clipped), and where its pixel
-    (nearest) or top left tap (bilinear) lies in the scratch plane, to coords[%u]; for blending,
-    the fractions to fracs[%u] and fracs[stride + %u], as `t`."""
+    source coordinates (grid rows and columns through the map by fused multiply-adds, clipped),
+    and where its pixel (nearest) or top left tap (bilinear) lies in the scratch plane, to
+    coords[%u]; for blending, the fractions to fracs[%u] and fracs[stride + %u], as `t`. That
+    index is computed in float32 too, row * pitch + (col + corner), exact below PIXELS: three
+    operations where converting row and column to integers first took five."""
     f, i32, v = _vec("float"), _vec("i32"), _vec(t)
     rounding = "floor" if bilinear else "rint"
     text = f"""where:
@@ -175,25 +182,19 @@ def _coordinates(t: str, bilinear: bool) -> str:
   %gr = load {f}, ptr %grp, align 4
   %gcp = getelementptr float, ptr %grid.cols, i64 %u
   %gc = load {f}, ptr %gcp, align 4
-  %sr.a = fmul {f} %m0v, %gr
-  %sr.b = fadd {f} %sr.a, %m2v
-  %sr.c = fmul {f} %m1v, %gc
-  %sr.raw = fadd {f} %sr.b, %sr.c
-  %sc.a = fmul {f} %m3v, %gr
-  %sc.b = fadd {f} %sc.a, %m5v
-  %sc.c = fmul {f} %m4v, %gc
-  %sc.raw = fadd {f} %sc.b, %sc.c
+  %sr.b = call {f} @llvm.fma.v{LANES}f32({f} %m0v, {f} %gr, {f} %m2v)
+  %sr.raw = call {f} @llvm.fma.v{LANES}f32({f} %m1v, {f} %gc, {f} %sr.b)
+  %sc.b = call {f} @llvm.fma.v{LANES}f32({f} %m3v, {f} %gr, {f} %m5v)
+  %sc.raw = call {f} @llvm.fma.v{LANES}f32({f} %m4v, {f} %gc, {f} %sc.b)
   %sr.lo = call {f} @llvm.maxnum.v{LANES}f32({f} %sr.raw, {f} {_constant("float", "-1.0")})
   %sr = call {f} @llvm.minnum.v{LANES}f32({f} %sr.lo, {f} %hv)
   %sc.lo = call {f} @llvm.maxnum.v{LANES}f32({f} %sc.raw, {f} {_constant("float", "-1.0")})
   %sc = call {f} @llvm.minnum.v{LANES}f32({f} %sc.lo, {f} %wv)
   %r0f = call {f} @llvm.{rounding}.v{LANES}f32({f} %sr)
   %c0f = call {f} @llvm.{rounding}.v{LANES}f32({f} %sc)
-  %r0 = fptosi {f} %r0f to {i32}
-  %c0 = fptosi {f} %c0f to {i32}
-  %rw = mul {i32} %r0, %pitchv
-  %at.in = add {i32} %rw, %c0
-  %at = add {i32} %at.in, %cornerv
+  %cwf = fadd {f} %c0f, %cornerf
+  %atf = call {f} @llvm.fma.v{LANES}f32({f} %r0f, {f} %pitchf, {f} %cwf)
+  %at = fptosi {f} %atf to {i32}
   %atp = getelementptr i32, ptr %coords, i64 %u
   store {i32} %at, ptr %atp, align 4
 """
@@ -323,9 +324,9 @@ def _resample_ir(t: str, bilinear: bool, noise: bool) -> str:
             f"{'_noise' if noise else ''}_{t}")
     value, latch = ("%value", "run.noise") if noise else ("%sample", "run")
     constants = "".join(_splat(name, t, value) for name, t, value in (
-        ("%hv", "float", "%hf"), ("%wv", "float", "%wf"), ("%pitchv", "i32", "%pitch32"),
-        ("%stdv", "float", "%std"), ("%sizev", "i32", "%size32"),
-        ("%cornerv", "i32", "%corner32"), ("%wv32", "i32", "%w32")))
+        ("%hv", "float", "%hf"), ("%wv", "float", "%wf"), ("%pitchf", "float", "%pitch.f"),
+        ("%cornerf", "float", "%corner.f"), ("%stdv", "float", "%std"),
+        ("%sizev", "i32", "%size32"), ("%wv32", "i32", "%w32")))
     maps = "".join(f"  %m{k}.at = add i64 %m, {k}\n"
                    f"  %m{k}p = getelementptr float, ptr %maps, i64 %m{k}.at\n"
                    f"  %m{k} = load float, ptr %m{k}p\n{_splat(f'%m{k}v', 'float', f'%m{k}')}"
@@ -341,14 +342,14 @@ entry:
   %size = mul i64 %h, %w
   %pitch = add i64 %w, 3
   %corner = add i64 %w, 4
-  %pitch32 = trunc i64 %pitch to i32
-  %corner32 = trunc i64 %corner to i32
   %w32 = trunc i64 %w to i32
   %size32 = trunc i64 %size to i32
   %below = getelementptr {t}, ptr %scratch, i64 %pitch        ; the row below's first element
   %in = getelementptr {t}, ptr %scratch, i64 %corner        ; pixel (0, 0) of the scratch plane
   %hf = uitofp i64 %h to float
   %wf = uitofp i64 %w to float
+  %pitch.f = uitofp i64 %pitch to float
+  %corner.f = uitofp i64 %corner to float
   %rounded = add i64 %size, {LANES - 1}
   %stride = and i64 %rounded, {-LANES}
   %grid.cols = getelementptr float, ptr %grid, i64 %stride
@@ -462,6 +463,7 @@ declare {_vec("float")} @llvm.minnum.v{LANES}f32({_vec("float")}, {_vec("float")
 declare {_vec("float")} @llvm.masked.load.v{LANES}f32.p0(ptr, i32, {_vec("i1")}, {_vec("float")})
 declare {_vec("double")} @llvm.masked.load.v{LANES}f64.p0(ptr, i32, {_vec("i1")}, {_vec("double")})
 declare i64 @llvm.umin.i64(i64, i64)
+declare {_vec("float")} @llvm.fma.v{LANES}f32({_vec("float")}, {_vec("float")}, {_vec("float")})
 declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 
 attributes #0 = {{ nounwind }}
@@ -526,7 +528,7 @@ def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | N
     [n, 2, 3]; with `noise` = (normals, offsets, std), augment.add_noise of the result, in the
     same pass; with `index`, of images[index] (read where they lie: no gathered copy)."""
     _, channels, height, width = images.shape
-    assert (height + 3) * (width + 3) < 2**31, "pixels of a plane are indexed with 32-bit integers"
+    assert (height + 3) * (width + 3) < PIXELS, "a plane's pixels are indexed by float32 integers"
     if not images.flags.c_contiguous:
         images, index = np.ascontiguousarray(images if index is None else images[index]), None
     if index is None:

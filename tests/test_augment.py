@@ -309,6 +309,19 @@ def test_a_sample_is_augmented_the_same_whatever_the_batches(start):
     assert not np.array_equal(whole[:8], whole[8:])
 
 
+def test_chunks_drawn_in_groups_are_the_chunks_drawn_one_by_one():
+    """Chunks are drawn augment.GROUP at a time, each from its own generator: the choices for
+    any run of positions are those of the chunks drawn singly, whatever was drawn before."""
+    ops = [("rotate", {"degrees": 30.0}), ("noise", {"std": 0.1})]
+    a = Augmenter(ops, (1, 8, 8), seed=2)
+    single = [a._draw_chunk(1, k) for k in range(3 * augment.GROUP)]
+    for start, count in [(5, 3), (CHUNK - 3, 700), (7 * CHUNK + 1, 4 * CHUNK), (0, 1)]:
+        drawn = a.draws(1, start, count)
+        for stage in range(2):
+            whole = np.concatenate([chunk[stage] for chunk in single])
+            np.testing.assert_array_equal(drawn[stage], whole[start:start + count])
+
+
 def test_augmenting_ahead_in_a_thread_needs_cores_to_spare(monkeypatch):
     monkeypatch.setattr(augment, "AHEAD", None)
     monkeypatch.setattr(augment, "usable_cores", lambda: 2)

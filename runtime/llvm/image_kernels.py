@@ -505,14 +505,14 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, int]:
     return grid, grid.ctypes.data
 
 
-_SCRATCH = threading.local()
+_THREAD = threading.local()
 
 
 def _scratch(height: int, width: int, dtype: np.dtype) -> tuple[int, int]:
     """The addresses of this thread's buffers for images of height x width: the scratch plane,
     zeros, of which the kernels write only the interior (and zeros), so that the border stays
     zero from call to call; and the coordinates pass's indices and fractions."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffers = _THREAD.__dict__.setdefault("buffers", {})
     key = (height, width, dtype)
     if key not in buffers:
         stride = -(-height * width // LANES) * LANES
@@ -520,6 +520,19 @@ def _scratch(height: int, width: int, dtype: np.dtype) -> tuple[int, int]:
         coords = np.zeros(stride * (4 + 2 * dtype.itemsize), np.uint8)
         buffers[key] = (plane, coords), (plane.ctypes.data, coords.ctypes.data)
     return buffers[key][1]
+
+
+def _plan(kind: str, height: int, width: int, dtype: np.dtype) -> tuple:
+    """(the resampling function `kind`, the addresses of the pixel grid and of this thread's
+    scratch plane and coordinates buffer) for images of height x width of `dtype`: one lookup
+    per call (in the train loop, right after the compiled step, every Python and numpy
+    operation runs with cold caches and costs several microseconds)."""
+    plans = _THREAD.__dict__.setdefault("plans", {})
+    key = (kind, height, width, dtype)
+    if key not in plans:
+        fn = _function(f"graphc_resample_{kind}_{_TYPES[dtype]}", _RESAMPLE)
+        plans[key] = (fn, _grid(height, width)[1], *_scratch(height, width, dtype))
+    return plans[key]
 
 
 def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | None = None,
@@ -534,25 +547,22 @@ def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | N
     if index is None:
         index = np.arange(len(images), dtype=np.int64)
     index = np.ascontiguousarray(index, dtype=np.int64)
-    assert not len(index) or 0 <= index.min() <= index.max() < len(images)
+    # (as unsigned, negative indices are huge: one reduction checks both bounds)
+    assert not len(index) or index.view(np.uint64).max() < len(images)
     n = len(index)
     shape, size = (n, channels, height, width), channels * height * width
     rows = np.ascontiguousarray(maps[:, :2], dtype=np.float32)
     assert rows.shape == (n, 2, 3)
     # LANES - 1 spare elements: the last run of pixels writes past the last plane
     out = np.empty(n * size + LANES - 1, images.dtype)
-    kind, t = "nearest" if exact else "bilinear", _TYPES[images.dtype]
-    bank = offsets = None
+    kind, normals, offsets, std = "nearest" if exact else "bilinear", None, None, 0.0
     if noise is not None:
         normals, offsets, std = noise
-        offsets = _checked_offsets(offsets, normals, n, size)
-        bank, offsets = normals.ctypes.data, offsets.ctypes.data
-        kind += "_noise"
-    fn = _function(f"graphc_resample_{kind}_{t}", _RESAMPLE)
-    scratch, coords = _scratch(height, width, images.dtype)
-    fn(images.ctypes.data, index.ctypes.data, out.ctypes.data, rows.ctypes.data,
-       _grid(height, width)[1], scratch, bank, offsets, 0.0 if noise is None else noise[2], n,
-       channels, height, width, coords)
+        offsets, kind = _checked_offsets(offsets, normals, n, size), kind + "_noise"
+    fn, grid, scratch, coords = _plan(kind, height, width, images.dtype)
+    fn(images.ctypes.data, index.ctypes.data, out.ctypes.data, rows.ctypes.data, grid, scratch,
+       None if noise is None else normals.ctypes.data,
+       None if noise is None else offsets.ctypes.data, std, n, channels, height, width, coords)
     return out[:n * size].reshape(shape)
 
 
@@ -572,6 +582,5 @@ def _checked_offsets(offsets: np.ndarray, normals: np.ndarray, n: int, size: int
     bank (the kernels read through bare addresses)."""
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     assert normals.dtype == np.float32 and normals.flags.c_contiguous
-    assert len(offsets) == n and (not n or (offsets.min() >= 0 and
-                                            offsets.max() <= len(normals) - size))
+    assert len(offsets) == n and (not n or offsets.view(np.uint64).max() <= len(normals) - size)
     return offsets

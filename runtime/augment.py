@@ -461,7 +461,11 @@ class Augmenter:
         return op.noise(rows, options, self.normals)
 
 
-BLOCK = 8                     # training batches augmented per call (its fixed cost shared)
+# Training batches augmented per call, sharing its fixed cost: in the train loop, right after the
+# compiled step, a call costs ~150 us more than its images (cold caches, for the Python around
+# the kernel most of all). With 16 batches of 64 MNIST images the augmenter took 80 us a batch
+# in mnist_mlp's loop, 90 with 8, 75 with 32 (whose blocks of 6 MB would be 25 MB for CIFAR).
+BLOCK = 16
 # Whether the train loop augments a block ahead in a background thread; None: where the process
 # may use more than two cores. On two, the compiled step's BLAS threads already use both, and
 # a third thread contends with them: in five runs of bench/augment_overhead.py on two cores, an

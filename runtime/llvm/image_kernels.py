@@ -23,16 +23,18 @@ pixels clipped into [-1, size] and their neighbours +1 need no bounds checks; an
 LANES output pixels the lanes' indices are read back as plain integer loads, and each lane's top
 and bottom neighbour pairs loaded as two-element vectors: two loads a pixel for four taps. In one
 pass, the taps' loads waited on the coordinates' long chain of dependent operations (multiply,
-clip, round, convert, move each lane to an integer register) and the core sat idle: two passes
-take 0.38 ms instead of 0.74 for 512 MNIST images read at random with noise, 0.31 instead of
-0.48 in cache without (AMD Zen 4). While a plane is computed, the next plane's pixels and noise
-are prefetched, a cache line or two per run.
-(Measured and dropped: the AVX2 gather instruction, twice as slow as the paired loads; skipping
-runs whose taps fall outside the nonzero rows and columns, whose bookkeeping cost more than the
-third of MNIST's runs it skipped; a scratch plane of row pairs, where one four-element load per
-lane gives all four taps: fewer loads and shuffles, but copying into it cost more than they
-saved (0.41 ms against 0.38); prefetching the whole next plane at once, which crowded out the
-current plane's loads.)
+clip, round, convert, move each lane to an integer register) and the core sat idle. Meanwhile
+the same channel of the image AHEAD images later (pixels and noise) is prefetched into L2, a
+cache line or two per run. For 512 MNIST images read at random, shift and rotate with noise, on
+AMD Zen 4: 0.40 ms (0.81 in one pass with the next plane prefetched at once); 0.30 ms in cache
+without noise (0.48); right after 8 training steps of mnist_mlp, as in the train loop, 0.55 ms
+(0.92).
+(Measured and dropped: gather instructions, for single taps (AVX2) or for the pairs (AVX-512
+vpgatherdq, 0.52 ms against 0.31 in cache); skipping runs whose taps fall outside the nonzero
+rows and columns, whose bookkeeping cost more than the third of MNIST's runs it skipped; a
+scratch plane of row pairs, where one four-element load per lane gives all four taps: fewer
+loads and shuffles, but copying into it cost more than they saved (0.41 ms against 0.38);
+prefetching the whole next plane at once, which crowded out the current plane's loads.)
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ LANES = 8                         # output pixels computed at once
 # Planes with their border have fewer elements than this: the kernels compute where a pixel
 # reads as a float32 integer, exact below 2**24.
 PIXELS = 2**24
+# While an image is resampled, the one this many images later is prefetched: in mnist_mlp's train
+# loop, 3 images ahead into L2 took 5-10% less time than the next image into L1 (2 and 4 ahead
+# were in between).
+AHEAD = 3
 
 _RESAMPLE = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 8, ctypes.c_float,
                              *[ctypes.c_int64] * 4, ctypes.c_void_p)
@@ -296,15 +302,16 @@ run.noise:
 
 
 def _prefetch(t: str, noise: bool) -> str:
-    """Ask for the next plane's pixels (and its noise) at the position of run %j of this one:
-    the samples of a batch lie at random in the training set, and a cache line or two per run
-    keep ahead of the copy without crowding out the current plane's loads."""
+    """Ask for channel %ch of image %i + AHEAD (its pixels, and its noise) in the L2 cache, at
+    the position of run %j of this plane: the samples of a batch lie at random in the training
+    set, and a cache line or two per run keep ahead of the copy without crowding out the current
+    plane's loads."""
     text = f"""  %ahead.p = getelementptr {t}, ptr %next.from, i64 %j
-  call void @llvm.prefetch.p0(ptr %ahead.p, i32 0, i32 3, i32 1)
+  call void @llvm.prefetch.p0(ptr %ahead.p, i32 0, i32 2, i32 1)
 """
     if noise:
         text += """  %ahead.z = getelementptr float, ptr %next.bank, i64 %j
-  call void @llvm.prefetch.p0(ptr %ahead.z, i32 0, i32 3, i32 1)
+  call void @llvm.prefetch.p0(ptr %ahead.z, i32 0, i32 2, i32 1)
 """
     return text
 
@@ -377,10 +384,9 @@ image:                                        ; image %i: its map, once for all 
   %ch.next = add i64 %ch, 1
   %same = icmp ult i64 %ch.next, %channels
   %i.next = add i64 %i, 1
-  %i.after = call i64 @llvm.umin.i64(i64 %i.next, i64 %last)
-  %next.i = select i1 %same, i64 %i, i64 %i.after
-  %next.ch = select i1 %same, i64 %ch.next, i64 0
-{_plane(t, "next", "%next.i", "%next.ch", noise)}  br label %copy
+  %i.ahead = add i64 %i, {AHEAD}
+  %next.i = call i64 @llvm.umin.i64(i64 %i.ahead, i64 %last)
+{_plane(t, "next", "%next.i", "%ch", noise)}  br label %copy
 
 {_copy(t)}run:                                          ; output pixels %j ..< %j + LANES of the plane
   %j = phi i64 [ 0, %copy.row ], [ %j.next, %{latch} ]

@@ -468,8 +468,8 @@ class Augmenter:
 BLOCK = 16
 # Whether the train loop augments a block ahead in a background thread; None: where the process
 # may use more than two cores. On two, the compiled step's BLAS threads already use both, and
-# a third thread contends with them: in five runs of bench/augment_overhead.py on two cores, an
-# epoch of MNIST's MLP took 1.21-1.23x as long with augmentation inline, 1.21-1.26x in a thread.
+# a third thread contends with them: in six runs of bench/augment_overhead.py on two cores, an
+# epoch of MNIST's MLP took 1.11-1.14x as long with augmentation inline, 1.13-1.17x in a thread.
 AHEAD: bool | None = None
 
 

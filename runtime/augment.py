@@ -8,8 +8,8 @@ the reference, and native kernels (runtime/llvm/image_kernels.py), more than ten
 and free of the GIL, which the Augmenter uses where llvmlite loads."""
 from __future__ import annotations
 
-import functools
 import math
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,70 +26,101 @@ NORMALS = 1 << 20             # the size of a run's bank of noise
 # generator: drawing them batch by batch cost more than resampling a batch of MNIST, and larger
 # chunks than this cost more per position (their arrays no longer fit the allocator's heap).
 CHUNK = 1024
+# Chunks are drawn this many at a time (each from its own generator, so the choices are the
+# same): in the train loop the first draw after the compiled step, with the caches cold, took
+# three times as long as the ones right after it (355 against 105 us for MNIST).
+GROUP = 4
 
 
 # --- geometric augmentations: one inverse affine map per image ----------------------------------
-# Each returns matrices [n, 3, 3] taking an output pixel (row, col, 1) to the source pixel it reads.
+# A map takes an output pixel (row, col) to the source pixel it reads: (m00 row + m01 col + m02,
+# m10 row + m11 col + m12). The augmentations draw a map per image as these six `Coefficients`,
+# each an [n] array or one number for all the images: composing them is then a few operations on
+# contiguous vectors, with no matrices built. The `*_maps` functions return the same maps as
+# matrices [n, 3, 3] (bottom rows 0, 0, 1), which the resamplers also take.
 # Maps that send integer pixels to integer pixels are `exact`: sampled by copying, not blending.
 
-def shift_maps(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+Coefficients = tuple          # (m00, m01, m02, m10, m11, m12)
+
+
+def shifts(rows: np.ndarray, cols: np.ndarray) -> Coefficients:
     """Move image i by rows[i] down and cols[i] right (out[r, c] = in[r - dr, c - dc])."""
-    m = _identity(len(rows))
-    m[:, 0, 2], m[:, 1, 2] = -rows, -cols
-    return m
+    return 1.0, 0.0, 0.0 - rows, 0.0, 1.0, 0.0 - cols      # (0.0 - 0 is +0.0, as -rows is)
 
 
-def flip_maps(flipped: np.ndarray, axis: int, size: int) -> np.ndarray:
+def flips(flipped: np.ndarray, axis: int, size: int) -> Coefficients:
     """Mirror the images where `flipped` is true along `axis` (0 rows: vertical, 1 columns:
     horizontal) of length `size`."""
-    m = _identity(len(flipped))
-    m[flipped, axis, axis] = -1.0
-    m[flipped, axis, 2] = size - 1
-    return m
+    scale, offset = np.where(flipped, -1.0, 1.0), np.where(flipped, float(size - 1), 0.0)
+    return (scale, 0.0, offset, 0.0, 1.0, 0.0) if axis == 0 else (1.0, 0.0, 0.0, 0.0, scale, offset)
 
 
-def rotation_maps(degrees: np.ndarray, height: int, width: int) -> np.ndarray:
+def rotations(degrees: np.ndarray, height: int, width: int) -> Coefficients:
     """Turn image i counterclockwise by degrees[i] (as displayed, rows downward) about its centre."""
     t = np.radians(degrees)
     cos, sin = np.cos(t), np.sin(t)
     cr, cc = (height - 1) / 2, (width - 1) / 2
-    m = _identity(len(t))
     # source = R (out - centre) + centre, R the inverse (clockwise) rotation in (row, col)
-    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
-    m[:, 0, 2] = cr - cos * cr - sin * cc
-    m[:, 1, 2] = cc + sin * cr - cos * cc
-    return m
+    return cos, sin, cr - cos * cr - sin * cc, -sin, cos, cc + sin * cr - cos * cc
+
+
+def crops(tops: np.ndarray, lefts: np.ndarray, window: tuple[int, int], pad: int, height: int,
+          width: int) -> Coefficients:
+    """Take the window [tops[i], lefts[i]] + `window` of image i padded by `pad` zeros on each
+    side, stretched to height x width (a plain copy when the window has the image's size)."""
+    # corner pixels onto the window's corner pixels, so that nothing beyond the window is read
+    return ((window[0] - 1) / max(height - 1, 1), 0.0, (tops - pad).astype(np.float64),
+            0.0, (window[1] - 1) / max(width - 1, 1), (lefts - pad).astype(np.float64))
+
+
+def composed(first: Coefficients, second: Coefficients) -> Coefficients:
+    """The map that applies `first`, then `second` (the matrix product first @ second)."""
+    a0, a1, a2, b0, b1, b2 = first
+    s00, s01, s02, s10, s11, s12 = second
+    return (a0 * s00 + a1 * s10, a0 * s01 + a1 * s11, a0 * s02 + a1 * s12 + a2,
+            b0 * s00 + b1 * s10, b0 * s01 + b1 * s11, b0 * s02 + b1 * s12 + b2)
+
+
+def matrices(maps: Coefficients, n: int, rows: int = 3, dtype=np.float64) -> np.ndarray:
+    """The maps of n images as matrices [n, 3, 3], or their first two rows [n, 2, 3] (rows=2)."""
+    out = np.zeros((n, rows, 3), dtype)
+    if rows == 3:
+        out[:, 2, 2] = 1.0
+    flat = out.reshape(n, 3 * rows)
+    for k, value in enumerate(maps):
+        flat[:, k] = value
+    return out
+
+
+def coefficients(maps: np.ndarray) -> Coefficients:
+    """Matrices [n, 3, 3] (or their first two rows) as Coefficients."""
+    return tuple(maps[:, i, k] for i in range(2) for k in range(3))
+
+
+def then(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """`composed` for matrices [n, 3, 3]: first @ second."""
+    return matrices(composed(coefficients(first), coefficients(second)), len(first))
+
+
+def shift_maps(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`shifts` as matrices [n, 3, 3]."""
+    return matrices(shifts(rows, cols), len(rows))
+
+
+def flip_maps(flipped: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """`flips` as matrices [n, 3, 3]."""
+    return matrices(flips(flipped, axis, size), len(flipped))
+
+
+def rotation_maps(degrees: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`rotations` as matrices [n, 3, 3]."""
+    return matrices(rotations(degrees, height, width), len(degrees))
 
 
 def crop_maps(tops: np.ndarray, lefts: np.ndarray, window: tuple[int, int], pad: int,
               height: int, width: int) -> np.ndarray:
-    """Take the window [tops[i], lefts[i]] + `window` of image i padded by `pad` zeros on each
-    side, stretched to height x width (a plain copy when the window has the image's size)."""
-    m = _identity(len(tops))
-    # corner pixels onto the window's corner pixels, so that nothing beyond the window is read
-    m[:, 0, 0] = (window[0] - 1) / max(height - 1, 1)
-    m[:, 1, 1] = (window[1] - 1) / max(width - 1, 1)
-    m[:, 0, 2], m[:, 1, 2] = tops - pad, lefts - pad
-    return m
-
-
-def then(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """first @ second for stacks of affine maps [n, 3, 3] (bottom rows 0, 0, 1): the map that
-    applies `first`, then `second` (a dozen vector operations; numpy's matmul on a stack of
-    small matrices takes five times as long)."""
-    out = _identity(len(first))
-    for i in range(2):
-        a0, a1 = first[:, i, 0], first[:, i, 1]
-        for k in range(3):
-            out[:, i, k] = a0 * second[:, 0, k] + a1 * second[:, 1, k]
-        out[:, i, 2] += first[:, i, 2]
-    return out
-
-
-def _identity(n: int) -> np.ndarray:
-    m = np.zeros((n, 3, 3))
-    m.reshape(n, 9)[:, ::4] = 1.0            # the diagonal (a broadcast copy of eye is slower)
-    return m
+    """`crops` as matrices [n, 3, 3]."""
+    return matrices(crops(tops, lefts, window, pad, height, width), len(tops))
 
 
 def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | None = None,
@@ -176,9 +207,9 @@ def _grid(height: int, width: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Augmentation:
     """How one augmentation draws its random choices for `count` images of shape (C, H, W):
-    draw(rng, count, image, options) -> an array with a row per image."""
+    draw(rng, count, image, options) -> an array with a row per image, or Coefficients."""
     draw: Callable
-    # Geometric ones draw inverse affine maps [count, 3, 3], composed with their geometric
+    # Geometric ones draw inverse affine maps (Coefficients), composed with their geometric
     # neighbours and sampled once; exact(image, options) says whether the maps hit pixel centres.
     exact: Callable | None = None
     # The others add noise: noise(rows, options, normals) -> add_noise's (normals, offsets, std).
@@ -191,16 +222,16 @@ class Augmentation:
 
 def _shift(rng, n, image, o):
     p = o["pixels"]
-    return shift_maps(rng.integers(-p, p + 1, n), rng.integers(-p, p + 1, n))
+    return shifts(rng.integers(-p, p + 1, n), rng.integers(-p, p + 1, n))
 
 
 def _rotate(rng, n, image, o):
-    return rotation_maps(rng.uniform(-o["degrees"], o["degrees"], n), image[1], image[2])
+    return rotations(rng.uniform(-o["degrees"], o["degrees"], n), image[1], image[2])
 
 
 def _flip(rng, n, image, o):
     axis = 1 if o["direction"] == "horizontal" else 0
-    return flip_maps(rng.random(n) < o["p"], axis, image[1 + axis])
+    return flips(rng.random(n) < o["p"], axis, image[1 + axis])
 
 
 def _crop(rng, n, image, o):
@@ -208,7 +239,7 @@ def _crop(rng, n, image, o):
     pad, height, width = o["pad"], image[1], image[2]
     tops = rng.integers(0, height + 2 * pad - window[0] + 1, n)
     lefts = rng.integers(0, width + 2 * pad - window[1] + 1, n)
-    return crop_maps(tops, lefts, window, pad, height, width)
+    return crops(tops, lefts, window, pad, height, width)
 
 
 def _crop_exact(image, o) -> bool:
@@ -236,10 +267,18 @@ def add_noise(x: np.ndarray, normals: np.ndarray, offsets: np.ndarray, std: floa
 @dataclass(frozen=True)
 class Kernels:
     """Where the pixel work runs: `resample(images, maps, exact, noise=None)` and
-    `add_noise(x, normals, offsets, std)`, as defined above, for images of `dtypes` (None: any)."""
+    `add_noise(x, normals, offsets, std)`, as defined above, for images of `dtypes` (None: any)
+    whose planes with their border, (H + 3) * (W + 3), have fewer than `pixels` elements."""
     resample: Callable
     add_noise: Callable
     dtypes: tuple | None = None
+    pixels: int | None = None
+
+    def take(self, images: np.ndarray) -> bool:
+        """Whether they take `images` [N, C, H, W]."""
+        height, width = images.shape[2:]
+        return ((self.dtypes is None or images.dtype in self.dtypes) and
+                (self.pixels is None or (height + 3) * (width + 3) < self.pixels))
 
 
 NUMPY = Kernels(resample, add_noise)
@@ -251,7 +290,8 @@ def native_kernels() -> Kernels | None:
         from graphc.runtime.llvm import image_kernels
     except ImportError:
         return None
-    return Kernels(image_kernels.resample, image_kernels.add_noise, image_kernels.DTYPES)
+    return Kernels(image_kernels.resample, image_kernels.add_noise, image_kernels.DTYPES,
+                   image_kernels.PIXELS)
 
 
 AUGMENTATIONS = {
@@ -352,8 +392,9 @@ class Augmenter:
         self.normals = np.random.default_rng([seed, _STREAM]).standard_normal(
             bank_size(self.image), dtype=np.float32) if any(
             not s.geometric for s in self.stages) else None
-        # A batch reads one chunk's choices, or two: a few chunks are kept.
-        self._chunk = functools.lru_cache(maxsize=4)(self._draw_chunk)
+        # A batch reads one chunk's choices, or two: the last two groups drawn are kept.
+        self._chunks: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._chunks_lock = threading.Lock()
 
     def _draw_chunk(self, epoch: int, chunk: int) -> list[np.ndarray]:
         """Each stage's random choices for positions chunk * CHUNK ..< (chunk + 1) * CHUNK of
@@ -361,13 +402,24 @@ class Augmenter:
         rng = np.random.default_rng([self.seed, epoch, chunk, _STREAM])
         values = []
         for stage in self.stages:
-            rows = None
+            drawn = None
             for op, options in stage.ops:
                 new = op.draw(rng, CHUNK, self.image, options)
-                rows = new if rows is None else then(rows, new)
-            values.append(np.ascontiguousarray(rows[:, :2], dtype=np.float32)
-                          if stage.geometric else rows)
+                drawn = new if drawn is None else composed(drawn, new)
+            values.append(matrices(drawn, CHUNK, rows=2, dtype=np.float32)
+                          if stage.geometric else drawn)
         return values
+
+    def _chunk(self, epoch: int, chunk: int) -> list[np.ndarray]:
+        """_draw_chunk(epoch, chunk), drawn with the GROUP - 1 chunks after it where missing."""
+        with self._chunks_lock:
+            if (epoch, chunk) not in self._chunks:
+                for k in range(chunk, chunk + GROUP):
+                    if (epoch, k) not in self._chunks:
+                        if len(self._chunks) == 2 * GROUP:
+                            del self._chunks[next(iter(self._chunks))]     # the oldest
+                        self._chunks[epoch, k] = self._draw_chunk(epoch, k)
+            return self._chunks[epoch, chunk]
 
     def draws(self, epoch: int, start: int, count: int) -> list[np.ndarray]:
         """Each stage's random choices for positions start ..< start + count of epoch `epoch`."""
@@ -386,7 +438,7 @@ class Augmenter:
         images = x.reshape(len(x), *self.image)
         n = len(images) if index is None else len(index)
         kernels = self.kernels
-        if kernels.dtypes is not None and images.dtype not in kernels.dtypes:
+        if not kernels.take(images):
             kernels = NUMPY
         values, stages = self.draws(epoch, start, n), self.stages
         if index is not None and not (stages and stages[0].geometric):
@@ -409,11 +461,15 @@ class Augmenter:
         return op.noise(rows, options, self.normals)
 
 
-BLOCK = 8                     # training batches augmented per call (its fixed cost shared)
+# Training batches augmented per call, sharing its fixed cost: in the train loop, right after the
+# compiled step, a call costs ~150 us more than its images (cold caches, for the Python around
+# the kernel most of all). With 16 batches of 64 MNIST images the augmenter took 80 us a batch
+# in mnist_mlp's loop, 90 with 8, 75 with 32 (whose blocks of 6 MB would be 25 MB for CIFAR).
+BLOCK = 16
 # Whether the train loop augments a block ahead in a background thread; None: where the process
 # may use more than two cores. On two, the compiled step's BLAS threads already use both, and
-# a third thread contends with them: in five runs of bench/augment_overhead.py on two cores, an
-# epoch of MNIST's MLP took 1.21-1.23x as long with augmentation inline, 1.21-1.26x in a thread.
+# a third thread contends with them: in six runs of bench/augment_overhead.py on two cores, an
+# epoch of MNIST's MLP took 1.11-1.14x as long with augmentation inline, 1.13-1.17x in a thread.
 AHEAD: bool | None = None
 
 

@@ -145,10 +145,12 @@ def _random_maps(rng, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (1, 2, 1, 6)])
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (1, 2, 1, 6), (4, 2, 5, 17),
+                                   (3, 1, 6, 16)])
 def test_native_resampling_matches_the_numpy_reference(dtype, shape):
     """Same pixels for copies; blends within float32 rounding of the coordinates (numpy's
-    product of the maps and the pixel grid is a BLAS call, the kernel's a multiply-add)."""
+    product of the maps and the pixel grid is a BLAS call, the kernel's a multiply-add). Rows
+    of any width: the kernel copies them eight pixels at a time, writing zeros past the row."""
     native = augment.native_kernels()
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape).astype(dtype)
@@ -162,7 +164,7 @@ def test_native_resampling_matches_the_numpy_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (3, 2, 1, 1)])
+@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (5, 3, 9, 7), (3, 2, 1, 1), (4, 3, 8, 8)])
 def test_native_resampling_adds_noise_and_gathers_in_the_same_pass(dtype, shape):
     """resample(..., noise, index): the reference's resample of images[index], then add_noise,
     on planes whose size is no multiple of the kernel's 8 lanes and images of several channels
@@ -190,10 +192,39 @@ def test_native_resampling_adds_noise_and_gathers_in_the_same_pass(dtype, shape)
     np.testing.assert_array_equal(native.resample(strided, exact, True, noise, index), copied)
 
 
+@pytest.mark.parametrize("width", [5, 8, 13])
+def test_native_resampling_keeps_its_scratch_border_zero(width):
+    """The kernels reuse one zero-bordered scratch plane from call to call and write only its
+    interior (and zeros): after images of sevens, an image of zeros still resamples to zeros,
+    also where the maps read the border."""
+    native = augment.native_kernels()
+    rng = np.random.default_rng(width)
+    for exact, blend in [_random_maps(rng, 6, 7, width)] * 2:
+        for maps, nearest in ((exact, True), (blend, False), (blend, True)):
+            sevens = np.full((6, 2, 7, width), 7.0, np.float32)
+            assert native.resample(sevens, maps, nearest).max() == 7.0
+            zeros = native.resample(np.zeros_like(sevens), maps, nearest)
+            np.testing.assert_array_equal(zeros, 0.0)
+
+
 def test_composing_maps_is_their_matrix_product():
     rng = np.random.default_rng(3)
     first, second = _random_maps(rng, 50, 9, 7)
     np.testing.assert_allclose(then(first, second), first @ second, rtol=1e-12, atol=1e-12)
+
+
+def test_a_chunks_maps_are_the_product_of_each_augmentations_maps():
+    """The maps the Augmenter draws for a chunk of positions: each geometric augmentation's maps
+    from the chunk's generator, in order, composed in float64 and rounded to float32 once."""
+    ops = [("shift", {"pixels": 2}), ("rotate", {"degrees": 10.0}), ("flip",
+           {"direction": "vertical", "p": 0.5}), ("noise", {"std": 0.1})]
+    drawn = Augmenter(ops, (1, 9, 7), seed=6)._draw_chunk(2, 3)
+    rng = np.random.default_rng([6, 2, 3, augment._STREAM])
+    maps = then(then(shift_maps(rng.integers(-2, 3, CHUNK), rng.integers(-2, 3, CHUNK)),
+                     rotation_maps(rng.uniform(-10, 10, CHUNK), 9, 7)),
+                flip_maps(rng.random(CHUNK) < 0.5, 0, 9))
+    np.testing.assert_array_equal(drawn[0], maps[:, :2].astype(np.float32))
+    np.testing.assert_array_equal(drawn[1], rng.integers(0, augment.NORMALS - 63 + 1, CHUNK))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -219,6 +250,27 @@ def test_the_augmenter_runs_natively_and_agrees_with_numpy(ops):
     np.testing.assert_array_equal(native(x, 2, 7), reference(x, 2, 7))
     index = np.array([31, 0, 5, 5, 17])
     np.testing.assert_array_equal(native(x, 2, 7, index=index), reference(x[index], 2, 7))
+
+
+def test_images_the_kernels_do_not_take_are_augmented_by_numpy():
+    """The native kernels take float32 and float64 planes of fewer than 2**24 elements with their
+    border; the Augmenter gives anything else to numpy."""
+    def refuse(*args):
+        raise AssertionError("these kernels should not have been called")
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    ops = [("rotate", {"degrees": 10.0}), ("noise", {"std": 0.1})]
+    small = augment.Kernels(refuse, refuse, (np.dtype(np.float32),), pixels=11 * 11)
+    assert not small.take(x.reshape(4, 1, 8, 8))
+    assert small.take(x.reshape(4, 1, 8, 8)[:, :, :7])
+    np.testing.assert_array_equal(Augmenter(ops, (1, 8, 8), 1, small)(x, 0, 0),
+                                  Augmenter(ops, (1, 8, 8), 1, augment.NUMPY)(x, 0, 0))
+    native = augment.native_kernels()
+
+    def images(*shape, dtype=np.float32):                # (a view: nothing allocated)
+        return np.broadcast_to(np.zeros((), dtype), shape)
+    assert native.pixels == 2**24 and native.take(images(1, 3, 4093, 4092))
+    assert not native.take(images(1, 1, 4093, 4093))
+    assert not native.take(images(1, 1, 8, 8, dtype=np.float16))
 
 
 def test_image_shapes_are_inferred_from_the_input():
@@ -255,6 +307,19 @@ def test_a_sample_is_augmented_the_same_whatever_the_batches(start):
     pieces = [a(x[:3], 4, start), a(x[3:11], 4, start + 3), a(x[11:], 4, start + 11)]
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
     assert not np.array_equal(whole[:8], whole[8:])
+
+
+def test_chunks_drawn_in_groups_are_the_chunks_drawn_one_by_one():
+    """Chunks are drawn augment.GROUP at a time, each from its own generator: the choices for
+    any run of positions are those of the chunks drawn singly, whatever was drawn before."""
+    ops = [("rotate", {"degrees": 30.0}), ("noise", {"std": 0.1})]
+    a = Augmenter(ops, (1, 8, 8), seed=2)
+    single = [a._draw_chunk(1, k) for k in range(3 * augment.GROUP)]
+    for start, count in [(5, 3), (CHUNK - 3, 700), (7 * CHUNK + 1, 4 * CHUNK), (0, 1)]:
+        drawn = a.draws(1, start, count)
+        for stage in range(2):
+            whole = np.concatenate([chunk[stage] for chunk in single])
+            np.testing.assert_array_equal(drawn[stage], whole[start:start + count])
 
 
 def test_augmenting_ahead_in_a_thread_needs_cores_to_spare(monkeypatch):

@@ -11,18 +11,30 @@ disk.
 The arithmetic is the numpy reference's (`augment.resample`, `augment.add_noise`): source
 coordinates in float32, clipped to [-1, size], zero outside the image, nearest pixel by rint or
 bilinear blending as top + (top_right - top) * fc, and so on; noise as x + float32(std * z). Only
-the coordinates' rounding may differ (numpy's product is a BLAS call), by an ulp.
+the coordinates' rounding may differ, by an ulp: numpy's product of maps and pixel grid is a
+BLAS call, the kernels' two fused multiply-adds (whole-pixel maps give whole coordinates either
+way, so copies are the same pixels).
 
-How a plane is resampled: its rows are copied into a scratch plane with a zero border, one pixel
-before and two after each side, so that source pixels clipped into [-1, size] and their
-neighbours +1 need no bounds checks. Then for each run of LANES output pixels (a precomputed grid
-holds their rows and columns) the coordinates are computed as vectors, and each lane's top and
-bottom neighbour pairs are loaded as two-element vectors: two loads a pixel for four taps. While
-a plane is computed, the next plane's pixels and noise are prefetched: the samples of a batch lie
-at random in the training set, and waiting for memory took as long as the arithmetic. (Measured
-and dropped: the AVX2 gather instruction, twice as slow on AMD Zen 3 as the paired loads; skipping
-runs whose taps fall outside the nonzero rows and columns, whose bookkeeping cost more than the
-third of MNIST's runs it skipped.)
+How an image is resampled, in two passes. First its map is applied to every output pixel, LANES
+at a time: where each reads in the scratch plane (an int32) and, for blending, its two fractions,
+go to a small buffer (once per image, for all its channels). Then each channel's rows are copied
+into a scratch plane with a zero border, one pixel before and two after each side, so that source
+pixels clipped into [-1, size] and their neighbours +1 need no bounds checks; and for each run of
+LANES output pixels the lanes' indices are read back as plain integer loads, and each lane's top
+and bottom neighbour pairs loaded as two-element vectors: two loads a pixel for four taps. In one
+pass, the taps' loads waited on the coordinates' long chain of dependent operations (multiply,
+clip, round, convert, move each lane to an integer register) and the core sat idle. Meanwhile
+the same channel of the image AHEAD images later (pixels and noise) is prefetched into L2, a
+cache line or two per run. For 512 MNIST images read at random, shift and rotate with noise, on
+AMD Zen 4: 0.40 ms (0.81 in one pass with the next plane prefetched at once); 0.30 ms in cache
+without noise (0.48); right after 8 training steps of mnist_mlp, as in the train loop, 0.55 ms
+(0.92).
+(Measured and dropped: gather instructions, for single taps (AVX2) or for the pairs (AVX-512
+vpgatherdq, 0.52 ms against 0.31 in cache); skipping runs whose taps fall outside the nonzero
+rows and columns, whose bookkeeping cost more than the third of MNIST's runs it skipped; a
+scratch plane of row pairs, where one four-element load per lane gives all four taps: fewer
+loads and shuffles, but copying into it cost more than they saved (0.41 ms against 0.38);
+prefetching the whole next plane at once, which crowded out the current plane's loads.)
 """
 from __future__ import annotations
 
@@ -37,10 +49,18 @@ from graphc.runtime.llvm import jit
 _TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 DTYPES = tuple(_TYPES)            # the image types the kernels take
 _BYTES = {"float": 4, "double": 8}
+_SHORT = {"float": "f32", "double": "f64"}
 LANES = 8                         # output pixels computed at once
+# Planes with their border have fewer elements than this: the kernels compute where a pixel
+# reads as a float32 integer, exact below 2**24.
+PIXELS = 2**24
+# While an image is resampled, the one this many images later is prefetched: in mnist_mlp's train
+# loop, 3 images ahead into L2 took 5-10% less time than the next image into L1 (2 and 4 ahead
+# were in between).
+AHEAD = 3
 
 _RESAMPLE = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 8, ctypes.c_float,
-                             *[ctypes.c_int64] * 4)
+                             *[ctypes.c_int64] * 4, ctypes.c_void_p)
 _NOISE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                           ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int64)
 
@@ -64,15 +84,20 @@ def _mask(indices) -> str:
     return "<" + ", ".join(f"i32 {i}" for i in indices) + ">"
 
 
+_STEPS = _mask(range(LANES))      # 0, 1, ..., LANES - 1
+
+
 def _lane_indices() -> str:
-    """%at.xK = lane K of %at, the element of the scratch plane a pixel reads, counted from the
-    plane's first element (the border's corner), so never negative: zero-extended, which x86
-    does for free, and used as the index of addressing modes from loop-invariant bases."""
+    """%at.xK: the element of the scratch plane that pixel %j + K reads, counted from the plane's
+    first element (the border's corner), so never negative: read back from the coordinates pass
+    as 32-bit integers (zero-extended for free) and used as the index of addressing modes from
+    loop-invariant bases."""
     lines = []
     for k in range(LANES):
-        lines += [f"  %at.i{k} = extractelement {_vec('i32')} %at, i64 {k}",
+        lines += [f"  %at.p{k} = getelementptr i32, ptr %at.run, i64 {k}",
+                  f"  %at.i{k} = load i32, ptr %at.p{k}, align 4",
                   f"  %at.x{k} = zext i32 %at.i{k} to i64"]
-    return "\n".join(lines) + "\n"
+    return "  %at.run = getelementptr i32, ptr %coords, i64 %j\n" + "\n".join(lines) + "\n"
 
 
 def _pairs(name: str, t: str, base: str) -> str:
@@ -116,60 +141,24 @@ def _singles(name: str, t: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plane(t: str, p: str, q: str, noise: bool) -> str:
-    """%{p}.from: where plane `q` (channel q % channels of image q / channels) of the batch is
-    read in src, sample index[image]; with noise, %{p}.bank: its part of the image's window."""
-    text = f"""  %{p}.image = udiv i64 {q}, %channels
-  %{p}.image.first = mul i64 %{p}.image, %channels
-  %{p}.channel = sub i64 {q}, %{p}.image.first
-  %{p}.channel.at = mul i64 %{p}.channel, %size
-  %{p}.rowp = getelementptr i64, ptr %index, i64 %{p}.image
+def _plane(t: str, p: str, image: str, channel: str, noise: bool) -> str:
+    """%{p}.from: where channel `channel` of image `image` of the batch is read in src, sample
+    index[image]; with noise, %{p}.bank: its part of the image's window."""
+    text = f"""  %{p}.rowp = getelementptr i64, ptr %index, i64 {image}
   %{p}.row = load i64, ptr %{p}.rowp
   %{p}.row.first = mul i64 %{p}.row, %channels
-  %{p}.row.plane = add i64 %{p}.row.first, %{p}.channel
+  %{p}.row.plane = add i64 %{p}.row.first, {channel}
   %{p}.row.base = mul i64 %{p}.row.plane, %size
   %{p}.from = getelementptr {t}, ptr %src, i64 %{p}.row.base
 """
     if noise:
-        text += f"""  %{p}.offp = getelementptr i64, ptr %offsets, i64 %{p}.image
+        text += f"""  %{p}.offp = getelementptr i64, ptr %offsets, i64 {image}
   %{p}.off = load i64, ptr %{p}.offp
+  %{p}.channel.at = mul i64 {channel}, %size
   %{p}.bank.at = add i64 %{p}.off, %{p}.channel.at
   %{p}.bank = getelementptr float, ptr %normals, i64 %{p}.bank.at
 """
     return text
-
-
-def _prefetch(t: str, noise: bool) -> str:
-    """Blocks `ahead` to `ahead.done`: ask for the next plane's pixels (and its noise) in the
-    cache while this one is computed; the samples lie at random in the training set, and waiting
-    for memory took as long as the arithmetic."""
-    lines = f"""ahead:
-  %ahead.q = add i64 %q, 1
-  %ahead.any = icmp ult i64 %ahead.q, %planes
-  br i1 %ahead.any, label %ahead.where, label %ahead.done
-
-ahead.where:
-{_plane(t, "next", "%ahead.q", noise)}  %ahead.bytes = mul i64 %size, {_BYTES[t]}
-  br label %ahead.line
-
-ahead.line:
-  %line = phi i64 [ 0, %ahead.where ], [ %line.next, %ahead.line ]
-  %line.p = getelementptr i8, ptr %next.from, i64 %line
-  call void @llvm.prefetch.p0(ptr %line.p, i32 0, i32 3, i32 1)
-"""
-    if noise:
-        lines += """  %line.half = lshr i64 %line, 1
-  %line.bank = getelementptr i8, ptr %next.bank, i64 %line.half
-  call void @llvm.prefetch.p0(ptr %line.bank, i32 0, i32 3, i32 1)
-""" if t == "double" else """  %line.bank = getelementptr i8, ptr %next.bank, i64 %line
-  call void @llvm.prefetch.p0(ptr %line.bank, i32 0, i32 3, i32 1)
-"""
-    return lines + """  %line.next = add i64 %line, 64
-  %line.more = icmp ult i64 %line.next, %ahead.bytes
-  br i1 %line.more, label %ahead.line, label %ahead.done
-
-ahead.done:
-"""
 
 
 def _widen(t: str, name: str, value: str) -> str:
@@ -178,34 +167,103 @@ def _widen(t: str, name: str, value: str) -> str:
     return f"  {name} = {cast} {_vec('float')} {value} to {_vec(t)}\n"
 
 
-def _resample_ir(t: str, bilinear: bool, noise: bool) -> str:
-    """out[i, k] = images[i, k] sampled at maps[i] @ (r, c, 1) for every pixel (r, c), for a batch
-    [n, channels, h, w] of element type `t` (row-major): images[i] is src[index[i]], or src[i]
-    where `index` is null. `maps` is [n, 2, 3] float32 (the first two rows of each 3 x 3
-    matrix); `grid` is [2, stride] float32, every pixel's row and column with stride = h * w
-    rounded up to LANES; `scratch` is one plane with a zero border ([h + 3, w + 3], zeros: the
-    kernel writes only its interior). `dst` holds LANES - 1 elements more than the batch: the
-    last run of a plane writes past it, into the next plane (written after) or that spare room.
-    With `noise`, out += std * normals[offsets[i] + p] (p the pixel's index within image i), as
-    augment.add_noise."""
-    f, i32, v, b = _vec("float"), _vec("i32"), _vec(t), _vec("i1")
-    name = (f"graphc_resample_{'bilinear' if bilinear else 'nearest'}"
-            f"{'_noise' if noise else ''}_{t}")
-    # the top left tap (bilinear) or the nearest pixel: its index in the scratch plane, per lane
+def _masked_load(name: str, t: str, pointer: str, mask: str) -> str:
+    """%name = the lanes of `mask` loaded from `pointer`, zeros in the others."""
+    return (f"  {name} = call {_vec(t)} @llvm.masked.load.v{LANES}{_SHORT[t]}.p0(ptr {pointer}, "
+            f"i32 {_BYTES[t]}, {_vec('i1')} {mask}, {_vec(t)} zeroinitializer)\n")
+
+
+def _coordinates(t: str, bilinear: bool) -> str:
+    """Block `where`, the first pass over an image: for each run of LANES output pixels %u, the
+    source coordinates (grid rows and columns through the map by fused multiply-adds, clipped),
+    and where its pixel (nearest) or top left tap (bilinear) lies in the scratch plane, to
+    coords[%u]; for blending, the fractions to fracs[%u] and fracs[stride + %u], as `t`. That
+    index is computed in float32 too, row * pitch + (col + corner), exact below PIXELS: three
+    operations where converting row and column to integers first took five."""
+    f, i32, v = _vec("float"), _vec("i32"), _vec(t)
     rounding = "floor" if bilinear else "rint"
-    sample = f"""  %r0f = call {f} @llvm.{rounding}.v{LANES}f32({f} %sr)
+    text = f"""where:
+  %u = phi i64 [ 0, %image ], [ %u.next, %where ]
+  %grp = getelementptr float, ptr %grid, i64 %u
+  %gr = load {f}, ptr %grp, align 4
+  %gcp = getelementptr float, ptr %grid.cols, i64 %u
+  %gc = load {f}, ptr %gcp, align 4
+  %sr.b = call {f} @llvm.fma.v{LANES}f32({f} %m0v, {f} %gr, {f} %m2v)
+  %sr.raw = call {f} @llvm.fma.v{LANES}f32({f} %m1v, {f} %gc, {f} %sr.b)
+  %sc.b = call {f} @llvm.fma.v{LANES}f32({f} %m3v, {f} %gr, {f} %m5v)
+  %sc.raw = call {f} @llvm.fma.v{LANES}f32({f} %m4v, {f} %gc, {f} %sc.b)
+  %sr.lo = call {f} @llvm.maxnum.v{LANES}f32({f} %sr.raw, {f} {_constant("float", "-1.0")})
+  %sr = call {f} @llvm.minnum.v{LANES}f32({f} %sr.lo, {f} %hv)
+  %sc.lo = call {f} @llvm.maxnum.v{LANES}f32({f} %sc.raw, {f} {_constant("float", "-1.0")})
+  %sc = call {f} @llvm.minnum.v{LANES}f32({f} %sc.lo, {f} %wv)
+  %r0f = call {f} @llvm.{rounding}.v{LANES}f32({f} %sr)
   %c0f = call {f} @llvm.{rounding}.v{LANES}f32({f} %sc)
-  %r0 = fptosi {f} %r0f to {i32}
-  %c0 = fptosi {f} %c0f to {i32}
-  %rw = mul {i32} %r0, %pitchv
-  %at.in = add {i32} %rw, %c0
-  %at = add {i32} %at.in, %cornerv
-{_lane_indices()}"""
+  %cwf = fadd {f} %c0f, %cornerf
+  %atf = call {f} @llvm.fma.v{LANES}f32({f} %r0f, {f} %pitchf, {f} %cwf)
+  %at = fptosi {f} %atf to {i32}
+  %atp = getelementptr i32, ptr %coords, i64 %u
+  store {i32} %at, ptr %atp, align 4
+"""
     if bilinear:
-        sample += f"""  %frf = fsub {f} %sr, %r0f
+        text += f"""  %frf = fsub {f} %sr, %r0f
   %fcf = fsub {f} %sc, %c0f
-{_widen(t, "%fr", "%frf")}{_widen(t, "%fc", "%fcf")}{_pairs("%top", t, "%scratch")}\
-{_pairs("%bot", t, "%below")}  %dt = fsub {v} %top.r, %top.l
+{_widen(t, "%frw", "%frf")}{_widen(t, "%fcw", "%fcf")}  %frp = getelementptr {t}, ptr %fracs, i64 %u
+  store {v} %frw, ptr %frp, align {_BYTES[t]}
+  %fcp = getelementptr {t}, ptr %fracs.cols, i64 %u
+  store {v} %fcw, ptr %fcp, align {_BYTES[t]}
+"""
+    return text + f"""  %u.next = add i64 %u, {LANES}
+  %u.more = icmp ult i64 %u.next, %size
+  br i1 %u.more, label %where, label %plane
+
+"""
+
+
+def _copy(t: str) -> str:
+    """Blocks `copy` to `copy.row`: the plane's rows into the scratch plane's interior, LANES
+    pixels at a time, the last run of a row a masked load. Its store writes zeros past the row,
+    into the border (zero anyway) and the next row's first pixels, which that row's copy writes
+    after: so every run is one load and one store, with no scalar tail loop."""
+    i32 = _vec("i32")
+    return f"""copy:
+  %r = phi i64 [ 0, %plane ], [ %r.next, %copy.row ]
+  %from.at = mul i64 %r, %w
+  %from = getelementptr {t}, ptr %this.from, i64 %from.at
+  %to.at = mul i64 %r, %pitch
+  %to = getelementptr {t}, ptr %in, i64 %to.at
+  br label %copy.run
+
+copy.run:
+  %k = phi i64 [ 0, %copy ], [ %k.next, %copy.run ]
+  %k32 = trunc i64 %k to i32
+{_splat("%kv", "i32", "%k32")}  %kl = add {i32} %kv, {_STEPS}
+  %kin = icmp slt {i32} %kl, %wv32
+  %fp = getelementptr {t}, ptr %from, i64 %k
+{_masked_load("%pixels", t, "%fp", "%kin")}  %tp = getelementptr {t}, ptr %to, i64 %k
+  store {_vec(t)} %pixels, ptr %tp, align {_BYTES[t]}
+  %k.next = add i64 %k, {LANES}
+  %k.more = icmp ult i64 %k.next, %w
+  br i1 %k.more, label %copy.run, label %copy.row
+
+copy.row:
+  %r.next = add i64 %r, 1
+  %r.more = icmp ult i64 %r.next, %h
+  br i1 %r.more, label %copy, label %run
+
+"""
+
+
+def _sample(t: str, bilinear: bool) -> str:
+    """%sample: the output pixels %j ..< %j + LANES of the plane, from the scratch plane at the
+    coordinates pass's indices (and fractions)."""
+    v = _vec(t)
+    if not bilinear:
+        return _lane_indices() + _singles("%sample", t)
+    return f"""{_lane_indices()}  %frp.j = getelementptr {t}, ptr %fracs, i64 %j
+  %fr = load {v}, ptr %frp.j, align {_BYTES[t]}
+  %fcp.j = getelementptr {t}, ptr %fracs.cols, i64 %j
+  %fc = load {v}, ptr %fcp.j, align {_BYTES[t]}
+{_pairs("%top", t, "%scratch")}{_pairs("%bot", t, "%below")}  %dt = fsub {v} %top.r, %top.l
   %mt = fmul {v} %dt, %fc
   %upper = fadd {v} %top.l, %mt
   %db = fsub {v} %bot.r, %bot.l
@@ -215,21 +273,22 @@ def _resample_ir(t: str, bilinear: bool, noise: bool) -> str:
   %mv = fmul {v} %dv, %fr
   %sample = fadd {v} %upper, %mv
 """
-    else:
-        sample += _singles("%sample", t)
-    if noise:
-        # the last run of a plane reads no normals past the image's window: a masked load
-        add = f"""  %zp = getelementptr float, ptr %this.bank, i64 %j
+
+
+def _noise_added(t: str) -> str:
+    """Blocks to `run.noise`: %value = %sample + std * the normals of pixels %j ..< %j + LANES
+    (the last run of a plane reads no normals past the image's window: a masked load)."""
+    f, i32 = _vec("float"), _vec("i32")
+    return f"""  %zp = getelementptr float, ptr %this.bank, i64 %j
   %j.end = add i64 %j, {LANES}
   %whole = icmp ule i64 %j.end, %size
   br i1 %whole, label %run.normals, label %run.last
 
 run.last:
   %j32 = trunc i64 %j to i32
-{_splat("%jv", "i32", "%j32")}  %lane = add {i32} %jv, <{", ".join(f"i32 {k}" for k in range(LANES))}>
+{_splat("%jv", "i32", "%j32")}  %lane = add {i32} %jv, {_STEPS}
   %live = icmp slt {i32} %lane, %sizev
-  %z.last = call {f} @llvm.masked.load.v{LANES}f32.p0(ptr %zp, i32 4, {b} %live, {f} zeroinitializer)
-  br label %run.noise
+{_masked_load("%z.last", "float", "%zp", "%live")}  br label %run.noise
 
 run.normals:
   %z.whole = load {f}, ptr %zp, align 4
@@ -238,15 +297,43 @@ run.normals:
 run.noise:
   %z = phi {f} [ %z.whole, %run.normals ], [ %z.last, %run.last ]
   %s = fmul {f} %stdv, %z
-{_widen(t, "%sw", "%s")}  %value = fadd {v} %sample, %sw
+{_widen(t, "%sw", "%s")}  %value = fadd {_vec(t)} %sample, %sw
 """
-        value, latch = "%value", "run.noise"
-    else:
-        add, value, latch = "", "%sample", "run"
+
+
+def _prefetch(t: str, noise: bool) -> str:
+    """Ask for channel %ch of image %i + AHEAD (its pixels, and its noise) in the L2 cache, at
+    the position of run %j of this plane: the samples of a batch lie at random in the training
+    set, and a cache line or two per run keep ahead of the copy without crowding out the current
+    plane's loads."""
+    text = f"""  %ahead.p = getelementptr {t}, ptr %next.from, i64 %j
+  call void @llvm.prefetch.p0(ptr %ahead.p, i32 0, i32 2, i32 1)
+"""
+    if noise:
+        text += """  %ahead.z = getelementptr float, ptr %next.bank, i64 %j
+  call void @llvm.prefetch.p0(ptr %ahead.z, i32 0, i32 2, i32 1)
+"""
+    return text
+
+
+def _resample_ir(t: str, bilinear: bool, noise: bool) -> str:
+    """out[i, k] = images[i, k] sampled at maps[i] @ (r, c, 1) for every pixel (r, c), for a batch
+    [n, channels, h, w] of element type `t` (row-major): images[i] is src[index[i]]. `maps` is
+    [n, 2, 3] float32 (the first two rows of each 3 x 3 matrix); `grid` is [2, stride] float32,
+    every pixel's row and column with stride = h * w rounded up to LANES; `scratch` is one plane
+    with a zero border ([h + 3, w + 3] and LANES elements more, zeros: the kernel writes only its
+    interior and zeros); `coords` holds the coordinates pass's stride int32 indices, then (for
+    blending) 2 * stride fractions of type `t`. `dst` holds LANES - 1 elements more than the
+    batch: the last run of a plane writes past it, into the next plane (written after) or that
+    spare room. With `noise`, out += std * normals[offsets[i] + p] (p the pixel's index within
+    image i), as augment.add_noise."""
+    name = (f"graphc_resample_{'bilinear' if bilinear else 'nearest'}"
+            f"{'_noise' if noise else ''}_{t}")
+    value, latch = ("%value", "run.noise") if noise else ("%sample", "run")
     constants = "".join(_splat(name, t, value) for name, t, value in (
-        ("%hv", "float", "%hf"), ("%wv", "float", "%wf"), ("%pitchv", "i32", "%pitch32"),
-        ("%stdv", "float", "%std"), ("%sizev", "i32", "%size32"),
-        ("%cornerv", "i32", "%corner32")))
+        ("%hv", "float", "%hf"), ("%wv", "float", "%wf"), ("%pitchf", "float", "%pitch.f"),
+        ("%cornerf", "float", "%corner.f"), ("%stdv", "float", "%std"),
+        ("%sizev", "i32", "%size32"), ("%wv32", "i32", "%w32")))
     maps = "".join(f"  %m{k}.at = add i64 %m, {k}\n"
                    f"  %m{k}p = getelementptr float, ptr %maps, i64 %m{k}.at\n"
                    f"  %m{k} = load float, ptr %m{k}p\n{_splat(f'%m{k}v', 'float', f'%m{k}')}"
@@ -257,87 +344,65 @@ define void @{name}(ptr noalias nocapture readonly %src, ptr noalias nocapture r
                     ptr noalias nocapture readonly %maps, ptr noalias nocapture readonly %grid,
                     ptr noalias nocapture %scratch, ptr noalias nocapture readonly %normals,
                     ptr noalias nocapture readonly %offsets, float %std,
-                    i64 %n, i64 %channels, i64 %h, i64 %w) #0 {{
+                    i64 %n, i64 %channels, i64 %h, i64 %w, ptr noalias nocapture %coords) #0 {{
 entry:
-  %planes = mul i64 %n, %channels
   %size = mul i64 %h, %w
   %pitch = add i64 %w, 3
   %corner = add i64 %w, 4
-  %pitch32 = trunc i64 %pitch to i32
-  %corner32 = trunc i64 %corner to i32
-  %below = getelementptr {t}, ptr %scratch, i64 %pitch        ; the row below's first element
+  %w32 = trunc i64 %w to i32
   %size32 = trunc i64 %size to i32
+  %below = getelementptr {t}, ptr %scratch, i64 %pitch        ; the row below's first element
   %in = getelementptr {t}, ptr %scratch, i64 %corner        ; pixel (0, 0) of the scratch plane
   %hf = uitofp i64 %h to float
   %wf = uitofp i64 %w to float
+  %pitch.f = uitofp i64 %pitch to float
+  %corner.f = uitofp i64 %corner to float
   %rounded = add i64 %size, {LANES - 1}
   %stride = and i64 %rounded, {-LANES}
   %grid.cols = getelementptr float, ptr %grid, i64 %stride
-{constants}  %empty = icmp eq i64 %planes, 0
+  %fracs = getelementptr i32, ptr %coords, i64 %stride
+  %fracs.cols = getelementptr {t}, ptr %fracs, i64 %stride
+  %last = add i64 %n, -1
+{constants}  %empty = icmp eq i64 %n, 0
   %none = icmp eq i64 %size, 0
-  %skip = or i1 %empty, %none
-  br i1 %skip, label %done, label %plane
+  %no.channels = icmp eq i64 %channels, 0
+  %nothing = or i1 %empty, %none
+  %skip = or i1 %nothing, %no.channels
+  br i1 %skip, label %done, label %image
 
-plane:                                        ; one channel of one image
-  %q = phi i64 [ 0, %entry ], [ %q.next, %plane.end ]
-{_plane(t, "this", "%q", noise)}  %m = mul i64 %this.image, 6
-{maps}  %base = mul i64 %q, %size
+image:                                        ; image %i: its map, once for all its channels
+  %i = phi i64 [ 0, %entry ], [ %i.next, %image.end ]
+  %m = mul i64 %i, 6
+{maps}  br label %where
+
+{_coordinates(t, bilinear)}plane:                                        ; channel %ch of image %i
+  %ch = phi i64 [ 0, %where ], [ %ch.next, %run.end ]
+  %image.first = mul i64 %i, %channels
+  %q = add i64 %image.first, %ch
+{_plane(t, "this", "%i", "%ch", noise)}  %base = mul i64 %q, %size
   %out = getelementptr {t}, ptr %dst, i64 %base
-  br label %ahead
+  %ch.next = add i64 %ch, 1
+  %same = icmp ult i64 %ch.next, %channels
+  %i.next = add i64 %i, 1
+  %i.ahead = add i64 %i, {AHEAD}
+  %next.i = call i64 @llvm.umin.i64(i64 %i.ahead, i64 %last)
+{_plane(t, "next", "%next.i", "%ch", noise)}  br label %copy
 
-{_prefetch(t, noise)}  br label %copy
-
-copy:                                         ; row %r into the scratch plane's interior
-  %r = phi i64 [ 0, %ahead.done ], [ %r.next, %copy.row ]
-  %from.at = mul i64 %r, %w
-  %from = getelementptr {t}, ptr %this.from, i64 %from.at
-  %to.at = mul i64 %r, %pitch
-  %to = getelementptr {t}, ptr %in, i64 %to.at
-  br label %copy.pixel
-
-copy.pixel:                                   ; (a loop the vectorizer takes)
-  %k = phi i64 [ 0, %copy ], [ %k.next, %copy.pixel ]
-  %fp = getelementptr {t}, ptr %from, i64 %k
-  %tp = getelementptr {t}, ptr %to, i64 %k
-  %pixel = load {t}, ptr %fp
-  store {t} %pixel, ptr %tp
-  %k.next = add i64 %k, 1
-  %k.more = icmp ult i64 %k.next, %w
-  br i1 %k.more, label %copy.pixel, label %copy.row
-
-copy.row:
-  %r.next = add i64 %r, 1
-  %r.more = icmp ult i64 %r.next, %h
-  br i1 %r.more, label %copy, label %run
-
-run:                                          ; output pixels %j ..< %j + LANES of the plane
+{_copy(t)}run:                                          ; output pixels %j ..< %j + LANES of the plane
   %j = phi i64 [ 0, %copy.row ], [ %j.next, %{latch} ]
-  %grp = getelementptr float, ptr %grid, i64 %j
-  %gr = load {f}, ptr %grp, align 4
-  %gcp = getelementptr float, ptr %grid.cols, i64 %j
-  %gc = load {f}, ptr %gcp, align 4
-  %sr.a = fmul {f} %m0v, %gr
-  %sr.b = fadd {f} %sr.a, %m2v
-  %sr.c = fmul {f} %m1v, %gc
-  %sr.raw = fadd {f} %sr.b, %sr.c
-  %sc.a = fmul {f} %m3v, %gr
-  %sc.b = fadd {f} %sc.a, %m5v
-  %sc.c = fmul {f} %m4v, %gc
-  %sc.raw = fadd {f} %sc.b, %sc.c
-  %sr.lo = call {f} @llvm.maxnum.v{LANES}f32({f} %sr.raw, {f} {_constant("float", "-1.0")})
-  %sr = call {f} @llvm.minnum.v{LANES}f32({f} %sr.lo, {f} %hv)
-  %sc.lo = call {f} @llvm.maxnum.v{LANES}f32({f} %sc.raw, {f} {_constant("float", "-1.0")})
-  %sc = call {f} @llvm.minnum.v{LANES}f32({f} %sc.lo, {f} %wv)
-{sample}{add}  %op = getelementptr {t}, ptr %out, i64 %j
-  store {v} {value}, ptr %op, align {_BYTES[t]}
+{_prefetch(t, noise)}{_sample(t, bilinear)}{_noise_added(t) if noise else ""}\
+  %op = getelementptr {t}, ptr %out, i64 %j
+  store {_vec(t)} {value}, ptr %op, align {_BYTES[t]}
   %j.next = add i64 %j, {LANES}
   %j.more = icmp ult i64 %j.next, %size
-  br i1 %j.more, label %run, label %plane.end
+  br i1 %j.more, label %run, label %run.end
 
-plane.end:
-  %q.next = add i64 %q, 1
-  %q.more = icmp ult i64 %q.next, %planes
-  br i1 %q.more, label %plane, label %done
+run.end:
+  br i1 %same, label %plane, label %image.end
+
+image.end:
+  %i.more = icmp ult i64 %i.next, %n
+  br i1 %i.more, label %image, label %done
 
 done:
   ret void
@@ -402,11 +467,12 @@ declare {_vec("float")} @llvm.rint.v{LANES}f32({_vec("float")})
 declare {_vec("float")} @llvm.maxnum.v{LANES}f32({_vec("float")}, {_vec("float")})
 declare {_vec("float")} @llvm.minnum.v{LANES}f32({_vec("float")}, {_vec("float")})
 declare {_vec("float")} @llvm.masked.load.v{LANES}f32.p0(ptr, i32, {_vec("i1")}, {_vec("float")})
-
+declare {_vec("double")} @llvm.masked.load.v{LANES}f64.p0(ptr, i32, {_vec("i1")}, {_vec("double")})
+declare i64 @llvm.umin.i64(i64, i64)
+declare {_vec("float")} @llvm.fma.v{LANES}f32({_vec("float")}, {_vec("float")}, {_vec("float")})
 declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 
-; "no-builtins": the row copies stay vectorized loops, not a call to memcpy per row
-attributes #0 = {{ nounwind "no-builtins" }}
+attributes #0 = {{ nounwind }}
 """
 
 
@@ -445,18 +511,34 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, int]:
     return grid, grid.ctypes.data
 
 
-_SCRATCH = threading.local()
+_THREAD = threading.local()
 
 
-def _scratch(height: int, width: int, dtype: np.dtype) -> int:
-    """The address of this thread's scratch plane for images of height x width: zeros, of which
-    the kernels write only the interior, so that the border stays zero from call to call."""
-    planes = _SCRATCH.__dict__.setdefault("planes", {})
+def _scratch(height: int, width: int, dtype: np.dtype) -> tuple[int, int]:
+    """The addresses of this thread's buffers for images of height x width: the scratch plane,
+    zeros, of which the kernels write only the interior (and zeros), so that the border stays
+    zero from call to call; and the coordinates pass's indices and fractions."""
+    buffers = _THREAD.__dict__.setdefault("buffers", {})
     key = (height, width, dtype)
-    if key not in planes:
+    if key not in buffers:
+        stride = -(-height * width // LANES) * LANES
         plane = np.zeros((height + 3) * (width + 3), dtype)
-        planes[key] = (plane, plane.ctypes.data)
-    return planes[key][1]
+        coords = np.zeros(stride * (4 + 2 * dtype.itemsize), np.uint8)
+        buffers[key] = (plane, coords), (plane.ctypes.data, coords.ctypes.data)
+    return buffers[key][1]
+
+
+def _plan(kind: str, height: int, width: int, dtype: np.dtype) -> tuple:
+    """(the resampling function `kind`, the addresses of the pixel grid and of this thread's
+    scratch plane and coordinates buffer) for images of height x width of `dtype`: one lookup
+    per call (in the train loop, right after the compiled step, every Python and numpy
+    operation runs with cold caches and costs several microseconds)."""
+    plans = _THREAD.__dict__.setdefault("plans", {})
+    key = (kind, height, width, dtype)
+    if key not in plans:
+        fn = _function(f"graphc_resample_{kind}_{_TYPES[dtype]}", _RESAMPLE)
+        plans[key] = (fn, _grid(height, width)[1], *_scratch(height, width, dtype))
+    return plans[key]
 
 
 def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | None = None,
@@ -465,30 +547,28 @@ def resample(images: np.ndarray, maps: np.ndarray, exact: bool, noise: tuple | N
     [n, 2, 3]; with `noise` = (normals, offsets, std), augment.add_noise of the result, in the
     same pass; with `index`, of images[index] (read where they lie: no gathered copy)."""
     _, channels, height, width = images.shape
-    assert (height + 3) * (width + 3) < 2**31, "pixels of a plane are indexed with 32-bit integers"
+    assert (height + 3) * (width + 3) < PIXELS, "a plane's pixels are indexed by float32 integers"
     if not images.flags.c_contiguous:
         images, index = np.ascontiguousarray(images if index is None else images[index]), None
     if index is None:
         index = np.arange(len(images), dtype=np.int64)
     index = np.ascontiguousarray(index, dtype=np.int64)
-    assert not len(index) or 0 <= index.min() <= index.max() < len(images)
+    # (as unsigned, negative indices are huge: one reduction checks both bounds)
+    assert not len(index) or index.view(np.uint64).max() < len(images)
     n = len(index)
     shape, size = (n, channels, height, width), channels * height * width
     rows = np.ascontiguousarray(maps[:, :2], dtype=np.float32)
     assert rows.shape == (n, 2, 3)
     # LANES - 1 spare elements: the last run of pixels writes past the last plane
     out = np.empty(n * size + LANES - 1, images.dtype)
-    kind, t = "nearest" if exact else "bilinear", _TYPES[images.dtype]
-    bank = offsets = None
+    kind, normals, offsets, std = "nearest" if exact else "bilinear", None, None, 0.0
     if noise is not None:
         normals, offsets, std = noise
-        offsets = _checked_offsets(offsets, normals, n, size)
-        bank, offsets = normals.ctypes.data, offsets.ctypes.data
-        kind += "_noise"
-    fn = _function(f"graphc_resample_{kind}_{t}", _RESAMPLE)
-    fn(images.ctypes.data, index.ctypes.data, out.ctypes.data,
-       rows.ctypes.data, _grid(height, width)[1], _scratch(height, width, images.dtype), bank,
-       offsets, 0.0 if noise is None else noise[2], n, channels, height, width)
+        offsets, kind = _checked_offsets(offsets, normals, n, size), kind + "_noise"
+    fn, grid, scratch, coords = _plan(kind, height, width, images.dtype)
+    fn(images.ctypes.data, index.ctypes.data, out.ctypes.data, rows.ctypes.data, grid, scratch,
+       None if noise is None else normals.ctypes.data,
+       None if noise is None else offsets.ctypes.data, std, n, channels, height, width, coords)
     return out[:n * size].reshape(shape)
 
 
@@ -508,6 +588,5 @@ def _checked_offsets(offsets: np.ndarray, normals: np.ndarray, n: int, size: int
     bank (the kernels read through bare addresses)."""
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     assert normals.dtype == np.float32 and normals.flags.c_contiguous
-    assert len(offsets) == n and (not n or (offsets.min() >= 0 and
-                                            offsets.max() <= len(normals) - size))
+    assert len(offsets) == n and (not n or offsets.view(np.uint64).max() <= len(normals) - size)
     return offsets

@@ -323,8 +323,7 @@ class Program:
 
     def _run(self, graph: str, batch: dict, rng: bool = False) -> dict[str, np.ndarray]:
         feeds = self._train_feeds(graph, batch) if rng else self._graph_feeds(graph, batch)
-        executor = self._executors[graph]
-        return self._device_call(executor.run, *feeds) if rng else executor.run(*feeds)
+        return self._device_call(self._executors[graph].run, *feeds)
 
     def _graph_feeds(self, graph: str, batch: dict) -> tuple:
         """What `graph`'s executor runs on: (feeds, parameters, dims, state)."""

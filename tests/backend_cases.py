@@ -11,6 +11,19 @@ import numpy as np
 from graphc.runtime import Program
 
 
+def train_batch(program: Program, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A batch of n for `program`'s training graphs: normal features, labels among its classes."""
+    out = {}
+    for name, ttype in program.train_inputs.items():
+        shape = [n if isinstance(d, str) else d for d in ttype.shape]
+        if ttype.dtype.is_int:
+            classes = program.graphs["forward"].output_map[program.outputs[0]].shape[-1]
+            out[name] = rng.integers(0, classes, shape).astype(ttype.dtype.numpy)
+        else:
+            out[name] = rng.standard_normal(shape).astype(ttype.dtype.numpy)
+    return out
+
+
 def draw(rng: np.random.Generator, kind: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
     if dtype == np.bool_:
         return rng.random(shape) < 0.5

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from backend_cases import OP_CASES
+from backend_cases import OP_CASES, train_batch
 from emulated_device import emulated_env, emulated_pycuda, gpu_problem
 from test_llvm_backend import TRAIN_TOLERANCES, assert_close
 
@@ -58,17 +58,6 @@ def test_every_op_case_matches_numpy(case):
                 assert_close(got[name], want[name], f"{case.name} {dtype} {name} N={n}", case.tol)
 
 
-def _batch(program, n, rng):
-    out = {}
-    for name, ttype in program.train_inputs.items():
-        shape = [n if isinstance(d, str) else d for d in ttype.shape]
-        if ttype.dtype.is_int:
-            classes = program.graphs["forward"].output_map[program.outputs[0]].shape[-1]
-            out[name] = rng.integers(0, classes, shape)
-        else:
-            out[name] = rng.standard_normal(shape).astype(ttype.dtype.numpy)
-    return out
-
 
 def _assert_params_close(fast, ref, where: str, tol=F32) -> None:
     for name in ref.params:           # reading the parameters brings the device's values back
@@ -82,7 +71,7 @@ def test_models_train_like_numpy(path):
     tol = {**F32, "atol": max(1e-5, 0.03 * ref.lr)}
     trains = "train_step" in ref.graphs        # (backprop_example has no train block)
     for step in range(5 if trains else 1):
-        batch = _batch(ref, 16 + step, rng)
+        batch = train_batch(ref, 16 + step, rng)
         (loss, grads), (want, want_grads) = fast.loss_and_grads(**batch), ref.loss_and_grads(**batch)
         assert_close(loss, want, f"{path} loss", F32)
         for name in want_grads:
@@ -91,7 +80,7 @@ def test_models_train_like_numpy(path):
             assert_close(fast.train_step(**batch), ref.train_step(**batch), f"{path} step {step}", tol)
             _assert_params_close(fast, ref, f"{path} step {step}", tol)
     assert fast.step == ref.step == (5 if trains else 0)
-    batch = {k: v for k, v in _batch(ref, 9, rng).items() if k in ref.inputs}
+    batch = {k: v for k, v in train_batch(ref, 9, rng).items() if k in ref.inputs}
     for name, want in ref.forward(**batch).items():
         assert_close(fast.forward(**batch)[name], want, f"{path} forward {name}")
 
@@ -103,7 +92,7 @@ def test_queued_steps_read_their_own_batches_and_losses():
     ref = graphc.compile_file("models/digits_adamw.nn")
     fast = graphc.compile_file("models/digits_adamw.nn", backend="cuda")
     rng = np.random.default_rng(4)
-    batches = [_batch(ref, 8 if k % 2 else 12, rng) for k in range(6)]
+    batches = [train_batch(ref, 8 if k % 2 else 12, rng) for k in range(6)]
     queued = []
     for batch in batches:
         scratch = {k: v.copy() for k, v in batch.items()}
@@ -139,7 +128,7 @@ def test_an_epoch_leaves_the_device_idle_only_at_its_end(device):
 def test_a_label_out_of_range_stops_the_step_before_any_update():
     program = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
     rng = np.random.default_rng(2)
-    batch = _batch(program, 8, rng)
+    batch = train_batch(program, 8, rng)
     before = {k: v.copy() for k, v in program.params.items()}
     batch["y"][3] = 10
     with pytest.raises(GraphcError, match=r"class label 10 is out of range \[0, 10\)"):
@@ -156,7 +145,7 @@ def test_a_failed_queued_step_stops_the_steps_queued_behind_it():
     ref = graphc.compile_file("models/digits_mlp.nn")
     fast = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
     rng = np.random.default_rng(5)
-    good, bad, after = _batch(ref, 8, rng), _batch(ref, 8, rng), _batch(ref, 5, rng)
+    good, bad, after = train_batch(ref, 8, rng), train_batch(ref, 8, rng), train_batch(ref, 5, rng)
     bad["y"][5] = -1
     first = fast.queue_train_step(**good)
     failed = fast.queue_train_step(**bad)
@@ -169,7 +158,7 @@ def test_a_failed_queued_step_stops_the_steps_queued_behind_it():
     with pytest.raises(GraphcError, match=r"class label -1 is out of range"):
         float(behind)                     # it did not run either
     for k in range(3):                    # and the slots it held raise nothing more
-        batch = _batch(ref, 8, rng)
+        batch = train_batch(ref, 8, rng)
         assert_close(fast.train_step(**batch), ref.train_step(**batch), f"step {k} after", F32)
     _assert_params_close(fast, ref, "after the steps after")
     assert fast.step == ref.step == 4
@@ -180,7 +169,7 @@ def test_a_failed_step_found_by_queuing_raises_there():
     ref = graphc.compile_file("models/digits_mlp.nn")
     fast = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
     rng = np.random.default_rng(6)
-    good, bad = _batch(ref, 8, rng), _batch(ref, 8, rng)
+    good, bad = train_batch(ref, 8, rng), train_batch(ref, 8, rng)
     bad["y"][0] = 12
     fast.queue_train_step(**good)
     fast.queue_train_step(**bad)
@@ -197,7 +186,7 @@ def test_a_parameter_assigned_between_queued_steps_is_used_from_the_next_step():
     ref = graphc.compile_file("models/digits_mlp.nn")
     fast = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
     rng = np.random.default_rng(7)
-    batches = [_batch(ref, 8, rng) for _ in range(4)]
+    batches = [train_batch(ref, 8, rng) for _ in range(4)]
     name = next(iter(ref.params))
     value = rng.standard_normal(ref.params[name].shape).astype(np.float32) * 0.1
     for program in (ref, fast):
@@ -215,11 +204,11 @@ def test_checkpoints_move_between_backends(tmp_path):
     gpu = graphc.compile_file("models/digits_mlp.nn", backend="cuda")
     cpu = graphc.compile_file("models/digits_mlp.nn")
     for _ in range(3):
-        gpu.queue_train_step(**_batch(gpu, 16, rng))
+        gpu.queue_train_step(**train_batch(gpu, 16, rng))
     save_checkpoint(tmp_path / "c.npz", gpu, {})
     load_checkpoint(tmp_path / "c.npz", cpu)
     assert cpu.step == 3
-    batch = _batch(cpu, 16, rng)
+    batch = train_batch(cpu, 16, rng)
     assert_close(gpu.evaluate(**batch)["loss"], cpu.evaluate(**batch)["loss"], "after the move")
     # and back: the device takes the loaded arrays (new objects) at its next step
     cpu.train_step(**batch)
@@ -228,7 +217,7 @@ def test_checkpoints_move_between_backends(tmp_path):
     load_checkpoint(tmp_path / "d.npz", gpu)
     assert gpu.step == 4
     _assert_params_close(gpu, cpu, "loaded onto the device")
-    batch = _batch(cpu, 16, rng)
+    batch = train_batch(cpu, 16, rng)
     assert_close(gpu.train_step(**batch), cpu.train_step(**batch), "a step after loading", F32)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from backend_cases import OP_CASES
+from backend_cases import OP_CASES, train_batch
 from cuda_emulator import CXX, Emulated
 from test_llvm_backend import TRAIN_TOLERANCES, assert_close
 
@@ -52,17 +52,6 @@ def _feeds(program, batch: dict, step: int) -> dict:
             RNG_INPUT: np.int64(rng_key(program.seed, step))}
 
 
-def _batch(program, n: int, rng) -> dict:
-    out = {}
-    for name, ttype in program.train_inputs.items():
-        shape = [n if isinstance(d, str) else d for d in ttype.shape]
-        if ttype.dtype.is_int:
-            classes = program.graphs["forward"].output_map[program.outputs[0]].shape[-1]
-            out[name] = rng.integers(0, classes, shape).astype(ttype.dtype.numpy)
-        else:
-            out[name] = rng.standard_normal(shape).astype(ttype.dtype.numpy)
-    return out
-
 
 @pytest.mark.parametrize("path", MODELS)
 def test_models_graphs_and_a_training_step_compute_what_numpy_does(path):
@@ -70,7 +59,7 @@ def test_models_graphs_and_a_training_step_compute_what_numpy_does(path):
     emulated = Emulated.of(program)
     rng = np.random.default_rng(3)
     n = 9
-    batch = _batch(program, n, rng)
+    batch = train_batch(program, n, rng)
     params = program.params._values
     for key in program.graphs:
         feeds = _feeds(program, batch, step=0) if key != "forward" else {

@@ -1,7 +1,8 @@
 """Incremental `graphc build`: an artifact built before from the same source, options and graphc
 is copied from the cache instead of compiled again, without importing the compiler or numpy.
 
-The key hashes the .nn text and its path, the build options (model, seed, backend), the source
+The key hashes the .nn text and its path, every build option that changes what is built or whether
+the build is allowed (`BUILD_OPTIONS`: model, seed, backend, precision, --Werror), the source
 of graphc itself (every .py and .lark file of the installed package, so an edited compiler never
 reuses old artifacts) and, for compiled backends, what their kernel cache is keyed by (the CPU,
 llvmlite's version). An entry is a finished artifact folder plus `entry.json`: the message and
@@ -37,10 +38,20 @@ def _graphc_digest() -> str:
     return h.hexdigest()
 
 
-def build_key(path: str, source: bytes, model: str | None, seed: int | None, backend: str) -> str:
+# The options of `graphc build` that reach the build (build_program, use_precision, the lints): each
+# is part of the key, so a build asked for with other options is never answered by a stale entry.
+# Adding an option to `build` that changes its artifact or its checks means adding it here.
+BUILD_OPTIONS = ("model", "seed", "backend", "precision", "werror")
+
+
+def build_key(path: str, source: bytes, options: dict[str, object]) -> str:
     """The key of a build of `source`, read from `path` (the artifact records the path as given,
-    and source locations name it)."""
-    parts = [_graphc_digest(), path, backend, repr(model), repr(seed)]
+    and source locations name it), with `options`: a value for each of BUILD_OPTIONS."""
+    if sorted(options) != sorted(BUILD_OPTIONS):
+        raise AssertionError(f"internal error: build options {sorted(options)}, "
+                             f"expected {sorted(BUILD_OPTIONS)}")
+    backend = options["backend"]
+    parts = [_graphc_digest(), path] + [f"{name}={options[name]!r}" for name in BUILD_OPTIONS]
     if backend == "llvm":
         import llvmlite  # the package's version only: no LLVM is loaded
         parts += [cpu_key(), llvmlite.__version__]

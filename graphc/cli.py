@@ -241,18 +241,19 @@ def cmd_build(args) -> int:
     if args.batch is not None and args.batch < 1:
         raise _usage("--batch must be at least 1")
     # An artifact built before from the same source, options and graphc is copied from the build
-    # cache, before the compiler (or numpy) is even imported. Switches that inspect or check the
+    # cache, before the compiler (or numpy) is even imported. Every option that changes the build
+    # or its checks is in the key (build_cache.BUILD_OPTIONS); switches that inspect the
     # compilation always compile.
     key = None
-    if args.out and not (args.stats or args.emit_source or args.dump_after or args.verify
-                         or args.werror):
+    if args.out and not (args.stats or args.emit_source or args.dump_after or args.verify):
         from graphc import build_cache
         try:
             source = Path(args.file).read_bytes()
         except OSError:
             source = None                     # the compiler reports it, with its usual message
         if source is not None:
-            key = build_cache.build_key(args.file, source, args.model, args.seed, args.backend)
+            options = {name: getattr(args, name) for name in build_cache.BUILD_OPTIONS}
+            key = build_cache.build_key(args.file, source, options)
             out = _writable_dir(args.out)
             restored = build_cache.restore(key, out)
             if restored is not None:

@@ -1,6 +1,14 @@
-"""Shared test helpers: the repository root, the bundled models, and running one op on arrays."""
+"""Shared test helpers: the repository root, the bundled models, and running one op on arrays.
+
+The session gets its own empty cache folder ($GRAPHC_CACHE_DIR, inherited by the subprocesses
+tests start), so no result depends on what this machine built before; a test that needs a warm
+cache warms it itself.
+"""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +22,20 @@ from graphc.runtime.numpy_backend import NumpyExecutor
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = sorted((REPO / "models").glob("*.nn"))
+
+
+def pytest_configure(config):
+    config._graphc_cache = tempfile.mkdtemp(prefix="graphc-test-cache-")
+    config._graphc_user_cache = os.environ.get("GRAPHC_CACHE_DIR")
+    os.environ["GRAPHC_CACHE_DIR"] = config._graphc_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config._graphc_cache, ignore_errors=True)
+    if config._graphc_user_cache is None:
+        os.environ.pop("GRAPHC_CACHE_DIR", None)
+    else:
+        os.environ["GRAPHC_CACHE_DIR"] = config._graphc_user_cache
 
 
 @pytest.fixture

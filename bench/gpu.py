@@ -42,7 +42,7 @@ class Unavailable(Exception):
 def _gpu() -> str:
     """The device's name, or Unavailable saying why there is none."""
     try:
-        from graphc.runtime.cuda.executor import CudaUnavailable, _driver
+        from graphc.backends.cuda.executor import CudaUnavailable, _driver
         _, device, _ = _driver()
     except CudaUnavailable as exc:
         raise Unavailable(str(exc).splitlines()[0].removeprefix("error: ")) from None
@@ -122,9 +122,9 @@ def graphc_gemm(n: int, repeats: int, precision: str) -> float:
     """Milliseconds of graphc's GEMM kernel alone (its launch replayed on device buffers, timed
     with CUDA events: no host transfers)."""
     import graphc
-    from graphc.kernels.ir import sval
-    from graphc.runtime.cuda import codegen
-    from graphc.runtime.cuda.executor import _current, _grid
+    from graphc.backends.cuda import codegen
+    from graphc.backends.cuda.executor import _current, _grid
+    from graphc.backends.kernels.ir import sval
     program = graphc.compile_source(GEMM_SOURCE.format(n=n), backend="cuda")
     program.use_precision(precision)
     ex = program._executors["forward"]

@@ -21,7 +21,7 @@ import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
-from graphc.cache import cache_dir, cpu_key
+from graphc.cache import cache_dir
 
 ARTIFACT_FILES = ("graph.json", "params.npz", "manifest.json")   # the manifest is written last
 ENTRY = "entry.json"
@@ -54,6 +54,8 @@ def build_key(path: str, source: bytes, options: dict[str, object]) -> str:
     parts = [_graphc_digest(), path] + [f"{name}={options[name]!r}" for name in BUILD_OPTIONS]
     if backend == "llvm":
         import llvmlite  # the package's version only: no LLVM is loaded
+
+        from graphc.backends.host import cpu_key
         parts += [cpu_key(), llvmlite.__version__]
     h = hashlib.sha256("\0".join(parts).encode() + b"\0")
     h.update(source)

@@ -274,8 +274,8 @@ def cmd_build(args) -> int:
     program = build_program(checked, args.model, args.backend, args.seed, options)
     program.use_precision(args.precision)
     if FUSE_STAGE in args.dump_after:
-        from graphc.kernels import plan_kernels
-        from graphc.kernels.printer import format_plan
+        from graphc.backends.kernels import plan_kernels
+        from graphc.backends.kernels.printer import format_plan
         for graph_key, graph in program.graphs.items():
             print(f"; kernel plan of {graph_key}\n{format_plan(plan_kernels(graph))}")
     # Native code for every graph now, into the cache that later runs load it from.
@@ -305,8 +305,8 @@ FUSE_STAGE = "fuse"
 def _emit_source(program, folder: Path) -> None:
     """The generated code: LLVM IR (llvm) or CUDA C (cuda) of the whole program, one module for
     all its graphs; the kernel plan of each graph on the numpy backend."""
-    from graphc.kernels import plan_kernels
-    from graphc.kernels.printer import format_plan
+    from graphc.backends.kernels import plan_kernels
+    from graphc.backends.kernels.printer import format_plan
     folder = _writable_dir(str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     executors = program._executors
@@ -322,8 +322,8 @@ def _emit_source(program, folder: Path) -> None:
 
 
 def _print_stats(program, batch: int | None) -> None:
-    from graphc.kernels import plan_kernels
-    from graphc.kernels.memory import plan_stats
+    from graphc.backends.kernels import plan_kernels
+    from graphc.backends.kernels.memory import plan_stats
     train = program.meta.get("train") or {}
     n = batch or int(train.get("batch") or 64)
     rows = [("program", "kernels", "MFLOP", "MB moved", "peak MB", "temps MB", "unplanned MB", "nodes")]
@@ -387,7 +387,7 @@ def _graph_drawing(graph, kernels: bool, sources: dict[str, list[str]]) -> str:
     from graphc.draw import graph_dot
     plan = None
     if kernels:
-        from graphc.kernels import plan_kernels
+        from graphc.backends.kernels import plan_kernels
         plan = plan_kernels(graph)
     return graph_dot(graph, plan, sources)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from graphc.autodiff import backward_graph
+from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.compiler import CheckedFile, lower
 from graphc.initializers import initialize
 from graphc.ir import OPS
@@ -26,7 +27,6 @@ from graphc.ir import ops as op_table
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
 from graphc.passes.rewrite import rewrite, train_mode
-from graphc.runtime.numpy_backend import NumpyExecutor
 from graphc.runtime.program import RNG_INPUT, rng_key
 
 STEP = float(np.finfo(np.float64).eps) ** (1 / 3)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphc.errors import error
-from graphc.runtime.artifact import read_jsonl
+from graphc.files import read_jsonl
 
 REPORT_DIR = "report"
 RESULTS, SEARCH = "results.jsonl", "search.json"

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 from graphc.errors import error
+from graphc.files import atomic_write, read_jsonl
 from graphc.frontend.search_spec import SearchConfig
-from graphc.runtime.artifact import atomic_write, read_jsonl
 
 FORMAT, VERSION = "graphc-search", 1
 SEARCH, RESULTS, TABLE, BEST = "search.json", "results.jsonl", "results.csv", "best.nn"

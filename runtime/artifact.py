@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import numpy as np
 import graphc
 from graphc.backends import backend_for
 from graphc.errors import GraphcError, error
+from graphc.files import atomic_write
 from graphc.ir.serialize import FORMAT as GRAPH_FORMAT
 from graphc.ir.serialize import VERSION as GRAPH_VERSION
 from graphc.ir.serialize import graph_from_json, graph_to_json, type_from_json, type_to_json
@@ -24,43 +23,6 @@ from graphc.ir.serialize import graph_from_json, graph_to_json, type_from_json, 
 FORMAT = "graphc-artifact"
 VERSION = 1
 GRAPH_FILE, PARAMS_FILE, MANIFEST_FILE = "graph.json", "params.npz", "manifest.json"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a saved file should not be private
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The objects of a JSON-lines file (metrics, norms, search results), none when it is
-    missing; a line cut short by a crash, or one that is not an object, is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sha256(data: bytes) -> str:

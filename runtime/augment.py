@@ -4,7 +4,7 @@ What happens to a sample depends only on (seed, epoch, its position in the epoch
 resumed run augments exactly as before, whatever the batch size.
 
 The pixel work (resampling, noise) has two implementations with the same arithmetic: numpy here,
-the reference, and native kernels (runtime/llvm/image_kernels.py), more than ten times faster
+the reference, and native kernels (graphc/backends/llvm/image_kernels.py), more than ten times faster
 and free of the GIL, which the Augmenter uses where llvmlite loads."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.runtime.cores import usable_cores
+from graphc.backends.host import usable_cores
 
 # Mixed into every augmentation seed so its streams never coincide with the minibatch order's
 # (numpy's default_rng([seed, epoch])).
@@ -287,7 +287,7 @@ NUMPY = Kernels(resample, add_noise)
 def native_kernels() -> Kernels | None:
     """The native kernels, or None where llvmlite does not load (then numpy does the work)."""
     try:
-        from graphc.runtime.llvm import image_kernels
+        from graphc.backends.llvm import image_kernels
     except ImportError:
         return None
     return Kernels(image_kernels.resample, image_kernels.add_noise, image_kernels.DTYPES,

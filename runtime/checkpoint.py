@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import error
-from graphc.runtime.artifact import atomic_write
+from graphc.files import atomic_write
 
 FORMAT, VERSION = "graphc-checkpoint", 1
 

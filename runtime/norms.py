@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphc.runtime.artifact import read_jsonl
+from graphc.files import read_jsonl
 
 NORMS = "norms.jsonl"
 EVERY = 20                      # steps between records: a forward and backward pass each

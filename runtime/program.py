@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphc.backends import BACKEND_NAMES, PRECISIONS
+from graphc.backends.numpy.executor import BACKENDS
 from graphc.errors import GraphcError, did_you_mean, error
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
-from graphc.runtime.numpy_backend import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ STEP_STATE, LR_INPUT, RNG_INPUT = "#step", "#lr", "#rng"
 def executor_class(backend: str):
     """The executor of a backend; compiled backends import their toolchains only here."""
     if backend == "llvm":
-        from graphc.runtime.llvm.executor import LLVMExecutor
+        from graphc.backends.llvm.executor import LLVMExecutor
         return LLVMExecutor
     if backend == "cuda":
-        from graphc.runtime.cuda.executor import CUDAExecutor
+        from graphc.backends.cuda.executor import CUDAExecutor
         return CUDAExecutor
     return BACKENDS[backend]
 

@@ -20,7 +20,8 @@ import json
 from pathlib import Path
 
 from graphc.errors import error
-from graphc.runtime.artifact import atomic_write, load_artifact, save_artifact
+from graphc.files import atomic_write
+from graphc.runtime.artifact import load_artifact, save_artifact
 from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 CONFIG, SCORES, MODEL, TRAINED = "config.json", "scores.json", "model", "trained"

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType
 from graphc.passes import PipelineOptions, run_pipeline
-from graphc.runtime.numpy_backend import NumpyExecutor
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = sorted((REPO / "models").glob("*.nn"))

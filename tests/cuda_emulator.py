@@ -2,7 +2,7 @@
 GPU. The .cu file is compiled as C++20 with a small header that stands in for CUDA: a block's
 threads are real threads, `__syncthreads` a barrier over them, `__shfl_down_sync` an exchange
 through a per-warp buffer between two barriers, `__shared__` a static (blocks run one after
-another). Launches are replayed like runtime/cuda/executor.py does, on host memory.
+another). Launches are replayed like graphc/backends/cuda/executor.py does, on host memory.
 
 What it cannot show: timing, occupancy, races that a GPU's scheduling would expose, and the GPU's
 own float rounding (FMA contraction differs). Those need a GPU (tests/test_cuda_backend.py).
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from graphc.kernels import plan_kernels
-from graphc.kernels.ir import sval
-from graphc.kernels.memory import ALIGN, plan_arena
-from graphc.runtime.cuda import codegen
+from graphc.backends.cuda import codegen
+from graphc.backends.kernels import plan_kernels
+from graphc.backends.kernels.ir import sval
+from graphc.backends.kernels.memory import ALIGN, plan_arena
 
 CXX = shutil.which("g++")
 

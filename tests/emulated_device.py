@@ -16,7 +16,7 @@ def gpu_problem() -> str | None:
         import pycuda.driver  # noqa: F401
     except ImportError as exc:
         return f"no pycuda ({exc})"
-    from graphc.runtime.cuda.executor import CudaUnavailable, _driver
+    from graphc.backends.cuda.executor import CudaUnavailable, _driver
     try:
         _driver()
     except CudaUnavailable as exc:
@@ -26,7 +26,7 @@ def gpu_problem() -> str | None:
 
 def _forget_pycuda() -> dict:
     gone = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "pycuda"}
-    from graphc.runtime.cuda import executor
+    from graphc.backends.cuda import executor
     executor._driver.cache_clear()
     return gone
 

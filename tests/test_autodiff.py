@@ -7,11 +7,11 @@ import pytest
 from conftest import MODELS, REPO
 
 from graphc.autodiff import backward_graph
+from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.compiler import check_source, lower, model_graph
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType
-from graphc.runtime.numpy_backend import NumpyExecutor
 
 rng = np.random.default_rng(3)
 

@@ -17,8 +17,8 @@ from emulated_device import emulated_env, emulated_pycuda, gpu_problem
 from test_llvm_backend import TRAIN_TOLERANCES, assert_close
 
 import graphc
+from graphc.backends.cuda.executor import SLOTS
 from graphc.errors import GraphcError
-from graphc.runtime.cuda.executor import SLOTS
 from graphc.runtime.train import Trainer, TrainSettings, prepare_data
 
 GPU_PROBLEM = gpu_problem()

@@ -14,12 +14,12 @@ import pytest
 from backend_cases import OP_CASES
 
 import graphc
+from graphc.backends.cuda import codegen
+from graphc.backends.kernels import plan_kernels
+from graphc.backends.kernels.memory import plan_arena
 from graphc.cli import main
 from graphc.ir.primitives import hash32
 from graphc.ir.types import DType
-from graphc.kernels import plan_kernels
-from graphc.kernels.memory import plan_arena
-from graphc.runtime.cuda import codegen
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = sorted((REPO / "models").glob("*.nn"))
@@ -152,7 +152,7 @@ def test_gemm_epilogues_fuse_bias_activation_and_the_relu_mask():
 def test_launch_order_keeps_the_arena_safe():
     """A launch's buffers are all alive at its position of the launch order, so the arena never
     places two of them in the same memory."""
-    from graphc.kernels.memory import lifetimes
+    from graphc.backends.kernels.memory import lifetimes
     program = graphc.compile_file("bench/models/mnist_mlp.nn")
     plan = plan_kernels(program.graphs["train_step"])
     launched = codegen.launched(plan)
@@ -220,7 +220,7 @@ def test_special_floats_have_bit_exact_spellings():
 
 
 def test_dropout_masks_use_the_same_hash_as_the_other_backends():
-    from graphc.kernels.ir import Op, walk
+    from graphc.backends.kernels.ir import Op, walk
     program = graphc.compile_file("models/digits_mlp.nn")            # dropout(0.2)
     plans = _plans(program)
     streams = {e.attr["stream"] for plan in plans.values() for k in plan.kernels

@@ -11,7 +11,7 @@ from cuda_emulator import CXX, Emulated
 from test_llvm_backend import TRAIN_TOLERANCES, assert_close
 
 import graphc
-from graphc.kernels import plan_kernels
+from graphc.backends.kernels import plan_kernels
 from graphc.runtime.program import LR_INPUT, RNG_INPUT, rng_key
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="the CUDA emulator compiles with g++")

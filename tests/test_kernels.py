@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import graphc
+from graphc.backends.kernels import plan_kernels
+from graphc.backends.kernels.ir import coalesce, sval
+from graphc.backends.kernels.memory import lifetimes, plan_arena, plan_stats
 from graphc.cli import main
-from graphc.kernels import plan_kernels
-from graphc.kernels.ir import coalesce, sval
-from graphc.kernels.memory import lifetimes, plan_arena, plan_stats
 
 MODELS = sorted(Path("models").glob("*.nn"))
 
@@ -85,7 +85,7 @@ def test_arena_never_overlaps_live_buffers(path):
 
 
 def test_object_code_is_cached_on_disk(tmp_path, monkeypatch):
-    from graphc.runtime.llvm import jit
+    from graphc.backends.llvm import jit
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     program = graphc.compile_file("models/backprop_example.nn", backend="llvm")
     program.compile()
@@ -103,7 +103,7 @@ def test_object_code_is_cached_on_disk(tmp_path, monkeypatch):
 
 def test_generated_code_targets_the_host_cpu():
     llvm = pytest.importorskip("llvmlite.binding")
-    from graphc.runtime.llvm import jit
+    from graphc.backends.llvm import jit
     tm = jit.target_machine()
     assert llvm.get_host_cpu_name() in jit.cpu_description()
     features = llvm.get_host_cpu_features().flatten()
@@ -207,7 +207,7 @@ def test_object_cache_key_is_the_same_in_every_process():
 
 
 def test_build_command_caches_code_without_loading_it(tmp_path, monkeypatch):
-    from graphc.runtime.llvm import jit
+    from graphc.backends.llvm import jit
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["build", "models/backprop_example.nn", "--backend", "llvm", "-o", str(tmp_path / "a")]) == 0
     assert len(list((tmp_path / "cache" / "llvm").glob("*.objs"))) == 1

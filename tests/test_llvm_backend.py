@@ -745,7 +745,7 @@ def test_module_compiled_in_parallel_parts_runs_like_one(tmp_path, monkeypatch):
     """A module split into parts compiled in threads (kernels called across parts) computes what
     the module in one part does, bit for bit; its parts are cached in one file that a second
     program reads without compiling."""
-    from graphc.runtime.llvm import executor, jit
+    from graphc.backends.llvm import executor, jit
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "one"))
     ref = graphc.compile_file(REPO / "models/digits_adamw.nn")
     batch = model_feeds(ref, 9, np.random.default_rng(4))
@@ -777,7 +777,7 @@ def test_module_compiled_in_parallel_parts_runs_like_one(tmp_path, monkeypatch):
 def test_a_damaged_cache_file_is_compiled_again(tmp_path, monkeypatch):
     import ctypes
 
-    from graphc.runtime.llvm import jit
+    from graphc.backends.llvm import jit
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     ir = "define i32 @seven() {\nentry:\n  ret i32 7\n}\n"
     first = jit.object_code("seven", lambda: ir)
@@ -795,7 +795,7 @@ def test_compiling_goes_around_llvmlites_lock():
     functions the way jit._unlocked expects."""
     import ctypes
 
-    from graphc.runtime.llvm import jit
+    from graphc.backends.llvm import jit
     ffi = jit._llvm().ffi
     for name in ("LLVMPY_RunNewModulePassManager", "LLVMPY_TargetMachineEmitToMemory"):
         wrapped = getattr(ffi.lib, name)

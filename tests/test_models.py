@@ -9,9 +9,9 @@ import pytest
 from conftest import MODELS, REPO
 
 import graphc
+from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.compiler import check_source, lower, model_graph
 from graphc.passes import PipelineOptions
-from graphc.runtime.numpy_backend import NumpyExecutor
 
 rng = np.random.default_rng(1)
 TOL = dict(rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The numpy backend's fast calls (runtime/numpy_calls.py): the numpy functions it calls directly
+"""The numpy backend's fast calls (graphc/backends/numpy/calls.py): the numpy functions it calls directly
 for the hot ops of a step, and the faster equal computations (relu's gradient select, one_hot),
 give the op table's references' results bit for bit, alone and over whole training steps; and
 the train step's per-call shortcuts (runtime/program.py) follow a changed learning rate."""
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 import graphc
+from graphc.backends.numpy.calls import UFUNCS, fast_call
+from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.errors import GraphcError
 from graphc.ir import OPS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType
 from graphc.runtime import numpy_backend, numpy_updates
-from graphc.runtime.numpy_backend import NumpyExecutor
-from graphc.runtime.numpy_calls import UFUNCS, fast_call
 
 rng = np.random.default_rng(3)
 SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1.5, 2.0], np.float32)

@@ -1,4 +1,4 @@
-"""The numpy backend's grouped, in-place optimizer updates (runtime/numpy_updates.py): which
+"""The numpy backend's grouped, in-place optimizer updates (graphc/backends/numpy/updates.py): which
 parameters share a program, that running it over flat buffers changes no number, and how the
 parameters are adopted into the group's storage."""
 from __future__ import annotations

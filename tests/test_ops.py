@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import op_graph, run_op
 
+from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.ir import OPS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph
@@ -15,7 +16,6 @@ from graphc.ir.ops import Operand, TypeError_
 from graphc.ir.shapes import broadcast, matmul_shape, reshape_shape
 from graphc.ir.types import DType, TensorType
 from graphc.passes import PipelineOptions, run_pipeline
-from graphc.runtime.numpy_backend import NumpyExecutor
 
 rng = np.random.default_rng(0)
 
@@ -36,7 +36,7 @@ def test_every_op_is_complete():
 
 
 def test_numpy_backend_runs_every_primitive():
-    from graphc.runtime.numpy_backend import BACKENDS
+    from graphc.backends.numpy.executor import BACKENDS
     assert "numpy" in BACKENDS
     primitives = [n for n, op in OPS.items() if op.kind not in ("source", "composite")]
     assert {"matmul", "relu", "sum", "reshape", "where", "one_hot"} <= set(primitives)

@@ -10,6 +10,7 @@ import pytest
 from conftest import MODELS, REPO
 
 from graphc import passes
+from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.compiler import check_source, program_graphs
 from graphc.errors import SourceLoc
 from graphc.ir import OPS
@@ -17,7 +18,6 @@ from graphc.ir import ops as op_table
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType, bind_shape
 from graphc.passes import PIPELINE, PipelineOptions, run_pipeline
-from graphc.runtime.numpy_backend import NumpyExecutor
 
 rng = np.random.default_rng(7)
 VERIFY = PipelineOptions(verify=True)

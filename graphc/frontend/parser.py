@@ -14,9 +14,9 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from graphc.cache import cache_dir
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
+from graphc.files import atomic_write
 from graphc.frontend import ast
 from graphc.frontend.transform import ToAst
-from graphc.runtime.artifact import atomic_write
 
 # How the parser's terminals read in a message.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",

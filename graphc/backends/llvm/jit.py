@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphc.cache import cache_dir, cpu_key
-from graphc.runtime.artifact import atomic_write
-from graphc.runtime.cores import usable_cores
+from graphc.backends.host import cpu_key, usable_cores
+from graphc.cache import cache_dir
+from graphc.files import atomic_write
 
 log = logging.getLogger("graphc")
 
@@ -82,8 +82,8 @@ def _renderer_digest() -> str:
     an edited renderer never reads object code the old one made."""
     from importlib.util import find_spec  # finds the files without importing the modules
     h = hashlib.sha256()
-    for module in ("graphc.kernels.ir", "graphc.runtime.llvm.codegen",
-                   "graphc.runtime.llvm.lowering", __name__):
+    for module in ("graphc.backends.kernels.ir", "graphc.backends.llvm.codegen",
+                   "graphc.backends.llvm.lowering", __name__):
         h.update(Path(find_spec(module).origin).read_bytes())
     return h.hexdigest()
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from graphc.ir.types import DType
-from graphc.kernels.ir import (
+from graphc.backends.kernels.ir import (
     ONE,
     Const,
     FlatIndex,
@@ -29,7 +28,8 @@ from graphc.kernels.ir import (
     sstr,
     walk,
 )
-from graphc.runtime.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS, SUFFIX, cast, const
+from graphc.backends.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS, SUFFIX, cast, const
+from graphc.ir.types import DType
 
 # Below this many multiply-adds a generated loop beats the call into the BLAS.
 SMALL_GEMM = 32 * 32 * 32

@@ -12,10 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from graphc.ir import OPS
-from graphc.ir.node import Graph, Node
-from graphc.ir.types import symbols
-from graphc.kernels.ir import (
+from graphc.backends.kernels.ir import (
     ZERO,
     Access,
     Buffer,
@@ -36,6 +33,9 @@ from graphc.kernels.ir import (
     smul,
     sprod,
 )
+from graphc.ir import OPS
+from graphc.ir.node import Graph, Node
+from graphc.ir.types import symbols
 
 FUSIBLE = ("elementwise", "random")
 REDUCE = {"sum": "sum", "mean": "mean", "max": "max"}

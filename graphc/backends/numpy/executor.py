@@ -15,12 +15,12 @@ from functools import partial
 
 import numpy as np
 
+from graphc.backends.numpy.calls import fast_call, frozen, scalar_nodes
+from graphc.backends.numpy.updates import UpdateGroup, find_update_groups
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir import OPS
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import bind_shape
-from graphc.runtime.numpy_calls import fast_call, frozen, scalar_nodes
-from graphc.runtime.numpy_updates import UpdateGroup, find_update_groups
 
 # How a step is called: by arity (1, 2, 3; other: `out` holds the operand slots), or, for the
 # common unary and binary ops without attributes, with `out=` a pool buffer or a new array.

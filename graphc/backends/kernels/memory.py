@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graphc.kernels.ir import KernelPlan, Op, expr_ops, sprod, sval
+from graphc.backends.kernels.ir import KernelPlan, Op, expr_ops, sprod, sval
 
 ALIGN = 64
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphc.backends.kernels import plan_kernels
+from graphc.backends.kernels.ir import sval
+from graphc.backends.kernels.memory import ALIGN, plan_arena
+from graphc.backends.llvm import jit
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir.node import Graph
-from graphc.kernels import plan_kernels
-from graphc.kernels.ir import sval
-from graphc.kernels.memory import ALIGN, plan_arena
-from graphc.runtime.llvm import jit
 
 
 class _Code:
@@ -32,7 +32,7 @@ class _Code:
         """The rendered module (codegen's `Module`): its functions, graph_main functions and
         declarations."""
         if self._module is None:
-            from graphc.runtime.llvm.codegen import build_module  # not needed on a cache hit
+            from graphc.backends.llvm.codegen import build_module  # not needed on a cache hit
             plans = {key: ex.plan for key, ex in self.executors.items()}
             self._module = build_module(plans, jit.blas().int_bits)
         return self._module

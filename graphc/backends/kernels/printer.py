@@ -2,7 +2,7 @@
 stores (`graphc build --dump-after fuse`, and `--emit-source` for backends without code)."""
 from __future__ import annotations
 
-from graphc.kernels.ir import Const, FlatIndex, Index, KernelPlan, Load, Op, SizeOf, sstr
+from graphc.backends.kernels.ir import Const, FlatIndex, Index, KernelPlan, Load, Op, SizeOf, sstr
 
 
 def _strides(strides) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from graphc.kernels.ir import ONE
+from graphc.backends.kernels.ir import ONE
 
 BM, BN, BK, THREADS = 64, 64, 16, 256
 PAD = 4                 # keeps shared rows 16-byte aligned and spreads the transposed stores over banks

@@ -28,14 +28,14 @@ import threading
 
 import numpy as np
 
+from graphc.backends.cuda import codegen
+from graphc.backends.kernels import plan_kernels
+from graphc.backends.kernels.ir import sval
+from graphc.backends.kernels.memory import ALIGN, plan_arena
 from graphc.cache import cache_dir
 from graphc.errors import Diagnostic, GraphcError
+from graphc.files import atomic_write
 from graphc.ir.node import Graph
-from graphc.kernels import plan_kernels
-from graphc.kernels.ir import sval
-from graphc.kernels.memory import ALIGN, plan_arena
-from graphc.runtime.artifact import atomic_write
-from graphc.runtime.cuda import codegen
 
 MAX_BLOCKS = 65535 * 4
 SLOTS = 2                 # runs in flight per batch shape

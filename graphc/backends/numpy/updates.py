@@ -27,9 +27,9 @@ from functools import partial
 
 import numpy as np
 
+from graphc.backends.numpy.calls import UFUNCS
 from graphc.ir import OPS
 from graphc.ir.node import Node
-from graphc.runtime.numpy_calls import UFUNCS
 
 NEW = "new "
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graphc.ir.types import DType
-from graphc.kernels.ir import (
+from graphc.backends.kernels.ir import (
     FlatIndex,
     Index,
     Kernel,
@@ -23,6 +22,7 @@ from graphc.kernels.ir import (
     Op,
     walk,
 )
+from graphc.ir.types import DType
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphc.backends import PRECISIONS
-from graphc.ir.primitives import hash32
-from graphc.ir.types import DType
-from graphc.kernels.ir import (
+from graphc.backends.cuda import gemm
+from graphc.backends.cuda.schedule import Group, as_launched, schedule
+from graphc.backends.kernels.ir import (
     ONE,
     Const,
     FlatIndex,
@@ -51,8 +51,8 @@ from graphc.kernels.ir import (
     sprod,
     sstr,
 )
-from graphc.runtime.cuda import gemm
-from graphc.runtime.cuda.schedule import Group, as_launched, schedule
+from graphc.ir.primitives import hash32
+from graphc.ir.types import DType
 
 CODEGEN_VERSION = "2"
 STORE_TYPE = {DType.f16: "__half", DType.f32: "float", DType.f64: "double", DType.i32: "int",

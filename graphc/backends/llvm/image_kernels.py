@@ -44,7 +44,7 @@ import threading
 
 import numpy as np
 
-from graphc.runtime.llvm import jit
+from graphc.backends.llvm import jit
 
 _TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 DTYPES = tuple(_TYPES)            # the image types the kernels take

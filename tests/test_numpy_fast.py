@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import graphc
+from graphc.backends.numpy import executor as numpy_backend
+from graphc.backends.numpy import updates as numpy_updates
 from graphc.backends.numpy.calls import UFUNCS, fast_call
 from graphc.backends.numpy.executor import NumpyExecutor
 from graphc.errors import GraphcError
@@ -15,7 +17,6 @@ from graphc.ir import OPS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType
-from graphc.runtime import numpy_backend, numpy_updates
 
 rng = np.random.default_rng(3)
 SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1.5, 2.0], np.float32)

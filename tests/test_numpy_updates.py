@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import graphc
-from graphc.runtime import numpy_backend
+from graphc.backends.numpy import executor as numpy_backend
 
 MODELS = ["models/digits_mlp.nn", "models/digits_adamw.nn", "models/digits_nesterov.nn",
           "models/digits_rmsprop.nn", "models/digits_adagrad.nn", "models/mnist_mlp.nn"]

@@ -63,7 +63,7 @@ def _pyplot_free_matplotlib() -> None:
         import matplotlib  # noqa: F401  (figures are drawn with Figure, never pyplot: no GUI)
     except ImportError:
         raise error("graphc report draws with matplotlib, which is not installed",
-                    hint="pip install 'graphc[report]'") from None
+                    hint="pip install -e '.[report]' (from graphc's clone)") from None
 
 
 # --- a run -------------------------------------------------------------------------------------
@@ -78,8 +78,9 @@ def _run_report(target: Path, folder: Path) -> Report:
         raise error(f"{target}: the run has no finished epoch to plot yet")
     settings = config.get("settings", {})
     report = Report(folder, f"run {target.name}: {config.get('model', '?')}")
-    report.facts = _run_facts(config, settings, _json_or_none(target / "scores.json"), len(rows))
-    report.figures.append(("curves.png", _plot_curves(rows, folder / "curves.png")))
+    scores = _json_or_none(target / "scores.json")
+    report.facts = _run_facts(config, settings, scores, len(rows))
+    report.figures.append(("curves.png", _plot_curves(rows, folder / "curves.png", scores)))
     norms = read_norms(target / NORMS)
     report.figures.append(("lr.png", _plot_lr(rows, norms, folder / "lr.png")))
     if norms:
@@ -92,9 +93,9 @@ def _run_report(target: Path, folder: Path) -> Report:
     else:
         report.facts.append(("weight and gradient norms",
                              "not recorded (train with --track-norms to record them)"))
-    header = [k for k in ("epoch", "loss", "val_loss", "accuracy", "val_accuracy", "lr", "seconds")
-              if any(k in r for r in rows)]
-    report.table = (header, [[_cell(r.get(k)) for k in header] for r in rows])
+    header = [k for k in ("epoch", "loss", "val_loss", "accuracy", "train_accuracy",
+                          "val_accuracy", "lr", "seconds") if any(k in r for r in rows)]
+    report.table = (header, [[_metric_cell(k, r.get(k)) for k in header] for r in rows])
     return report
 
 
@@ -123,8 +124,14 @@ def _param_roles(target: Path) -> dict[str, str]:
     return {p["name"]: p.get("role") or "other" for p in manifest.get("params", [])}
 
 
-def _plot_curves(rows: list[dict], path: Path) -> str:
+def _plot_curves(rows: list[dict], path: Path, scores: dict | None = None) -> str:
+    """Loss and accuracy per epoch, with a marker at the epoch whose parameters were kept (the
+    lowest validation loss, or the early-stopping rule's best) and where early stopping ended."""
     epochs = [r["epoch"] for r in rows]
+    scores = scores or {}
+    best_epoch = scores.get("best_epoch") or min(
+        rows, key=lambda r: r.get("val_loss", math.inf))["epoch"]
+    stopped = scores.get("epochs") if scores.get("stopped_early") else None
     accuracy = [k for k in ("accuracy", "train_accuracy", "val_accuracy")
                 if any(r.get(k) is not None for r in rows)]
     fig, axes = _figure(1, 2 if accuracy else 1, height=3.8)
@@ -145,11 +152,17 @@ def _plot_curves(rows: list[dict], path: Path) -> str:
         ax.legend()
     for ax in axes:
         ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.axvline(best_epoch, color="C2", linestyle="--", linewidth=1, label="best epoch")
+        if stopped is not None:
+            ax.axvline(stopped, color="C3", linestyle=":", linewidth=1, label="early stop")
+        ax.legend()
     _save(fig, path)
-    best = min(rows, key=lambda r: r.get("val_loss", math.inf))
+    best = next((r for r in rows if r["epoch"] == best_epoch), rows[-1])
     return (f"Training loss (mean over the epoch's batches, dropout on) and validation loss and "
-            f"accuracy after each epoch. Lowest validation loss: {best.get('val_loss', 0):.4f} "
-            f"at epoch {best['epoch']}.")
+            f"accuracy after each epoch. The dashed line marks the best epoch, {best_epoch} "
+            f"(validation loss {best.get('val_loss', 0):.4f}), whose parameters the run kept"
+            + (f"; the dotted one where early stopping ended it, after epoch {stopped}"
+               if stopped is not None else "") + ".")
 
 
 def _plot_lr(rows: list[dict], norms: list[dict], path: Path) -> str:
@@ -253,12 +266,13 @@ def _search_report(target: Path, folder: Path) -> Report:
     shown = [metric] + [m for m in metrics if m != metric and "accuracy" in m and m.startswith("val")]
     for m in shown[:2]:
         name = f"search_{_safe(m)}.png"
-        report.figures.append((name, _plot_search(done, params, m, log_params, folder / name)))
+        report.figures.append((name, _plot_search(done, params, m, metric, log_params,
+                                                  folder / name)))
     ranked = sorted(done, key=lambda t: -t["metrics"][metric] if _higher(metric)
                     else t["metrics"][metric]) if all(metric in t["metrics"] for t in done) else done
     header = ["rank", "trial", *params, *metrics]
     report.table = (header, [[str(i), str(t["id"]), *(_cell(t["params"].get(p)) for p in params),
-                              *(_cell(t["metrics"].get(m)) for m in metrics)]
+                              *(_metric_cell(m, t["metrics"].get(m)) for m in metrics)]
                              for i, t in enumerate(ranked, 1)])
     return report
 
@@ -323,17 +337,23 @@ def _describe_dim(spec: dict) -> str:
         if _number(spec.get("low")) and _number(spec.get("high")) else str(spec.get("kind"))
 
 
-def _plot_search(trials: list[dict], params: list[str], metric: str, log_params: set[str],
-                 path: Path) -> str:
+def _plot_search(trials: list[dict], params: list[str], metric: str, ranked_by: str,
+                 log_params: set[str], path: Path) -> str:
+    """`metric` of each trial against each searched value; the star is the search's best trial,
+    by `ranked_by` (the search's metric, as best.nn and the table pick it), whichever metric is
+    plotted. Accuracies are percentages, as everywhere in the report."""
     cols = min(3, len(params)) or 1
     rows = math.ceil(len(params) / cols) or 1
     fig, axes = _figure(rows, cols, height=3.4 * rows, width=4.6 * cols)
+    scale = 100.0 if "accuracy" in metric else 1.0
     scored = [t for t in trials if metric in t["metrics"]]
-    best = (max if _higher(metric) else min)(scored, key=lambda t: t["metrics"][metric])
+    ranked = [t for t in scored if ranked_by in t["metrics"]] or scored
+    best = (max if _higher(ranked_by) else min)(
+        ranked, key=lambda t: t["metrics"].get(ranked_by, t["metrics"][metric]))
     rounds = sorted({t["round"] for t in scored})
     logged = []
     for ax, p in zip(axes, params):
-        points = [(t["params"].get(p), t["metrics"][metric], t) for t in scored
+        points = [(t["params"].get(p), scale * t["metrics"][metric], t) for t in scored
                   if t["params"].get(p) is not None]
         xs = [x for x, _, _ in points]
         categorical = not all(_number(x) for x in xs)
@@ -349,12 +369,13 @@ def _plot_search(trials: list[dict], params: list[str], metric: str, log_params:
         bx = best["params"].get(p)
         if bx is not None:
             bx = labels.index(str(bx)) if categorical else bx
-            ax.scatter([bx], [best["metrics"][metric]], marker="*", s=160, color="red",
-                       zorder=3, label="best")
+            ax.scatter([bx], [scale * best["metrics"][metric]], marker="*", s=160, color="red",
+                       zorder=3, label=f"best ({ranked_by})")
         if not categorical and (p in log_params or _spans(xs, 100)):
             ax.set_xscale("log")
             logged.append(p)
-        ax.set(xlabel=p + (" (log scale)" if p in logged else ""), ylabel=metric)
+        ax.set(xlabel=p + (" (log scale)" if p in logged else ""),
+               ylabel=metric + (" (%)" if scale != 1.0 else ""))
         ax.grid(alpha=0.3)
     for ax in axes[len(params):]:
         ax.set_visible(False)
@@ -362,12 +383,20 @@ def _plot_search(trials: list[dict], params: list[str], metric: str, log_params:
     fig.suptitle(f"{metric} against each hyperparameter ({len(scored)} trials)")
     _save(fig, path)
     return (f"{metric} of every finished trial against each searched value; the red star is the "
-            f"best trial (" + ", ".join(f"{p}={_cell(best['params'].get(p))}" for p in params)
-            + f": {metric} {best['metrics'][metric]:.4g})."
+            f"search's best trial by {ranked_by} (trial {best['id']}: "
+            + ", ".join(f"{p}={_cell(best['params'].get(p))}" for p in params)
+            + f"; {metric} {_metric_cell(metric, best['metrics'][metric])})."
             + (f" Log axes: {', '.join(logged)}." if logged else ""))
 
 
 # --- drawing and writing ------------------------------------------------------------------------
+
+def _metric_cell(key: str, value) -> str:
+    """A table cell; accuracies as percentages, as the plots show them."""
+    if "accuracy" in key and _number(value):
+        return f"{100 * value:.2f}%"
+    return _cell(value)
+
 
 def _figure(rows: int, cols: int, height: float, width: float | None = None):
     # Figure without pyplot: no global state, no GUI backend, safe in worker threads.

@@ -187,7 +187,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
         from distributed import Client, LocalCluster
     except ImportError:
         raise error("graphc search runs on Dask distributed, which is not installed",
-                    hint="pip install 'graphc[search]'") from None
+                    hint="pip install -e '.[search]' (from graphc's clone)") from None
     if scheduler is not None:
         try:
             client = Client(scheduler, timeout="10s")

@@ -94,3 +94,23 @@ def test_module_entry_point():
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^  beta +weight +\[4\] +f32 +4 +normal\(mean=0.0, std=0.1\)$", proc.stdout, re.M)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_libraries_log_only_errors_unless_debug(capsys, debug):
+    """Dask's cluster chatter (INFO, and warnings like 'Lost all workers') reaches stderr only
+    with --debug; graphc's own warnings always do."""
+    import logging
+
+    from graphc.cli import _configure_logging
+    _configure_logging(debug)
+    try:
+        logging.getLogger("distributed.scheduler").info("State start")
+        logging.getLogger("distributed.nanny").warning("Lost all workers")
+        logging.getLogger("distributed.core").error("a real failure")
+        logging.getLogger("graphc.search").warning("trial 3 failed twice")
+        err = capsys.readouterr().err
+        assert "graphc: a real failure" in err and "graphc: trial 3 failed twice" in err
+        assert ("State start" in err) == debug and ("Lost all workers" in err) == debug
+    finally:
+        _configure_logging(False)

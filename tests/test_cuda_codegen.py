@@ -280,4 +280,4 @@ def test_training_on_cuda_without_pycuda_is_one_clear_message(capsys):
     assert code == 1
     assert "Traceback" not in err
     assert err.startswith("error: the cuda backend needs pycuda, which is not installed")
-    assert "pip install 'graphc[cuda]'" in err
+    assert "pip install -e '.[cuda]'" in err

@@ -268,7 +268,7 @@ def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(GraphcError) as e:
         load_dataset(("digits", {}))
-    assert "scikit-learn" in message(e) and "pip install 'graphc[digits]'" in message(e)
+    assert "scikit-learn" in message(e) and "pip install -e '.[digits]'" in message(e)
 
 
 def test_unknown_data_sets_and_options():

@@ -107,3 +107,22 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         ["graph.json", "manifest.json", "params.npz"]
     out = _run([python, "-c", _SNIPPET, ROOT, "model.nn", "art"], cwd=work)
     assert "snippet ok" in out
+
+
+def test_install_hints_name_the_clone_not_the_public_index():
+    """A package named graphc on the public index is someone else's: every hint installs an extra
+    from the clone (`pip install -e '.[EXTRA]'`), and each extra it names exists."""
+    import re
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = set()
+    for path in sorted([*ROOT.glob("graphc/**/*.py"), *ROOT.glob("runtime/**/*.py"),
+                        *ROOT.glob("docs/*.md"), ROOT / "README.md"]):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"pip install ['\"]?graphc\b", text), path
+        named |= set(re.findall(r"pip install -e '\.\[([a-z,]+)\]'", text))
+    assert named, "no install hint found"
+    for group in named:
+        assert set(group.split(",")) <= set(extras), group
+    assert {"digits", "search", "report"} <= {e for dep in extras["all"]
+                                              for e in re.findall(r"\[(.*)\]", dep)[0].split(",")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shutil
 import struct
 
@@ -20,7 +21,7 @@ needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
                                reason="Graphviz's `dot` is not installed (apt install graphviz)")
 needs_matplotlib = pytest.mark.skipif(
     not __import__("importlib").util.find_spec("matplotlib"),
-    reason="matplotlib is not installed (pip install 'graphc[report]')")
+    reason="matplotlib is not installed (pip install -e '.[report]')")
 hook_in = "norms" in inspect.signature(Trainer.__init__).parameters
 
 
@@ -239,3 +240,42 @@ def test_report_refuses_other_folders(tmp_path, capsys):
     assert "neither a run folder" in err and "Traceback" not in err
     assert main(["report", str(tmp_path / "nope")]) == 1
     assert "no such folder" in capsys.readouterr().err
+
+
+@needs_matplotlib
+def test_a_search_report_has_one_notion_of_best(tmp_path, capsys):
+    """The trial with the best validation accuracy is not the search's best when the search
+    ranks by validation loss: the star on every plot is the search metric's best, as in the table
+    and best.nn; accuracies are percentages in the table as in the plots."""
+    folder = tmp_path / "search"
+    write_search(folder)
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    by_loss = min((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_loss"])
+    worst = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["val_loss"])
+    worst["val_accuracy"] = 0.99                          # the most accurate, the worst loss
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(folder)]) == 0
+    capsys.readouterr()
+    page = (folder / "report" / "index.html").read_text()
+    stars = re.findall(r"best trial by val_loss \(trial ([^:]+):", page)
+    assert stars == [by_loss["trial"]] * 2, stars          # both plots, the same trial
+    assert "99.00%" in page and "90.00%" in page and "0.99<" not in page
+
+
+@needs_matplotlib
+def test_run_curves_mark_the_best_epoch_and_the_early_stop(digits_run, tmp_path, capsys):
+    scores = json.loads((digits_run / "scores.json").read_text())
+    out = tmp_path / "rep"
+    assert main(["report", str(digits_run), "-o", str(out)]) == 0
+    capsys.readouterr()
+    page = (out / "index.html").read_text()
+    assert f"The dashed line marks the best epoch, {scores['best_epoch']}" in page
+    assert "early stopping ended" not in page
+    stopped = tmp_path / "stopped"
+    shutil.copytree(digits_run, stopped)
+    (stopped / "scores.json").write_text(json.dumps({**scores, "stopped_early": True,
+                                                     "best_epoch": 1, "epochs": 2}))
+    assert main(["report", str(stopped), "-o", str(tmp_path / "rep2")]) == 0
+    page = (tmp_path / "rep2" / "index.html").read_text()
+    assert "best epoch, 1 " in page and "where early stopping ended it, after epoch 2" in page
+    assert "%</td>" in page                                # accuracies as percentages

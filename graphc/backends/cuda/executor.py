@@ -56,8 +56,9 @@ def _driver():
         raise CudaUnavailable(_diagnostic(
             "the cuda backend needs pycuda, which is not installed" if missing
             else f"pycuda is installed but cannot load the CUDA driver ({exc})",
-            hint="install it with `pip install 'graphc[cuda]'` on a machine with the CUDA toolkit "
-                 "(it builds from source; see the README), or use --backend llvm" if missing
+            hint="install it from graphc's clone with `pip install -e '.[cuda]'` on a machine with "
+                 "the CUDA toolkit (it builds from source; see the README), or use --backend llvm"
+            if missing
             else "install the NVIDIA driver, or use --backend llvm")) from None
     try:
         drv.init()

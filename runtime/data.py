@@ -57,7 +57,8 @@ def _load_digits(name, options, data_dir, base_dir) -> Dataset:
         from sklearn.datasets import load_digits
     except ImportError:
         raise error("the digits data set needs scikit-learn, which is not installed",
-                    hint="pip install -e '.[digits]' (from graphc's clone), or pip install scikit-learn") from None
+                    hint="pip install -e '.[digits]' (from graphc's clone), or pip install "
+                         "scikit-learn") from None
     digits = load_digits()
     return Dataset(name, np.asarray(digits.data, dtype=np.float64),
                    np.asarray(digits.target, dtype=np.int64), None, None, None,

@@ -1,37 +1,48 @@
 """Optimizers as graph builders: for every parameter, the expression of its new value and of its
 new optimizer state (PyTensor-style `updates`), following PyTorch's documented update rules.
 
-The learning rate is an input of the train-step graph (`#lr`), so schedules never recompile; the
-step count is optimizer state (`#step`), advanced by the same graph. Weight decay applies to
-parameters whose role is `weight` only: biases and other parameters are never decayed.
+The learning rate is an input of the train-step graph (`LR_INPUT`), so schedules never recompile;
+the step count is optimizer state (`STEP_STATE`), advanced by the same graph. Weight decay applies
+to parameters whose role is `weight` only: biases and other parameters are never decayed. What the
+step updates is recorded as its contract (graphc.ir.contract.TrainStep), not left in names.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from graphc.autodiff import derive_backward
 from graphc.ir import ops as op_table
 from graphc.ir.composites import Emit
+from graphc.ir.contract import (
+    LR_INPUT,
+    STEP_STATE,
+    Feeds,
+    TrainStep,
+    Update,
+    UpdateKind,
+    new_output,
+    stat_output,
+    state_name,
+)
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
 
-LR_INPUT = "#lr"
-STEP_STATE = "#step"
 UPDATE = frozenset({"update"})
 
 
 @dataclass
 class Updates:
-    """What an optimizer builds: new values by target (a parameter or a state slot), and the
-    state slots it reads, each with its type and initial fill value."""
+    """What an optimizer builds: new values by target (a parameter or a state slot), what each
+    is (its contract entry), and the state slots it reads, each with its type and initial fill
+    value."""
     new: dict[str, Node] = field(default_factory=dict)
+    kinds: dict[str, Update] = field(default_factory=dict)
     state: dict[str, tuple[TensorType, float]] = field(default_factory=dict)
 
-
-def state_name(param: str, slot: str) -> str:
-    # '#' starts a comment in .nn files, so no parameter name can collide with a state slot.
-    return f"{param}#{slot}"
+    def add(self, update: Update, node: Node) -> None:
+        self.new[update.target] = node
+        self.kinds[update.target] = update
 
 
 @dataclass
@@ -58,8 +69,9 @@ class _Param:
         return op_table.source("state", self.node.type, loc=self.node.loc, name=name)
 
     def set(self, slot: str, value: Node) -> None:
-        self.updates.new[state_name(self.name, slot)] = op_table.renamed(
-            value, state_name(self.name, slot))
+        target = state_name(self.name, slot)
+        self.updates.add(Update(new_output(target), target, UpdateKind.SLOT, self.name, slot),
+                         op_table.renamed(value, target))
 
     def lerp(self, old: Node, new: Node, keep: float) -> Node:
         """keep * old + (1 - keep) * new: the exponential moving averages of RMSProp and Adam."""
@@ -161,7 +173,7 @@ def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, st
     new_step = op_table.apply("add", [step, op_table.source("const", step.type, value=1)],
                               tags=UPDATE, name=STEP_STATE)
     updates.state[STEP_STATE] = (step.type, 0)
-    updates.new[STEP_STATE] = new_step
+    updates.add(Update(new_output(STEP_STATE), STEP_STATE, UpdateKind.STEP), new_step)
     lr_dtype = max((p.dtype for p, _, _ in params), key=lambda d: d.numpy.itemsize,
                    default=DType.f32)
     lr = op_table.source("input", TensorType(lr_dtype, ()), name=LR_INPUT)
@@ -171,28 +183,32 @@ def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, st
         p = _Param(node, grad, role, node_lr, e("cast", new_step, dtype=node.dtype.value), updates)
         new_value = rule(p, **options)
         assert new_value.type == node.type, f"internal error: {name} changes the type of {p.name}"
-        updates.new[p.name] = op_table.renamed(new_value, p.name)
+        updates.add(Update(new_output(p.name), p.name, UpdateKind.PARAM, p.name),
+                    op_table.renamed(new_value, p.name))
     return updates
 
 
 def train_step_graph(training: Graph, optimizer: tuple[str, dict],
-                     params: dict[str, tuple[TensorType, str]], clip_value: float | None = None,
-                     clip_norm: float | None = None
-                     ) -> tuple[Graph, dict[str, tuple[TensorType, float]]]:
+                     params: dict[str, tuple[TensorType, str]], stats: Sequence[str] = (),
+                     clip_value: float | None = None, clip_norm: float | None = None
+                     ) -> tuple[Graph, TrainStep, dict[str, tuple[TensorType, float]]]:
     """One graph for a whole training step: the loss of `training` (a lowered training-mode
-    graph), every parameter's gradient (clipped by value, then by global norm, where asked),
-    and the optimizer's updates, as outputs `loss` and `new TARGET`. Returns it with the
-    optimizer state it reads (name -> type, initial value)."""
+    graph whose running statistics `stats` are the outputs `stat_output(NAME)`), every parameter's
+    gradient (clipped by value, then by global norm, where asked), and the optimizer's updates,
+    as outputs `loss` and `new_output(TARGET)`. Returns it with its contract and the optimizer
+    state it reads (name -> type, initial value)."""
     loss = training.output_map["loss"]
     present = {n.attr["name"]: n for n in training.params}
     nodes = [present.get(name) or op_table.source("param", t, name=name)
              for name, (t, _) in params.items()]
     grads = clip_gradients(derive_backward(loss, nodes), clip_value, clip_norm)
     updates = build_updates(optimizer, [(n, grads[n], params[n.attr["name"]][1]) for n in nodes])
-    outputs = (("loss", loss),) + tuple((f"new {k}", v) for k, v in updates.new.items())
-    outputs += tuple((f"new {name[len('stat '):]}", node) for name, node in training.outputs
-                     if name.startswith("stat "))
-    return Graph(f"{training.name}.train_step", outputs, "train"), updates.state
+    contract = tuple(updates.kinds[k] for k in updates.new)
+    contract += tuple(Update(new_output(name), name, UpdateKind.STAT, name) for name in stats)
+    new = {**updates.new, **{name: training.output_map[stat_output(name)] for name in stats}}
+    outputs = (("loss", loss),) + tuple((u.output, new[u.target]) for u in contract)
+    graph = Graph(f"{training.name}.train_step", outputs, "train")
+    return graph, TrainStep("loss", contract, Feeds.of(graph, updates.state)), updates.state
 
 
 def clip_gradients(grads: dict[Node, Node], value: float | None, norm: float | None

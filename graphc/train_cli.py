@@ -163,8 +163,9 @@ def _load_trainable(args):
             raise error("--model picks a model of a .nn file; an artifact holds one")
         program = load_artifact(path, backend=args.backend)
         return program, _source_dir(program)
+    from graphc.api import build_program
     from graphc.cli import report_lints
-    from graphc.compiler import build_program, check_source, read_source
+    from graphc.compiler import check_source, read_source
     checked = check_source(read_source(path), str(path))
     report_lints(checked, args.werror)
     program = build_program(checked, args.model, args.backend, args.seed)

@@ -27,6 +27,7 @@ from graphc.ir.contract import (
 )
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
+from graphc.options import NONNEGATIVE, Opt, fraction, positive
 
 UPDATE = frozenset({"update"})
 
@@ -43,6 +44,30 @@ class Updates:
     def add(self, update: Update, node: Node) -> None:
         self.new[update.target] = node
         self.kinds[update.target] = update
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One optimizer, declared once: its option schema (in positional order, with defaults and
+    ranges: what a train block's call is checked against), its builder (the formulas, called as
+    build(param, **options)), a doc line, and the combinations of options it refuses."""
+    name: str
+    doc: str
+    options: dict[str, Opt]
+    build: Callable[..., Node]
+    refuse: Callable[[dict], tuple[str, str] | None] | None = None    # -> (why, hint) or None
+
+
+OPTIMIZERS: dict[str, Optimizer] = {}
+
+
+def optimizer(name: str, doc: str, refuse=None, **options: Opt):
+    """Declares the decorated builder as optimizer `name` with `options`."""
+    def register(build: Callable[..., Node]) -> Callable[..., Node]:
+        assert name not in OPTIMIZERS, f"internal error: optimizer {name} declared twice"
+        OPTIMIZERS[name] = Optimizer(name, doc, dict(options), build, refuse)
+        return build
+    return register
 
 
 @dataclass
@@ -91,6 +116,17 @@ class _Param:
         return e("sub", self.node, e("mul", lr, direction))
 
 
+def _nesterov_needs_momentum(o: dict) -> tuple[str, str] | None:
+    if o["nesterov"] and (o["momentum"] == 0 or o["dampening"]):
+        return ("Nesterov momentum needs a momentum and zero dampening",
+                "for example sgd(lr=0.01, momentum=0.9, nesterov=true)")
+    return None
+
+
+@optimizer("sgd", "stochastic gradient descent, with momentum, Nesterov momentum and dampening "
+           "(torch.optim.SGD)", _nesterov_needs_momentum,
+           lr=positive(required=True), momentum=fraction(0.0), nesterov=Opt("bool", False),
+           weight_decay=NONNEGATIVE, dampening=fraction(0.0, open_high=False))
 def _sgd(p: _Param, lr, momentum, nesterov, weight_decay, dampening) -> Node:
     e, g = p.e, p.decayed_grad(weight_decay)
     if momentum == 0.0:
@@ -105,6 +141,10 @@ def _sgd(p: _Param, lr, momentum, nesterov, weight_decay, dampening) -> Node:
     return p.descend(direction)
 
 
+@optimizer("adagrad", "per-element steps scaled by the root of the summed squared gradients "
+           "(torch.optim.Adagrad)",
+           lr=positive(required=True), eps=positive(default=1e-10),
+           initial_accumulator=NONNEGATIVE, weight_decay=NONNEGATIVE)
 def _adagrad(p: _Param, lr, eps, initial_accumulator, weight_decay) -> Node:
     e, g = p.e, p.decayed_grad(weight_decay)
     total = e("add", p.slot("sum", initial_accumulator), e("mul", g, g))
@@ -112,6 +152,10 @@ def _adagrad(p: _Param, lr, eps, initial_accumulator, weight_decay) -> Node:
     return p.descend(e("div", g, e("add", e("sqrt", total), p.c(eps))))
 
 
+@optimizer("rmsprop", "per-element steps scaled by a moving average of squared gradients "
+           "(torch.optim.RMSprop)",
+           lr=positive(required=True), alpha=fraction(0.99), eps=positive(default=1e-8),
+           momentum=fraction(0.0), centered=Opt("bool", False), weight_decay=NONNEGATIVE)
 def _rmsprop(p: _Param, lr, alpha, eps, momentum, centered, weight_decay) -> Node:
     e, g = p.e, p.decayed_grad(weight_decay)
     square_avg = p.lerp(p.slot("square_avg"), e("mul", g, g), alpha)
@@ -129,6 +173,10 @@ def _rmsprop(p: _Param, lr, alpha, eps, momentum, centered, weight_decay) -> Nod
     return p.descend(step)
 
 
+@optimizer("adam", "moving averages of the gradient and its square, bias-corrected "
+           "(torch.optim.Adam)",
+           lr=positive(required=True), beta1=fraction(0.9), beta2=fraction(0.999),
+           eps=positive(default=1e-8), weight_decay=NONNEGATIVE, amsgrad=Opt("bool", False))
 def _adam(p: _Param, lr, beta1, beta2, eps, weight_decay, amsgrad=False, decoupled=False) -> Node:
     e = p.e
     param = p.node
@@ -153,21 +201,17 @@ def _adam(p: _Param, lr, beta1, beta2, eps, weight_decay, amsgrad=False, decoupl
     return e("sub", param, e("mul", e("div", e("mul", p.lr, root2), bias1), direction))
 
 
+@optimizer("adamw", "Adam with decoupled weight decay (torch.optim.AdamW)",
+           lr=positive(required=True), beta1=fraction(0.9), beta2=fraction(0.999),
+           eps=positive(default=1e-8), weight_decay=Opt("float", 0.01, low=0))
 def _adamw(p: _Param, lr, beta1, beta2, eps, weight_decay) -> Node:
     return _adam(p, lr, beta1, beta2, eps, weight_decay, decoupled=True)
-
-
-# name -> builder(param, **options); the options and their defaults live in the front end's
-# train-block table (graphc/frontend/train_spec.py), which checks them before they get here.
-OPTIMIZERS: dict[str, Callable[..., Node]] = {
-    "sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam, "adamw": _adamw,
-}
 
 
 def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, str]]) -> Updates:
     """Updates for `params`, a list of (param node, gradient node, role)."""
     name, options = optimizer
-    rule = OPTIMIZERS[name]
+    rule = OPTIMIZERS[name].build
     updates = Updates()
     step = op_table.source("state", TensorType(DType.i64, ()), name=STEP_STATE)
     new_step = op_table.apply("add", [step, op_table.source("const", step.type, value=1)],

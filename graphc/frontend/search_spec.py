@@ -9,7 +9,8 @@ from typing import Any
 
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
-from graphc.frontend.train_spec import OPTIMIZERS, SETTINGS, Opt, TrainConfig, _Checker
+from graphc.frontend.train_spec import OPTIMIZER_OPTIONS, SETTINGS, TrainConfig, _Checker
+from graphc.options import Opt
 
 METHODS = ("random", "grid", "coarse_to_fine")
 # What the train loop reports after each epoch (and at the end), and which way is better.
@@ -158,7 +159,7 @@ def _dimension(checker: _Checker, s: ast.Setting, optimizer: str) -> Dimension:
 
 def _target(checker: _Checker, s: ast.Setting, optimizer: str) -> tuple[Opt, bool]:
     """The rule of the train setting or optimizer option that a space entry varies."""
-    options = OPTIMIZERS[optimizer]
+    options = OPTIMIZER_OPTIONS[optimizer]
     if s.name in options:
         return options[s.name], True
     if s.name in SEARCHABLE:
@@ -168,7 +169,7 @@ def _target(checker: _Checker, s: ast.Setting, optimizer: str) -> tuple[Opt, boo
                      "each trial's seed is derived from the search seed" if s.name == "seed"
                      else f"searchable: {', '.join(list(options) + list(SEARCHABLE))}")
     known = list(OPTIONS) + list(options) + list(SEARCHABLE)
-    owners = [name for name, opts in OPTIMIZERS.items() if s.name in opts]
+    owners = [name for name, opts in OPTIMIZER_OPTIONS.items() if s.name in opts]
     owned = " and ".join([", ".join(owners[:-1]), owners[-1]] if len(owners) > 1 else owners)
     hint = did_you_mean(s.name, known) or (
         f"{s.name} is an option of {owned}; this train block's optimizer is {optimizer}"
@@ -280,10 +281,10 @@ def _optimizer_text(text: str, expr: ast.Expr, values: dict, at) -> str:
     else:
         name, args, kwargs = expr.func, expr.args, expr.kwargs
     written = {}
-    for key, arg in list(zip(OPTIMIZERS[name], args)) + [(k.name, k.value) for k in kwargs]:
+    for key, arg in list(zip(OPTIMIZER_OPTIONS[name], args)) + [(k.name, k.value) for k in kwargs]:
         written[key] = text[at(arg.loc.line, arg.loc.col):at(arg.loc.end_line, arg.loc.end_col)]
     merged = {**written, **{k: _literal(v) for k, v in values.items()}}
-    ordered = [k for k in OPTIMIZERS[name] if k in merged]
+    ordered = [k for k in OPTIMIZER_OPTIONS[name] if k in merged]
     return f"{name}({', '.join(f'{k}={merged[k]}' for k in ordered)})"
 
 

@@ -9,44 +9,14 @@ from graphc.backends import DEVICES
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.ir.node import topo_order
+from graphc.optim import OPTIMIZERS
+from graphc.options import NONNEGATIVE, Opt, fraction, positive
 from graphc.runtime.augment import fit_problem, image_shape
 
+_pos, _frac, _NONNEG = positive, fraction, NONNEGATIVE
 
-@dataclass(frozen=True)
-class Opt:
-    kind: str                  # float | int | bool | str | choice
-    default: Any = None
-    low: float | None = None   # inclusive lower bound
-    high: float | None = None  # inclusive upper bound
-    low_open: bool = False     # lower bound excluded
-    high_open: bool = False
-    choices: tuple = ()
-    required: bool = False
-
-
-def _pos(kind="float", default=None, required=False):
-    return Opt(kind, default, low=0, low_open=True, required=required)
-
-
-def _frac(default, open_high=True):
-    return Opt("float", default, low=0, high=1, high_open=open_high)
-
-
-_NONNEG = Opt("float", 0.0, low=0)
-
-# name -> options (in positional order)
-OPTIMIZERS = {
-    "sgd": {"lr": _pos(required=True), "momentum": _frac(0.0), "nesterov": Opt("bool", False),
-            "weight_decay": _NONNEG, "dampening": _frac(0.0, open_high=False)},
-    "adagrad": {"lr": _pos(required=True), "eps": _pos(default=1e-10),
-                "initial_accumulator": _NONNEG, "weight_decay": _NONNEG},
-    "rmsprop": {"lr": _pos(required=True), "alpha": _frac(0.99), "eps": _pos(default=1e-8),
-                "momentum": _frac(0.0), "centered": Opt("bool", False), "weight_decay": _NONNEG},
-    "adam": {"lr": _pos(required=True), "beta1": _frac(0.9), "beta2": _frac(0.999),
-             "eps": _pos(default=1e-8), "weight_decay": _NONNEG, "amsgrad": Opt("bool", False)},
-    "adamw": {"lr": _pos(required=True), "beta1": _frac(0.9), "beta2": _frac(0.999),
-              "eps": _pos(default=1e-8), "weight_decay": Opt("float", 0.01, low=0)},
-}
+# name -> options (in positional order), as each optimizer declares them (graphc/optim.py)
+OPTIMIZER_OPTIONS = {name: o.options for name, o in OPTIMIZERS.items()}
 SCHEDULES = {
     "constant": {},
     "step": {"every": Opt("int", required=True, low=1), "gamma": _frac(0.1, open_high=False)},
@@ -73,7 +43,7 @@ AUGMENTATIONS = {"shift": {"pixels": Opt("int", required=True, low=0)},
 # setting -> (what it is, how it is checked); for calls, what one of them is called
 SETTINGS = {
     "data": ("data set", DATASETS),
-    "optimizer": ("optimizer", OPTIMIZERS),
+    "optimizer": ("optimizer", OPTIMIZER_OPTIONS),
     "schedule": ("learning-rate schedule", SCHEDULES),
     "early_stop": ("early-stopping rule", EARLY_STOP),
     "batch": ("the batch size", Opt("int", 32, low=1)),
@@ -200,10 +170,11 @@ class _Checker:
 
 
 def _check_optimizer(checker: _Checker, name: str, options: dict, expr: ast.Expr) -> None:
-    """Combinations of options that PyTorch refuses, refused here too."""
-    if name == "sgd" and options["nesterov"] and (options["momentum"] == 0 or options["dampening"]):
-        checker.fail("sgd: Nesterov momentum needs a momentum and zero dampening", expr.loc,
-                     "for example sgd(lr=0.01, momentum=0.9, nesterov=true)")
+    """Combinations of options that PyTorch refuses (each optimizer's own `refuse` rule)."""
+    refuse = OPTIMIZERS[name].refuse
+    refusal = refuse(options) if refuse else None
+    if refusal is not None:
+        checker.fail(f"{name}: {refusal[0]}", expr.loc, refusal[1])
 
 
 def _check_augment(checker: _Checker, expr: ast.Expr) -> list[tuple[str, dict]]:

@@ -224,13 +224,13 @@ def _call_text(value: tuple) -> str:
 
 def _train_summary(train) -> str:
     parts = []
-    for key, value in train.settings.items():
-        if value is None or value == []:   # a setting that is off (gradient clipping, augment)
+    for key, value in train.items():
+        if value is None or value == ():   # a setting that is off (gradient clipping, augment)
             continue
-        if isinstance(value, tuple):
-            value = _call_text(value)
-        elif isinstance(value, list):          # augment: a list of calls
+        if key == "augment":                   # a list of calls
             value = "[" + ", ".join(_call_text(v) for v in value) + "]"
+        elif isinstance(value, tuple):
+            value = _call_text(value)
         parts.append(f"{key}={value}")
     return "  train: " + ", ".join(parts)
 

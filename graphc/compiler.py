@@ -12,12 +12,13 @@ from graphc.frontend.builder import ModelBuilder, ModelIR
 from graphc.frontend.calls import CALLABLE_OPS, LAYERS
 from graphc.frontend.parser import parse
 from graphc.frontend.search_spec import SearchConfig, check_search
-from graphc.frontend.train_spec import TrainConfig, check_train
+from graphc.frontend.train_spec import check_train
 from graphc.initializers import initialize
 from graphc.ir.contract import CompiledModel, Feeds, ParamInfo, StateInfo, TrainStep, stat_output
 from graphc.ir.node import Graph, topo_order
 from graphc.optim import train_step_graph
 from graphc.passes import PipelineOptions, run_pipeline, train_mode
+from graphc.train_config import TrainConfig
 
 
 @dataclass
@@ -140,7 +141,7 @@ def compile_model(checked: CheckedFile, model: str | None = None, seed: int | No
     ir = checked.pick(model)
     train = checked.trains.get(ir.name)
     if seed is None:
-        seed = train.settings["seed"] if train else 0
+        seed = train.seed if train else 0
     graphs, state, train_step = program_graphs(ir, train, options)
     infos = {name: ParamInfo(name, p.type, p.role, p.init) for name, p in ir.params.items()}
     values = {name: initialize(name, p.type.shape, p.type.dtype.numpy, p.init, seed)
@@ -150,7 +151,7 @@ def compile_model(checked: CheckedFile, model: str | None = None, seed: int | No
     if norms:
         meta["batch_norm"] = norms     # the shapes it normalizes, for Program's batch-of-1 check
     if train is not None:
-        meta["train"] = train_settings_json(train)
+        meta["train"] = train.to_json()
     return CompiledModel(ir.name, graphs, infos, values, state, meta, train_step)
 
 
@@ -178,9 +179,8 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
     graphs["loss_and_grads"] = lower(backward_graph(training), options)
     if train is not None:
         roles = {name: (p.type, p.role) for name, p in ir.params.items() if p.role != "stat"}
-        step, contract, specs = train_step_graph(training, train.settings["optimizer"], roles,
-                                                 tuple(ir.stats), train.settings.get("clip_grad_value"),
-                                                 train.settings.get("clip_grad_norm"))
+        step, contract, specs = train_step_graph(training, train.optimizer, roles, tuple(ir.stats),
+                                                 train.clip_grad_value, train.clip_grad_norm)
         graphs["train_step"] = lower(step, options)
         state = {name: StateInfo(name, t, init) for name, (t, init) in specs.items()}
         # Lowering keeps the outputs; the feeds are those the lowered graph reads.
@@ -209,11 +209,6 @@ def task_of(ir: ModelIR) -> dict:
         elif label.dtype.is_float:
             task.update(kind="regression", output=out_name)
     return task
-
-
-def train_settings_json(train: TrainConfig) -> dict:
-    """The train block as plain JSON: calls become [name, {options}]."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in train.settings.items()}
 
 
 def read_source(path) -> str:

@@ -28,6 +28,7 @@ from graphc.ir.contract import (
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
 from graphc.options import NONNEGATIVE, Opt, fraction, positive
+from graphc.train_config import OptimizerSpec
 
 UPDATE = frozenset({"update"})
 
@@ -208,9 +209,9 @@ def _adamw(p: _Param, lr, beta1, beta2, eps, weight_decay) -> Node:
     return _adam(p, lr, beta1, beta2, eps, weight_decay, decoupled=True)
 
 
-def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, str]]) -> Updates:
+def build_updates(optimizer: OptimizerSpec, params: list[tuple[Node, Node, str]]) -> Updates:
     """Updates for `params`, a list of (param node, gradient node, role)."""
-    name, options = optimizer
+    name, options = optimizer.name, optimizer.options
     rule = OPTIMIZERS[name].build
     updates = Updates()
     step = op_table.source("state", TensorType(DType.i64, ()), name=STEP_STATE)
@@ -232,7 +233,7 @@ def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, st
     return updates
 
 
-def train_step_graph(training: Graph, optimizer: tuple[str, dict],
+def train_step_graph(training: Graph, optimizer: OptimizerSpec,
                      params: dict[str, tuple[TensorType, str]], stats: Sequence[str] = (),
                      clip_value: float | None = None, clip_norm: float | None = None
                      ) -> tuple[Graph, TrainStep, dict[str, tuple[TensorType, float]]]:

@@ -180,11 +180,11 @@ def _source_dir(program) -> Path:
 
 def _headline(program, settings, data, run, done: int) -> str:
     sizes = data.describe()["sizes"]
-    name, options = settings.optimizer
+    name, options = settings.optimizer.name, settings.optimizer.options
     opts = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, False, 0, 0.0)
                      or k == "lr")
     what = "resuming" if done else "training"
-    return (f"{what} {program.name} on {settings.data[0]} ({sizes['train']:,} train / "
+    return (f"{what} {program.name} on {settings.data.name} ({sizes['train']:,} train / "
             f"{sizes['val']:,} val / {sizes['test']:,} test): {name}({opts}), "
             f"{settings.epochs} epochs of batch {settings.batch}, seed {settings.seed} -> {run.path}")
 

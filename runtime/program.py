@@ -21,6 +21,7 @@ from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exporte
 )
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
+from graphc.train_config import OptimizerSpec, call_from_json
 
 
 def executor_class(backend: str):
@@ -139,9 +140,9 @@ class Program:
         # Training and evaluation also take the labels the loss compares with.
         self.train_inputs = _user_inputs(graphs.get("evaluate", forward))
         train = self.meta.get("train") or {}
-        optimizer = train.get("optimizer")
-        self.optimizer: str | None = optimizer[0] if optimizer else None
-        self.lr: float = float(optimizer[1]["lr"]) if optimizer else 0.0
+        optimizer = call_from_json(OptimizerSpec, train["optimizer"]) if train.get("optimizer") else None
+        self.optimizer: str | None = optimizer.name if optimizer else None
+        self.lr: float = optimizer.lr if optimizer else 0.0
         self.seed: int = int(self.meta.get("seed", 0))
         feeds = train_step.feeds if train_step else None
         self._lr_input = feeds.lr if feeds else None

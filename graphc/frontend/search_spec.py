@@ -9,8 +9,9 @@ from typing import Any
 
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
-from graphc.frontend.train_spec import OPTIMIZER_OPTIONS, SETTINGS, TrainConfig, _Checker
+from graphc.frontend.train_spec import OPTIMIZER_OPTIONS, SETTINGS, _Checker
 from graphc.options import Opt
+from graphc.train_config import TrainConfig
 
 METHODS = ("random", "grid", "coarse_to_fine")
 # What the train loop reports after each epoch (and at the end), and which way is better.
@@ -95,7 +96,7 @@ def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> Sea
     """Check every setting of a search block against the train block it varies; all mistakes of
     the block in one GraphcError."""
     checker = _Checker(src)
-    optimizer, _ = train.settings["optimizer"]
+    optimizer = train.optimizer.name
     options: dict[str, Any] = {}
     space: dict[str, Dimension] = {}
     locs: dict[str, SourceLoc] = {}
@@ -121,7 +122,7 @@ def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> Sea
             "add a space entry, for example lr = loguniform(1e-4, 1e-1)"))
     if checker.errors:
         raise GraphcError(checker.errors)
-    config = SearchConfig(search.model, space, default_seed=train.settings["seed"], locs=locs,
+    config = SearchConfig(search.model, space, default_seed=train.seed, locs=locs,
                           written=options, block=search.name_loc)
     return resolve(config, src)
 
@@ -221,16 +222,9 @@ def resolve(config: SearchConfig, src: SourceText, **overrides) -> SearchConfig:
 
 def apply_params(train: TrainConfig, space: dict[str, Dimension], params: dict) -> TrainConfig:
     """The train block with one trial's values in place."""
-    settings = dict(train.settings)
-    name, options = settings["optimizer"]
-    options = dict(options)
-    for key, value in params.items():
-        if space[key].optimizer:
-            options[key] = value
-        else:
-            settings[key] = value
-    settings["optimizer"] = (name, options)
-    return TrainConfig(train.model, settings)
+    options = {k: v for k, v in params.items() if space[k].optimizer}
+    settings = {k: v for k, v in params.items() if not space[k].optimizer}
+    return replace(train, optimizer=train.optimizer.with_options(**options), **settings)
 
 
 def best_source(text: str, module: ast.Module, model: str, space: dict[str, Dimension],

@@ -1,8 +1,8 @@
 """The `train` block: every setting checked (known names, types, ranges) with errors at the
-offending line, and resolved into a plain `TrainConfig` that the training runtime consumes."""
+offending line, and resolved into a typed `TrainConfig` (graphc/train_config.py) that the compiler
+and the training runtime consume."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from graphc.backends import DEVICES
@@ -12,6 +12,14 @@ from graphc.ir.node import topo_order
 from graphc.optim import OPTIMIZERS
 from graphc.options import NONNEGATIVE, Opt, fraction, positive
 from graphc.runtime.augment import fit_problem, image_shape
+from graphc.train_config import (
+    AugmentSpec,
+    DataSpec,
+    EarlyStopSpec,
+    OptimizerSpec,
+    ScheduleSpec,
+    TrainConfig,
+)
 
 _pos, _frac, _NONNEG = positive, fraction, NONNEGATIVE
 
@@ -62,12 +70,6 @@ SETTINGS = {
     # Random changes to each training batch's images; a list of calls, applied in order.
     "augment": ("augmentation", AUGMENTATIONS),
 }
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    settings: dict[str, Any] = field(default_factory=dict)   # plain values and (name, {opts}) calls
 
 
 _ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
@@ -242,7 +244,7 @@ def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
     """The train block checked and resolved. With `model` (its checked ModelIR), settings that
     depend on the model (augment's image sizes) are checked against it too."""
     checker = _Checker(src)
-    config = TrainConfig(train.model)
+    settings: dict[str, Any] = {}      # plain values and (name, {options}) calls, as checked
     seen: dict[str, int] = {}
     for s in train.settings:
         try:
@@ -256,27 +258,31 @@ def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
             what, rule = SETTINGS[s.name]
             if s.name == "augment":
                 errors = len(checker.errors)
-                config.settings[s.name] = _check_augment(checker, s.value)
-                if model is not None and config.settings[s.name] and len(checker.errors) == errors:
-                    _check_augment_fits(checker, s.value, config.settings[s.name], model)
+                settings[s.name] = _check_augment(checker, s.value)
+                if model is not None and settings[s.name] and len(checker.errors) == errors:
+                    _check_augment_fits(checker, s.value, settings[s.name], model)
             elif isinstance(rule, Opt):
-                config.settings[s.name] = checker.scalar(s.name, rule, s.value)
+                settings[s.name] = checker.scalar(s.name, rule, s.value)
             else:
-                config.settings[s.name] = checker.call(s.name, what, rule, s.value)
+                settings[s.name] = checker.call(s.name, what, rule, s.value)
             if s.name == "optimizer":
-                _check_optimizer(checker, *config.settings[s.name], s.value)
+                _check_optimizer(checker, *settings[s.name], s.value)
         except GraphcError as err:
             checker.errors.extend(err.diagnostics)
-    if "optimizer" not in config.settings and "optimizer" not in seen:
+    if "optimizer" not in settings and "optimizer" not in seen:
         checker.errors.append(src.diagnostic(
             f"train {train.model}: no optimizer", train.name_loc,
             "add, for example, optimizer = adam(lr=1e-3)"))
     if checker.errors:
         raise GraphcError(checker.errors)
     for key, (_, rule) in SETTINGS.items():
-        if isinstance(rule, Opt) and key not in config.settings:
-            config.settings[key] = rule.default
-    config.settings.setdefault("data", ("digits", {}))
-    config.settings.setdefault("schedule", ("constant", {}))
-    config.settings.setdefault("augment", [])
-    return config
+        if isinstance(rule, Opt) and key not in settings:
+            settings[key] = rule.default
+    settings.setdefault("data", ("digits", {}))
+    settings.setdefault("schedule", ("constant", {}))
+    early = settings.pop("early_stop", None)
+    return TrainConfig(
+        train.model, optimizer=OptimizerSpec(*settings.pop("optimizer")),
+        data=DataSpec(*settings.pop("data")), schedule=ScheduleSpec(*settings.pop("schedule")),
+        augment=tuple(AugmentSpec(*a) for a in settings.pop("augment", ())),
+        early_stop=EarlyStopSpec(*early) if early else None, written=tuple(seen), **settings)

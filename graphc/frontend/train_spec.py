@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphc.backends import DEVICES
+from graphc.augment_rules import fit_problem, image_shape
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.ir.node import topo_order
 from graphc.optim import OPTIMIZERS
 from graphc.options import NONNEGATIVE, Opt, fraction, positive
-from graphc.runtime.augment import fit_problem, image_shape
 from graphc.train_config import (
+    DEVICES,
     AugmentSpec,
     DataSpec,
     EarlyStopSpec,

@@ -10,8 +10,8 @@ __all__ = ["compile_file", "compile_source", "load_artifact", "GraphcError", "__
 
 def __getattr__(name):
     if name in ("compile_file", "compile_source"):
-        from graphc import compiler
-        return getattr(compiler, name)
+        from graphc import api
+        return getattr(api, name)
     if name == "load_artifact":
         from graphc.runtime import load_artifact
         return load_artifact

@@ -224,13 +224,13 @@ def _call_text(value: tuple) -> str:
 
 def _train_summary(train) -> str:
     parts = []
-    for key, value in train.settings.items():
-        if value is None or value == []:   # a setting that is off (gradient clipping, augment)
+    for key, value in train.items():
+        if value is None or value == ():   # a setting that is off (gradient clipping, augment)
             continue
-        if isinstance(value, tuple):
-            value = _call_text(value)
-        elif isinstance(value, list):          # augment: a list of calls
+        if key == "augment":                   # a list of calls
             value = "[" + ", ".join(_call_text(v) for v in value) + "]"
+        elif isinstance(value, tuple):
+            value = _call_text(value)
         parts.append(f"{key}={value}")
     return "  train: " + ", ".join(parts)
 
@@ -262,7 +262,8 @@ def cmd_build(args) -> int:
                     print(warnings, file=sys.stderr)
                 print(message.replace(_OUT, str(out)))
                 return 0
-    from graphc.compiler import build_program, check_source, read_source
+    from graphc.api import build_program
+    from graphc.compiler import check_source, read_source
     from graphc.passes import PipelineOptions, pass_names
     stages = pass_names() + [FUSE_STAGE]
     unknown = [p for p in args.dump_after if p not in stages]
@@ -277,7 +278,8 @@ def cmd_build(args) -> int:
         from graphc.backends.kernels import plan_kernels
         from graphc.backends.kernels.printer import format_plan
         for graph_key, graph in program.graphs.items():
-            print(f"; kernel plan of {graph_key}\n{format_plan(plan_kernels(graph))}")
+            plan = plan_kernels(graph, program.updates(graph_key))
+            print(f"; kernel plan of {graph_key}\n{format_plan(plan)}")
     # Native code for every graph now, into the cache that later runs load it from.
     program.compile(load=False)
     if args.emit_source:
@@ -314,7 +316,7 @@ def _emit_source(program, folder: Path) -> None:
         first = next(iter(executors.values()))
         files = {f"{program.name}{first.source_suffix}": first.source()}
     else:
-        files = {f"{program.name}.{key}.plan": format_plan(plan_kernels(ex.graph))
+        files = {f"{program.name}.{key}.plan": format_plan(plan_kernels(ex.graph, program.updates(key)))
                  for key, ex in executors.items()}
     for name, text in files.items():
         (folder / name).write_text(text)
@@ -328,7 +330,7 @@ def _print_stats(program, batch: int | None) -> None:
     n = batch or int(train.get("batch") or 64)
     rows = [("program", "kernels", "MFLOP", "MB moved", "peak MB", "temps MB", "unplanned MB", "nodes")]
     for key, graph in program.graphs.items():
-        plan = plan_kernels(graph)
+        plan = plan_kernels(graph, program.updates(key))
         stats = plan_stats(plan, dict.fromkeys(plan.symbols, n))
         rows.append((key, str(stats["kernels"]), f"{stats['flops'] / 1e6:.2f}",
                      f"{stats['bytes_moved'] / 1e6:.2f}", f"{stats['peak_bytes'] / 1e6:.2f}",

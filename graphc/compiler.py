@@ -1,23 +1,24 @@
-"""The compiler driver: source -> checked models -> pipeline -> a runnable Program."""
+"""The compiler driver: source -> checked models -> pipeline -> a CompiledModel (graphs, the train
+step's contract, parameters and state). It depends on the core alone; graphc.api makes Programs."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from graphc.autodiff import backward_graph
-from graphc.backends import backend_for
 from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean, error
 from graphc.frontend import ast
 from graphc.frontend.builder import ModelBuilder, ModelIR
 from graphc.frontend.calls import CALLABLE_OPS, LAYERS
 from graphc.frontend.parser import parse
 from graphc.frontend.search_spec import SearchConfig, check_search
-from graphc.frontend.train_spec import TrainConfig, check_train
+from graphc.frontend.train_spec import check_train
 from graphc.initializers import initialize
+from graphc.ir.contract import CompiledModel, Feeds, ParamInfo, StateInfo, TrainStep, stat_output
 from graphc.ir.node import Graph, topo_order
 from graphc.optim import train_step_graph
 from graphc.passes import PipelineOptions, run_pipeline, train_mode
-from graphc.runtime.program import ParamInfo, Program, StateInfo
+from graphc.train_config import TrainConfig
 
 
 @dataclass
@@ -133,14 +134,15 @@ def lower(graph: Graph, options: PipelineOptions | None = None) -> Graph:
     return run_pipeline(graph, options)
 
 
-def build_program(checked: CheckedFile, model: str | None = None, backend: str | None = "numpy",
-                  seed: int | None = None, options: PipelineOptions | None = None) -> Program:
-    """The program of `model` on `backend` (None: the one its train block's `device` asks for)."""
+def compile_model(checked: CheckedFile, model: str | None = None, seed: int | None = None,
+                  options: PipelineOptions | None = None) -> CompiledModel:
+    """The compiled `model` of a checked file: its lowered graphs, the train step's contract, and
+    its parameters initialized with `seed` (None: its train block's seed, else 0)."""
     ir = checked.pick(model)
     train = checked.trains.get(ir.name)
     if seed is None:
-        seed = train.settings["seed"] if train else 0
-    graphs, state = program_graphs(ir, train, options)
+        seed = train.seed if train else 0
+    graphs, state, train_step = program_graphs(ir, train, options)
     infos = {name: ParamInfo(name, p.type, p.role, p.init) for name, p in ir.params.items()}
     values = {name: initialize(name, p.type.shape, p.type.dtype.numpy, p.init, seed)
               for name, p in ir.params.items()}
@@ -149,17 +151,17 @@ def build_program(checked: CheckedFile, model: str | None = None, backend: str |
     if norms:
         meta["batch_norm"] = norms     # the shapes it normalizes, for Program's batch-of-1 check
     if train is not None:
-        meta["train"] = train_settings_json(train)
-    return Program(ir.name, graphs, infos, values, backend=backend_for(meta.get("train"), backend),
-                   meta=meta, state=state)
+        meta["train"] = train.to_json()
+    return CompiledModel(ir.name, graphs, infos, values, state, meta, train_step)
 
 
 def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOptions | None = None
-                   ) -> tuple[dict[str, Graph], dict[str, StateInfo]]:
+                   ) -> tuple[dict[str, Graph], dict[str, StateInfo], TrainStep | None]:
     """The lowered graphs of a model: `forward` (outputs), `sample` (the outputs with dropout on,
     where the model has dropout), and where there is a loss `evaluate` (outputs and loss),
     `loss_and_grads` (training mode) and, with a train block, `train_step` (forward, backward
-    and the optimizer's updates in one graph)."""
+    and the optimizer's updates in one graph); with the optimizer state and the train step's
+    contract (None without a train block)."""
     graphs = {"forward": lower(model_graph(ir, include_loss=False), options)}
     sampling = train_mode(model_graph(ir, include_loss=False), frozenset({"dropout"}))
     if sampling.nodes() != graphs["forward"].nodes() and any(
@@ -168,21 +170,23 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
         graphs["sample"] = lower(sampling, options)
     state: dict[str, StateInfo] = {}
     if ir.loss is None:
-        return graphs, state
+        return graphs, state, None
     graphs["evaluate"] = lower(model_graph(ir), options)
     # Batch norm's running statistics are outputs of the training graph (`stat NAME`): the
     # train step stores them, computed from the same batch statistics the loss normalizes by.
-    stats = tuple((f"stat {name}", node) for name, node in ir.stats.items())
+    stats = tuple((stat_output(name), node) for name, node in ir.stats.items())
     training = lower(train_mode(Graph(ir.name, (("loss", ir.loss),) + stats)), options)
     graphs["loss_and_grads"] = lower(backward_graph(training), options)
     if train is not None:
         roles = {name: (p.type, p.role) for name, p in ir.params.items() if p.role != "stat"}
-        step, specs = train_step_graph(training, train.settings["optimizer"], roles,
-                                       train.settings.get("clip_grad_value"),
-                                       train.settings.get("clip_grad_norm"))
+        step, contract, specs = train_step_graph(training, train.optimizer, roles, tuple(ir.stats),
+                                                 train.clip_grad_value, train.clip_grad_norm)
         graphs["train_step"] = lower(step, options)
         state = {name: StateInfo(name, t, init) for name, (t, init) in specs.items()}
-    return graphs, state
+        # Lowering keeps the outputs; the feeds are those the lowered graph reads.
+        contract = replace(contract, feeds=Feeds.of(graphs["train_step"], state))
+        return graphs, state, contract
+    return graphs, state, None
 
 
 def task_of(ir: ModelIR) -> dict:
@@ -207,18 +211,6 @@ def task_of(ir: ModelIR) -> dict:
     return task
 
 
-def train_settings_json(train: TrainConfig) -> dict:
-    """The train block as plain JSON: calls become [name, {options}]."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in train.settings.items()}
-
-
-def compile_source(text: str, backend: str | None = "numpy", model: str | None = None,
-                   seed: int | None = None, path: str = "<string>") -> Program:
-    """Compile .nn source text. `model` picks one when the text holds several; backend None
-    takes the one its train block's `device` asks for."""
-    return build_program(check_source(text, path), model, backend, seed)
-
-
 def read_source(path) -> str:
     p = Path(path)
     try:
@@ -231,10 +223,3 @@ def read_source(path) -> str:
         raise error("not a text file (it is not valid UTF-8)", file=path) from None
     except OSError as err:
         raise error(f"cannot read: {err.strerror}", file=path) from None
-
-
-def compile_file(path, backend: str | None = "numpy", model: str | None = None,
-                 seed: int | None = None) -> Program:
-    """Compile a .nn file. `model` picks one when the file holds several; backend None takes
-    the one its train block's `device` asks for."""
-    return compile_source(read_source(path), backend, model, seed, str(path))

@@ -24,10 +24,10 @@ from graphc.compiler import CheckedFile, lower
 from graphc.initializers import initialize
 from graphc.ir import OPS
 from graphc.ir import ops as op_table
+from graphc.ir.contract import FED_INPUTS, RNG_INPUT, grad_output, rng_key
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
 from graphc.passes.rewrite import rewrite, train_mode
-from graphc.runtime.program import RNG_INPUT, rng_key
 
 STEP = float(np.finfo(np.float64).eps) ** (1 / 3)
 RTOL, ATOL = 1e-5, 1e-8      # the f64 check: far below any real gradient mistake, far above noise
@@ -91,7 +91,7 @@ def check_gradients(checked: CheckedFile, model: str | None = None, seed: int = 
     for name, value in params.items():
         if ir.params[name].role == "stat":      # set by training steps, not by gradients
             continue
-        grad = derived.get(f"grad {name}")
+        grad = derived.get(grad_output(name))
         if grad is None:                         # the loss does not depend on it
             grad = np.zeros_like(value)
         flat = list(np.ndindex(value.shape)) or [()]
@@ -132,7 +132,7 @@ def _feeds(graph: Graph, ir, rng: np.random.Generator) -> dict[str, np.ndarray]:
                     if o.type.ndim >= 1 and isinstance(o.type.shape[-1], int)), 2)
     feeds = {}
     for node in graph.nodes():
-        if node.op != "input" or node.attr["name"].startswith("#"):
+        if node.op != "input" or node.attr["name"] in FED_INPUTS:
             continue
         shape = [BATCH if isinstance(d, str) else d for d in node.type.shape]
         dtype = node.type.dtype

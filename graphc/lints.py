@@ -11,6 +11,7 @@ from graphc.errors import Diagnostic, SourceLoc
 from graphc.frontend import ast
 from graphc.frontend.builder import ModelIR
 from graphc.ir.node import Node, topo_order
+from graphc.train_config import TrainConfig
 
 SQUASHING = ("sigmoid", "tanh")
 DEEP_SQUASHING = 4         # more sigmoid/tanh layers than this in a row: gradients vanish
@@ -29,7 +30,7 @@ def lint(checked: CheckedFile) -> list[Diagnostic]:
     for name, config in checked.trains.items():
         model = checked.models.get(name)
         if model is not None and name in trains:
-            found.extend(_train_rules(model, config.settings, trains[name]))
+            found.extend(_train_rules(model, config, trains[name]))
     src = checked.src
     out = []
     for loc, message, why, kind in sorted(found, key=lambda f: (f[0].line, f[0].col) if f[0] else (0, 0)):
@@ -142,13 +143,13 @@ MODEL_RULES: list[Callable] = [_constant_weights, _regularized_bias, _log_of_sof
 
 # --- train-block rules --------------------------------------------------------------------------
 
-def _train_rules(model: ModelIR, settings: dict, train: ast.Train):
+def _train_rules(model: ModelIR, config: TrainConfig, train: ast.Train):
     written = {s.name: s for s in train.settings}
     if "seed" not in written:
         yield (train.name_loc, f"train {train.model} sets no seed",
                "graphc then uses seed 0, which the file does not say: write the seed (seed = 0) so "
                "that a rerun or a search knows what it reproduces or varies", "warning")
-    name, options = settings.get("optimizer", (None, {}))
+    name, options = config.optimizer.name, config.optimizer.options
     where = written["optimizer"].loc if "optimizer" in written else train.name_loc
     lr = options.get("lr")
     if name in ("adam", "adamw") and lr is not None and lr > ADAM_LR:
@@ -156,7 +157,7 @@ def _train_rules(model: ModelIR, settings: dict, train: ast.Train):
                f"Adam's steps are about lr in size whatever the gradient; above {ADAM_LR:g} they "
                "usually overshoot: start from 1e-3", "advice")
     norms = [n for n in _nodes(model) if n.op == "batch_norm"]
-    if settings.get("batch") == 1 and norms:
+    if config.batch == 1 and norms:
         where_batch = written["batch"].loc if "batch" in written else train.name_loc
         yield (where_batch, "batch = 1 with batch norm (line "
                + ", ".join(str(n.loc.line) for n in norms if n.loc) + ")",

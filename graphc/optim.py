@@ -1,37 +1,74 @@
 """Optimizers as graph builders: for every parameter, the expression of its new value and of its
 new optimizer state (PyTensor-style `updates`), following PyTorch's documented update rules.
 
-The learning rate is an input of the train-step graph (`#lr`), so schedules never recompile; the
-step count is optimizer state (`#step`), advanced by the same graph. Weight decay applies to
-parameters whose role is `weight` only: biases and other parameters are never decayed.
+The learning rate is an input of the train-step graph (`LR_INPUT`), so schedules never recompile;
+the step count is optimizer state (`STEP_STATE`), advanced by the same graph. Weight decay applies
+to parameters whose role is `weight` only: biases and other parameters are never decayed. What the
+step updates is recorded as its contract (graphc.ir.contract.TrainStep), not left in names.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from graphc.autodiff import derive_backward
 from graphc.ir import ops as op_table
 from graphc.ir.composites import Emit
+from graphc.ir.contract import (
+    LR_INPUT,
+    STEP_STATE,
+    Feeds,
+    TrainStep,
+    Update,
+    UpdateKind,
+    new_output,
+    stat_output,
+    state_name,
+)
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
+from graphc.options import NONNEGATIVE, Opt, fraction, positive
+from graphc.train_config import OptimizerSpec
 
-LR_INPUT = "#lr"
-STEP_STATE = "#step"
 UPDATE = frozenset({"update"})
 
 
 @dataclass
 class Updates:
-    """What an optimizer builds: new values by target (a parameter or a state slot), and the
-    state slots it reads, each with its type and initial fill value."""
+    """What an optimizer builds: new values by target (a parameter or a state slot), what each
+    is (its contract entry), and the state slots it reads, each with its type and initial fill
+    value."""
     new: dict[str, Node] = field(default_factory=dict)
+    kinds: dict[str, Update] = field(default_factory=dict)
     state: dict[str, tuple[TensorType, float]] = field(default_factory=dict)
 
+    def add(self, update: Update, node: Node) -> None:
+        self.new[update.target] = node
+        self.kinds[update.target] = update
 
-def state_name(param: str, slot: str) -> str:
-    # '#' starts a comment in .nn files, so no parameter name can collide with a state slot.
-    return f"{param}#{slot}"
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One optimizer, declared once: its option schema (in positional order, with defaults and
+    ranges: what a train block's call is checked against), its builder (the formulas, called as
+    build(param, **options)), a doc line, and the combinations of options it refuses."""
+    name: str
+    doc: str
+    options: dict[str, Opt]
+    build: Callable[..., Node]
+    refuse: Callable[[dict], tuple[str, str] | None] | None = None    # -> (why, hint) or None
+
+
+OPTIMIZERS: dict[str, Optimizer] = {}
+
+
+def optimizer(name: str, doc: str, refuse=None, **options: Opt):
+    """Declares the decorated builder as optimizer `name` with `options`."""
+    def register(build: Callable[..., Node]) -> Callable[..., Node]:
+        assert name not in OPTIMIZERS, f"internal error: optimizer {name} declared twice"
+        OPTIMIZERS[name] = Optimizer(name, doc, dict(options), build, refuse)
+        return build
+    return register
 
 
 @dataclass
@@ -58,8 +95,9 @@ class _Param:
         return op_table.source("state", self.node.type, loc=self.node.loc, name=name)
 
     def set(self, slot: str, value: Node) -> None:
-        self.updates.new[state_name(self.name, slot)] = op_table.renamed(
-            value, state_name(self.name, slot))
+        target = state_name(self.name, slot)
+        self.updates.add(Update(new_output(target), target, UpdateKind.SLOT, self.name, slot),
+                         op_table.renamed(value, target))
 
     def lerp(self, old: Node, new: Node, keep: float) -> Node:
         """keep * old + (1 - keep) * new: the exponential moving averages of RMSProp and Adam."""
@@ -79,6 +117,17 @@ class _Param:
         return e("sub", self.node, e("mul", lr, direction))
 
 
+def _nesterov_needs_momentum(o: dict) -> tuple[str, str] | None:
+    if o["nesterov"] and (o["momentum"] == 0 or o["dampening"]):
+        return ("Nesterov momentum needs a momentum and zero dampening",
+                "for example sgd(lr=0.01, momentum=0.9, nesterov=true)")
+    return None
+
+
+@optimizer("sgd", "stochastic gradient descent, with momentum, Nesterov momentum and dampening "
+           "(torch.optim.SGD)", _nesterov_needs_momentum,
+           lr=positive(required=True), momentum=fraction(0.0), nesterov=Opt("bool", False),
+           weight_decay=NONNEGATIVE, dampening=fraction(0.0, open_high=False))
 def _sgd(p: _Param, lr, momentum, nesterov, weight_decay, dampening) -> Node:
     e, g = p.e, p.decayed_grad(weight_decay)
     if momentum == 0.0:
@@ -93,6 +142,10 @@ def _sgd(p: _Param, lr, momentum, nesterov, weight_decay, dampening) -> Node:
     return p.descend(direction)
 
 
+@optimizer("adagrad", "per-element steps scaled by the root of the summed squared gradients "
+           "(torch.optim.Adagrad)",
+           lr=positive(required=True), eps=positive(default=1e-10),
+           initial_accumulator=NONNEGATIVE, weight_decay=NONNEGATIVE)
 def _adagrad(p: _Param, lr, eps, initial_accumulator, weight_decay) -> Node:
     e, g = p.e, p.decayed_grad(weight_decay)
     total = e("add", p.slot("sum", initial_accumulator), e("mul", g, g))
@@ -100,6 +153,10 @@ def _adagrad(p: _Param, lr, eps, initial_accumulator, weight_decay) -> Node:
     return p.descend(e("div", g, e("add", e("sqrt", total), p.c(eps))))
 
 
+@optimizer("rmsprop", "per-element steps scaled by a moving average of squared gradients "
+           "(torch.optim.RMSprop)",
+           lr=positive(required=True), alpha=fraction(0.99), eps=positive(default=1e-8),
+           momentum=fraction(0.0), centered=Opt("bool", False), weight_decay=NONNEGATIVE)
 def _rmsprop(p: _Param, lr, alpha, eps, momentum, centered, weight_decay) -> Node:
     e, g = p.e, p.decayed_grad(weight_decay)
     square_avg = p.lerp(p.slot("square_avg"), e("mul", g, g), alpha)
@@ -117,6 +174,10 @@ def _rmsprop(p: _Param, lr, alpha, eps, momentum, centered, weight_decay) -> Nod
     return p.descend(step)
 
 
+@optimizer("adam", "moving averages of the gradient and its square, bias-corrected "
+           "(torch.optim.Adam)",
+           lr=positive(required=True), beta1=fraction(0.9), beta2=fraction(0.999),
+           eps=positive(default=1e-8), weight_decay=NONNEGATIVE, amsgrad=Opt("bool", False))
 def _adam(p: _Param, lr, beta1, beta2, eps, weight_decay, amsgrad=False, decoupled=False) -> Node:
     e = p.e
     param = p.node
@@ -141,27 +202,23 @@ def _adam(p: _Param, lr, beta1, beta2, eps, weight_decay, amsgrad=False, decoupl
     return e("sub", param, e("mul", e("div", e("mul", p.lr, root2), bias1), direction))
 
 
+@optimizer("adamw", "Adam with decoupled weight decay (torch.optim.AdamW)",
+           lr=positive(required=True), beta1=fraction(0.9), beta2=fraction(0.999),
+           eps=positive(default=1e-8), weight_decay=Opt("float", 0.01, low=0))
 def _adamw(p: _Param, lr, beta1, beta2, eps, weight_decay) -> Node:
     return _adam(p, lr, beta1, beta2, eps, weight_decay, decoupled=True)
 
 
-# name -> builder(param, **options); the options and their defaults live in the front end's
-# train-block table (graphc/frontend/train_spec.py), which checks them before they get here.
-OPTIMIZERS: dict[str, Callable[..., Node]] = {
-    "sgd": _sgd, "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam, "adamw": _adamw,
-}
-
-
-def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, str]]) -> Updates:
+def build_updates(optimizer: OptimizerSpec, params: list[tuple[Node, Node, str]]) -> Updates:
     """Updates for `params`, a list of (param node, gradient node, role)."""
-    name, options = optimizer
-    rule = OPTIMIZERS[name]
+    name, options = optimizer.name, optimizer.options
+    rule = OPTIMIZERS[name].build
     updates = Updates()
     step = op_table.source("state", TensorType(DType.i64, ()), name=STEP_STATE)
     new_step = op_table.apply("add", [step, op_table.source("const", step.type, value=1)],
                               tags=UPDATE, name=STEP_STATE)
     updates.state[STEP_STATE] = (step.type, 0)
-    updates.new[STEP_STATE] = new_step
+    updates.add(Update(new_output(STEP_STATE), STEP_STATE, UpdateKind.STEP), new_step)
     lr_dtype = max((p.dtype for p, _, _ in params), key=lambda d: d.numpy.itemsize,
                    default=DType.f32)
     lr = op_table.source("input", TensorType(lr_dtype, ()), name=LR_INPUT)
@@ -171,28 +228,32 @@ def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, st
         p = _Param(node, grad, role, node_lr, e("cast", new_step, dtype=node.dtype.value), updates)
         new_value = rule(p, **options)
         assert new_value.type == node.type, f"internal error: {name} changes the type of {p.name}"
-        updates.new[p.name] = op_table.renamed(new_value, p.name)
+        updates.add(Update(new_output(p.name), p.name, UpdateKind.PARAM, p.name),
+                    op_table.renamed(new_value, p.name))
     return updates
 
 
-def train_step_graph(training: Graph, optimizer: tuple[str, dict],
-                     params: dict[str, tuple[TensorType, str]], clip_value: float | None = None,
-                     clip_norm: float | None = None
-                     ) -> tuple[Graph, dict[str, tuple[TensorType, float]]]:
+def train_step_graph(training: Graph, optimizer: OptimizerSpec,
+                     params: dict[str, tuple[TensorType, str]], stats: Sequence[str] = (),
+                     clip_value: float | None = None, clip_norm: float | None = None
+                     ) -> tuple[Graph, TrainStep, dict[str, tuple[TensorType, float]]]:
     """One graph for a whole training step: the loss of `training` (a lowered training-mode
-    graph), every parameter's gradient (clipped by value, then by global norm, where asked),
-    and the optimizer's updates, as outputs `loss` and `new TARGET`. Returns it with the
-    optimizer state it reads (name -> type, initial value)."""
+    graph whose running statistics `stats` are the outputs `stat_output(NAME)`), every parameter's
+    gradient (clipped by value, then by global norm, where asked), and the optimizer's updates,
+    as outputs `loss` and `new_output(TARGET)`. Returns it with its contract and the optimizer
+    state it reads (name -> type, initial value)."""
     loss = training.output_map["loss"]
     present = {n.attr["name"]: n for n in training.params}
     nodes = [present.get(name) or op_table.source("param", t, name=name)
              for name, (t, _) in params.items()]
     grads = clip_gradients(derive_backward(loss, nodes), clip_value, clip_norm)
     updates = build_updates(optimizer, [(n, grads[n], params[n.attr["name"]][1]) for n in nodes])
-    outputs = (("loss", loss),) + tuple((f"new {k}", v) for k, v in updates.new.items())
-    outputs += tuple((f"new {name[len('stat '):]}", node) for name, node in training.outputs
-                     if name.startswith("stat "))
-    return Graph(f"{training.name}.train_step", outputs, "train"), updates.state
+    contract = tuple(updates.kinds[k] for k in updates.new)
+    contract += tuple(Update(new_output(name), name, UpdateKind.STAT, name) for name in stats)
+    new = {**updates.new, **{name: training.output_map[stat_output(name)] for name in stats}}
+    outputs = (("loss", loss),) + tuple((u.output, new[u.target]) for u in contract)
+    graph = Graph(f"{training.name}.train_step", outputs, "train")
+    return graph, TrainStep("loss", contract, Feeds.of(graph, updates.state)), updates.state
 
 
 def clip_gradients(grads: dict[Node, Node], value: float | None, norm: float | None

@@ -141,7 +141,8 @@ def _one_blas_thread():
 
 
 def _train(job: dict) -> dict:
-    from graphc.compiler import build_program, check_source
+    from graphc.api import build_program
+    from graphc.compiler import check_source
     from graphc.runtime.train import Trainer, TrainSettings, prepare_data
     start = time.perf_counter()
     record = {k: job[k] for k in ("trial", "round", "index", "seed", "params", "epochs")}

@@ -148,7 +148,7 @@ def make_plan(checked, source: str, path: str, model: str | None, overrides: dic
             raise checked.src.error(f"metric val_accuracy needs a classifier; {model} is not one",
                                     config.locs.get("metric", config.block),
                                     "use metric = val_loss")
-    epochs = checked.trains[model].settings["epochs"]
+    epochs = checked.trains[model].epochs
     return Plan(source, str(path), model, config, epochs, str(Path(base_dir).resolve()),
                 str(Path(data_dir).resolve()) if data_dir else None, backend)
 

@@ -173,8 +173,9 @@ def _load_trainable(args):
             raise error("--model picks a model of a .nn file; an artifact holds one")
         program = load_artifact(path, backend=args.backend)
         return program, _source_dir(program)
+    from graphc.api import build_program
     from graphc.cli import report_lints
-    from graphc.compiler import build_program, check_source, read_source
+    from graphc.compiler import check_source, read_source
     checked = check_source(read_source(path), str(path))
     report_lints(checked, args.werror)
     program = build_program(checked, args.model, args.backend, args.seed)
@@ -189,11 +190,11 @@ def _source_dir(program) -> Path:
 
 def _headline(program, settings, data, run, done: int) -> str:
     sizes = data.describe()["sizes"]
-    name, options = settings.optimizer
+    name, options = settings.optimizer.name, settings.optimizer.options
     opts = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, False, 0, 0.0)
                      or k == "lr")
     what = "resuming" if done else "training"
-    return (f"{what} {program.name} on {settings.data[0]} ({sizes['train']:,} train / "
+    return (f"{what} {program.name} on {settings.data.name} ({sizes['train']:,} train / "
             f"{sizes['val']:,} val / {sizes['test']:,} test): {name}({opts}), "
             f"{settings.epochs} epochs of batch {settings.batch}, seed {settings.seed} -> {run.path}")
 

@@ -2,7 +2,10 @@
 
 Loading never executes anything from the files: JSON is parsed, arrays are read with
 `allow_pickle=False`, every node is rebuilt through the op table, and file hashes are checked.
-Every file is written to a temporary name and renamed into place, the manifest last.
+Every file is written to a temporary name and renamed into place, the manifest last. The train
+step's contract (graphc.ir.contract.TrainStep) is the manifest's `train_step` entry; artifacts of
+graphc 0.1.0 saved before it was recorded still load: their contract is derived from the train
+step's output names (TrainStep.of_legacy_graph).
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ def save_artifact(program, path) -> Path:
                     "init": [p.init[0], [list(kv) for kv in p.init[1]]]}
                    for p in program.param_info.values()],
         "files": {GRAPH_FILE: _sha256(graph_bytes), PARAMS_FILE: _sha256(params_bytes)},
+        **({"train_step": program.train_step_contract.to_json()}
+           if program.train_step_contract else {}),
         **program.meta,
     }
     atomic_write(out / GRAPH_FILE, graph_bytes)
@@ -79,7 +84,8 @@ def _shapes(value) -> bool:
 def load_artifact(path, backend: str | None = "numpy"):
     """Restore a `Program` from an artifact folder, on `backend` (None: the one its train block's
     `device` asks for). Any problem is a `GraphcError` naming the file."""
-    from graphc.runtime.program import ParamInfo, Program, StateInfo
+    from graphc.ir.contract import ParamInfo, StateInfo, TrainStep
+    from graphc.runtime.program import Program
 
     folder = Path(path)
     if not folder.is_dir():
@@ -129,6 +135,11 @@ def load_artifact(path, backend: str | None = "numpy"):
             raise ValueError(f"{GRAPH_FILE} has no forward graph")
         for key, graph in graphs.items():
             _check_sources(key, graph, infos, inputs, state)
+        train_step = None
+        if "train_step" in graphs:
+            train_step = (TrainStep.from_json(manifest["train_step"]) if "train_step" in manifest
+                          else TrainStep.of_legacy_graph(graphs["train_step"], infos, state))
+            _check_updates(graphs["train_step"], train_step, infos, state)
     except GraphcError:
         raise
     except NotImplementedError as err:
@@ -142,7 +153,7 @@ def load_artifact(path, backend: str | None = "numpy"):
         raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad seed, task, train or "
                     f"batch_norm entry")
     return Program(model, graphs, infos, values, backend=backend_for(meta.get("train"), backend),
-                   meta=meta, state=state)
+                   meta=meta, state=state, train_step=train_step)
 
 
 def _reason(err: Exception) -> str:
@@ -167,6 +178,20 @@ def _check_sources(key: str, graph, infos: dict, inputs: dict, state: dict) -> N
             if want != node.type:
                 raise ValueError(f"graph {key} uses {node.op} {name} as {node.type}, the manifest "
                                  f"says {want}")
+
+
+def _check_updates(graph, train_step, infos: dict, state: dict) -> None:
+    """Each update of the train step's contract names an output of its graph and a parameter or
+    state slot of the manifest's, of that output's type."""
+    outputs = graph.output_map
+    for u in train_step.updates:
+        table = state if u.in_state else infos
+        if u.output not in outputs or u.target not in table:
+            raise ValueError(f"train-step update {u.output!r} -> {u.target!r} names no output or "
+                             f"no {'state' if u.in_state else 'parameter'} of the artifact")
+        if outputs[u.output].type != table[u.target].type:
+            raise ValueError(f"train-step update {u.output!r} is {outputs[u.output].type}, "
+                             f"{u.target} is {table[u.target].type}")
 
 
 def _load_params(path: Path, data: bytes, infos: dict) -> dict[str, np.ndarray]:

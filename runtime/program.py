@@ -4,41 +4,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, MutableMapping
-from dataclasses import dataclass
 
 import numpy as np
 
 from graphc.backends import BACKEND_NAMES, PRECISIONS
 from graphc.backends.numpy.executor import BACKENDS
 from graphc.errors import GraphcError, did_you_mean, error
+from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exported)
+    FED_INPUTS,
+    RNG_INPUT,
+    ParamInfo,
+    StateInfo,
+    TrainStep,
+    grad_output,
+    rng_key,
+)
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str
-    type: TensorType
-    role: str              # weight | bias | other
-    init: tuple            # (initializer, ((option, value), ...))
-
-    @property
-    def count(self) -> int:
-        return self.type.size()
-
-
-@dataclass(frozen=True)
-class StateInfo:
-    """One slot of optimizer state (a moment, an accumulator, the step count)."""
-    name: str
-    type: TensorType
-    init: float
-
-    def initial(self) -> np.ndarray:
-        return np.full(bind_shape(self.type.shape, {}), self.init, dtype=self.type.dtype.numpy)
-
-
-STEP_STATE, LR_INPUT, RNG_INPUT = "#step", "#lr", "#rng"
+from graphc.train_config import OptimizerSpec, call_from_json
 
 
 def executor_class(backend: str):
@@ -50,11 +33,6 @@ def executor_class(backend: str):
         from graphc.backends.cuda.executor import CUDAExecutor
         return CUDAExecutor
     return BACKENDS[backend]
-
-
-def rng_key(seed: int, step: int) -> int:
-    """The random key of a training step: dropout masks are a function of (seed, step) alone."""
-    return ((seed & 0x7FFFFFFF) << 32) | (step & 0xFFFFFFFF)
 
 
 class Loss:
@@ -134,7 +112,8 @@ class Program:
 
     def __init__(self, name: str, graphs: dict[str, Graph], params: dict[str, ParamInfo],
                  values: dict[str, np.ndarray], backend: str = "numpy", meta: dict | None = None,
-                 state: dict[str, StateInfo] | None = None):
+                 state: dict[str, StateInfo] | None = None, train_step: TrainStep | None = None):
+        """`train_step`: the contract of graph `train_step`, which it must come with."""
         if backend not in BACKEND_NAMES:
             raise error(f"unknown backend '{backend}'",
                         hint=did_you_mean(backend, BACKEND_NAMES) or f"backends: {', '.join(BACKEND_NAMES)}")
@@ -143,12 +122,15 @@ class Program:
         self.params = ParamStore(params, values, sync=self.sync)
         self.meta = dict(meta or {})
         self.state_info = dict(state or {})
+        assert ("train_step" in graphs) == (train_step is not None), (
+            f"internal error: program {name}: a train_step graph comes with its contract")
+        self.train_step_contract = train_step
         self.precision = "f32"                  # of matrix products (use_precision)
         self._executors: dict = {}
         self._state: dict[str, np.ndarray] = {}
         self.reset_state()
         executor = executor_class(backend)
-        self._executors = {key: executor(g) for key, g in graphs.items()}
+        self._executors = {key: executor(g, self.updates(key)) for key, g in graphs.items()}
         if hasattr(executor, "link"):           # compiled backends build all graphs as one module
             executor.link(self._executors)
         self._checked_feeds: dict[tuple, dict[str, int]] = {}
@@ -158,17 +140,19 @@ class Program:
         # Training and evaluation also take the labels the loss compares with.
         self.train_inputs = _user_inputs(graphs.get("evaluate", forward))
         train = self.meta.get("train") or {}
-        optimizer = train.get("optimizer")
-        self.optimizer: str | None = optimizer[0] if optimizer else None
-        self.lr: float = float(optimizer[1]["lr"]) if optimizer else 0.0
+        optimizer = call_from_json(OptimizerSpec, train["optimizer"]) if train.get("optimizer") else None
+        self.optimizer: str | None = optimizer.name if optimizer else None
+        self.lr: float = optimizer.lr if optimizer else 0.0
         self.seed: int = int(self.meta.get("seed", 0))
+        feeds = train_step.feeds if train_step else None
+        self._lr_input = feeds.lr if feeds else None
+        self._step_state = feeds.step if feeds else None
         self._lr_dtype = next((n.type.dtype.numpy for n in graphs["train_step"].inputs
-                               if n.attr["name"] == LR_INPUT), None) if "train_step" in graphs else None
-        self._lr_fed: tuple = (None, None)      # (self.lr, the #lr array made of it)
-        # The train step's `new X` outputs: (output, X, whether X is optimizer state).
-        self._new_values = [(name, name[4:], name[4:] in self.state_info)
-                            for name, _ in graphs["train_step"].outputs
-                            if name.startswith("new ")] if "train_step" in graphs else []
+                               if n.attr["name"] == self._lr_input), None) if feeds else None
+        self._lr_fed: tuple = (None, None)      # (self.lr, the learning-rate array made of it)
+        # The train step's updates: (output, target, whether the target is optimizer state).
+        self._new_values = [(u.output, u.target, u.in_state)
+                            for u in train_step.updates] if train_step else []
         # The graphs with dropout read the step's random key; the others are not given one.
         self._reads_rng = {key: any(n.attr["name"] == RNG_INPUT for n in g.inputs)
                            for key, g in graphs.items()}
@@ -203,6 +187,12 @@ class Program:
                 return executor.cached_object()
         return None
 
+    def updates(self, graph: str) -> tuple:
+        """The updates (graphc.ir.contract.Update) that graph `graph` makes: those of the train
+        step's contract for `train_step`, none for the others."""
+        contract = self.train_step_contract
+        return contract.updates if graph == "train_step" and contract else ()
+
     @property
     def graph(self) -> Graph:
         return self.graphs["forward"]
@@ -211,7 +201,8 @@ class Program:
     def step(self) -> int:
         """Training steps taken so far."""
         # The step count is current on the host on every backend (the cuda one returns it).
-        return int(self._state[STEP_STATE]) if STEP_STATE in self._state else 0
+        step = self._step_state
+        return int(self._state[step]) if step in self._state else 0
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -268,7 +259,7 @@ class Program:
         """The training loss on `batch` (dropout on, keyed by the current step) and the gradient of
         every parameter. Changes nothing."""
         out = self._run("loss_and_grads", batch, rng=True)
-        grads = {name: out[f"grad {name}"] if f"grad {name}" in out
+        grads = {name: out[grad_output(name)] if grad_output(name) in out
                  else np.zeros_like(self.params[name]) for name in self.params}
         return float(out["loss"]), grads
 
@@ -287,13 +278,14 @@ class Program:
                                + ("the model has no loss" if "evaluate" not in self.graphs
                                   else f"the file has no `train {self.name} {{ ... }}` block"))
         executor = self._executors["train_step"]
-        feeds = self._train_feeds("train_step", batch, {LR_INPUT: self._lr_array()})
+        extra = {self._lr_input: self._lr_array()} if self._lr_input else {}
+        feeds = self._train_feeds("train_step", batch, extra)
         if getattr(executor, "queues", False):
             pending = self._device_call(executor.submit, *feeds)
             # The device advances its step count in place; the host's copy follows it, so the
             # next step's random key needs no read back.
-            if STEP_STATE in self._state:
-                self._state[STEP_STATE][()] += 1
+            if self._step_state in self._state:
+                self._state[self._step_state][()] += 1
             return Loss(lambda: self._device_call(pending.result)["loss"], pending.ready)
         out = executor.run(*feeds)
         state, params = self._state, self.params._values
@@ -323,7 +315,7 @@ class Program:
             raise
 
     def _lr_array(self) -> np.ndarray:
-        """`self.lr` as the train step's #lr input: made once per value (a schedule changes it
+        """`self.lr` as the train step's learning-rate input: made once per value (a schedule changes it
         now and then, every step reads it), read-only since every step shares it."""
         lr, array = self._lr_fed
         if lr != self.lr or array is None:
@@ -421,8 +413,8 @@ class Program:
 
 
 def _user_inputs(graph: Graph) -> dict[str, TensorType]:
-    # '#' names (#lr, #rng) are fed by the program itself.
-    return {n.attr["name"]: n.type for n in graph.inputs if not n.attr["name"].startswith("#")}
+    # The learning rate and the random key are fed by the program itself.
+    return {n.attr["name"]: n.type for n in graph.inputs if n.attr["name"] not in FED_INPUTS}
 
 
 def _convert(name: str, array: np.ndarray, ttype: TensorType) -> np.ndarray:

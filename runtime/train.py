@@ -22,6 +22,7 @@ from graphc.runtime.numerics import Divergence, Snapshot, locate_non_finite, ste
 from graphc.runtime.program import Loss
 from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
+from graphc.train_config import TrainConfig
 
 EVAL_BATCH = 2048
 # Fault injection for the crash-safety tests: the process kills itself (SIGKILL, no cleanup) just
@@ -29,25 +30,9 @@ EVAL_BATCH = 2048
 KILL_AT_STEP = "GRAPHC_FAULT_KILL_AT_STEP"
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """A train block after command-line overrides."""
-    data: tuple[str, dict]
-    optimizer: tuple[str, dict]
-    schedule: tuple[str, dict]
-    early_stop: dict | None
-    batch: int
-    epochs: int
-    seed: int
-    validation: float
-    test: float
-    scale: str
-    augment: tuple[tuple[str, dict], ...] = ()     # training batches only, in this order
-    device: str = "cpu"                             # the backend without --backend (backend_for)
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer[1]["lr"])
+class TrainSettings(TrainConfig):
+    """A train block (graphc.train_config.TrainConfig, read from the program's JSON) after
+    command-line overrides."""
 
     @classmethod
     def of(cls, program, **overrides) -> TrainSettings:
@@ -58,39 +43,15 @@ class TrainSettings:
                         hint=f"add `train {program.name} {{ optimizer = adam(lr=1e-3) }}` to its "
                              f"file")
         try:
-            early = train.get("early_stop")
-            settings = cls(data=_call(train["data"]), optimizer=_call(train["optimizer"]),
-                           schedule=_call(train["schedule"]),
-                           early_stop=dict(_call(early)[1]) if early else None,
-                           batch=int(train["batch"]), epochs=int(train["epochs"]),
-                           seed=int(train["seed"]), validation=float(train["validation"]),
-                           test=float(train["test"]), scale=str(train["scale"]),
-                           augment=tuple(_call(a) for a in train.get("augment") or ()),
-                           device=str(train.get("device", "cpu")))
-            if settings.schedule[0] not in SCHEDULES:
-                raise ValueError(f"unknown schedule {settings.schedule[0]!r}")
+            settings = cls.from_json(program.name, train)
+            if settings.schedule.name not in SCHEDULES:
+                raise ValueError(f"unknown schedule {settings.schedule.name!r}")
         except (KeyError, TypeError, ValueError) as err:
             raise error(f"model {program.name}: malformed train settings ({err})") from None
         lr = overrides.pop("lr", None)
         if lr is not None:
-            settings = replace(settings, optimizer=(settings.optimizer[0],
-                                                    {**settings.optimizer[1], "lr": lr}))
+            settings = replace(settings, optimizer=settings.optimizer.with_options(lr=lr))
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-
-    def to_json(self) -> dict:
-        return {"data": list(self.data), "optimizer": list(self.optimizer),
-                "schedule": list(self.schedule),
-                "early_stop": ["early_stop", self.early_stop] if self.early_stop else None,
-                "batch": self.batch, "epochs": self.epochs, "seed": self.seed,
-                "validation": self.validation, "test": self.test, "scale": self.scale,
-                "augment": [list(a) for a in self.augment], "device": self.device}
-
-
-def _call(value) -> tuple[str, dict]:
-    name, options = value
-    if not isinstance(name, str) or not isinstance(options, dict):
-        raise ValueError(f"expected [name, {{options}}], got {value!r}")
-    return name, options
 
 
 @dataclass
@@ -192,7 +153,7 @@ class Trainer:
         self.best_params: dict[str, np.ndarray] | None = None
         program.seed = settings.seed
         program.lr = self.schedule.lr
-        rule = settings.early_stop or {}
+        rule = settings.early_stop.options if settings.early_stop else {}
         self.monitor = rule.get("on", "val_loss")
         self.patience = rule.get("patience")
         self.augmenter = _augmenter(program, settings, data.features)

@@ -139,7 +139,8 @@ class Emulated:
 
     @classmethod
     def of(cls, program) -> Emulated:
-        return cls({key: plan_kernels(graph) for key, graph in program.graphs.items()})
+        return cls({key: plan_kernels(graph, program.updates(key))
+                    for key, graph in program.graphs.items()})
 
     def run(self, key: str, feeds: dict, params: dict, state: dict, dims: dict) -> dict:
         """Outputs of graph `key`; params and state are updated in place where the plan says."""

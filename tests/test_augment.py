@@ -450,9 +450,9 @@ def test_augment_is_checked_against_the_model_input():
 
 def test_the_resolved_block_lists_the_augmentations():
     checked = check_source(model_text("[shift(2), flip(vertical, p=0.25)]"))
-    assert checked.trains["m"].settings["augment"] == [
-        ("shift", {"pixels": 2}), ("flip", {"direction": "vertical", "p": 0.25})]
-    assert check_source(model_text("[]")).trains["m"].settings["augment"] == []
+    assert checked.trains["m"].augment == (
+        ("shift", {"pixels": 2}), ("flip", {"direction": "vertical", "p": 0.25}))
+    assert check_source(model_text("[]")).trains["m"].augment == ()
 
 
 # --- graphc train, interrupted and resumed --------------------------------------------------------

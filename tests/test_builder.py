@@ -159,12 +159,12 @@ def test_train_block_is_checked_and_resolved():
         output x }
     train m { data = digits; optimizer = sgd(0.1, momentum=0.9); batch = 32
               schedule = plateau(patience=3); early_stop = early_stop(5) }"""
-    cfg = check_source(src, "t.nn").trains["m"].settings
-    assert cfg["optimizer"] == ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": False,
-                                        "weight_decay": 0.0, "dampening": 0.0})
-    assert cfg["batch"] == 32 and cfg["epochs"] == 10 and cfg["seed"] == 0
-    assert cfg["schedule"][0] == "plateau" and cfg["early_stop"] == ("early_stop",
-                                                                     {"patience": 5, "on": "val_loss"})
+    cfg = check_source(src, "t.nn").trains["m"]
+    assert cfg.optimizer == ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": False,
+                                     "weight_decay": 0.0, "dampening": 0.0})
+    assert cfg.batch == 32 and cfg.epochs == 10 and cfg.seed == 0
+    assert cfg.schedule.name == "plateau" and cfg.early_stop == ("early_stop",
+                                                                 {"patience": 5, "on": "val_loss"})
 
 
 # --- the Python API --------------------------------------------------------------------------------

@@ -255,7 +255,7 @@ def test_evaluation_handles_a_batch_of_one():
 
 def test_regularization_and_gradients_never_reach_batchnorm_statistics():
     ir = check_source(CNN).pick(None)
-    graphs, state = program_graphs(ir, check_source(CNN).trains["cnn"])
+    graphs, state, _ = program_graphs(ir, check_source(CNN).trains["cnn"])
     grads = {name for name, _ in graphs["loss_and_grads"].outputs if name.startswith("grad ")}
     assert "grad h.batchnorm.running_mean" not in grads and "grad h.conv.W" in grads
     assert not any("running" in name for name in state)          # no momentum buffers for them
@@ -266,7 +266,7 @@ def test_regularization_and_gradients_never_reach_batchnorm_statistics():
 
 def test_monte_carlo_dropout_keeps_batchnorm_in_evaluation_mode():
     ir = check_source(CNN).pick(None)
-    graphs, _ = program_graphs(ir, None)
+    graphs, _, _ = program_graphs(ir, None)
     reads = {n.attr["name"] for n in graphs["sample"].nodes() if n.op == "param"}
     assert "h.batchnorm.running_mean" in reads           # evaluation mode reads the running stats
     assert any(n.op == "uniform" for n in graphs["sample"].nodes())   # dropout is on

@@ -36,7 +36,7 @@ def _nvcc(source: str, tmp_path: Path, name: str, *flags: str) -> subprocess.Com
 
 
 def _plans(program) -> dict:
-    return {key: plan_kernels(graph) for key, graph in program.graphs.items()}
+    return {key: plan_kernels(graph, program.updates(key)) for key, graph in program.graphs.items()}
 
 
 @needs_nvcc
@@ -88,7 +88,7 @@ def test_each_kernel_gets_the_shape_of_launch_its_work_wants():
     text, launches = codegen.render_module(_plans(program))
     kinds = {launch.kind for launch in launches["train_step"]}
     assert kinds == {"points", "rows", "outputs", "gemm"}
-    plan = plan_kernels(program.graphs["train_step"])
+    plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"))
     # Every kernel of the plan runs in exactly one launch; fewer launches than kernels.
     ran = sorted(i for launch in launches["train_step"] for i in launch.kernels)
     assert ran == list(range(len(plan.kernels)))
@@ -117,7 +117,7 @@ def test_the_optimizer_updates_every_parameter_in_at_most_one_launch_besides_gem
     """Weights are updated in the epilogue of the GEMM computing their gradient; what is left
     (the biases) in one launch over the concatenation of their spaces."""
     program = graphc.compile_file(path)
-    plan = plan_kernels(program.graphs["train_step"])
+    plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"))
     _, launches = codegen.render_module({"train_step": plan})
     updating = [launch for launch in launches["train_step"] if _written_params(plan, launch)]
     assert set().union(*(_written_params(plan, launch) for launch in updating)) == set(program.params)
@@ -154,7 +154,7 @@ def test_launch_order_keeps_the_arena_safe():
     places two of them in the same memory."""
     from graphc.backends.kernels.memory import lifetimes
     program = graphc.compile_file("bench/models/mnist_mlp.nn")
-    plan = plan_kernels(program.graphs["train_step"])
+    plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"))
     launched = codegen.launched(plan)
     arena = plan_arena(launched, {"N": 64})
     live = lifetimes(launched)

@@ -12,7 +12,7 @@ from test_llvm_backend import TRAIN_TOLERANCES, assert_close
 
 import graphc
 from graphc.backends.kernels import plan_kernels
-from graphc.runtime.program import LR_INPUT, RNG_INPUT, rng_key
+from graphc.ir.contract import LR_INPUT, RNG_INPUT, rng_key
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="the CUDA emulator compiles with g++")
 

@@ -19,14 +19,16 @@ from graphc.cli import main
 MODELS = sorted(Path("models").glob("*.nn"))
 
 
-def _graphs(path):
+def _plans(path):
+    """Each graph of the model's program with its kernel plan (the train step's updates in place,
+    as its contract says)."""
     program = graphc.compile_file(path)
-    return program.graphs
+    return {key: (graph, plan_kernels(graph, program.updates(key)))
+            for key, graph in program.graphs.items()}
 
 
 def test_optimizer_update_of_each_parameter_is_one_in_place_kernel():
-    graph = _graphs("models/mnist_mlp.nn")["train_step"]
-    plan = plan_kernels(graph)
+    graph, plan = _plans("models/mnist_mlp.nn")["train_step"]
     for param in ("W1", "b1", "W2", "b2"):
         writers = [k for k in plan.kernels
                    if any(s.node is not None and s.node is dict(graph.outputs).get(f"new {param}")
@@ -45,8 +47,7 @@ def test_optimizer_update_of_each_parameter_is_one_in_place_kernel():
 
 
 def test_layout_ops_become_strides_not_kernels():
-    graph = _graphs("models/mnist_mlp.nn")["train_step"]
-    plan = plan_kernels(graph)
+    graph, plan = _plans("models/mnist_mlp.nn")["train_step"]
     ops = {n.op for k in plan.kernels for n in k.nodes}
     assert not ops & {"transpose", "broadcast_to", "reshape"}
     # the weight gradient x^T @ delta reads x through transposed strides
@@ -67,8 +68,7 @@ def test_coalesce_merges_contiguous_axes():
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
 def test_arena_never_overlaps_live_buffers(path):
-    for graph in _graphs(path).values():
-        plan = plan_kernels(graph)
+    for graph, plan in _plans(path).values():
         dims = dict.fromkeys(plan.symbols, 7)
         arena = plan_arena(plan, dims)
         live = lifetimes(plan)
@@ -226,10 +226,10 @@ def test_an_unchanged_build_is_copied_from_the_build_cache(tmp_path, monkeypatch
     build = ["build", str(model), "--backend", "llvm"]
     assert main(build + ["-o", str(tmp_path / "a")]) == 0
     first = capsys.readouterr().out
-    import graphc.compiler
+    import graphc.api
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again although nothing changed")
-    monkeypatch.setattr(graphc.compiler, "build_program", no_compiling)
+    monkeypatch.setattr(graphc.api, "build_program", no_compiling)
     assert main(build + ["-o", str(tmp_path / "b")]) == 0
     again = capsys.readouterr().out
     assert again == first.replace(str(tmp_path / "a"), str(tmp_path / "b"))

@@ -100,7 +100,8 @@ def shapes_of(feeds: dict) -> str:
 def llvm_twin(ref: Program) -> Program:
     """The same graphs, parameters and metadata on the llvm backend."""
     return Program(ref.name, ref.graphs, ref.param_info, {k: v.copy() for k, v in ref.params.items()},
-                   backend="llvm", meta=ref.meta, state=ref.state_info)
+                   backend="llvm", meta=ref.meta, state=ref.state_info,
+                   train_step=ref.train_step_contract)
 
 
 def quiet():

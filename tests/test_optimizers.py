@@ -535,3 +535,40 @@ def test_matches_torch_optim(torch, name, options):
         np.testing.assert_allclose(got_loss, loss.item(), rtol=1e-10)
         np.testing.assert_allclose(p.params["W"], W.detach().numpy(), **TOL, err_msg=f"W, {t}")
         np.testing.assert_allclose(p.params["b"], b.detach().numpy(), **TOL, err_msg=f"b, {t}")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: each optimizer is one declaration (graphc/optim.py), which the train block's
+# checks read; nothing else lists optimizers or their options.
+# --------------------------------------------------------------------------------------------
+
+def test_each_optimizer_is_one_declaration_that_the_train_block_reads():
+    import inspect
+    from pathlib import Path
+
+    from graphc.frontend.train_spec import SETTINGS
+    from graphc.optim import OPTIMIZERS
+    assert SETTINGS["optimizer"][1] == {name: o.options for name, o in OPTIMIZERS.items()}
+    # Every optimizer has its reference here, whose defaults are the declared ones.
+    for name, o in OPTIMIZERS.items():
+        reference = inspect.signature(globals()[f"ref_{name}"]).parameters
+        assert {k: reference[k].default for k in o.options if k != "lr"} == \
+            {k: opt.default for k, opt in o.options.items() if k != "lr"}, name
+    training_doc = (Path(__file__).parent.parent / "docs/training.md").read_text()
+    for name, o in OPTIMIZERS.items():
+        assert o.name == name and o.doc and "lr" in o.options and o.options["lr"].required
+        # The builder takes exactly the declared options, in their (positional) order; anything
+        # after them is its own keyword with a default.
+        params = list(inspect.signature(o.build).parameters.values())[1:]
+        assert [p.name for p in params[:len(o.options)]] == list(o.options), name
+        assert all(p.default is not inspect.Parameter.empty for p in params[len(o.options):])
+        assert all(opt.required or opt.default is not None for opt in o.options.values()), name
+        assert f"`{name}(lr" in training_doc, f"docs/training.md does not describe {name}"
+
+
+def test_an_optimizer_refuses_what_its_declaration_refuses():
+    from graphc.compiler import check_source
+    with pytest.raises(graphc.GraphcError, match="Nesterov momentum needs a momentum"):
+        check_source("model m { input x: f32[N, 2]  param w: f32[2] = zeros()\n"
+                     "  output y = x * w  loss = sum(y) }\n"
+                     "train m { optimizer = sgd(lr=0.1, nesterov=true) }")

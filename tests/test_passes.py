@@ -273,8 +273,9 @@ def model_graphs(path, chosen=None):
     checked = check_source(path.read_text(), str(path))
     ir = checked.pick(None)
     with pipeline(chosen if chosen is not None else list(PIPELINE)):
-        graphs, state = program_graphs(ir, checked.trains.get(ir.name), VERIFY)
-    return graphs, state, ir
+        graphs, state, train_step = program_graphs(ir, checked.trains.get(ir.name), VERIFY)
+    updates = {"train_step": train_step.updates} if train_step else {}
+    return graphs, state, ir, updates
 
 
 def random_run_args(graph: Graph, state_info: dict, ir, batch: int):
@@ -302,14 +303,14 @@ def random_run_args(graph: Graph, state_info: dict, ir, batch: int):
 
 @pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])
 def test_pipeline_keeps_every_program_graph_within_1e6(path):
-    optimized, state_info, ir = model_graphs(path)
-    plain, _, _ = model_graphs(path, REFERENCE)
+    optimized, state_info, ir, updates = model_graphs(path)
+    plain, _, _, _ = model_graphs(path, REFERENCE)
     batch_norm = any(p.role == "stat" for p in ir.params.values())
     for key, graph in optimized.items():
         assert len(graph.nodes()) <= len(plain[key].nodes()), key
         feeds, params, dims, state = random_run_args(graph, state_info, ir, batch=6)
         want = reference_run(plain[key], feeds, params, dims, state)
-        got = NumpyExecutor(graph).run(feeds, params, dims, state)
+        got = NumpyExecutor(graph, updates.get(key, ())).run(feeds, params, dims, state)
         assert got.keys() == want.keys()
         # Batch norm's backward subtracts batch means of products: in f32 that cancellation leaves
         # gradient elements (a bias before batch norm has none at all) far below the gradients'
@@ -321,8 +322,8 @@ def test_pipeline_keeps_every_program_graph_within_1e6(path):
 
 
 def test_pipeline_shrinks_the_mnist_train_step():
-    optimized, _, _ = model_graphs(REPO / "models/mnist_mlp.nn")
-    plain, _, _ = model_graphs(REPO / "models/mnist_mlp.nn", REFERENCE)
+    optimized, _, _, _ = model_graphs(REPO / "models/mnist_mlp.nn")
+    plain, _, _, _ = model_graphs(REPO / "models/mnist_mlp.nn", REFERENCE)
     before, after = plain["train_step"].nodes(), optimized["train_step"].nodes()
     assert len(after) < len(before) - 10
     ops = [n.op for n in after]
@@ -356,9 +357,9 @@ def reference_run(graph: Graph, feeds, params, dims, state) -> dict[str, np.ndar
 
 @pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])
 def test_executor_matches_node_by_node_evaluation_bit_for_bit(path):
-    graphs, state_info, ir = model_graphs(path)
+    graphs, state_info, ir, updates = model_graphs(path)
     for key, graph in graphs.items():
-        ex = NumpyExecutor(graph)
+        ex = NumpyExecutor(graph, updates.get(key, ()))
         handed_out = []
         for batch in (4, 7, 4):                  # plans per batch shape, buffers reused
             feeds, params, dims, state = random_run_args(graph, state_info, ir, batch)

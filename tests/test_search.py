@@ -347,7 +347,7 @@ def test_the_command_writes_results_and_a_best_nn_that_trains(tmp_path, capsys, 
     module = parse(best_text, "best.nn")
     assert not module.searches and module.trains
     checked = check_source(best_text, "best.nn")
-    assert checked.trains["tiny"].settings["optimizer"][1]["lr"] == winner["params"]["lr"]
+    assert checked.trains["tiny"].optimizer.options["lr"] == winner["params"]["lr"]
     from graphc.cli import main
     monkeypatch.chdir(tmp_path)
     assert main(["train", str(out / "best.nn"), "--epochs", "1", "--out", "run", "--quiet"]) == 0
@@ -367,7 +367,7 @@ def test_best_source_adds_settings_the_train_block_leaves_out(tmp_path):
     space = checked.searches["tiny"].space
     new = best_source(text, parse(text, "s.nn"), "tiny", space,
                       {"clip_grad_norm": 1.25, "weight_decay": 0.01}, "# best\n")
-    settings = check_source(new, "best.nn").trains["tiny"].settings
-    assert settings["clip_grad_norm"] == 1.25
-    assert settings["optimizer"] == ("adam", {**checked.trains["tiny"].settings["optimizer"][1],
-                                              "weight_decay": 0.01})
+    settings = check_source(new, "best.nn").trains["tiny"]
+    assert settings.clip_grad_norm == 1.25
+    assert settings.optimizer == ("adam", {**checked.trains["tiny"].optimizer.options,
+                                           "weight_decay": 0.01})

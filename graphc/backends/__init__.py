@@ -1,6 +1,5 @@
 """The backends' names, known without importing any of them (the CLI's choices)."""
 BACKEND_NAMES = ("numpy", "llvm", "cuda")
-DEVICES = ("cpu", "cuda")          # a train block's `device`
 PRECISIONS = ("f32", "tf32")       # of matrix products; tf32 on the cuda backend only
 
 

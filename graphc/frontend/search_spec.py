@@ -9,7 +9,9 @@ from typing import Any
 
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
-from graphc.frontend.train_spec import OPTIMIZERS, SETTINGS, Opt, TrainConfig, _Checker
+from graphc.frontend.train_spec import OPTIMIZER_OPTIONS, SETTINGS, _Checker
+from graphc.options import Opt
+from graphc.train_config import TrainConfig
 
 METHODS = ("random", "grid", "coarse_to_fine")
 # What the train loop reports after each epoch (and at the end), and which way is better.
@@ -94,7 +96,7 @@ def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> Sea
     """Check every setting of a search block against the train block it varies; all mistakes of
     the block in one GraphcError."""
     checker = _Checker(src)
-    optimizer, _ = train.settings["optimizer"]
+    optimizer = train.optimizer.name
     options: dict[str, Any] = {}
     space: dict[str, Dimension] = {}
     locs: dict[str, SourceLoc] = {}
@@ -120,7 +122,7 @@ def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> Sea
             "add a space entry, for example lr = loguniform(1e-4, 1e-1)"))
     if checker.errors:
         raise GraphcError(checker.errors)
-    config = SearchConfig(search.model, space, default_seed=train.settings["seed"], locs=locs,
+    config = SearchConfig(search.model, space, default_seed=train.seed, locs=locs,
                           written=options, block=search.name_loc)
     return resolve(config, src)
 
@@ -158,7 +160,7 @@ def _dimension(checker: _Checker, s: ast.Setting, optimizer: str) -> Dimension:
 
 def _target(checker: _Checker, s: ast.Setting, optimizer: str) -> tuple[Opt, bool]:
     """The rule of the train setting or optimizer option that a space entry varies."""
-    options = OPTIMIZERS[optimizer]
+    options = OPTIMIZER_OPTIONS[optimizer]
     if s.name in options:
         return options[s.name], True
     if s.name in SEARCHABLE:
@@ -168,7 +170,7 @@ def _target(checker: _Checker, s: ast.Setting, optimizer: str) -> tuple[Opt, boo
                      "each trial's seed is derived from the search seed" if s.name == "seed"
                      else f"searchable: {', '.join(list(options) + list(SEARCHABLE))}")
     known = list(OPTIONS) + list(options) + list(SEARCHABLE)
-    owners = [name for name, opts in OPTIMIZERS.items() if s.name in opts]
+    owners = [name for name, opts in OPTIMIZER_OPTIONS.items() if s.name in opts]
     owned = " and ".join([", ".join(owners[:-1]), owners[-1]] if len(owners) > 1 else owners)
     hint = did_you_mean(s.name, known) or (
         f"{s.name} is an option of {owned}; this train block's optimizer is {optimizer}"
@@ -220,16 +222,9 @@ def resolve(config: SearchConfig, src: SourceText, **overrides) -> SearchConfig:
 
 def apply_params(train: TrainConfig, space: dict[str, Dimension], params: dict) -> TrainConfig:
     """The train block with one trial's values in place."""
-    settings = dict(train.settings)
-    name, options = settings["optimizer"]
-    options = dict(options)
-    for key, value in params.items():
-        if space[key].optimizer:
-            options[key] = value
-        else:
-            settings[key] = value
-    settings["optimizer"] = (name, options)
-    return TrainConfig(train.model, settings)
+    options = {k: v for k, v in params.items() if space[k].optimizer}
+    settings = {k: v for k, v in params.items() if not space[k].optimizer}
+    return replace(train, optimizer=train.optimizer.with_options(**options), **settings)
 
 
 def best_source(text: str, module: ast.Module, model: str, space: dict[str, Dimension],
@@ -280,10 +275,10 @@ def _optimizer_text(text: str, expr: ast.Expr, values: dict, at) -> str:
     else:
         name, args, kwargs = expr.func, expr.args, expr.kwargs
     written = {}
-    for key, arg in list(zip(OPTIMIZERS[name], args)) + [(k.name, k.value) for k in kwargs]:
+    for key, arg in list(zip(OPTIMIZER_OPTIONS[name], args)) + [(k.name, k.value) for k in kwargs]:
         written[key] = text[at(arg.loc.line, arg.loc.col):at(arg.loc.end_line, arg.loc.end_col)]
     merged = {**written, **{k: _literal(v) for k, v in values.items()}}
-    ordered = [k for k in OPTIMIZERS[name] if k in merged]
+    ordered = [k for k in OPTIMIZER_OPTIONS[name] if k in merged]
     return f"{name}({', '.join(f'{k}={merged[k]}' for k in ordered)})"
 
 

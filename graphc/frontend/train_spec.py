@@ -1,52 +1,30 @@
 """The `train` block: every setting checked (known names, types, ranges) with errors at the
-offending line, and resolved into a plain `TrainConfig` that the training runtime consumes."""
+offending line, and resolved into a typed `TrainConfig` (graphc/train_config.py) that the compiler
+and the training runtime consume."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from graphc.backends import DEVICES
+from graphc.augment_rules import fit_problem, image_shape
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.ir.node import topo_order
-from graphc.runtime.augment import fit_problem, image_shape
+from graphc.optim import OPTIMIZERS
+from graphc.options import NONNEGATIVE, Opt, fraction, positive
+from graphc.train_config import (
+    DEVICES,
+    AugmentSpec,
+    DataSpec,
+    EarlyStopSpec,
+    OptimizerSpec,
+    ScheduleSpec,
+    TrainConfig,
+)
 
+_pos, _frac, _NONNEG = positive, fraction, NONNEGATIVE
 
-@dataclass(frozen=True)
-class Opt:
-    kind: str                  # float | int | bool | str | choice
-    default: Any = None
-    low: float | None = None   # inclusive lower bound
-    high: float | None = None  # inclusive upper bound
-    low_open: bool = False     # lower bound excluded
-    high_open: bool = False
-    choices: tuple = ()
-    required: bool = False
-
-
-def _pos(kind="float", default=None, required=False):
-    return Opt(kind, default, low=0, low_open=True, required=required)
-
-
-def _frac(default, open_high=True):
-    return Opt("float", default, low=0, high=1, high_open=open_high)
-
-
-_NONNEG = Opt("float", 0.0, low=0)
-
-# name -> options (in positional order)
-OPTIMIZERS = {
-    "sgd": {"lr": _pos(required=True), "momentum": _frac(0.0), "nesterov": Opt("bool", False),
-            "weight_decay": _NONNEG, "dampening": _frac(0.0, open_high=False)},
-    "adagrad": {"lr": _pos(required=True), "eps": _pos(default=1e-10),
-                "initial_accumulator": _NONNEG, "weight_decay": _NONNEG},
-    "rmsprop": {"lr": _pos(required=True), "alpha": _frac(0.99), "eps": _pos(default=1e-8),
-                "momentum": _frac(0.0), "centered": Opt("bool", False), "weight_decay": _NONNEG},
-    "adam": {"lr": _pos(required=True), "beta1": _frac(0.9), "beta2": _frac(0.999),
-             "eps": _pos(default=1e-8), "weight_decay": _NONNEG, "amsgrad": Opt("bool", False)},
-    "adamw": {"lr": _pos(required=True), "beta1": _frac(0.9), "beta2": _frac(0.999),
-              "eps": _pos(default=1e-8), "weight_decay": Opt("float", 0.01, low=0)},
-}
+# name -> options (in positional order), as each optimizer declares them (graphc/optim.py)
+OPTIMIZER_OPTIONS = {name: o.options for name, o in OPTIMIZERS.items()}
 SCHEDULES = {
     "constant": {},
     "step": {"every": Opt("int", required=True, low=1), "gamma": _frac(0.1, open_high=False)},
@@ -73,7 +51,7 @@ AUGMENTATIONS = {"shift": {"pixels": Opt("int", required=True, low=0)},
 # setting -> (what it is, how it is checked); for calls, what one of them is called
 SETTINGS = {
     "data": ("data set", DATASETS),
-    "optimizer": ("optimizer", OPTIMIZERS),
+    "optimizer": ("optimizer", OPTIMIZER_OPTIONS),
     "schedule": ("learning-rate schedule", SCHEDULES),
     "early_stop": ("early-stopping rule", EARLY_STOP),
     "batch": ("the batch size", Opt("int", 32, low=1)),
@@ -92,12 +70,6 @@ SETTINGS = {
     # Random changes to each training batch's images; a list of calls, applied in order.
     "augment": ("augmentation", AUGMENTATIONS),
 }
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    settings: dict[str, Any] = field(default_factory=dict)   # plain values and (name, {opts}) calls
 
 
 _ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
@@ -200,10 +172,11 @@ class _Checker:
 
 
 def _check_optimizer(checker: _Checker, name: str, options: dict, expr: ast.Expr) -> None:
-    """Combinations of options that PyTorch refuses, refused here too."""
-    if name == "sgd" and options["nesterov"] and (options["momentum"] == 0 or options["dampening"]):
-        checker.fail("sgd: Nesterov momentum needs a momentum and zero dampening", expr.loc,
-                     "for example sgd(lr=0.01, momentum=0.9, nesterov=true)")
+    """Combinations of options that PyTorch refuses (each optimizer's own `refuse` rule)."""
+    refuse = OPTIMIZERS[name].refuse
+    refusal = refuse(options) if refuse else None
+    if refusal is not None:
+        checker.fail(f"{name}: {refusal[0]}", expr.loc, refusal[1])
 
 
 def _check_augment(checker: _Checker, expr: ast.Expr) -> list[tuple[str, dict]]:
@@ -271,7 +244,7 @@ def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
     """The train block checked and resolved. With `model` (its checked ModelIR), settings that
     depend on the model (augment's image sizes) are checked against it too."""
     checker = _Checker(src)
-    config = TrainConfig(train.model)
+    settings: dict[str, Any] = {}      # plain values and (name, {options}) calls, as checked
     seen: dict[str, int] = {}
     for s in train.settings:
         try:
@@ -285,27 +258,31 @@ def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
             what, rule = SETTINGS[s.name]
             if s.name == "augment":
                 errors = len(checker.errors)
-                config.settings[s.name] = _check_augment(checker, s.value)
-                if model is not None and config.settings[s.name] and len(checker.errors) == errors:
-                    _check_augment_fits(checker, s.value, config.settings[s.name], model)
+                settings[s.name] = _check_augment(checker, s.value)
+                if model is not None and settings[s.name] and len(checker.errors) == errors:
+                    _check_augment_fits(checker, s.value, settings[s.name], model)
             elif isinstance(rule, Opt):
-                config.settings[s.name] = checker.scalar(s.name, rule, s.value)
+                settings[s.name] = checker.scalar(s.name, rule, s.value)
             else:
-                config.settings[s.name] = checker.call(s.name, what, rule, s.value)
+                settings[s.name] = checker.call(s.name, what, rule, s.value)
             if s.name == "optimizer":
-                _check_optimizer(checker, *config.settings[s.name], s.value)
+                _check_optimizer(checker, *settings[s.name], s.value)
         except GraphcError as err:
             checker.errors.extend(err.diagnostics)
-    if "optimizer" not in config.settings and "optimizer" not in seen:
+    if "optimizer" not in settings and "optimizer" not in seen:
         checker.errors.append(src.diagnostic(
             f"train {train.model}: no optimizer", train.name_loc,
             "add, for example, optimizer = adam(lr=1e-3)"))
     if checker.errors:
         raise GraphcError(checker.errors)
     for key, (_, rule) in SETTINGS.items():
-        if isinstance(rule, Opt) and key not in config.settings:
-            config.settings[key] = rule.default
-    config.settings.setdefault("data", ("digits", {}))
-    config.settings.setdefault("schedule", ("constant", {}))
-    config.settings.setdefault("augment", [])
-    return config
+        if isinstance(rule, Opt) and key not in settings:
+            settings[key] = rule.default
+    settings.setdefault("data", ("digits", {}))
+    settings.setdefault("schedule", ("constant", {}))
+    early = settings.pop("early_stop", None)
+    return TrainConfig(
+        train.model, optimizer=OptimizerSpec(*settings.pop("optimizer")),
+        data=DataSpec(*settings.pop("data")), schedule=ScheduleSpec(*settings.pop("schedule")),
+        augment=tuple(AugmentSpec(*a) for a in settings.pop("augment", ())),
+        early_stop=EarlyStopSpec(*early) if early else None, written=tuple(seen), **settings)

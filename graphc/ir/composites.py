@@ -11,6 +11,7 @@ import numpy as np
 
 from graphc.errors import SourceLoc
 from graphc.ir import ops as op_table
+from graphc.ir.contract import RNG_INPUT
 from graphc.ir.node import Node
 from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
 from graphc.ir.primitives import erf, sliding_windows, window_out
@@ -677,10 +678,9 @@ def decompose_node(node: Node, inputs: Sequence[Node]) -> Node:
 # An op with a `train` attribute behaves differently in training; `passes.train_mode` sets it on
 # every such node of a training graph, so one model graph yields both programs.
 
-RNG_INPUT = "#rng"   # the per-step random key that training programs are fed ('#' is no identifier)
-
 
 def rng_key(emit: Emit) -> Node:
+    """The per-step random key that training programs are fed (graphc.ir.contract.RNG_INPUT)."""
     return op_table.source("input", TensorType(DType.i64, ()), loc=emit.loc, name=RNG_INPUT)
 
 

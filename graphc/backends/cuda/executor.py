@@ -25,6 +25,7 @@ import contextlib
 import functools
 import hashlib
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from graphc.backends.kernels.memory import ALIGN, plan_arena
 from graphc.cache import cache_dir
 from graphc.errors import Diagnostic, GraphcError
 from graphc.files import atomic_write
+from graphc.ir.contract import Update
 from graphc.ir.node import Graph
 
 MAX_BLOCKS = 65535 * 4
@@ -293,9 +295,10 @@ class CUDAExecutor:
     source_suffix = ".cu"
     queues = True           # runs may be submitted without waiting (see `submit`)
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, updates: Sequence[Update] = ()):
+        """`updates`: the train step's contract (graphc.ir.contract), written in place."""
         self.graph = graph
-        self.plan = plan_kernels(graph)
+        self.plan = plan_kernels(graph, updates)
         self._code = _Code({"graph": self})
         self._launches: list[codegen.Launch] = []
         self._frames: dict[tuple, _Frame] = {}

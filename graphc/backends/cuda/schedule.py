@@ -129,12 +129,12 @@ def _grow_epilogue(plan: KernelPlan, uses: _Uses, order: list[list[int]], head: 
 
 
 def _gather_updates(plan: KernelPlan, uses: _Uses, order: list[list[int]]) -> list[int]:
-    """The optimizer updates (elementwise kernels writing parameters or state in place) that can
-    all move to the end of the step, when there are two or more: removed from `order`."""
-    kinds = {b.id: b.kind for b in plan.buffers}
+    """The train step's updates (elementwise kernels writing, in place, what the step's contract
+    names: parameters, optimizer state, running statistics; the plan's aliases) that can all
+    move to the end of the step, when there are two or more: removed from `order`."""
+    updated = set(plan.aliases.values())
     candidates = [p for p, g in enumerate(order) if len(g) == 1 and _elementwise(plan.kernels[g[0]])
-                  and any(kinds[b] in ("param", "state") for b in uses.writes[g[0]])
-                  and plan.kernels[g[0]].space]
+                  and uses.writes[g[0]] & updated and plan.kernels[g[0]].space]
     chosen: list[int] = []          # positions in `order`
     for p in candidates:
         k = order[p][0]

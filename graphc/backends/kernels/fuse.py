@@ -10,6 +10,7 @@ read them. Matrix products are kernels of their own that a backend may hand to a
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from graphc.backends.kernels.ir import (
@@ -34,6 +35,7 @@ from graphc.backends.kernels.ir import (
     sprod,
 )
 from graphc.ir import OPS
+from graphc.ir.contract import Update
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import symbols
 
@@ -417,21 +419,25 @@ class _Planner:
         return self.access(value, node.shape, node.shape), dims_of(node.shape), node.dtype
 
 
-def plan_kernels(graph: Graph) -> KernelPlan:
-    """Fuse a lowered (primitive) graph into kernels over buffers."""
+def plan_kernels(graph: Graph, updates: Sequence[Update] = ()) -> KernelPlan:
+    """Fuse a lowered (primitive) graph into kernels over buffers; `updates` (the train step's
+    contract, graphc.ir.contract) are written in place where they can be."""
     plan = _Planner(graph).build()
-    plan_in_place_updates(plan)
+    plan_in_place_updates(plan, updates)
     return plan
 
 
-def plan_in_place_updates(plan: KernelPlan) -> None:
-    """`new W` outputs (optimizer updates) are written straight into W's buffer when the kernel
-    that computes them reads W only at the point it writes and no later kernel reads the old W."""
+def plan_in_place_updates(plan: KernelPlan, updates: Sequence[Update]) -> None:
+    """The outputs that `updates` name (optimizer updates, running statistics) are written
+    straight into their target's buffer when the kernel that computes them reads the target only
+    at the point it writes and no later kernel reads the old value."""
     by_name = {(b.kind, b.name): b for b in plan.buffers if b.kind in ("param", "state")}
+    by_output = {u.output: u for u in updates}
     for out_name, access, shape, dtype in plan.outputs:
-        if not out_name.startswith("new "):
+        update = by_output.get(out_name)
+        if update is None:
             continue
-        target = by_name.get(("param", out_name[4:])) or by_name.get(("state", out_name[4:]))
+        target = by_name.get(("state" if update.in_state else "param", update.target))
         if target is None or target.dtype != dtype or target.shape != shape:
             continue
         found = _writer(plan, access.buffer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from graphc.backends.kernels.ir import sval
 from graphc.backends.kernels.memory import ALIGN, plan_arena
 from graphc.backends.llvm import jit
 from graphc.errors import Diagnostic, GraphcError
+from graphc.ir.contract import Update
 from graphc.ir.node import Graph
 
 
@@ -127,9 +129,10 @@ class LLVMExecutor:
     name = "llvm"
     source_suffix = ".ll"
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, updates: Sequence[Update] = ()):
+        """`updates`: the train step's contract (graphc.ir.contract), written in place."""
         self.graph = graph
-        self.plan = plan_kernels(graph)
+        self.plan = plan_kernels(graph, updates)
         in_place = set(self.plan.aliases.values())
         self.scalar_inputs = []       # 0-d inputs (#lr, #rng) are copied into buffers of our own
         self.array_inputs = []

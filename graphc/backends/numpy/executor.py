@@ -10,7 +10,7 @@ plan, a line each. Graph outputs get fresh arrays, never pool buffers: callers k
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -19,6 +19,7 @@ from graphc.backends.numpy.calls import fast_call, frozen, scalar_nodes
 from graphc.backends.numpy.updates import UpdateGroup, find_update_groups
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir import OPS
+from graphc.ir.contract import Update
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import bind_shape
 
@@ -35,7 +36,9 @@ _LOADS_FROM = ("feeds", "params", "state")      # where a run finds each kind of
 class NumpyExecutor:
     name = "numpy"
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, updates: Sequence[Update] = ()):
+        """`updates`: the train step's contract (graphc.ir.contract), which the executor groups
+        and runs in place; a graph without updates runs node by node."""
         for node in graph.nodes():
             op = OPS[node.op]
             assert op.kind == "source" or not op.is_composite, (
@@ -46,7 +49,7 @@ class NumpyExecutor:
         self.inputs = [tuple(index[id(i)] for i in n.inputs) for n in self.order]
         self.outputs = [(name, index[id(n)]) for name, n in graph.outputs]
         loads = {n.attr["name"]: i for i, n in enumerate(self.order) if n.op in ("param", "state")}
-        self.updates = find_update_groups(self.order, self.inputs, self.outputs, loads)
+        self.updates = find_update_groups(self.order, self.inputs, self.outputs, loads, updates)
         self.plans: dict[tuple, _Plan] = {}
         self._last: tuple = (None, None)    # the dims of the last run and their plan
         self._lock = threading.Lock()     # a plan's buffers serve one run at a time

@@ -18,10 +18,12 @@ once over flat buffers that hold every member end to end, the way PyTorch's mult
 - the program's intermediates live in a few flat buffers reused once dead.
 
 Only updates are grouped: nodes of the parameter's shape whose every consumer is another node of
-the same update (or an output `new X` of it). Everything else runs as before.
+the same update (or the output of the update, as the train step's contract names it). Everything
+else runs as before.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,9 +31,8 @@ import numpy as np
 
 from graphc.backends.numpy.calls import UFUNCS
 from graphc.ir import OPS
+from graphc.ir.contract import Update
 from graphc.ir.node import Node
-
-NEW = "new "
 
 
 class UpdateGroup:
@@ -113,17 +114,19 @@ class _Update:
     cone: list[int]                   # the program's nodes (slots), in program order
     signature: tuple
     leaves: list[int]                 # lane k is read from slot leaves[k]
-    lanes: list[tuple]                # lane k: ("load", target suffix) or ("computed", dtype)
-    roots: dict[str, int]             # target suffix ("", "#exp_avg") -> slot of its `new` node
-    root_lanes: list[tuple[str, int]]  # (target suffix, the lane its root replaces)
+    lanes: list[tuple]                # lane k: ("load", slot key) or ("computed", dtype)
+    roots: dict[str, int]             # slot key ("" the parameter, "exp_avg") -> its root's slot
+    root_lanes: list[tuple[str, int]]  # (slot key, the lane its root replaces)
     program: list[tuple]              # (op, attrs, dtype, operand refs), refs: ("node", k),
                                       # ("lane", k) or ("scalar", slot)
 
 
 def find_update_groups(order: list[Node], inputs: list[tuple[int, ...]],
-                       outputs: list[tuple[str, int]], loads: dict[str, int]) -> list[UpdateGroup]:
-    """The update groups of a graph (none unless it updates parameters). `loads`: name -> slot
-    of every param and state load."""
+                       outputs: list[tuple[str, int]], loads: dict[str, int],
+                       updates: Sequence[Update] = ()) -> list[UpdateGroup]:
+    """The update groups of a graph: its contract's `updates` of each parameter (its own, its
+    optimizer slots', its running statistic's) taken together. `loads`: name -> slot of every
+    param and state load."""
     consumers: list[list[int]] = [[] for _ in order]
     for i, ins in enumerate(inputs):
         for j in dict.fromkeys(ins):
@@ -132,26 +135,28 @@ def find_update_groups(order: list[Node], inputs: list[tuple[int, ...]],
     for name, i in outputs:
         output_slots.setdefault(i, []).append(name)
     params = {order[s].attr["name"] for s in loads.values() if order[s].op == "param"}
-    targets: dict[str, dict[str, int]] = {}     # param -> {suffix: root slot}
-    for name, i in outputs:
-        if not name.startswith(NEW):
-            continue
-        target = name[len(NEW):]
-        owner = target.split("#", 1)[0]
-        if owner in params and target in loads and order[i].type == order[loads[target]].type:
-            targets.setdefault(owner, {})[target[len(owner):]] = i
-    updates = []
-    for param, roots in targets.items():
-        update = _canonical(param, loads, roots, order, inputs, consumers, output_slots)
-        if update is not None:
-            updates.append(update)
-    by_program: dict[tuple, list[_Update]] = {}
+    slot_of = dict(outputs)
+    targets: dict[str, dict[str, int]] = {}     # param -> {slot key: root slot}
+    owned: dict[str, dict[str, str]] = {}       # param -> {load name: slot key}
     for u in updates:
+        i = slot_of.get(u.output)
+        if u.param in params and i is not None and u.target in loads \
+                and order[i].type == order[loads[u.target]].type:
+            targets.setdefault(u.param, {})[u.slot or ""] = i
+            owned.setdefault(u.param, {})[u.target] = u.slot or ""
+    found = []
+    for param, roots in targets.items():
+        update = _canonical(param, loads, roots, owned[param], order, inputs, consumers,
+                            output_slots)
+        if update is not None:
+            found.append(update)
+    by_program: dict[tuple, list[_Update]] = {}
+    for u in found:
         by_program.setdefault(u.signature, []).append(u)
     return [UpdateGroup(members, order) for members in by_program.values()]
 
 
-def _canonical(param, loads, roots, order, inputs, consumers, output_slots) -> _Update | None:
+def _canonical(param, loads, roots, owned, order, inputs, consumers, output_slots) -> _Update | None:
     slot = loads[param]
     shape, root_set = order[slot].type.shape, set(roots.values())
     if shape == ():
@@ -185,7 +190,7 @@ def _canonical(param, loads, roots, order, inputs, consumers, output_slots) -> _
             elif i in root_set and (any(c not in cone for c in consumers[i])
                                     or len(output_slots.get(i, ())) != 1):
                 return None      # an update read by something else: leave it alone
-    # Canonical walk: roots by target suffix, operands depth first.
+    # Canonical walk: roots by slot key, operands depth first.
     local: dict[int, int] = {}
     program: list[tuple] = []
     leaves: list[int] = []
@@ -204,8 +209,8 @@ def _canonical(param, loads, roots, order, inputs, consumers, output_slots) -> _
             lane_of[j] = len(leaves)
             leaves.append(j)
             name = node.attr["name"] if node.op in ("param", "state") else None
-            if name == param or (name or "").startswith(param + "#"):
-                lanes.append(("load", name[len(param):]))
+            if name in owned:
+                lanes.append(("load", owned[name]))
             else:
                 lanes.append(("computed", node.type.dtype))
         return ("lane", lane_of[j])
@@ -231,8 +236,9 @@ def _canonical(param, loads, roots, order, inputs, consumers, output_slots) -> _
         for suffix in sorted(roots):
             visit(roots[suffix])
         root_lanes = []
+        target_of = {key: name for name, key in owned.items()}
         for suffix in sorted(roots):
-            load = loads[param + suffix]
+            load = loads[target_of[suffix]]
             if load not in lane_of:          # the old value is not read: still its lane
                 ref(load)
             root_lanes.append((suffix, lane_of[load]))

@@ -1,0 +1,37 @@
+"""The top layer that joins the compiler and the runtime: source text or a file becomes a
+runnable `Program` (`graphc.compile_file`, `graphc.compile_source`)."""
+from __future__ import annotations
+
+from graphc.backends import backend_for
+from graphc.compiler import CheckedFile, check_source, compile_model, read_source
+from graphc.ir.contract import CompiledModel
+from graphc.passes import PipelineOptions
+from graphc.runtime.program import Program
+
+
+def program_of(model: CompiledModel, backend: str | None = "numpy") -> Program:
+    """The runtime's Program of a compiled model on `backend` (None: the one its train block's
+    `device` asks for)."""
+    return Program(model.name, model.graphs, model.params, model.values,
+                   backend=backend_for(model.meta.get("train"), backend), meta=model.meta,
+                   state=model.state, train_step=model.train_step)
+
+
+def build_program(checked: CheckedFile, model: str | None = None, backend: str | None = "numpy",
+                  seed: int | None = None, options: PipelineOptions | None = None) -> Program:
+    """The program of `model` on `backend` (None: the one its train block's `device` asks for)."""
+    return program_of(compile_model(checked, model, seed, options), backend)
+
+
+def compile_source(text: str, backend: str | None = "numpy", model: str | None = None,
+                   seed: int | None = None, path: str = "<string>") -> Program:
+    """Compile .nn source text. `model` picks one when the text holds several; backend None
+    takes the one its train block's `device` asks for."""
+    return build_program(check_source(text, path), model, backend, seed)
+
+
+def compile_file(path, backend: str | None = "numpy", model: str | None = None,
+                 seed: int | None = None) -> Program:
+    """Compile a .nn file. `model` picks one when the file holds several; backend None takes
+    the one its train block's `device` asks for."""
+    return compile_source(read_source(path), backend, model, seed, str(path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from graphc.ir import ops as op_table
-from graphc.ir.composites import Emit
+from graphc.ir.emit import Emit
 from graphc.ir.node import Graph, Node, topo_order
 from graphc.ir.ops import OPS
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from graphc.autodiff import derive_backward
 from graphc.ir import ops as op_table
-from graphc.ir.composites import Emit
+from graphc.ir.emit import Emit
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
-from graphc.frontend.train_spec import OPTIMIZERS, SETTINGS, Opt, TrainConfig, _Checker
+from graphc.frontend.settings import Opt, SettingsChecker
+from graphc.frontend.train_spec import OPTIMIZERS, SETTINGS, TrainConfig
 
 METHODS = ("random", "grid", "coarse_to_fine")
 # What the train loop reports after each epoch (and at the end), and which way is better.
@@ -93,7 +94,7 @@ class SearchConfig:
 def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> SearchConfig:
     """Check every setting of a search block against the train block it varies; all mistakes of
     the block in one GraphcError."""
-    checker = _Checker(src)
+    checker = SettingsChecker(src)
     optimizer, _ = train.settings["optimizer"]
     options: dict[str, Any] = {}
     space: dict[str, Dimension] = {}
@@ -125,7 +126,7 @@ def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> Sea
     return resolve(config, src)
 
 
-def _dimension(checker: _Checker, s: ast.Setting, optimizer: str) -> Dimension:
+def _dimension(checker: SettingsChecker, s: ast.Setting, optimizer: str) -> Dimension:
     opt, is_optimizer = _target(checker, s, optimizer)
     expr = s.value
     if not isinstance(expr, ast.Call) or expr.func not in DISTRIBUTIONS:
@@ -156,7 +157,7 @@ def _dimension(checker: _Checker, s: ast.Setting, optimizer: str) -> Dimension:
     return Dimension(s.name, expr.func, (), float(low), float(high), integer, is_optimizer)
 
 
-def _target(checker: _Checker, s: ast.Setting, optimizer: str) -> tuple[Opt, bool]:
+def _target(checker: SettingsChecker, s: ast.Setting, optimizer: str) -> tuple[Opt, bool]:
     """The rule of the train setting or optimizer option that a space entry varies."""
     options = OPTIMIZERS[optimizer]
     if s.name in options:

@@ -28,7 +28,7 @@ def report_lints(checked, werror: bool) -> str:
 
 def add_backend_arg(p: argparse.ArgumentParser, precision: bool = False) -> None:
     """The --backend option (and, with `precision`, --precision) of a command that runs a program."""
-    from graphc.backends import BACKEND_NAMES, PRECISIONS
+    from graphc.targets import BACKEND_NAMES, PRECISIONS
     p.add_argument("--backend", default="numpy", choices=BACKEND_NAMES,
                    help="numpy (the reference), llvm (fused native kernels for this CPU) or cuda "
                         "(generated CUDA kernels on an NVIDIA GPU, through pycuda)")

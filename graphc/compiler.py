@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphc.autodiff import backward_graph
-from graphc.backends import backend_for
 from graphc.errors import Diagnostic, GraphcError, SourceLoc, SourceText, did_you_mean, error
 from graphc.frontend import ast
 from graphc.frontend.builder import ModelBuilder, ModelIR
@@ -18,6 +17,7 @@ from graphc.ir.node import Graph, topo_order
 from graphc.optim import train_step_graph
 from graphc.passes import PipelineOptions, run_pipeline, train_mode
 from graphc.runtime.program import ParamInfo, Program, StateInfo
+from graphc.targets import backend_for
 
 
 @dataclass

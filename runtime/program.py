@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.backends import BACKEND_NAMES, PRECISIONS
 from graphc.backends.numpy.executor import BACKENDS
 from graphc.errors import GraphcError, did_you_mean, error
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
+from graphc.targets import BACKEND_NAMES, PRECISIONS
 
 
 @dataclass(frozen=True)

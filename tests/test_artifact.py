@@ -15,8 +15,8 @@ import pytest
 
 import graphc
 from graphc import cli
+from graphc import files as files_mod
 from graphc.errors import GraphcError
-from graphc.runtime import artifact as artifact_mod
 from graphc.runtime import load_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def test_failed_save_leaves_old_artifact_and_no_temporary_files(tmp_path, monkey
             raise OSError(28, "No space left on device")
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(artifact_mod.os, "replace", failing_replace)
+    monkeypatch.setattr(files_mod.os, "replace", failing_replace)
     with pytest.raises(OSError):
         program.save(folder)
     monkeypatch.undo()

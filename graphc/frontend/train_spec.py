@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphc.backends import DEVICES
 from graphc.errors import GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.frontend.settings import Opt, SettingsChecker
+from graphc.images import fit_problem, image_shape
 from graphc.ir.node import topo_order
-from graphc.runtime.augment import fit_problem, image_shape
+from graphc.targets import DEVICES
 
 
 def _pos(kind="float", default=None, required=False):
@@ -72,7 +72,7 @@ SETTINGS = {
                                                  high_open=True)),
     "test": ("the test fraction", Opt("float", 0.2, low=0, high=1, low_open=True, high_open=True)),
     "scale": ("input scaling", Opt("choice", "unit", choices=SCALINGS)),
-    # Where `graphc train` runs the step when --backend does not say (graphc.backends.backend_for).
+    # Where `graphc train` runs the step when --backend does not say (graphc.targets.backend_for).
     "device": ("the device", Opt("choice", "cpu", choices=DEVICES)),
     # Gradient clipping before the optimizer sees the gradients (PyTorch's clip_grad_value_ and
     # clip_grad_norm_); off unless set.

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.backends import PRECISIONS
 from graphc.backends.cuda import gemm
 from graphc.backends.cuda.schedule import Group, as_launched, schedule
 from graphc.backends.kernels.ir import (
@@ -53,6 +52,7 @@ from graphc.backends.kernels.ir import (
 )
 from graphc.ir.primitives import hash32
 from graphc.ir.types import DType
+from graphc.targets import PRECISIONS
 
 CODEGEN_VERSION = "2"
 STORE_TYPE = {DType.f16: "__half", DType.f32: "float", DType.f64: "double", DType.i32: "int",

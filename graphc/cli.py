@@ -319,7 +319,7 @@ def _print_stats(program, batch: int | None) -> None:
 
 
 def cmd_graph(args) -> int:
-    from graphc.compiler import check_source, lower, model_graph, read_source
+    from graphc.compiler import check_source, lower, lower_derived, model_graph, read_source
     from graphc.ir.printer import format_graph
     if args.format in ("png", "svg") and not args.out:
         raise _usage(f"--format {args.format} needs -o OUT.{args.format}")
@@ -340,7 +340,7 @@ def cmd_graph(args) -> int:
         if model.loss is None:
             raise error(f"model '{model.name}' has no loss to differentiate", file=args.file,
                         hint="declare one: loss = ...")
-        graph = lower(backward_graph(lower(graph)))
+        graph = lower_derived(backward_graph(lower(graph)))
     elif args.lowered:
         graph = lower(graph)
     if args.format == "text":

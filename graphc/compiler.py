@@ -1,7 +1,7 @@
 """The compiler driver: source -> checked models -> pipeline -> a runnable Program."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from graphc.autodiff import backward_graph
@@ -15,7 +15,7 @@ from graphc.frontend.train_spec import TrainConfig, check_train
 from graphc.initializers import initialize
 from graphc.ir.node import Graph, topo_order
 from graphc.optim import train_step_graph
-from graphc.passes import PipelineOptions, run_pipeline, train_mode
+from graphc.passes import PipelineOptions, Stage, run_pipeline, train_mode
 from graphc.runtime.program import ParamInfo, Program, StateInfo
 from graphc.targets import backend_for
 
@@ -130,7 +130,15 @@ def model_graph(model: ModelIR, include_loss: bool = True) -> Graph:
 
 
 def lower(graph: Graph, options: PipelineOptions | None = None) -> Graph:
+    """A graph that may still be differentiated (a model's, the training graph) through the
+    pipeline."""
     return run_pipeline(graph, options)
+
+
+def lower_derived(graph: Graph, options: PipelineOptions | None = None) -> Graph:
+    """A graph autodiff derived (loss_and_grads, train_step) through the pipeline's
+    after-autodiff stage."""
+    return run_pipeline(graph, replace(options or PipelineOptions(), stage=Stage.AFTER_AUTODIFF))
 
 
 def build_program(checked: CheckedFile, model: str | None = None, backend: str | None = "numpy",
@@ -174,13 +182,13 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
     # train step stores them, computed from the same batch statistics the loss normalizes by.
     stats = tuple((f"stat {name}", node) for name, node in ir.stats.items())
     training = lower(train_mode(Graph(ir.name, (("loss", ir.loss),) + stats)), options)
-    graphs["loss_and_grads"] = lower(backward_graph(training), options)
+    graphs["loss_and_grads"] = lower_derived(backward_graph(training), options)
     if train is not None:
         roles = {name: (p.type, p.role) for name, p in ir.params.items() if p.role != "stat"}
         step, specs = train_step_graph(training, train.settings["optimizer"], roles,
                                        train.settings.get("clip_grad_value"),
                                        train.settings.get("clip_grad_norm"))
-        graphs["train_step"] = lower(step, options)
+        graphs["train_step"] = lower_derived(step, options)
         state = {name: StateInfo(name, t, init) for name, (t, init) in specs.items()}
     return graphs, state
 

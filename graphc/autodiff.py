@@ -84,5 +84,5 @@ def backward_graph(graph: Graph, loss_name: str = "loss", inputs: Sequence[str] 
            (n.op == "input" and n.attr["name"] in inputs)]
     grads = derive_backward(loss, wrt)
     named = [(f"grad {w.attr['name']}", g) for w, g in grads.items()]
-    outputs = [(loss_name, loss)] + [(name, op_table.renamed(g, name)) for name, g in named]
+    outputs = [(loss_name, loss)] + [(name, g.relabeled(name=name)) for name, g in named]
     return Graph(f"{graph.name}.backward", tuple(outputs), graph.mode)

@@ -58,8 +58,8 @@ class _Param:
         return op_table.source("state", self.node.type, loc=self.node.loc, name=name)
 
     def set(self, slot: str, value: Node) -> None:
-        self.updates.new[state_name(self.name, slot)] = op_table.renamed(
-            value, state_name(self.name, slot))
+        self.updates.new[state_name(self.name, slot)] = value.relabeled(
+            name=state_name(self.name, slot))
 
     def lerp(self, old: Node, new: Node, keep: float) -> Node:
         """keep * old + (1 - keep) * new: the exponential moving averages of RMSProp and Adam."""
@@ -171,7 +171,7 @@ def build_updates(optimizer: tuple[str, dict], params: list[tuple[Node, Node, st
         p = _Param(node, grad, role, node_lr, e("cast", new_step, dtype=node.dtype.value), updates)
         new_value = rule(p, **options)
         assert new_value.type == node.type, f"internal error: {name} changes the type of {p.name}"
-        updates.new[p.name] = op_table.renamed(new_value, p.name)
+        updates.new[p.name] = new_value.relabeled(name=p.name)
     return updates
 
 

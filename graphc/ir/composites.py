@@ -39,7 +39,7 @@ def decompose_node(node: Node, inputs: Sequence[Node]) -> Node:
     out = op.decompose(emit, list(inputs), node.attr)
     assert out.type == node.type, (f"internal error: decomposition of {node.op} gives {out.type}, "
                                    f"expected {node.type}")
-    return op_table.renamed(out, node.name, node.loc)
+    return out.relabeled(name=node.name, loc=node.loc or out.loc)
 
 
 # --- activations and normalizers ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from graphc.errors import SourceLoc
 from graphc.ir.types import TensorType
@@ -60,6 +60,15 @@ class Node:
     @property
     def dtype(self):
         return self.type.dtype
+
+    def relabeled(self, **labels) -> Node:
+        """The same computation under other labels: `name`, `loc`, `tags`, the fields that take
+        no part in equality (a rewrite's result standing for the node it replaces, a value bound
+        to a name). The node itself when they are its own already."""
+        assert labels.keys() <= {"name", "loc", "tags"}, f"internal error: {set(labels)} are no labels"
+        if all(getattr(self, key) == value for key, value in labels.items()):
+            return self
+        return replace(self, **labels)
 
     def label(self) -> str:
         """How messages refer to this node."""

@@ -81,7 +81,7 @@ class Simplifier:
     def scalar(self, like: Node, value) -> Node:
         """A scalar constant of like's dtype (its location and tags)."""
         c = op_table.source("const", like.type.with_shape(()), loc=like.loc, value=value)
-        return Node(c.op, (), c.attrs, c.type, like.loc, None, like.tags)
+        return c.relabeled(tags=like.tags)
 
     def const(self, like: Node, value) -> Node:
         """`value` in every element of a node that takes like's place."""

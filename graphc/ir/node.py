@@ -134,15 +134,5 @@ class Graph:
     def params(self) -> list[Node]:
         return self._sources("param")
 
-    def to_networkx(self):
-        import networkx as nx  # imported here: it takes a fifth of a second
-        g = nx.DiGraph()
-        ids = {id(n): i for i, n in enumerate(self.nodes())}
-        for n in self.nodes():
-            g.add_node(ids[id(n)], node=n)
-            for inp in n.inputs:
-                g.add_edge(ids[id(inp)], ids[id(n)])
-        return g
-
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes())

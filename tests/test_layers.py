@@ -1,6 +1,7 @@
 """graphc's layers, computed from the code: every import of a graphc module (module level, in a
 function, under TYPE_CHECKING) is an edge; the edges form no cycle, and each layer imports only the
-layers below it. The table of layers is mirrored in docs/architecture.md ("Layers")."""
+layers below it (a table of layers, mirrored in docs/architecture.md: "Layers"); and a module past
+500 lines says why at its top."""
 from __future__ import annotations
 
 import ast
@@ -197,3 +198,16 @@ def test_known_edges_still_exist():
     graph = import_graph()
     assert upward_edges(graph) >= KNOWN_UPWARD
     assert {frozenset(c) for c in strongly_connected(graph)} >= KNOWN_CYCLES
+
+
+LONG = 500   # lines; a module past it says why in its docstring ("Over 500 lines ...")
+
+
+def test_long_modules_say_why():
+    unexplained = []
+    for path in module_files().values():
+        source = path.read_text(encoding="utf-8")
+        doc = ast.get_docstring(ast.parse(source)) or ""
+        if source.count("\n") > LONG and f"Over {LONG} lines" not in doc:
+            unexplained.append(f"{path.relative_to(ROOT)}: {source.count(chr(10))} lines")
+    assert not unexplained, "split these, or say at the top why not:\n" + "\n".join(unexplained)

@@ -1,6 +1,8 @@
 """AST -> IR: evaluates a model's statements into typed IR nodes, creating parameters for layers,
 naming them after where they are used, inferring parameter roles, and collecting every error
-(a failed statement poisons its name, so one mistake is reported once, not at each later use)."""
+(a failed statement poisons its name, so one mistake is reported once, not at each later use).
+Over 500 lines: ModelBuilder is one evaluator whose methods share its scopes, parameters and
+collected errors (the layers and role inference are already apart, in calls.py and params.py)."""
 from __future__ import annotations
 
 import math

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphc.backends import PRECISIONS
+from graphc.targets import PRECISIONS
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "bench" / "models"

@@ -3,7 +3,7 @@
 `compile_file` and `compile_source` are imported lazily, so `graphc.runtime` (which runs built
 artifacts) never pulls in the front end or lark.
 """
-__version__ = "0.1.0"
+from graphc.version import __version__
 
 __all__ = ["compile_file", "compile_source", "load_artifact", "GraphcError", "__version__"]
 

@@ -2,7 +2,7 @@
 runnable `Program` (`graphc.compile_file`, `graphc.compile_source`)."""
 from __future__ import annotations
 
-from graphc.backends import backend_for
+from graphc.targets import backend_for
 from graphc.compiler import CheckedFile, check_source, compile_model, read_source
 from graphc.ir.contract import CompiledModel
 from graphc.passes import PipelineOptions

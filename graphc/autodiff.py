@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from graphc.ir import ops as op_table
-from graphc.ir.composites import Emit
 from graphc.ir.contract import grad_output
+from graphc.ir.emit import Emit
 from graphc.ir.node import Graph, Node, topo_order
 from graphc.ir.ops import OPS
 
@@ -85,5 +85,5 @@ def backward_graph(graph: Graph, loss_name: str = "loss", inputs: Sequence[str] 
            (n.op == "input" and n.attr["name"] in inputs)]
     grads = derive_backward(loss, wrt)
     named = [(grad_output(w.attr["name"]), g) for w, g in grads.items()]
-    outputs = [(loss_name, loss)] + [(name, op_table.renamed(g, name)) for name, g in named]
+    outputs = [(loss_name, loss)] + [(name, g.relabeled(name=name)) for name, g in named]
     return Graph(f"{graph.name}.backward", tuple(outputs), graph.mode)

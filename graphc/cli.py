@@ -7,11 +7,11 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import graphc
+from graphc.cli_common import add_backend_arg, load_array, report_lints
 from graphc.errors import GraphcError, error
 
 if TYPE_CHECKING:
@@ -27,30 +27,6 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
 def _add_werror_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--Werror", action="store_true", dest="werror",
                    help="treat lint warnings (and advice) as errors")
-
-
-def report_lints(checked, werror: bool) -> str:
-    """Print the file's lint warnings to stderr; with --Werror they are errors. Returns them as
-    printed (the build cache replays them)."""
-    from graphc.lints import lint
-    found = lint(checked)
-    if werror and found:
-        raise GraphcError([replace(d, severity="error") for d in found])
-    text = "\n".join(d.render() for d in found)
-    if text:
-        print(text, file=sys.stderr)
-    return text
-
-
-def _add_backend_arg(p: argparse.ArgumentParser, precision: bool = False) -> None:
-    from graphc.backends import BACKEND_NAMES, PRECISIONS
-    p.add_argument("--backend", default="numpy", choices=BACKEND_NAMES,
-                   help="numpy (the reference), llvm (fused native kernels for this CPU) or cuda "
-                        "(generated CUDA kernels on an NVIDIA GPU, through pycuda)")
-    if precision:
-        p.add_argument("--precision", default="f32", choices=PRECISIONS,
-                       help="matrix products in f32 (IEEE, the default) or, with --backend cuda, "
-                            "tf32 on the tensor cores (about 1e-3 relative error; docs/cuda.md)")
 
 
 # The commands defined in this file. Naming one of them, the other modules' commands are left
@@ -92,7 +68,7 @@ def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--seed", type=int, help="seed for parameter initialization "
                                             "(default: the train block's, else 0)")
-    _add_backend_arg(p, precision=True)
+    add_backend_arg(p, precision=True)
     p.add_argument("--verify", action="store_true", help="check IR invariants after every pass")
     p.add_argument("--dump-after", metavar="PASS", action="append", default=[],
                    help="print the IR after a pass, or the kernel plan after `fuse` (repeatable)")
@@ -345,7 +321,7 @@ def _print_stats(program, batch: int | None) -> None:
 
 
 def cmd_graph(args) -> int:
-    from graphc.compiler import check_source, lower, model_graph, read_source
+    from graphc.compiler import check_source, lower, lower_derived, model_graph, read_source
     from graphc.ir.printer import format_graph
     if args.format in ("png", "svg") and not args.out:
         raise _usage(f"--format {args.format} needs -o OUT.{args.format}")
@@ -366,7 +342,7 @@ def cmd_graph(args) -> int:
         if model.loss is None:
             raise error(f"model '{model.name}' has no loss to differentiate", file=args.file,
                         hint="declare one: loss = ...")
-        graph = lower(backward_graph(lower(graph)))
+        graph = lower_derived(backward_graph(lower(graph)))
     elif args.lowered:
         graph = lower(graph)
     if args.format == "text":
@@ -405,7 +381,7 @@ def cmd_run(args) -> int:
             name, path = spec.split("=", 1)
             if not name:
                 raise _usage(f"--input {spec}: expected NAME=FILE.npy")
-            inputs[name] = _load_array(path)
+            inputs[name] = load_array(path)
         else:
             inputs.update(_load_npz(spec))
     try:
@@ -422,21 +398,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _load_array(path: str) -> np.ndarray:
-    import numpy as np
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise error(f"{path}: no such file") from None
-    except ValueError as err:
-        raise error(f"{path}: not a .npy array file ({err})") from None
-    except OSError as err:
-        raise error(f"{path}: cannot read: {err}") from None
-
-
 def _load_npz(path: str) -> dict[str, np.ndarray]:
     import numpy as np
-    data = _load_array(path)
+    data = load_array(path)
     if isinstance(data, np.ndarray):
         raise error(f"{path}: a single array; name the input it is for, as NAME={path}")
     with data:

@@ -17,7 +17,7 @@ from graphc.initializers import initialize
 from graphc.ir.contract import CompiledModel, Feeds, ParamInfo, StateInfo, TrainStep, stat_output
 from graphc.ir.node import Graph, topo_order
 from graphc.optim import train_step_graph
-from graphc.passes import PipelineOptions, run_pipeline, train_mode
+from graphc.passes import PipelineOptions, Stage, run_pipeline, train_mode
 from graphc.train_config import TrainConfig
 
 
@@ -131,7 +131,15 @@ def model_graph(model: ModelIR, include_loss: bool = True) -> Graph:
 
 
 def lower(graph: Graph, options: PipelineOptions | None = None) -> Graph:
+    """A graph that may still be differentiated (a model's, the training graph) through the
+    pipeline."""
     return run_pipeline(graph, options)
+
+
+def lower_derived(graph: Graph, options: PipelineOptions | None = None) -> Graph:
+    """A graph autodiff derived (loss_and_grads, train_step) through the pipeline's
+    after-autodiff stage."""
+    return run_pipeline(graph, replace(options or PipelineOptions(), stage=Stage.AFTER_AUTODIFF))
 
 
 def compile_model(checked: CheckedFile, model: str | None = None, seed: int | None = None,
@@ -176,12 +184,12 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
     # train step stores them, computed from the same batch statistics the loss normalizes by.
     stats = tuple((stat_output(name), node) for name, node in ir.stats.items())
     training = lower(train_mode(Graph(ir.name, (("loss", ir.loss),) + stats)), options)
-    graphs["loss_and_grads"] = lower(backward_graph(training), options)
+    graphs["loss_and_grads"] = lower_derived(backward_graph(training), options)
     if train is not None:
         roles = {name: (p.type, p.role) for name, p in ir.params.items() if p.role != "stat"}
         step, contract, specs = train_step_graph(training, train.optimizer, roles, tuple(ir.stats),
                                                  train.clip_grad_value, train.clip_grad_norm)
-        graphs["train_step"] = lower(step, options)
+        graphs["train_step"] = lower_derived(step, options)
         state = {name: StateInfo(name, t, init) for name, (t, init) in specs.items()}
         # Lowering keeps the outputs; the feeds are those the lowered graph reads.
         contract = replace(contract, feeds=Feeds.of(graphs["train_step"], state))

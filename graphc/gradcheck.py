@@ -20,7 +20,7 @@ import numpy as np
 
 from graphc.autodiff import backward_graph
 from graphc.backends.numpy.executor import NumpyExecutor
-from graphc.compiler import CheckedFile, lower
+from graphc.compiler import CheckedFile, lower, lower_derived
 from graphc.initializers import initialize
 from graphc.ir import OPS
 from graphc.ir import ops as op_table
@@ -70,7 +70,7 @@ def check_gradients(checked: CheckedFile, model: str | None = None, seed: int = 
         raise ValueError(f"model {ir.name} has no loss to differentiate; declare `loss = ...`")
     training = lower(to_float64(train_mode(Graph(ir.name, (("loss", ir.loss),)))))
     loss_fn = NumpyExecutor(training)
-    grads_fn = NumpyExecutor(lower(backward_graph(training)))
+    grads_fn = NumpyExecutor(lower_derived(backward_graph(training)))
     rng = np.random.default_rng(seed)
     feeds = _feeds(training, ir, rng)
     feeds[RNG_INPUT] = np.int64(rng_key(seed, 0))

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from graphc.autodiff import derive_backward
 from graphc.ir import ops as op_table
-from graphc.ir.composites import Emit
 from graphc.ir.contract import (
     LR_INPUT,
     STEP_STATE,
@@ -25,6 +24,7 @@ from graphc.ir.contract import (
     stat_output,
     state_name,
 )
+from graphc.ir.emit import Emit
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, TensorType
 from graphc.options import NONNEGATIVE, Opt, fraction, positive
@@ -97,7 +97,7 @@ class _Param:
     def set(self, slot: str, value: Node) -> None:
         target = state_name(self.name, slot)
         self.updates.add(Update(new_output(target), target, UpdateKind.SLOT, self.name, slot),
-                         op_table.renamed(value, target))
+                         value.relabeled(name=target))
 
     def lerp(self, old: Node, new: Node, keep: float) -> Node:
         """keep * old + (1 - keep) * new: the exponential moving averages of RMSProp and Adam."""
@@ -229,7 +229,7 @@ def build_updates(optimizer: OptimizerSpec, params: list[tuple[Node, Node, str]]
         new_value = rule(p, **options)
         assert new_value.type == node.type, f"internal error: {name} changes the type of {p.name}"
         updates.add(Update(new_output(p.name), p.name, UpdateKind.PARAM, p.name),
-                    op_table.renamed(new_value, p.name))
+                    new_value.relabeled(name=p.name))
     return updates
 
 

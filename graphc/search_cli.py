@@ -43,8 +43,8 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder of the MNIST/Fashion-MNIST files (default: $GRAPHC_DATA)")
     p.add_argument("--quiet", action="store_true", help="no line per finished trial")
-    from graphc.cli import _add_backend_arg
-    _add_backend_arg(p)
+    from graphc.cli_common import add_backend_arg
+    add_backend_arg(p)
     p.set_defaults(run=cmd_search)
 
 

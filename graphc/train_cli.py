@@ -75,8 +75,8 @@ def add_commands(sub) -> None:
 
 def _add_backend(p) -> None:
     # Checkpoints hold plain arrays, so a run trained on one backend resumes or scores on another.
-    from graphc.cli import _add_backend_arg
-    _add_backend_arg(p, precision=True)
+    from graphc.cli_common import add_backend_arg
+    add_backend_arg(p, precision=True)
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def _load_trainable(args):
         program = load_artifact(path, backend=args.backend)
         return program, _source_dir(program)
     from graphc.api import build_program
-    from graphc.cli import report_lints
+    from graphc.cli_common import report_lints
     from graphc.compiler import check_source, read_source
     checked = check_source(read_source(path), str(path))
     report_lints(checked, args.werror)
@@ -255,7 +255,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from graphc.cli import _load_array
+    from graphc.cli_common import load_array
     from graphc.runtime.data import Scaler
     program, config = _open_target(args)
     features = (program.meta.get("task") or {}).get("features") or list(program.inputs)
@@ -263,7 +263,7 @@ def cmd_predict(args) -> int:
         raise error(f"{args.target}: predict feeds one input; {program.name} takes "
                     f"{', '.join(features)}", hint="use `graphc run` with one --input per input")
     name = features[0]
-    x = _samples(_load_array(args.input), program.inputs[name], args.input, name)
+    x = _samples(load_array(args.input), program.inputs[name], args.input, name)
     if config is not None and not args.no_scale:
         x = Scaler.from_json(config["data"]["scaler"]).apply(x, dtype=x.dtype)
     if args.mc_samples is not None:

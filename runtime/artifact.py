@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-import graphc
-from graphc.backends import backend_for
 from graphc.errors import GraphcError, error
 from graphc.files import atomic_write
 from graphc.ir.serialize import FORMAT as GRAPH_FORMAT
 from graphc.ir.serialize import VERSION as GRAPH_VERSION
 from graphc.ir.serialize import graph_from_json, graph_to_json, type_from_json, type_to_json
+from graphc.targets import backend_for
+from graphc.version import __version__
 
 FORMAT = "graphc-artifact"
 VERSION = 1
@@ -43,7 +43,7 @@ def save_artifact(program, path) -> Path:
     np.savez(buf, **{name: np.asarray(v) for name, v in program.params.items()})
     params_bytes = buf.getvalue()
     manifest = {
-        "format": FORMAT, "version": VERSION, "graphc_version": graphc.__version__,
+        "format": FORMAT, "version": VERSION, "graphc_version": __version__,
         "model": program.name, "backend": program.backend,
         "inputs": {n.attr["name"]: type_to_json(n.type) for g in program.graphs.values()
                    for n in g.inputs},

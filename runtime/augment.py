@@ -4,8 +4,9 @@ What happens to a sample depends only on (seed, epoch, its position in the epoch
 resumed run augments exactly as before, whatever the batch size.
 
 The pixel work (resampling, noise) has two implementations with the same arithmetic: numpy here,
-the reference, and native kernels (graphc/backends/llvm/image_kernels.py), more than ten times faster
-and free of the GIL, which the Augmenter uses where llvmlite loads."""
+the reference, and native kernels (graphc/backends/llvm/image_kernels.py), free of the GIL, which
+the Augmenter uses where llvmlite loads. docs/training.md ("Augmentation") has the measurements
+behind the constants below."""
 from __future__ import annotations
 
 import math
@@ -16,20 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.augment_rules import crop_window, fit_problem, image_shape  # noqa: F401 (re-exported)
 from graphc.backends.host import usable_cores
+from graphc.images import crop_window, fit_problem
 
 # Mixed into every augmentation seed so its streams never coincide with the minibatch order's
 # (numpy's default_rng([seed, epoch])).
 _STREAM = 0x6175676D          # "augm"
 NORMALS = 1 << 20             # the size of a run's bank of noise
 # The random choices of an epoch are drawn for this many positions at once, from their own
-# generator: drawing them batch by batch cost more than resampling a batch of MNIST, and larger
-# chunks than this cost more per position (their arrays no longer fit the allocator's heap).
+# generator, so that a draw's fixed cost is shared (and a resumed run draws the same choices).
 CHUNK = 1024
 # Chunks are drawn this many at a time (each from its own generator, so the choices are the
-# same): in the train loop the first draw after the compiled step, with the caches cold, took
-# three times as long as the ones right after it (355 against 105 us for MNIST).
+# same): the first draw after the compiled step runs with cold caches.
 GROUP = 4
 
 
@@ -248,8 +247,8 @@ def _crop_exact(image, o) -> bool:
 
 
 def _noise_offsets(rng, n, image, o):
-    # Each image reads its noise from a random window of the run's bank of normal numbers:
-    # drawing 50,000 fresh normals would cost more than a training step of MNIST's MLP.
+    # Each image reads its noise from a random window of the run's bank of normal numbers, drawn
+    # once: fresh normals for every image would cost more than a small model's training step.
     return rng.integers(0, bank_size(image) - math.prod(image) + 1, n)
 
 
@@ -424,15 +423,13 @@ class Augmenter:
         return op.noise(rows, options, self.normals)
 
 
-# Training batches augmented per call, sharing its fixed cost: in the train loop, right after the
-# compiled step, a call costs ~150 us more than its images (cold caches, for the Python around
-# the kernel most of all). With 16 batches of 64 MNIST images the augmenter took 80 us a batch
-# in mnist_mlp's loop, 90 with 8, 75 with 32 (whose blocks of 6 MB would be 25 MB for CIFAR).
+# Training batches augmented per call, sharing the call's fixed cost (right after the compiled
+# step the Python around the kernel runs with cold caches); larger blocks gain little and hold
+# more memory.
 BLOCK = 16
 # Whether the train loop augments a block ahead in a background thread; None: where the process
-# may use more than two cores. On two, the compiled step's BLAS threads already use both, and
-# a third thread contends with them: in six runs of bench/augment_overhead.py on two cores, an
-# epoch of MNIST's MLP took 1.11-1.14x as long with augmentation inline, 1.13-1.17x in a thread.
+# may use more than two cores. On two, the compiled step's BLAS threads already use both, and a
+# third thread contends with them.
 AHEAD: bool | None = None
 
 

@@ -1,6 +1,8 @@
 """Training data: load the data set a train block names (digits, MNIST, Fashion-MNIST, .npz, CSV),
 split it, scale it, fit it to the model's input types, and cut it into minibatches.
-Every problem with a file is a `GraphcError` naming the file (and, in a CSV, the line and column)."""
+Every problem with a file is a `GraphcError` naming the file (and, in a CSV, the line and column).
+Over 500 lines: a loader per format (digits, IDX, .npz; CSV in csv_data.py), then splitting,
+scaling, fitting and batching, each a few short functions."""
 from __future__ import annotations
 
 import gzip

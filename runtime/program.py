@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator, MutableMapping
 
 import numpy as np
 
-from graphc.backends import BACKEND_NAMES, PRECISIONS
 from graphc.backends.numpy.executor import BACKENDS
 from graphc.errors import GraphcError, did_you_mean, error
 from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exported)
@@ -21,6 +20,7 @@ from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exporte
 )
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
+from graphc.targets import BACKEND_NAMES, PRECISIONS
 from graphc.train_config import OptimizerSpec, call_from_json
 
 
@@ -300,7 +300,9 @@ class Program:
         `params`, `state`, the learning rate `lr` and the step's random key), with the batch's
         dimensions under "#dims": what a reference run of that one step starts from."""
         feeds, dims = self._feeds(batch, self.train_inputs)
-        values = {**feeds, **params, **state, "#dims": dims, LR_INPUT: np.array(lr, self._lr_dtype)}
+        values = {**feeds, **params, **state, "#dims": dims}
+        if self._lr_input is not None:
+            values[self._lr_input] = np.array(lr, self._lr_dtype)
         if self._reads_rng.get("train_step"):
             values[RNG_INPUT] = np.int64(rng_key(self.seed, step))
         return values

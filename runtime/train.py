@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import error
-from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, image_shape, prefetch
+from graphc.images import image_shape
+from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
 from graphc.runtime.numerics import Divergence, Snapshot, locate_non_finite, step_is_finite

@@ -16,13 +16,13 @@ from graphc.cli import main
 from graphc.compiler import check_source
 from graphc.errors import GraphcError
 from graphc.frontend import train_spec
+from graphc.images import image_shape
 from graphc.runtime import augment
 from graphc.runtime.augment import (
     CHUNK,
     Augmenter,
     crop_maps,
     flip_maps,
-    image_shape,
     prefetch,
     resample,
     rotation_maps,

@@ -8,7 +8,7 @@ from conftest import MODELS, REPO
 
 from graphc.autodiff import backward_graph
 from graphc.backends.numpy.executor import NumpyExecutor
-from graphc.compiler import check_source, lower, model_graph
+from graphc.compiler import check_source, lower, lower_derived, model_graph
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph
 from graphc.ir.types import DType, TensorType
@@ -33,7 +33,7 @@ def grad_check(op: str, arrays: list[np.ndarray], attrs: dict | None = None, dif
     r = op_table.source("input", TensorType(DType.f64, out.shape), name="r")
     loss = op_table.apply("sum", [op_table.apply("mul", [out, r])])
     diff = diff if diff is not None else [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
-    graph = lower(backward_graph(lower(Graph(op, (("loss", loss),))),
+    graph = lower_derived(backward_graph(lower(Graph(op, (("loss", loss),))),
                                  inputs=[f"a{i}" for i in diff]))
     ex = NumpyExecutor(graph)
     r_value = randn(*out.shape)
@@ -141,7 +141,7 @@ def test_accumulation_stop_gradient_and_integer_inputs():
         h = x * w
         output h
         loss = mean(h * h + exp(h)) + sum(stop_gradient(w) * 100) + mean(cast(y, f64)) }"""
-    bg = lower(backward_graph(_loss_graph(src)))
+    bg = lower_derived(backward_graph(_loss_graph(src)))
     assert [name for name, _ in bg.outputs] == ["loss", "grad w"]
     x, y, w = randn(4, 3), np.array([0, 1, 2, 3]), randn(3)
     got = NumpyExecutor(bg).run({"x": x, "y": y}, {"w": w}, {"N": 4})["grad w"]
@@ -157,7 +157,7 @@ def test_gradients_are_stable_at_large_inputs():
         a = z * s
         output a
         loss = cross_entropy(a, y) + mean(tanh(a)) + mean(sigmoid(a)) }"""
-    bg = lower(backward_graph(_loss_graph(src), inputs=["z"]))
+    bg = lower_derived(backward_graph(_loss_graph(src), inputs=["z"]))
     z = np.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0]])
     y = np.array([0, 2])
     with np.errstate(over="raise", invalid="raise", divide="raise"):
@@ -176,7 +176,7 @@ def test_model_gradients_match_finite_differences(path):
     src = path.read_text().replace("f32", "f64")
     checked = check_source(src, str(path))
     ir = checked.pick(None)
-    bg = lower(backward_graph(lower(model_graph(ir))))
+    bg = lower_derived(backward_graph(lower(model_graph(ir))))
     fwd = NumpyExecutor(lower(model_graph(ir)))
     ex = NumpyExecutor(bg)
     feeds = {}

@@ -38,5 +38,12 @@ def cpu_key() -> str:
 
 
 def _llvm_cpu() -> str:
-    from graphc.backends.llvm.jit import cpu_description
     return cpu_description()
+
+
+@functools.cache
+def cpu_description() -> str:
+    """LLVM's name and feature flags of this CPU (llvmlite is imported here, on first use)."""
+    import llvmlite.binding as llvm
+    llvm.initialize_native_target()
+    return f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"

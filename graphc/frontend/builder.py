@@ -1,6 +1,8 @@
 """AST -> IR: evaluates a model's statements into typed IR nodes, creating parameters for layers,
 naming them after where they are used, inferring parameter roles, and collecting every error
-(a failed statement poisons its name, so one mistake is reported once, not at each later use)."""
+(a failed statement poisons its name, so one mistake is reported once, not at each later use).
+Over 500 lines: ModelBuilder is one evaluator whose methods share its scopes, parameters and
+collected errors (the layers and role inference are already apart, in calls.py and params.py)."""
 from __future__ import annotations
 
 import math
@@ -256,7 +258,7 @@ class ModelBuilder:
             raise self.error(f"the loss must be a floating-point scalar: it is {ttype}",
                              stmt.expr.loc, "reduce it with mean(...) or sum(...)"
                              if ttype.shape else None)
-        self.loss = value.node if value.node.name else op_table.renamed(value.node, "loss")
+        self.loss = value.node if value.node.name else value.node.relabeled(name="loss")
 
     def output(self, item: ast.OutputItem) -> None:
         if item.name is None and isinstance(item.expr, ast.Var):
@@ -275,7 +277,7 @@ class ModelBuilder:
 
     def bind(self, name: str, value) -> None:
         if isinstance(value, Tensor) and value.node.name is None:
-            value = Tensor(op_table.renamed(value.node, name), name)
+            value = Tensor(value.node.relabeled(name=name), name)
         elif isinstance(value, Tensor):
             value = Tensor(value.node, name)
         self.env[name] = value

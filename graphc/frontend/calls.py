@@ -14,7 +14,7 @@ from graphc.ir.ops import Attr, OpDef
 from graphc.ir.types import DType, TensorType
 
 if TYPE_CHECKING:
-    from graphc.frontend.builder import ModelBuilder
+    from graphc.frontend.protocols import LayerBuilder
 
 # Ops a user may call by name: everything but the source ops.
 # Random draws are keyed by the training step, which .nn files do not see: dropout uses them.
@@ -121,7 +121,7 @@ def bind_op_args(op: OpDef, fn: str, args: list, kwargs: dict, call: ast.Call):
 @dataclass(frozen=True)
 class Layer:
     name: str
-    build: Callable[[ModelBuilder, ast.Call, list, dict], Tensor]
+    build: Callable[[LayerBuilder, ast.Call, list, dict], Tensor]
     signature: str
 
 
@@ -135,7 +135,7 @@ def _options(fn: str, call: ast.Call, kwargs: dict, specs: dict[str, Attr]) -> d
             for name, value in kwargs.items()}
 
 
-def _linear_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+def _linear_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     if len(args) != 2 or not isinstance(args[1], Scalar):
         raise AssertionError("internal error: dispatch sends only linear(x, n) here")
     x = b.tensor_arg("linear", args[0], call.args[0])
@@ -168,7 +168,7 @@ def _linear_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> 
     return b.apply_op("linear", operands, {}, call)
 
 
-def _layernorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+def _layernorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     """PyTorch's LayerNorm over the last axis: a learned scale (ones) and shift (zeros), roles
     other and bias, so `l2(weights)` never reaches them."""
     if len(args) != 1:
@@ -187,7 +187,7 @@ def _layernorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
     return b.apply_op("layer_norm", [x, gamma, beta], attrs, call)
 
 
-def _batchnorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+def _batchnorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     """PyTorch's BatchNorm1d ([N, C]) and BatchNorm2d ([N, C, H, W]): a learned scale (ones, role
     other) and shift (zeros, role bias), and running estimates of each channel's mean and
     variance (role stat) that training steps update and evaluation uses."""
@@ -220,7 +220,7 @@ def _batchnorm_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
                       {k: options[k] for k in ("eps",) if k in options}, call, locs)
 
 
-def _embedding_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+def _embedding_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     """PyTorch's Embedding: a table E: [vocab, dim] drawn from N(0, 1), rows picked by x."""
     if len(args) != 3 or kwargs:
         raise ArgError("embedding takes the indices, the vocabulary size and the dimension: "
@@ -241,7 +241,7 @@ def _embedding_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) 
     return b.apply_op("embedding", [x, table], {}, call)
 
 
-def _conv_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+def _conv_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     """PyTorch's Conv2d: weights [out, in, k, k] drawn by Kaiming (fan_in = in * k * k), zero bias."""
     if len(args) != 3 or not isinstance(args[1], Scalar) or not isinstance(args[2], Scalar | ListValue):
         raise ArgError("conv takes the images, the number of output channels and the kernel size: "
@@ -275,7 +275,7 @@ def _conv_layer(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Te
 
 
 def _pool_layer(op: str):
-    def build(b: ModelBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    def build(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
         fn = call.func
         if len(args) != 2 or not isinstance(args[1], Scalar | ListValue):
             raise ArgError(f"{fn} takes the images and the kernel size: x -> {fn}(2)", call.loc)

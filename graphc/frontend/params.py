@@ -12,7 +12,7 @@ from graphc.frontend.values import Tensor
 from graphc.ir.node import Node, topo_order
 
 if TYPE_CHECKING:
-    from graphc.frontend.builder import ModelBuilder
+    from graphc.frontend.protocols import ModelState
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _param_under(node: Node) -> Node | None:
     return node if node.op == "param" else None
 
 
-def infer_roles(b: ModelBuilder, final: bool = True) -> dict[str, str]:
+def infer_roles(b: ModelState, final: bool = True) -> dict[str, str]:
     """Roles of explicit parameters from their uses: multiplied in by a matrix product, a weight;
     added to a layer's output, a bias; anything else, other. Stated roles win."""
     roots = list(b.outputs.values()) + ([b.loss] if b.loss is not None else [])

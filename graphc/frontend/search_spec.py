@@ -9,7 +9,8 @@ from typing import Any
 
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.frontend import ast
-from graphc.frontend.train_spec import OPTIMIZER_OPTIONS, SETTINGS, _Checker
+from graphc.frontend.settings import SettingsChecker
+from graphc.frontend.train_spec import OPTIMIZER_OPTIONS, SETTINGS
 from graphc.options import Opt
 from graphc.train_config import TrainConfig
 
@@ -95,7 +96,7 @@ class SearchConfig:
 def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> SearchConfig:
     """Check every setting of a search block against the train block it varies; all mistakes of
     the block in one GraphcError."""
-    checker = _Checker(src)
+    checker = SettingsChecker(src)
     optimizer = train.optimizer.name
     options: dict[str, Any] = {}
     space: dict[str, Dimension] = {}
@@ -127,7 +128,7 @@ def check_search(search: ast.Search, src: SourceText, train: TrainConfig) -> Sea
     return resolve(config, src)
 
 
-def _dimension(checker: _Checker, s: ast.Setting, optimizer: str) -> Dimension:
+def _dimension(checker: SettingsChecker, s: ast.Setting, optimizer: str) -> Dimension:
     opt, is_optimizer = _target(checker, s, optimizer)
     expr = s.value
     if not isinstance(expr, ast.Call) or expr.func not in DISTRIBUTIONS:
@@ -158,7 +159,7 @@ def _dimension(checker: _Checker, s: ast.Setting, optimizer: str) -> Dimension:
     return Dimension(s.name, expr.func, (), float(low), float(high), integer, is_optimizer)
 
 
-def _target(checker: _Checker, s: ast.Setting, optimizer: str) -> tuple[Opt, bool]:
+def _target(checker: SettingsChecker, s: ast.Setting, optimizer: str) -> tuple[Opt, bool]:
     """The rule of the train setting or optimizer option that a space entry varies."""
     options = OPTIMIZER_OPTIONS[optimizer]
     if s.name in options:

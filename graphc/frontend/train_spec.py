@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphc.augment_rules import fit_problem, image_shape
-from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
+from graphc.errors import GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
+from graphc.frontend.settings import SettingsChecker
+from graphc.images import fit_problem, image_shape
 from graphc.ir.node import topo_order
 from graphc.optim import OPTIMIZERS
 from graphc.options import NONNEGATIVE, Opt, fraction, positive
+from graphc.targets import DEVICES
 from graphc.train_config import (
-    DEVICES,
     AugmentSpec,
     DataSpec,
     EarlyStopSpec,
@@ -72,106 +73,7 @@ SETTINGS = {
 }
 
 
-_ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-          "div": lambda a, b: a / b if b else None}
-
-
-def _constant(expr: ast.Expr):
-    """The value of a constant setting: a literal, or arithmetic on numbers (`1e-3 * 2`)."""
-    if isinstance(expr, (ast.Number, ast.Bool, ast.String)):
-        return expr.value
-    if isinstance(expr, ast.Neg):
-        inner = _constant(expr.operand)
-        return -inner if isinstance(inner, (int, float)) and not isinstance(inner, bool) else None
-    if isinstance(expr, ast.BinOp) and expr.op in _ARITH:
-        a, b = _constant(expr.left), _constant(expr.right)
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
-            return _ARITH[expr.op](a, b)
-    return None
-
-
-class _Checker:
-    def __init__(self, src: SourceText):
-        self.src = src
-        self.errors: list[Diagnostic] = []
-
-    def fail(self, message: str, loc, hint: str | None = None) -> None:
-        raise GraphcError(self.src.diagnostic(message, loc, hint))
-
-    def scalar(self, what: str, opt: Opt, expr: ast.Expr):
-        if opt.kind == "choice":
-            if not isinstance(expr, (ast.Var, ast.String)):
-                self.fail(f"{what} must be one of {', '.join(opt.choices)}", expr.loc)
-            value = expr.name if isinstance(expr, ast.Var) else expr.value
-            if value not in opt.choices:
-                self.fail(f"{what}: unknown value '{value}'", expr.loc,
-                          did_you_mean(value, opt.choices) or f"choose {', '.join(opt.choices)}")
-            return value
-        value = _constant(expr)
-        if opt.kind == "bool":
-            if not isinstance(value, bool):
-                self.fail(f"{what} must be true or false", expr.loc)
-            return value
-        if opt.kind == "str":
-            if not isinstance(value, str):
-                self.fail(f"{what} must be a string in double quotes", expr.loc)
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(f"{what} must be {'an integer' if opt.kind == 'int' else 'a number'}",
-                      expr.loc)
-        if opt.kind == "int" and not isinstance(value, int):
-            self.fail(f"{what} must be an integer, got {value}", expr.loc)
-        self.check_range(what, opt, value, expr)
-        return value
-
-    def check_range(self, what: str, opt: Opt, value, expr) -> None:
-        low_bad = opt.low is not None and (value < opt.low or (opt.low_open and value == opt.low))
-        high_bad = opt.high is not None and (value > opt.high or (opt.high_open and value == opt.high))
-        if low_bad or high_bad:
-            lo = "" if opt.low is None else f"{'(' if opt.low_open else '['}{opt.low}"
-            hi = "" if opt.high is None else f"{opt.high}{')' if opt.high_open else ']'}"
-            if opt.high is None:
-                rule = f"> {opt.low}" if opt.low_open else f">= {opt.low}"
-            else:
-                rule = f"in {lo or '(-inf'}, {hi}"
-            self.fail(f"{what} must be {rule}, got {value}", expr.loc)
-
-    def call(self, setting: str, noun: str, table: dict, expr: ast.Expr):
-        if isinstance(expr, ast.Var):
-            name, args, kwargs = expr.name, (), ()
-            name_loc = expr.loc
-        elif isinstance(expr, ast.Call):
-            name, args, kwargs, name_loc = expr.func, expr.args, expr.kwargs, expr.func_loc
-        else:
-            self.fail(f"{setting} must be a {noun} such as {next(iter(table))}", expr.loc)
-        if name not in table:
-            self.fail(f"unknown {noun} '{name}'", name_loc,
-                      did_you_mean(name, table) or f"choose one of: {', '.join(table)}")
-        opts = table[name]
-        names = list(opts)
-        if len(args) > len(names):
-            self.fail(f"{name} takes at most {len(names)} positional argument"
-                      f"{'s' if len(names) != 1 else ''}, got {len(args)}", expr.loc)
-        values: dict[str, Any] = {}
-        for key, arg in list(zip(names, args)) + [(k.name, k.value) for k in kwargs]:
-            if key not in opts:
-                takes = f"{name} takes {', '.join(names)}" if names else f"{name} takes no options"
-                guess = did_you_mean(key, names)
-                self.fail(f"{name} has no option '{key}'", arg.loc,
-                          f"{guess} ({takes})" if guess else takes)
-            if key in values:
-                self.fail(f"{name}: {key} is given twice", arg.loc)
-            values[key] = self.scalar(f"{name}: {key}", opts[key], arg)
-        for key, opt in opts.items():
-            if key not in values:
-                if opt.required:
-                    self.fail(f"{name} needs {key}", expr.loc,
-                              f"for example {name}({key}=...)")
-                values[key] = opt.default
-        return name, values
-
-
-def _check_optimizer(checker: _Checker, name: str, options: dict, expr: ast.Expr) -> None:
+def _check_optimizer(checker: SettingsChecker, name: str, options: dict, expr: ast.Expr) -> None:
     """Combinations of options that PyTorch refuses (each optimizer's own `refuse` rule)."""
     refuse = OPTIMIZERS[name].refuse
     refusal = refuse(options) if refuse else None
@@ -179,7 +81,7 @@ def _check_optimizer(checker: _Checker, name: str, options: dict, expr: ast.Expr
         checker.fail(f"{name}: {refusal[0]}", expr.loc, refusal[1])
 
 
-def _check_augment(checker: _Checker, expr: ast.Expr) -> list[tuple[str, dict]]:
+def _check_augment(checker: SettingsChecker, expr: ast.Expr) -> list[tuple[str, dict]]:
     """`augment = [shift(2), flip(horizontal), ...]` (or one call alone): each call checked, each
     mistake reported."""
     items = expr.items if isinstance(expr, ast.ListExpr) else (expr,)
@@ -192,7 +94,7 @@ def _check_augment(checker: _Checker, expr: ast.Expr) -> list[tuple[str, dict]]:
     return checked
 
 
-def _check_augmentation(checker: _Checker, item: ast.Expr) -> tuple[str, dict]:
+def _check_augmentation(checker: SettingsChecker, item: ast.Expr) -> tuple[str, dict]:
     if not isinstance(item, (ast.Call, ast.Var)):
         checker.fail("augment must be a list of augmentations", item.loc,
                      "for example augment = [shift(2), rotate(10), noise(0.1)]")
@@ -206,7 +108,7 @@ def _check_augmentation(checker: _Checker, item: ast.Expr) -> tuple[str, dict]:
     return checker.call("augment", "augmentation", AUGMENTATIONS, item)
 
 
-def _check_augment_fits(checker: _Checker, expr: ast.Expr, augment: list, model) -> None:
+def _check_augment_fits(checker: SettingsChecker, expr: ast.Expr, augment: list, model) -> None:
     """The augmentations against the model's features input: images of a known size, in floats."""
     seen = {n.attr["name"] for out in model.outputs.values() for n in topo_order([out])
             if n.op == "input"}
@@ -243,7 +145,7 @@ def _option_loc(call: ast.Expr, position: int, name: str):
 def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
     """The train block checked and resolved. With `model` (its checked ModelIR), settings that
     depend on the model (augment's image sizes) are checked against it too."""
-    checker = _Checker(src)
+    checker = SettingsChecker(src)
     settings: dict[str, Any] = {}      # plain values and (name, {options}) calls, as checked
     seen: dict[str, int] = {}
     for s in train.settings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from graphc.ir.composites import Emit
+from graphc.ir.emit import Emit
 from graphc.ir.node import Node
 from graphc.ir.ops import OPS
 from graphc.ir.shapes import reduced_shape

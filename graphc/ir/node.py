@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from graphc.errors import SourceLoc
 from graphc.ir.types import TensorType
@@ -60,6 +60,15 @@ class Node:
     @property
     def dtype(self):
         return self.type.dtype
+
+    def relabeled(self, **labels) -> Node:
+        """The same computation under other labels: `name`, `loc`, `tags`, the fields that take
+        no part in equality (a rewrite's result standing for the node it replaces, a value bound
+        to a name). The node itself when they are its own already."""
+        assert labels.keys() <= {"name", "loc", "tags"}, f"internal error: {set(labels)} are no labels"
+        if all(getattr(self, key) == value for key, value in labels.items()):
+            return self
+        return replace(self, **labels)
 
     def label(self) -> str:
         """How messages refer to this node."""
@@ -124,16 +133,6 @@ class Graph:
     @property
     def params(self) -> list[Node]:
         return self._sources("param")
-
-    def to_networkx(self):
-        import networkx as nx  # imported here: it takes a fifth of a second
-        g = nx.DiGraph()
-        ids = {id(n): i for i, n in enumerate(self.nodes())}
-        for n in self.nodes():
-            g.add_node(ids[id(n)], node=n)
-            for inp in n.inputs:
-                g.add_edge(ids[id(inp)], ids[id(n)])
-        return g
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes())

@@ -163,11 +163,6 @@ def source(op_name: str, type: TensorType, *, loc: SourceLoc | None = None, name
     return Node(op_name, (), freeze_attrs(resolve_attrs(OPS[op_name], attrs)), type, loc, name)
 
 
-def renamed(node: Node, name: str | None, loc: SourceLoc | None = None) -> Node:
-    """The same computation under another name (names do not take part in equality)."""
-    return Node(node.op, node.inputs, node.attrs, node.type, loc or node.loc, name, node.tags)
-
-
 def rebuilt(node: Node, inputs: Sequence[Node]) -> Node:
     """`node` over new inputs (used by passes); rules rerun, so types are checked, not trusted."""
     # Identity, not equality: comparing equal but distinct inputs walks their whole subgraphs.

@@ -10,17 +10,11 @@ from graphc.ir.node import Graph, Node
 from graphc.passes.rewrite import rewrite
 
 
-def relabeled(node: Node, like: Node) -> Node:
-    """`node` under `like`'s name, location and tags: a rewrite's result stands for `like`."""
-    if (node.name, node.loc, node.tags) == (like.name, like.loc, like.tags):
-        return node
-    return Node(node.op, node.inputs, node.attrs, node.type, like.loc, like.name, like.tags)
-
-
 def make_const(value, like: Node) -> Node:
     """A scalar constant of `like`'s type (and name, location, tags)."""
     assert like.shape == (), f"internal error: a constant is a scalar, not {like.type}"
-    return relabeled(op_table.source("const", like.type, value=value), like)
+    return op_table.source("const", like.type, value=value).relabeled(
+        name=like.name, loc=like.loc, tags=like.tags)
 
 
 def splat_value(node: Node):

@@ -24,15 +24,11 @@ Rule = Callable[["Simplifier", Node], "Node | None"]
 _MAX_REWRITES = 32      # per node; every rule makes the graph smaller or cheaper, so far fewer run
 
 
-def differentiated(graph: Graph) -> bool:
-    """Does the graph hold derived gradients? Then nothing differentiates it again, and rewrites
-    autodiff could not follow (stop_gradient dropped, `size` of a live value) are allowed."""
-    return any("gradient" in n.tags for n in graph.nodes())
-
-
 class Simplifier:
-    def __init__(self, graph: Graph):
-        self.final = differentiated(graph)
+    def __init__(self, graph: Graph, differentiated: bool = False):
+        # A graph that holds its gradients is differentiated no more: rewrites autodiff could not
+        # follow (`size` of a live value) are allowed there.
+        self.final = differentiated
         # How many times each node of the graph is read (outputs included), carried over to the
         # node that replaces it, so that a rule can tell whether an operand it rebuilds is
         # shared; a node a rule makes is read by that rule's result only.
@@ -85,7 +81,7 @@ class Simplifier:
     def scalar(self, like: Node, value) -> Node:
         """A scalar constant of like's dtype (its location and tags)."""
         c = op_table.source("const", like.type.with_shape(()), loc=like.loc, value=value)
-        return Node(c.op, (), c.attrs, c.type, like.loc, None, like.tags)
+        return c.relabeled(tags=like.tags)
 
     def const(self, like: Node, value) -> Node:
         """`value` in every element of a node that takes like's place."""
@@ -95,7 +91,14 @@ class Simplifier:
 
 
 def simplify(graph: Graph) -> Graph:
+    """The rules, on a graph that may still be differentiated (the pipeline's first stage)."""
     return rewrite(graph, Simplifier(graph).visit)
+
+
+def simplify_derived(graph: Graph) -> Graph:
+    """The rules, on a graph that holds its gradients (after autodiff): a symbolic mean, too,
+    becomes sum / size."""
+    return rewrite(graph, Simplifier(graph, differentiated=True).visit)
 
 
 # --- predicates -----------------------------------------------------------------------------------

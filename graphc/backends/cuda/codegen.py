@@ -1,5 +1,5 @@
 """Renders kernel plans as CUDA C: the second renderer of the plans the llvm backend compiles
-(graphc/kernels), not a second compiler. A program's graphs become one translation unit: a
+(graphc/backends/kernels), not a second compiler. A program's graphs become one translation unit: a
 `__global__` function per distinct kernel and, per graph, a launch table (which kernel, on which
 buffers, with which grid) that the runtime replays. The text is meant to be read and compiled by
 anyone: `graphc build FILE --backend cuda --emit-source DIR` writes it, self-contained.
@@ -25,6 +25,9 @@ Kernel shapes:
   tensor cores behind `precision="tf32"`).
 f32 arithmetic is IEEE (nvcc's defaults: -prec-div, -prec-sqrt; multiply-adds may contract into
 FMAs, as on the llvm backend), except TF32 GEMMs, which round their inputs (docs/cuda.md).
+
+Over 500 lines on purpose: the whole CUDA C renderer (kernel shapes, the launch table, the
+per-op lowering table) in one file, as the text it writes is one translation unit.
 """
 from __future__ import annotations
 
@@ -34,7 +37,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.backends import PRECISIONS
 from graphc.backends.cuda import gemm
 from graphc.backends.cuda.schedule import Group, as_launched, schedule
 from graphc.backends.kernels.ir import (
@@ -53,6 +55,7 @@ from graphc.backends.kernels.ir import (
 )
 from graphc.ir.primitives import hash32
 from graphc.ir.types import DType
+from graphc.targets import PRECISIONS
 
 CODEGEN_VERSION = "2"
 STORE_TYPE = {DType.f16: "__half", DType.f32: "float", DType.f64: "double", DType.i32: "int",

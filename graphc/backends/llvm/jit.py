@@ -51,12 +51,6 @@ def new_target_machine():
                                         opt=3, codemodel="jitdefault")
 
 
-@functools.cache
-def cpu_description() -> str:
-    llvm = _llvm()
-    return f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}"
-
-
 def _register_libm(llvm) -> None:
     """Generated code calls the C math library (expf, logf, ...); tell the JIT where it is."""
     import ctypes.util

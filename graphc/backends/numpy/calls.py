@@ -13,8 +13,9 @@ from graphc.ir import OPS
 from graphc.ir.node import Node
 
 # The numpy functions behind the op table's references to the hot ops of a step, called directly:
-# the table wraps them in a lambda or a helper, one Python call more, which on the small arrays of
-# a training step costs a tenth of the op. The results are the same (tests/test_numpy_fast.py).
+# the table wraps them in a lambda or a helper, one Python call more, which is a noticeable part
+# of an op on the small arrays of a training step. The results are the same
+# (tests/test_numpy_fast.py).
 UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
           "pow": np.power, "maximum": np.maximum, "minimum": np.minimum, "neg": np.negative,
           "exp": np.exp, "log": np.log, "log1p": np.log1p, "sqrt": np.sqrt, "abs": np.abs,
@@ -24,13 +25,13 @@ UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divid
 REDUCES = {"sum": np.add.reduce, "max": np.maximum.reduce}
 
 # Single numbers (Adam's bias corrections, the loss) are numpy scalars, not 0-d arrays: their
-# arithmetic then runs in numpy's scalar math, a tenth of a ufunc call, with the same IEEE
+# arithmetic then runs in numpy's scalar math, much cheaper than a ufunc call, with the same IEEE
 # operation in the same precision. Only f32 and f64: f16 and the integers go through ufuncs.
 SCALAR_OPERATORS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
                     "div": operator.truediv, "neg": operator.neg}
 _SCALAR_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
 
-_TRANSPOSED = operator.attrgetter("T")     # a matrix's transpose view, a third of .transpose(axes)
+_TRANSPOSED = operator.attrgetter("T")     # a matrix's transpose view, cheaper than .transpose(axes)
 
 
 def frozen(array: np.ndarray) -> np.ndarray:

@@ -105,7 +105,7 @@ class _Plan:
                     raise _runtime_error(node, err) from None
             else:
                 dynamic.append(i)
-        # Parameter updates run as groups after every other step (numpy_updates.py): their
+        # Parameter updates run as groups after every other step (updates.py): their
         # nodes are not steps; what they read is computed first.
         grouped = {i for g in ex.updates for i in g.cone}
         dynamic_set = set(dynamic) - grouped
@@ -236,8 +236,8 @@ def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[t
     when the output is an input, and the op table asks the same of every `numpy_out` op. Nodes in
     `into` write into the buffer given there (a gradient into its update group's lane); values
     in `live` are read after the last step, so their buffers are never reused. Constants a call
-    needs of its own (relu's 0) are appended to `template` (numpy_calls.fast_call); `scalars`
-    compute numpy scalars (numpy_calls.scalar_nodes)."""
+    needs of its own (relu's 0) are appended to `template` (calls.fast_call); `scalars`
+    compute numpy scalars (calls.scalar_nodes)."""
     last_use = {i: len(dynamic) if i in outputs or i in live else -1 for i in dynamic}
     for p, i in enumerate(dynamic):
         for j in inputs[i]:

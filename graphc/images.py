@@ -1,6 +1,6 @@
-"""What the augmentations of a train block need of the images they change: the image shape an
-input holds, crop windows, and whether an augmentation fits the images. The front end checks train
-blocks with these; runtime/augment.py, which runs the augmentations, uses the same ones."""
+"""The image geometry of augmentation that both the train block's checks (frontend/train_spec.py)
+and the runtime's augmenter (runtime/augment.py) need: an input's image shape, crop's window,
+whether an augmentation fits the images."""
 from __future__ import annotations
 
 import math

@@ -2,11 +2,11 @@
 runnable `Program` (`graphc.compile_file`, `graphc.compile_source`)."""
 from __future__ import annotations
 
-from graphc.targets import backend_for
 from graphc.compiler import CheckedFile, check_source, compile_model, read_source
 from graphc.ir.contract import CompiledModel
 from graphc.passes import PipelineOptions
 from graphc.runtime.program import Program
+from graphc.targets import backend_for
 
 
 def program_of(model: CompiledModel, backend: str | None = "numpy") -> Program:

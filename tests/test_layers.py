@@ -17,7 +17,7 @@ PACKAGE_DIRS = {"graphc": ROOT / "graphc", "graphc.runtime": ROOT / "runtime",
 # submodules). Bottom first.
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("graphc.ir", "graphc.errors", "graphc.files", "graphc.cache", "graphc.targets",
-             "graphc.images", "graphc.version"),
+             "graphc.images", "graphc.version", "graphc.options", "graphc.train_config"),
     "backends": ("graphc.backends",),
     "runtime": ("graphc.runtime",),
     "compiler": ("graphc.frontend", "graphc.grammar", "graphc.passes", "graphc.autodiff",
@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "cli": ("graphc.cli", "graphc.cli_common", "graphc.cli_types", "graphc.train_cli",
             "graphc.search", "graphc.search_cli", "graphc.search_results", "graphc.report",
             "graphc.report_cli", "graphc.draw", "graphc.gradcheck", "graphc.build_cache",
-            "graphc.__main__", "graphc"),
+            "graphc.__main__", "graphc.api", "graphc"),
 }
 # What each layer may import besides itself: the compiler sits on the core alone, beside the
 # backends and the runtime, and hands the runtime graphs; the CLI and the top-level API use all.
@@ -39,11 +39,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 
 # Edges known to break the rules, each with the change that removes it. This list only shrinks:
 # an edge that is gone must leave it (test_known_edges_still_exist).
-KNOWN_UPWARD = {
-    # The driver builds a runtime.Program. Engineer A's typed train-step contract has the compiler
-    # hand the runtime a core object instead; that change empties this entry.
-    ("graphc.compiler", "graphc.runtime.program"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CYCLES = {
     # load_artifact builds a Program and Program.save calls save_artifact (both imports inside
     # functions). Goes when artifact.py returns the artifact's parts and program.py builds the

@@ -9,7 +9,6 @@ from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.options import Opt
 
-
 _ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
           "div": lambda a, b: a / b if b else None}
 

@@ -16,7 +16,7 @@ from functools import partial
 
 import numpy as np
 
-from graphc.backends.numpy.calls import fast_call, frozen, scalar_nodes
+from graphc.backends.numpy.calls import UNSUPPORTED, fast_call, frozen, scalar_nodes
 from graphc.backends.numpy.updates import UpdateGroup, find_update_groups
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir import OPS
@@ -42,6 +42,9 @@ class NumpyExecutor:
             op = OPS[node.op]
             assert op.kind == "source" or not op.is_composite, (
                 f"internal error: the numpy backend runs primitive graphs; {node.op} is composite")
+            assert op.kind == "source" or (op.numpy is not None and node.op not in UNSUPPORTED), (
+                f"internal error: the numpy backend has no lowering for {node.op} "
+                f"{node.dtype.value} ({node.label()})")
         self.graph = graph
         self.order = graph.nodes()
         index = {id(n): i for i, n in enumerate(self.order)}

@@ -213,9 +213,11 @@ def _check_backends(checked, args) -> int:
                                        unavailable)
     failed = [r for r in results if not r.ok]
     for r in failed:
+        what = (f"by {r.difference:.3g}" if r.difference < float("inf") else
+                "in its non-finite elements, shape or exact values")
         print(f"error: {args.file}: {r.graph} on the {r.backend} backend differs from the "
-              f"reference evaluator by {r.difference:.3g} in `{r.value}` (tolerance "
-              f"{r.tolerance:.0e})", file=sys.stderr)
+              f"reference evaluator {what} in `{r.value}` (tolerance {r.tolerance:.0e})",
+              file=sys.stderr)
     if failed or (missing and explicit):
         return 1
     print(f"{args.file}: ok ({len(results)} graph runs within tolerance"

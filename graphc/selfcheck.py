@@ -1,7 +1,9 @@
 """`graphc check FILE --backends numpy,llvm[,cuda]`: a model's graphs run on each named backend and
 on the reference evaluator (graphc/ir/reference.py) from the same parameters and random inputs,
 compared value by value: the forward graph, the loss and its gradients, and three train steps
-(the loss, then every parameter and optimizer state slot after each step).
+(the loss, then every parameter and optimizer state slot after each step). Parameters are random
+(normal; std 1/sqrt(rows) for matrices, 0.1 otherwise) rather than as initialized, so that no
+weight starting at zero hides the ops it feeds.
 
 A value's difference is normwise: rms(got - want) / rms(want), the root mean square of the error
 over that of the expected value, so that rounding spread over many elements, or a few near-zero
@@ -77,6 +79,11 @@ def check_backends(checked: CheckedFile, model: str | None, backends: Sequence[s
     """Every graph check of `model` on each backend; `on_result` sees each as it is made. A backend
     that cannot run here raises BackendUnavailable, unless `on_unavailable(backend, why)` takes it."""
     base = build_program(checked, model, "numpy", seed)
+    rng = np.random.default_rng(seed)
+    for name, value in list(base.params.items()):
+        # Random, not as initialized: a weight that starts at zero would hide the ops it feeds.
+        std = 1 / math.sqrt(value.shape[0]) if value.ndim >= 2 else 0.1
+        base.params[name] = (rng.standard_normal(value.shape) * std).astype(value.dtype)
     results = []
     for backend in backends:
         try:
@@ -116,8 +123,10 @@ def _check_one(base: Program, backend: str, seed: int):
         try:
             result = call(got)
         except GraphcError as err:
-            if type(err).__name__ == "CudaUnavailable":
-                raise BackendUnavailable(str(err)) from None
+            if backend == "cuda":
+                from graphc.backends.cuda.executor import CudaUnavailable
+                if isinstance(err, CudaUnavailable):
+                    raise BackendUnavailable(err.diagnostics[0].message) from None
             raise
         except ImportError as err:
             raise BackendUnavailable(f"the {backend} backend needs {err.name}, which is not "

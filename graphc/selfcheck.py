@@ -3,7 +3,7 @@ on the reference evaluator (graphc/ir/reference.py) from the same parameters and
 compared value by value: the forward graph, the loss and its gradients, and three train steps
 (the loss, then every parameter and optimizer state slot after each step). Parameters are random
 (normal; std 1/sqrt(rows) for matrices, 0.1 otherwise) rather than as initialized, so that no
-weight starting at zero hides the ops it feeds.
+weight starting at zero hides the ops it feeds; running statistics keep their initial values.
 
 A value's difference is normwise: rms(got - want) / rms(want), the root mean square of the error
 over that of the expected value, so that rounding spread over many elements, or a few near-zero
@@ -82,6 +82,9 @@ def check_backends(checked: CheckedFile, model: str | None, backends: Sequence[s
     rng = np.random.default_rng(seed)
     for name, value in list(base.params.items()):
         # Random, not as initialized: a weight that starts at zero would hide the ops it feeds.
+        # Running statistics (batch norm's mean and variance) stay valid: as initialized.
+        if base.param_info[name].role == "stat":
+            continue
         std = 1 / math.sqrt(value.shape[0]) if value.ndim >= 2 else 0.1
         base.params[name] = (rng.standard_normal(value.shape) * std).astype(value.dtype)
     results = []

@@ -88,9 +88,11 @@ def check_backends(checked: CheckedFile, model: str | None, backends: Sequence[s
         std = 1 / math.sqrt(value.shape[0]) if value.ndim >= 2 else 0.1
         base.params[name] = (rng.standard_normal(value.shape) * std).astype(value.dtype)
     results = []
+    reference = _reference(base)
+    expected: dict = {}         # the reference's results, each computed once
     for backend in backends:
         try:
-            for result in _check_one(base, backend, seed):
+            for result in _check_one(base, backend, seed, reference, expected):
                 results.append(result)
                 if on_result:
                     on_result(result)
@@ -115,14 +117,18 @@ def _reference(base: Program) -> Program:
     return program
 
 
-def _check_one(base: Program, backend: str, seed: int):
-    want, got = _reference(base), _twin(base, backend)
+def _check_one(base: Program, backend: str, seed: int, want: Program, expected: dict):
+    """The checks of one backend against `want` (the reference); `expected` keeps the reference's
+    results (and the parameters whose gradient vanishes) for the next backend."""
+    got = _twin(base, backend)
     rng = np.random.default_rng(seed)
     batches = [random_batch(base, rng) for _ in range(TRAIN_STEPS)]
     features = {k: v for k, v in batches[0].items() if k in base.inputs}
+    vanishing: set[str] = expected.setdefault("vanishing parameters", set())
 
     def run(graph: str, call: Callable[[Program], dict[str, np.ndarray]]) -> GraphCheck:
-        expected = call(want)
+        if graph not in expected:
+            expected[graph] = call(want)
         try:
             result = call(got)
         except GraphcError as err:
@@ -134,13 +140,12 @@ def _check_one(base: Program, backend: str, seed: int):
         except ImportError as err:
             raise BackendUnavailable(f"the {backend} backend needs {err.name}, which is not "
                                      f"installed") from None
-        return compare(backend, graph, result, expected)
+        return compare(backend, graph, result, expected[graph])
 
     # Losses come back as Python floats: compared in the loss's own dtype.
     loss_dtype = next((g.output_map["loss"].dtype.numpy for g in base.graphs.values()
                        if "loss" in g.output_map), np.float64)
     yield run("forward", lambda p: p.forward(**features))
-    vanishing: set[str] = set()
     if "loss_and_grads" in base.graphs:
         def loss_and_grads(p: Program) -> dict[str, np.ndarray]:
             loss, grads = p.loss_and_grads(**batches[0])

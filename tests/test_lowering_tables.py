@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from backend_cases import OP_CASES
 from conftest import MODELS
 
 import graphc
@@ -54,6 +55,19 @@ def test_the_jits_math_functions_derive_from_the_llvm_table():
     assert {"exp", "log1p", "tanh", "erf", "pow", "fmax", "fmin"} <= set(names)
     for op in ("log1p", "tanh", "erf"):          # called in the C library, never an intrinsic
         assert llvm_lowering.LOWER[op].libm == (op,)
+
+
+def test_every_c_function_the_llvm_code_declares_is_registered_with_the_jit():
+    """The op cases' kernels (every elementwise op, f32 and f64) as one module: what it declares
+    besides LLVM intrinsics is a C math function some table entry says it calls."""
+    plans = {}
+    for case in OP_CASES:
+        for dtype in ("f32", "f64") if case.floats else ("f32",):
+            program = graphc.compile_source(case.source(dtype))
+            plans[f"{case.name}_{dtype}".replace("-", "_")] = plan_kernels(program.graphs["forward"])
+    declared = {fn for fn in llvm_codegen.build_module(plans).declarations if not fn.startswith("llvm.")}
+    registered = {name + suffix for name in llvm_lowering.libm_functions() for suffix in ("", "f")}
+    assert declared and declared <= registered, sorted(declared - registered)
 
 
 @pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])

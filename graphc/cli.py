@@ -52,7 +52,13 @@ def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--grad", action="store_true",
                    help="check the derived gradients of the loss against float64 central "
                         "differences at a random point; exit 1 where one is wrong")
-    p.add_argument("--seed", type=int, default=0, help="the random point of --grad (default 0)")
+    p.add_argument("--backends", metavar="LIST",
+                   help="run the forward graph, the gradients and three train steps on each "
+                        "backend of LIST (numpy,llvm,cuda or all) and on the reference evaluator, "
+                        "from the same random inputs; print each graph's worst difference and "
+                        "its tolerance; exit 1 beyond it (docs/backends.md)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the random point of --grad, the random inputs of --backends (default 0)")
     p.add_argument("--samples", type=int, default=32, metavar="K",
                    help="elements checked per parameter with --grad (all when fewer; default 32)")
     _add_werror_arg(p)
@@ -131,6 +137,8 @@ def cmd_check(args) -> int:
     report_lints(checked, args.werror)
     if args.grad:
         return _check_gradients(checked, args)
+    if args.backends is not None:
+        return _check_backends(checked, args)
     names = [args.model] if args.model else list(checked.models)
     if args.model:
         checked.pick(args.model)
@@ -159,6 +167,37 @@ def _check_gradients(checked, args) -> int:
         print(f"error: {args.file}: the derived gradient of {', '.join(wrong)} disagrees with finite "
               f"differences (a bug in graphc's gradient rules: please report it)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check_backends(checked, args) -> int:
+    from graphc import selfcheck
+    backends, explicit = selfcheck.parse_backends(args.backends)
+    name = checked.pick(args.model).name
+    print(f"{args.file}: {name} on {', '.join(backends)} against the reference evaluator "
+          f"(seed {args.seed}, batch {selfcheck.BATCH})")
+    print(selfcheck.HEADER)
+    missing = []
+
+    def unavailable(backend: str, why: str) -> None:
+        missing.append(backend)
+        print(f"{'error' if explicit else 'note'}: cannot check the {backend} backend here: "
+              f"{why}", file=sys.stderr)
+
+    results = selfcheck.check_backends(checked, args.model, backends, args.seed,
+                                       lambda r: print(selfcheck.format_result(r), flush=True),
+                                       unavailable)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        what = (f"by {r.difference:.3g}" if r.difference < float("inf") else
+                "in its non-finite elements, shape or exact values")
+        print(f"error: {args.file}: {r.graph} on the {r.backend} backend differs from the "
+              f"reference evaluator {what} in `{r.value}` (tolerance {r.tolerance:.0e})",
+              file=sys.stderr)
+    if failed or (missing and explicit):
+        return 1
+    print(f"{args.file}: ok ({len(results)} graph runs within tolerance"
+          + (f"; {', '.join(missing)} not available here)" if missing else ")"))
     return 0
 
 

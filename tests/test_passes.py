@@ -1,6 +1,6 @@
 """The optimization passes (each rewrite on a small graph: what it removes, and the same numbers as
 the unoptimized graph on the numpy backend), the pipeline with verification on every bundled
-model's program graphs, and the numpy executor against a plain node-by-node evaluation."""
+model's program graphs, and the numpy executor against the reference evaluator (graphc.ir.reference)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +16,7 @@ from graphc.errors import SourceLoc
 from graphc.ir import OPS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph, Node
+from graphc.ir.reference import evaluate
 from graphc.ir.types import DType, TensorType, bind_shape
 from graphc.passes import PIPELINE, PipelineOptions, run_pipeline
 
@@ -315,7 +316,7 @@ def test_pipeline_keeps_every_program_graph_within_1e6(path):
     for key, graph in optimized.items():
         assert len(graph.nodes()) <= len(plain[key].nodes()), key
         feeds, params, dims, state = random_run_args(graph, state_info, ir, batch=6)
-        want = reference_run(plain[key], feeds, params, dims, state)
+        want = evaluate(plain[key], feeds, params, dims, state)
         got = NumpyExecutor(graph, updates.get(key, ())).run(feeds, params, dims, state)
         assert got.keys() == want.keys()
         # Batch norm's backward subtracts batch means of products: in f32 that cancellation leaves
@@ -339,27 +340,7 @@ def test_pipeline_shrinks_the_mnist_train_step():
     assert sum(n.op == "broadcast_to" for n in w1) == 0
 
 
-# --- the numpy executor against a plain node-by-node evaluation ---------------------------------------
-
-def reference_run(graph: Graph, feeds, params, dims, state) -> dict[str, np.ndarray]:
-    """Every node in order with its op's numpy reference, a fresh array each: the oracle."""
-    values: dict[int, np.ndarray] = {}
-    for n in graph.nodes():
-        op = OPS[n.op]
-        if n.op == "const":
-            v = np.asarray(n.attr["value"], n.dtype.numpy)
-        elif n.op in ("input", "param", "state"):
-            v = {"input": feeds, "param": params, "state": state}[n.op][n.attr["name"]]
-        else:
-            attrs = {k: bind_shape(v, dims) if op.attrs[k].kind == "ints" else v
-                     for k, v in n.attrs}
-            args = [values[id(i)] for i in n.inputs]
-            if op.numpy_out:
-                attrs["out"] = np.empty(bind_shape(n.shape, dims), n.dtype.numpy)
-            v = op.numpy(*args, **attrs)
-        values[id(n)] = v
-    return {name: np.array(values[id(n)]) for name, n in graph.outputs}
-
+# --- the numpy executor against the reference evaluator (graphc/ir/reference.py) ----------------------
 
 @pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])
 def test_executor_matches_node_by_node_evaluation_bit_for_bit(path):
@@ -371,7 +352,7 @@ def test_executor_matches_node_by_node_evaluation_bit_for_bit(path):
             feeds, params, dims, state = random_run_args(graph, state_info, ir, batch)
             saved = {k: np.array(v) for k, v in {**feeds, **params, **state}.items()}
             got = ex.run(feeds, params, dims, state)
-            want = reference_run(graph, feeds, params, dims, state)
+            want = evaluate(graph, feeds, params, dims, state)
             for name in want:
                 assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
                 np.testing.assert_array_equal(got[name], want[name], err_msg=f"{key} {name}")

@@ -59,6 +59,9 @@ class OpDef:
     decompose: Callable[..., Node] | None = None    # composites: (builder, inputs, attrs, loc) -> Node
     grad: Callable[..., Any] | None = None          # filled in by the autodiff module
     numpy_out: bool = False     # numpy(*arrays, out=buf, **attrs) writes into a preallocated buffer
+    # The numpy ufunc `numpy` wraps, where it is one called as is (elementwise ops, matmul) or
+    # through its reduce (reductions): the fast numpy backend calls it directly.
+    ufunc: Any = None
     doc: str = ""
 
     @property

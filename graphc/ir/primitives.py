@@ -43,7 +43,8 @@ def _unary(name, fn, doc, floats=True, grad_note=""):
     def dtype_rule(ops, attrs):
         return float_dtype(name, ops) if floats else ops[0].type.dtype
     register(OpDef(name, 1, dtype_rule, lambda ops, attrs: ops[0].type.shape,
-                   lambda x, out=None: fn(x, out=out), numpy_out=True, doc=doc))
+                   lambda x, out=None: fn(x, out=out), numpy_out=True, doc=doc,
+                   ufunc=fn if isinstance(fn, np.ufunc) else None))
 
 
 def _sigmoid(x, out=None):
@@ -88,7 +89,7 @@ def _binary(name, fn, doc, floats=False, compare=False):
         dtype = float_dtype(name, ops) if floats else same_dtype(name, ops)
         return DType.bool if compare else dtype
     register(OpDef(name, 2, dtype_rule, lambda ops, attrs: broadcast(name, ops),
-                   lambda a, b, out=None: fn(a, b, out=out), numpy_out=True, doc=doc))
+                   lambda a, b, out=None: fn(a, b, out=out), numpy_out=True, doc=doc, ufunc=fn))
 
 
 _binary("add", np.add, "a + b")
@@ -181,7 +182,8 @@ def _reduction(name, fn, doc):
     ufunc = {"sum": np.add, "max": np.maximum}.get(name)
 
     register(OpDef(name, 1, dtype_rule, shape_rule, run, kind="reduction", numpy_out=True,
-                   attrs={"axis": Attr("axes", None), "keepdims": Attr("bool", False)}, doc=doc))
+                   attrs={"axis": Attr("axes", None), "keepdims": Attr("bool", False)}, doc=doc,
+                   ufunc=ufunc))
 
 
 # Windows (pooling, the ties of its gradient) reduce a few elements of strided axes per output:
@@ -222,6 +224,7 @@ _reduction("max", np.maximum.reduce, "maximum over axes (all when axis is omitte
 register(OpDef("matmul", 2, lambda ops, attrs: same_dtype("matmul", ops),
                lambda ops, attrs: matmul_shape(*ops),
                lambda a, b, out=None: np.matmul(a, b, out=out), kind="matmul", numpy_out=True,
+               ufunc=np.matmul,
                doc="matrix product with numpy's rules (1-D operands, batched)"))
 
 register(OpDef("reshape", 1, lambda ops, attrs: ops[0].type.dtype,

@@ -1,12 +1,14 @@
 """Constant folding: a node whose inputs are all constants and whose result is a scalar becomes a
-`const`, computed by the op's own numpy reference in the node's dtype, so the folded value is
-bit for bit what the unfolded graph computes. Tensors are never folded (a constant is a scalar)."""
+`const`, computed by the reference evaluator (the op's numpy reference, in the node's dtype), so the
+folded value is bit for bit what the unfolded graph computes. Tensors are never folded (a constant
+is a scalar). This is the compiler's one constant folder: `simplify` folds through `folded` too."""
 from __future__ import annotations
 
 import numpy as np
 
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph, Node
+from graphc.ir.reference import evaluate_node
 from graphc.passes.rewrite import rewrite
 
 
@@ -38,11 +40,11 @@ def folded(node: Node) -> Node | None:
         return None
     try:
         with np.errstate(all="ignore"):
-            value = np.asarray(op.numpy(*args, **node.attr))
-    except (ValueError, ArithmeticError):
+            value = evaluate_node(node, args)
+    except (ValueError, ArithmeticError, TypeError):
         return None
-    # A value the executor would not produce as is (another dtype), or one JSON cannot hold
-    # (inf, nan), stays a computation.
+    # A value of another dtype than the node's (a reference that ignores `out`), or one JSON
+    # cannot hold (inf, nan), stays a computation.
     if value.dtype != want or value.shape != () or (value.dtype.kind == "f"
                                                    and not np.isfinite(value)):
         return None

@@ -53,6 +53,7 @@ from graphc.backends.kernels.ir import (
     sprod,
     sstr,
 )
+from graphc.backends.kernels.tables import render_failure
 from graphc.ir.primitives import hash32
 from graphc.ir.types import DType
 from graphc.targets import PRECISIONS
@@ -509,7 +510,10 @@ class _Values:
             assert isinstance(e, Op), f"internal error: unknown expression {e}"
             args = [self.expr(a) for a in e.args]
             dts = [a.dtype if not isinstance(a, (Index, FlatIndex)) else DType.i64 for a in e.args]
-            v = body.let(VALUE_TYPE[e.dtype], LOWER[e.op](self, args, dts, e.attr, e.dtype))
+            try:
+                v = body.let(VALUE_TYPE[e.dtype], LOWER[e.op](self, args, dts, e.attr, e.dtype))
+            except KeyError as err:     # no entry for the op, or none of its types for a dtype
+                raise render_failure("cuda", e.op, e.dtype, dts, m.kernel.name) from err
         self.memo[e] = v
         return v
 
@@ -575,6 +579,9 @@ LOWER = {
     "where": lambda v, a, d, at, o: f"({a[0]} ? {a[1]} : {a[2]})",
     "cast": _cast, "uniform": _uniform, "one_hot": _one_hot,
 }
+# Primitives this backend declines (none): with LOWER and the planner's ops
+# (kernels/tables.PLANNED) they cover the op table (tests/test_lowering_tables.py).
+UNSUPPORTED: frozenset[str] = frozenset()
 
 
 def render_module(plans: dict[str, KernelPlan], precision: str = "f32"

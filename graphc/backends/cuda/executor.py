@@ -33,6 +33,7 @@ from graphc.backends.cuda import codegen
 from graphc.backends.kernels import plan_kernels
 from graphc.backends.kernels.ir import sval
 from graphc.backends.kernels.memory import ALIGN, plan_arena
+from graphc.backends.kernels.tables import check_lowerable
 from graphc.cache import cache_dir
 from graphc.errors import Diagnostic, GraphcError
 from graphc.files import atomic_write
@@ -298,6 +299,7 @@ class CUDAExecutor:
     def __init__(self, graph: Graph, updates: Sequence[Update] = ()):
         """`updates`: the train step's contract (graphc.ir.contract), written in place."""
         self.graph = graph
+        check_lowerable(graph, "cuda", codegen.LOWER, codegen.UNSUPPORTED)
         self.plan = plan_kernels(graph, updates)
         self._code = _Code({"graph": self})
         self._launches: list[codegen.Launch] = []

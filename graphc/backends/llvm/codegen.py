@@ -28,6 +28,7 @@ from graphc.backends.kernels.ir import (
     sstr,
     walk,
 )
+from graphc.backends.kernels.tables import render_failure
 from graphc.backends.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS, SUFFIX, cast, const
 from graphc.ir.types import DType
 
@@ -368,7 +369,10 @@ class LoopNest:
             assert isinstance(e, Op), f"internal error: unknown expression {e}"
             args = [self.expr(a) for a in e.args]
             dts = [_dtype(a) for a in e.args]
-            v = LOWER[e.op](f, args, dts, e.attr, e.dtype)
+            try:
+                v = LOWER[e.op](f, args, dts, e.attr, e.dtype)
+            except KeyError as err:     # no entry for the op, or none of its types for a dtype
+                raise render_failure("llvm", e.op, e.dtype, dts, self.k.name) from err
         self.memo[e] = v
         return v
 

@@ -15,7 +15,9 @@ import numpy as np
 from graphc.backends.kernels import plan_kernels
 from graphc.backends.kernels.ir import sval
 from graphc.backends.kernels.memory import ALIGN, plan_arena
+from graphc.backends.kernels.tables import check_lowerable
 from graphc.backends.llvm import jit
+from graphc.backends.llvm.lowering import LOWER, UNSUPPORTED
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir.contract import Update
 from graphc.ir.node import Graph
@@ -132,6 +134,7 @@ class LLVMExecutor:
     def __init__(self, graph: Graph, updates: Sequence[Update] = ()):
         """`updates`: the train step's contract (graphc.ir.contract), written in place."""
         self.graph = graph
+        check_lowerable(graph, "llvm", LOWER, UNSUPPORTED)
         self.plan = plan_kernels(graph, updates)
         in_place = set(self.plan.aliases.values())
         self.scalar_inputs = []       # 0-d inputs (#lr, #rng) are copied into buffers of our own

@@ -52,10 +52,13 @@ def new_target_machine():
 
 
 def _register_libm(llvm) -> None:
-    """Generated code calls the C math library (expf, logf, ...); tell the JIT where it is."""
+    """Generated code calls the C math library (expf, logf, ...): tell the JIT where the functions
+    the lowering table declares are."""
     import ctypes.util
+
+    from graphc.backends.llvm.lowering import libm_functions
     libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    for base in ("exp", "log", "pow", "tanh", "log1p", "sqrt", "fmax", "fmin", "erf"):
+    for base in libm_functions():
         for name in (base, base + "f"):
             if hasattr(libm, name):
                 llvm.add_symbol(name, ctypes.cast(getattr(libm, name), ctypes.c_void_p).value)

@@ -1,7 +1,10 @@
 """How each primitive op becomes LLVM IR: one entry per op name, the table the LLVM renderer reads.
 
 Every entry takes the function being written (`f`), the operands' IR values and dtypes, the op's
-attributes and its result dtype, and returns the IR value of the result.
+attributes and its result dtype, and returns the IR value of the result. An entry that calls the
+C math library says which functions (`libm`): the JIT is told where those are (jit.py). The ops
+the kernel planner handles itself are in kernels/tables.PLANNED; `UNSUPPORTED` lists the rest this
+backend declines.
 """
 from __future__ import annotations
 
@@ -37,10 +40,20 @@ def const(value, dtype: DType) -> str:
     return f"0x{struct.unpack('<Q', struct.pack('<d', float(value)))[0]:016X}"
 
 
+def _calls(*libm: str):
+    """Marks a lowering that calls these C math functions (each in its f32 and f64 forms, expf and
+    exp), directly or through an LLVM intrinsic that the code generator may turn into one."""
+    def mark(lower):
+        lower.libm = libm
+        return lower
+    return mark
+
+
 def _float_call(name: str):
     """exp, log, tanh, log1p: LLVM intrinsics where they exist, else the C library."""
     intrinsic = name in ("exp", "log", "sqrt", "fabs")
 
+    @_calls(name)
     def lower(f, args, dts, attrs, out):
         t = IR_TYPE[out]
         if intrinsic:
@@ -64,6 +77,7 @@ def _arith(fop: str, iop: str):
 
 
 def _extremum(fname: str, iname: str, bop: str):
+    @_calls({"maximum": "fmax", "minimum": "fmin"}[fname])
     def lower(f, args, dts, attrs, out):
         t = IR_TYPE[out]
         if out.is_float:            # maximum/minimum propagate NaN, as numpy does
@@ -95,10 +109,12 @@ def _abs(f, args, dts, attrs, out):
     return f.call(f"llvm.abs.{SUFFIX[out]}", t, [(t, args[0]), ("i1", "false")])
 
 
+@_calls("fmax")
 def _relu(f, args, dts, attrs, out):
     return _extremum("maximum", "smax", "or")(f, [args[0], const(0, out)], dts, attrs, out)
 
 
+@_calls("exp")
 def _sigmoid(f, args, dts, attrs, out):
     # 1 / (1 + exp(-x)): exp overflows to inf for very negative x, and 1/inf is the right 0.
     t = IR_TYPE[out]
@@ -107,6 +123,7 @@ def _sigmoid(f, args, dts, attrs, out):
     return f.emit(f"fdiv {FLAGS} {t} {const(1, out)}, {d}")
 
 
+@_calls("pow")
 def _pow(f, args, dts, attrs, out):
     t = IR_TYPE[out]
     return f.call(f"llvm.pow.{SUFFIX[out]}", t, [(t, args[0]), (t, args[1])])
@@ -195,3 +212,12 @@ LOWER = {
     "equal": _compare("oeq", "eq"), "not_equal": _compare("une", "ne"),
     "where": _where, "cast": _cast, "uniform": _uniform, "one_hot": _one_hot,
 }
+# Primitives this backend declines (none): with LOWER and the planner's ops
+# (kernels/tables.PLANNED) they cover the op table (tests/test_lowering_tables.py).
+UNSUPPORTED: frozenset[str] = frozenset()
+
+
+def libm_functions() -> list[str]:
+    """The C math functions generated code may call, as the table's entries declare them (a max
+    reduction's llvm.maximum, rendered outside the table, is maximum's fmax)."""
+    return sorted({name for lower in LOWER.values() for name in getattr(lower, "libm", ())})

@@ -12,17 +12,17 @@ import numpy as np
 from graphc.ir import OPS
 from graphc.ir.node import Node
 
-# The numpy functions behind the op table's references to the hot ops of a step, called directly:
-# the table wraps them in a lambda or a helper, one Python call more, which is a noticeable part
-# of an op on the small arrays of a training step. The results are the same
+# The numpy functions behind the op table's references to the hot ops of a step (`OpDef.ufunc`),
+# called directly: the table wraps them in a lambda or a helper, one Python call more, which is a
+# noticeable part of an op on the small arrays of a training step. The results are the same
 # (tests/test_numpy_fast.py).
-UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
-          "pow": np.power, "maximum": np.maximum, "minimum": np.minimum, "neg": np.negative,
-          "exp": np.exp, "log": np.log, "log1p": np.log1p, "sqrt": np.sqrt, "abs": np.abs,
-          "tanh": np.tanh, "matmul": np.matmul, "greater": np.greater,
-          "greater_equal": np.greater_equal, "less": np.less, "less_equal": np.less_equal,
-          "equal": np.equal, "not_equal": np.not_equal}
-REDUCES = {"sum": np.add.reduce, "max": np.maximum.reduce}
+UFUNCS = {name: op.ufunc for name, op in OPS.items()
+          if op.ufunc is not None and op.kind != "reduction"}
+REDUCES = {name: op.ufunc.reduce for name, op in OPS.items()
+           if op.ufunc is not None and op.kind == "reduction"}
+# The numpy backend's lowering table is the op table's numpy references (the calls here make some
+# of them faster); it declines no primitive (tests/test_lowering_tables.py).
+UNSUPPORTED: frozenset[str] = frozenset()
 
 # Single numbers (Adam's bias corrections, the loss) are numpy scalars, not 0-d arrays: their
 # arithmetic then runs in numpy's scalar math, much cheaper than a ufunc call, with the same IEEE

@@ -1,4 +1,5 @@
-"""The numpy backend: the reference every other backend is compared with.
+"""The numpy backend: fast on the CPU without a compiler, tested against the reference evaluator
+(graphc/ir/reference.py) like every other backend.
 
 It runs a primitive graph node by node with each op's numpy reference from the op table. A plan is
 made once per batch shape: what only depends on shapes and constants is computed then; every
@@ -15,12 +16,13 @@ from functools import partial
 
 import numpy as np
 
-from graphc.backends.numpy.calls import fast_call, frozen, scalar_nodes
+from graphc.backends.numpy.calls import UNSUPPORTED, fast_call, frozen, scalar_nodes
 from graphc.backends.numpy.updates import UpdateGroup, find_update_groups
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir import OPS
 from graphc.ir.contract import Update
 from graphc.ir.node import Graph, Node
+from graphc.ir.reference import evaluate_node
 from graphc.ir.types import bind_shape
 
 # How a step is called: by arity (1, 2, 3; other: `out` holds the operand slots), or, for the
@@ -43,6 +45,9 @@ class NumpyExecutor:
             op = OPS[node.op]
             assert op.kind == "source" or not op.is_composite, (
                 f"internal error: the numpy backend runs primitive graphs; {node.op} is composite")
+            assert op.kind == "source" or (op.numpy is not None and node.op not in UNSUPPORTED), (
+                f"internal error: the numpy backend has no lowering for {node.op} "
+                f"{node.dtype.value} ({node.label()})")
         self.graph = graph
         self.order = graph.nodes()
         index = {id(n): i for i, n in enumerate(self.order)}
@@ -97,10 +102,8 @@ class _Plan:
                 constant[i] = True
                 args = [template[j] if constant[j] else _shaped_like(order[j], shapes[j])
                         for j in inputs[i]]
-                if op.numpy_out:
-                    attrs[i]["out"] = np.empty(shapes[i], node.dtype.numpy)
                 try:
-                    template[i] = frozen(np.asarray(op.numpy(*args, **attrs[i])))
+                    template[i] = frozen(evaluate_node(node, args, dims))
                 except ValueError as err:
                     raise _runtime_error(node, err) from None
             else:

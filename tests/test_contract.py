@@ -122,3 +122,21 @@ def test_the_compiler_imports_the_core_only():
             bad += [f"{path.relative_to(REPO)} imports {n}" for n in names
                     if any(n == f or n.startswith(f + ".") for f in FORBIDDEN)]
     assert not bad
+
+
+def test_train_settings_are_typed_and_read_back_from_their_json():
+    from dataclasses import replace
+
+    from graphc.compiler import check_source
+    from graphc.train_config import OptimizerSpec, TrainConfig
+    config = check_source(BN_MODEL.replace("seed = 1", "seed = 1; augment = [noise(0.1)]; "
+                                           "early_stop = early_stop(3)")).trains["bn"]
+    assert isinstance(config.optimizer, OptimizerSpec) and config.optimizer.name == "adam"
+    assert config.lr == 1e-2 and config.augment[0].name == "noise"
+    assert config.written == ("optimizer", "seed", "augment", "early_stop")
+    back = TrainConfig.from_json("bn", json.loads(json.dumps(config.to_json())))
+    assert back == replace(config, written=())
+    program = graphc.compile_source(BN_MODEL)
+    assert TrainConfig.from_json("bn", program.meta["train"]).optimizer == ("adam", {
+        "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+        "amsgrad": False})

@@ -6,11 +6,12 @@ statistic) and its feeds (learning rate, random key, step count) are typed field
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphc.ir.node import Graph
+from graphc.ir.node import Graph, Node
 from graphc.ir.types import TensorType, bind_shape
 
 # Inputs and state the program itself provides. '#' starts a comment in .nn files, so no name a
@@ -141,6 +142,20 @@ class TrainStep:
             else:
                 raise ValueError(f"train-step output {name!r} updates nothing the manifest declares")
         return cls("loss", tuple(updates), Feeds.of(graph, state))
+
+
+def bind_updates(graph: Graph, updates: Sequence[Update]) -> list[tuple[Update, Node, Node]]:
+    """The analysis of a graph's updates that every backend starts from: each update with its
+    output node and the load (`param` or `state` source) of its target, where the graph reads the
+    target and the new value has its type. Only these can be written in place."""
+    outputs = graph.output_map
+    loads = {(n.op, n.attr["name"]): n for n in graph.nodes() if n.op in ("param", "state")}
+    bound = []
+    for u in updates:
+        out, load = outputs.get(u.output), loads.get(("state" if u.in_state else "param", u.target))
+        if out is not None and load is not None and out.type == load.type:
+            bound.append((u, out, load))
+    return bound
 
 
 @dataclass(frozen=True)

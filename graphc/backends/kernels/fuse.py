@@ -35,7 +35,7 @@ from graphc.backends.kernels.ir import (
     sprod,
 )
 from graphc.ir import OPS
-from graphc.ir.contract import Update
+from graphc.ir.contract import Update, bind_updates
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import symbols
 
@@ -423,7 +423,7 @@ def plan_kernels(graph: Graph, updates: Sequence[Update] = ()) -> KernelPlan:
     """Fuse a lowered (primitive) graph into kernels over buffers; `updates` (the train step's
     contract, graphc.ir.contract) are written in place where they can be."""
     plan = _Planner(graph).build()
-    plan_in_place_updates(plan, updates)
+    plan_in_place_updates(plan, [u for u, _, _ in bind_updates(graph, updates)])
     return plan
 
 

@@ -20,7 +20,7 @@ from graphc.backends.numpy.calls import UNSUPPORTED, fast_call, frozen, scalar_n
 from graphc.backends.numpy.updates import UpdateGroup, find_update_groups
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir import OPS
-from graphc.ir.contract import Update
+from graphc.ir.contract import Update, bind_updates
 from graphc.ir.node import Graph, Node
 from graphc.ir.reference import evaluate_node
 from graphc.ir.types import bind_shape
@@ -54,7 +54,8 @@ class NumpyExecutor:
         self.inputs = [tuple(index[id(i)] for i in n.inputs) for n in self.order]
         self.outputs = [(name, index[id(n)]) for name, n in graph.outputs]
         loads = {n.attr["name"]: i for i, n in enumerate(self.order) if n.op in ("param", "state")}
-        self.updates = find_update_groups(self.order, self.inputs, self.outputs, loads, updates)
+        self.updates = find_update_groups(self.order, self.inputs, self.outputs, loads,
+                                          bind_updates(graph, updates))
         self.plans: dict[tuple, _Plan] = {}
         self._last: tuple = (None, None)    # the dims of the last run and their plan
         self._lock = threading.Lock()     # a plan's buffers serve one run at a time

@@ -123,10 +123,10 @@ class _Update:
 
 def find_update_groups(order: list[Node], inputs: list[tuple[int, ...]],
                        outputs: list[tuple[str, int]], loads: dict[str, int],
-                       updates: Sequence[Update] = ()) -> list[UpdateGroup]:
-    """The update groups of a graph: its contract's `updates` of each parameter (its own, its
-    optimizer slots', its running statistic's) taken together. `loads`: name -> slot of every
-    param and state load."""
+                       updates: Sequence[tuple[Update, Node, Node]] = ()) -> list[UpdateGroup]:
+    """The update groups of a graph: its contract's updates (as `bind_updates` binds them to
+    the graph) of each parameter (its own, its optimizer slots', its running statistic's) taken
+    together. `loads`: name -> slot of every param and state load."""
     consumers: list[list[int]] = [[] for _ in order]
     for i, ins in enumerate(inputs):
         for j in dict.fromkeys(ins):
@@ -138,11 +138,9 @@ def find_update_groups(order: list[Node], inputs: list[tuple[int, ...]],
     slot_of = dict(outputs)
     targets: dict[str, dict[str, int]] = {}     # param -> {slot key: root slot}
     owned: dict[str, dict[str, str]] = {}       # param -> {load name: slot key}
-    for u in updates:
-        i = slot_of.get(u.output)
-        if u.param in params and i is not None and u.target in loads \
-                and order[i].type == order[loads[u.target]].type:
-            targets.setdefault(u.param, {})[u.slot or ""] = i
+    for u, _, _ in updates:
+        if u.param in params:
+            targets.setdefault(u.param, {})[u.slot or ""] = slot_of[u.output]
             owned.setdefault(u.param, {})[u.target] = u.slot or ""
     found = []
     for param, roots in targets.items():

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.backends import BACKEND_NAMES
-from graphc.compiler import CheckedFile, build_program
+from graphc.targets import BACKEND_NAMES
+from graphc.api import build_program
+from graphc.compiler import CheckedFile
 from graphc.errors import GraphcError, error
 from graphc.ir.node import Graph
 from graphc.ir.reference import ReferenceExecutor
@@ -107,7 +108,7 @@ def _twin(base: Program, backend: str) -> Program:
     """`base`'s graphs, parameters and state on another backend, sharing no array with it."""
     values = {name: np.array(value) for name, value in base.params.items()}
     return Program(base.name, base.graphs, base.param_info, values, backend=backend,
-                   meta=base.meta, state=base.state_info)
+                   meta=base.meta, state=base.state_info, train_step=base.train_step_contract)
 
 
 def _reference(base: Program) -> Program:

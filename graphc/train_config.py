@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
+
 # The calls of a train block. Named tuples, not dataclasses: they are immutable and typed, read
 # by field (`spec.name`, `spec.options`), and `list(spec)` is their JSON, `[name, {options}]`.
 class OptimizerSpec(NamedTuple):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import graphc
-from graphc.cli_common import add_backend_arg, load_array, report_lints
+from graphc.cli_common import add_backend_arg, configure_logging, load_array, report_lints
 from graphc.errors import GraphcError, error
 
 if TYPE_CHECKING:
@@ -467,28 +467,11 @@ def _command_word(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _configure_logging(debug: bool) -> None:
-    """One handler on stderr: graphc's own warnings, and everything (the libraries' logs too:
-    Dask's cluster chatter) only with --debug."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("graphc: %(message)s"))
-    if not debug:
-        handler.addFilter(lambda record: record.levelno >= (
-            logging.WARNING if record.name == "graphc" or record.name.startswith("graphc.")
-            else logging.ERROR))
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "graphc", False)]:
-        root.removeHandler(old)                 # main() called again in one process (tests)
-    handler.graphc = True
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = make_parser(own_only=_command_word(argv) in OWN_COMMANDS)
     args = parser.parse_args(argv)
-    _configure_logging(args.debug)
+    configure_logging(args.debug)
     try:
         return args.run(args)
     except GraphcError as err:

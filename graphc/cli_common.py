@@ -3,6 +3,7 @@ reporting a file's lint warnings, reading an array file given on the command lin
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -49,3 +50,20 @@ def load_array(path: str) -> np.ndarray:
         raise error(f"{path}: not a .npy array file ({err})") from None
     except OSError as err:
         raise error(f"{path}: cannot read: {err}") from None
+
+
+def configure_logging(debug: bool) -> None:
+    """One handler on stderr: graphc's own warnings, and everything (the libraries' logs too:
+    Dask's cluster chatter) only with --debug."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("graphc: %(message)s"))
+    if not debug:
+        handler.addFilter(lambda record: record.levelno >= (
+            logging.WARNING if record.name == "graphc" or record.name.startswith("graphc.")
+            else logging.ERROR))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "graphc", False)]:
+        root.removeHandler(old)                 # main() called again in one process (tests)
+    handler.graphc = True
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)

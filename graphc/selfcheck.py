@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.targets import BACKEND_NAMES
 from graphc.api import build_program
 from graphc.compiler import CheckedFile
 from graphc.errors import GraphcError, error
@@ -29,6 +28,7 @@ from graphc.ir.node import Graph
 from graphc.ir.reference import ReferenceExecutor
 from graphc.ir.types import DType, bind_shape, symbols
 from graphc.runtime.program import Program
+from graphc.targets import BACKEND_NAMES
 
 # The largest normwise difference allowed, by the value's dtype. A backend may contract into FMAs,
 # sum in another order (vector lanes, blocking, a BLAS) and call another libm: a few ulps per

@@ -102,8 +102,8 @@ def test_libraries_log_only_errors_unless_debug(capsys, debug):
     with --debug; graphc's own warnings always do."""
     import logging
 
-    from graphc.cli import _configure_logging
-    _configure_logging(debug)
+    from graphc.cli_common import configure_logging
+    configure_logging(debug)
     try:
         logging.getLogger("distributed.scheduler").info("State start")
         logging.getLogger("distributed.nanny").warning("Lost all workers")
@@ -113,4 +113,4 @@ def test_libraries_log_only_errors_unless_debug(capsys, debug):
         assert "graphc: a real failure" in err and "graphc: trial 3 failed twice" in err
         assert ("State start" in err) == debug and ("Lost all workers" in err) == debug
     finally:
-        _configure_logging(False)
+        configure_logging(False)

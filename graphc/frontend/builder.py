@@ -17,6 +17,7 @@ from graphc.frontend.calls import (
     convert_attr,
     unknown_dtype,
 )
+from graphc.frontend.limits import MAX_INT, MAX_NESTING, MAX_PARAM_BYTES
 from graphc.frontend.params import Scope, count_param_sites, def_creates_params, infer_roles
 from graphc.frontend.transform import label_span
 from graphc.frontend.values import POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar, Tensor, describe
@@ -24,7 +25,7 @@ from graphc.initializers import INITIALIZERS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Node
 from graphc.ir.ops import Attr, TypeError_
-from graphc.ir.types import DTYPE_NAMES, DType, TensorType
+from graphc.ir.types import DTYPE_NAMES, DType, TensorType, shape_problem
 
 ROLES = ("weight", "bias", "other")
 _FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
@@ -77,6 +78,8 @@ class ModelBuilder:
         self.def_stack: list[str] = []
         self.param_sets: list[tuple[ast.Var, str, tuple[str, ...]]] = []
         self.random_streams = 0     # each dropout site draws its own stream of random numbers
+        self.depth = 0              # how deeply eval is nested, through user functions too
+        self.param_bytes = 0
 
     # --- driving ----------------------------------------------------------------------------------
 
@@ -245,6 +248,9 @@ class ModelBuilder:
             elif dim == 0:
                 raise self.error("a dimension must be at least 1", loc)
             shape.append(dim)
+        problem = shape_problem(tuple(shape))
+        if problem:
+            raise self.error(f"the type {problem}", t.loc)
         return TensorType(dtype, tuple(shape))
 
     def set_loss(self, value, stmt: ast.Binding) -> None:
@@ -313,6 +319,15 @@ class ModelBuilder:
     def new_param(self, name: str, ttype: TensorType, init: tuple, role: str | None,
                   loc: SourceLoc) -> Tensor:
         assert name not in self.params, f"internal error: parameter {name} created twice"
+        problem = shape_problem(ttype.shape)
+        if problem:
+            raise self.error(f"parameter {name}: {problem}", loc)
+        self.param_bytes += ttype.size() * ttype.dtype.numpy.itemsize
+        if self.param_bytes > MAX_PARAM_BYTES:
+            raise self.error(f"parameter {name} ({ttype}) brings the model's parameters to "
+                             f"{self.param_bytes / 2**30:,.1f} GiB, over the limit of "
+                             f"{MAX_PARAM_BYTES // 2**30} GiB", loc,
+                             "graphc holds every parameter in memory four times while training")
         node = op_table.source("param", ttype, loc=loc, name=name)
         self.params[name] = ParamSpec(name, ttype, init, role, loc, node)
         return Tensor(node, name)
@@ -325,25 +340,34 @@ class ModelBuilder:
         return self.src.snippet(label_span(expr)) or "<expression>"
 
     def eval(self, expr: ast.Expr):
-        if isinstance(expr, ast.Number):
-            return Scalar(expr.value, expr.loc)
-        if isinstance(expr, (ast.String, ast.Bool)):
-            return Scalar(expr.value, expr.loc)
-        if isinstance(expr, ast.Var):
-            return self.lookup(expr)
-        if isinstance(expr, ast.ListExpr):
-            return ListValue(tuple(self.eval(i) for i in expr.items), expr.loc)
-        if isinstance(expr, ast.Neg):
-            value = self.eval(expr.operand)
-            if isinstance(value, Scalar) and isinstance(value.value, (int, float)) \
-                    and not isinstance(value.value, bool):
-                return Scalar(-value.value, expr.loc)
-            return self.apply_op("neg", [self.tensor_arg("-", value, expr.operand)], {}, expr)
-        if isinstance(expr, ast.BinOp):
-            return self.binop(expr)
-        if isinstance(expr, ast.Call):
-            return self.call(expr)
-        raise AssertionError(f"internal error: cannot evaluate {expr!r}")
+        # The depth is counted here, not in a wrapper: each level of nesting costs Python frames.
+        if self.depth >= MAX_NESTING:
+            raise self.error(f"expression nested too deeply: more than {MAX_NESTING} levels, "
+                             f"counting the bodies of the functions it calls", expr.loc,
+                             "name intermediate results (`h = ...`) to flatten it")
+        self.depth += 1
+        try:
+            if isinstance(expr, ast.Number):
+                return Scalar(expr.value, expr.loc)
+            if isinstance(expr, (ast.String, ast.Bool)):
+                return Scalar(expr.value, expr.loc)
+            if isinstance(expr, ast.Var):
+                return self.lookup(expr)
+            if isinstance(expr, ast.ListExpr):
+                return ListValue(tuple(self.eval(i) for i in expr.items), expr.loc)
+            if isinstance(expr, ast.Neg):
+                value = self.eval(expr.operand)
+                if isinstance(value, Scalar) and isinstance(value.value, (int, float)) \
+                        and not isinstance(value.value, bool):
+                    return Scalar(-value.value, expr.loc)
+                return self.apply_op("neg", [self.tensor_arg("-", value, expr.operand)], {}, expr)
+            if isinstance(expr, ast.BinOp):
+                return self.binop(expr)
+            if isinstance(expr, ast.Call):
+                return self.call(expr)
+            raise AssertionError(f"internal error: cannot evaluate {expr!r}")
+        finally:
+            self.depth -= 1
 
     def lookup(self, var: ast.Var):
         name = var.name
@@ -436,7 +460,8 @@ class ModelBuilder:
         if isinstance(value, complex):
             raise self.error(f"cannot compute {self.label(expr)}: the result is not a real number",
                              expr.loc)
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) or \
+                isinstance(value, int) and abs(value) > MAX_INT:
             raise self.error(f"cannot compute {self.label(expr)}: the result is too large",
                              expr.loc)
         return value

@@ -34,34 +34,37 @@ def count_param_sites(expr: ast.Expr, defs: dict[str, ast.Def],
     return count
 
 
-def def_creates_params(name: str, defs: dict[str, ast.Def], seen: set[str] | None = None) -> bool:
-    seen = set() if seen is None else seen
-    if name in seen:
-        return False
-    seen.add(name)
-    for call in _calls(defs[name].body):
-        if is_layer_call(call, lambda n: False):
-            return True
-        if call.func in defs and def_creates_params(call.func, defs, seen):
-            return True
+def def_creates_params(name: str, defs: dict[str, ast.Def]) -> bool:
+    """Does calling `name` create parameters, directly or through the functions it calls?
+    (A worklist, not recursion: chains of functions may be long.)"""
+    pending, seen = [name], {name}
+    while pending:
+        for call in _calls(defs[pending.pop()].body):
+            if is_layer_call(call, lambda n: False):
+                return True
+            if call.func in defs and call.func not in seen:
+                seen.add(call.func)
+                pending.append(call.func)
     return False
 
 
 def _calls(expr: ast.Expr) -> Iterator[ast.Call]:
-    if isinstance(expr, ast.Call):
-        yield expr
-        for a in expr.args:
-            yield from _calls(a)
-        for k in expr.kwargs:
-            yield from _calls(k.value)
-    elif isinstance(expr, ast.BinOp):
-        yield from _calls(expr.left)
-        yield from _calls(expr.right)
-    elif isinstance(expr, ast.Neg):
-        yield from _calls(expr.operand)
-    elif isinstance(expr, ast.ListExpr):
-        for i in expr.items:
-            yield from _calls(i)
+    """Every call in `expr`, outermost first, left to right."""
+    pending = [expr]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, ast.Call):
+            yield e
+            children = [*e.args, *(k.value for k in e.kwargs)]
+        elif isinstance(e, ast.BinOp):
+            children = [e.left, e.right]
+        elif isinstance(e, ast.Neg):
+            children = [e.operand]
+        elif isinstance(e, ast.ListExpr):
+            children = list(e.items)
+        else:
+            continue
+        pending.extend(reversed(children))
 
 
 _SEE_THROUGH = {"transpose", "reshape", "cast"}

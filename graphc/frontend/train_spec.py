@@ -2,12 +2,14 @@
 offending line, and resolved into a plain `TrainConfig` that the training runtime consumes."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from graphc.backends import DEVICES
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
+from graphc.frontend.limits import MAX_INT
 from graphc.ir.node import topo_order
 from graphc.runtime.augment import fit_problem, image_shape
 
@@ -114,7 +116,10 @@ def _constant(expr: ast.Expr):
     if isinstance(expr, ast.BinOp) and expr.op in _ARITH:
         a, b = _constant(expr.left), _constant(expr.right)
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
-            return _ARITH[expr.op](a, b)
+            try:
+                return _ARITH[expr.op](a, b)
+            except OverflowError:     # a huge integer divided: too large for a float
+                return math.inf
     return None
 
 
@@ -149,6 +154,10 @@ class _Checker:
                       expr.loc)
         if opt.kind == "int" and not isinstance(value, int):
             self.fail(f"{what} must be an integer, got {value}", expr.loc)
+        if isinstance(value, float) and not math.isfinite(value) or \
+                isinstance(value, int) and abs(value) > MAX_INT:
+            self.fail(f"{what} must be a finite number no larger than "
+                      f"{'2**63 - 1' if isinstance(value, int) else 'about 1.8e308'}", expr.loc)
         self.check_range(what, opt, value, expr)
         return value
 

@@ -18,7 +18,7 @@ from graphc.frontend.calls import (
     unknown_dtype,
 )
 from graphc.frontend.limits import MAX_INT, MAX_NESTING, MAX_PARAM_BYTES
-from graphc.frontend.params import Scope, count_param_sites, def_creates_params, infer_roles
+from graphc.frontend.params import Scope, count_param_sites, infer_roles, param_functions
 from graphc.frontend.transform import label_span
 from graphc.frontend.values import POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar, Tensor, describe
 from graphc.initializers import INITIALIZERS
@@ -64,6 +64,7 @@ class ModelBuilder:
     def __init__(self, module: ast.Module, model: ast.Model, src: SourceText):
         self.module, self.model, self.src = module, model, src
         self.defs = {d.name: d for d in module.defs}
+        self.param_functions = param_functions(self.defs)
         self.env: dict[str, object] = {}
         self.declared: dict[str, SourceLoc] = {}
         self.dims: set[str] = set()
@@ -248,10 +249,11 @@ class ModelBuilder:
             elif dim == 0:
                 raise self.error("a dimension must be at least 1", loc)
             shape.append(dim)
-        problem = shape_problem(tuple(shape))
+        ttype = TensorType(dtype, tuple(shape))
+        problem = shape_problem(ttype.shape)
         if problem:
-            raise self.error(f"the type {problem}", t.loc)
-        return TensorType(dtype, tuple(shape))
+            raise self.error(f"the type {ttype} is too large: {problem}", t.loc)
+        return ttype
 
     def set_loss(self, value, stmt: ast.Binding) -> None:
         if not isinstance(value, Tensor):
@@ -302,10 +304,7 @@ class ModelBuilder:
         return isinstance(self.env.get(name), Tensor)
 
     def count_param_sites(self, expr: ast.Expr, is_tensor) -> int:
-        return count_param_sites(expr, self.defs, is_tensor)
-
-    def def_creates_params(self, name: str) -> bool:
-        return def_creates_params(name, self.defs)
+        return count_param_sites(expr, self.param_functions, is_tensor)
 
     def layer_prefix(self, kind: str) -> str:
         frame = self.frames[-1]
@@ -321,7 +320,7 @@ class ModelBuilder:
         assert name not in self.params, f"internal error: parameter {name} created twice"
         problem = shape_problem(ttype.shape)
         if problem:
-            raise self.error(f"parameter {name}: {problem}", loc)
+            raise self.error(f"parameter {name} ({ttype}) is too large: {problem}", loc)
         self.param_bytes += ttype.size() * ttype.dtype.numpy.itemsize
         if self.param_bytes > MAX_PARAM_BYTES:
             raise self.error(f"parameter {name} ({ttype}) brings the model's parameters to "
@@ -570,7 +569,7 @@ class ModelBuilder:
         local = dict(zip(d.params, args))
         outer_env = self.env
         frame = self.frames[-1]
-        if self.def_creates_params(d.name):
+        if d.name in self.param_functions:
             prefix = self.layer_prefix(d.name)
             path = tuple(prefix.split("."))
         else:
@@ -582,10 +581,16 @@ class ModelBuilder:
             return self.eval(d.body)
         except GraphcError as err:
             note = self.src.diagnostic(f"in {d.name}(...) called here", expr.loc, severity="note")
-            raise GraphcError(err.diagnostics + [note]) from None
+            notes = sum(1 for diag in err.diagnostics if diag.severity == "note")
+            # A long chain of calls: the innermost few and the outermost (the one in the model).
+            kept = err.diagnostics[:-1] if notes >= _MAX_CALL_NOTES else err.diagnostics
+            raise GraphcError(kept + [note]) from None
         finally:
             self.env, self.def_stack = outer_env, self.def_stack[:-1]
             self.frames.pop()
+
+
+_MAX_CALL_NOTES = 8
 
 
 def _is_layer_form(fn: str, args: list) -> bool:

@@ -24,28 +24,31 @@ class Scope:
     used_collapse: bool = False
 
 
-def count_param_sites(expr: ast.Expr, defs: dict[str, ast.Def],
+def count_param_sites(expr: ast.Expr, param_functions: frozenset[str],
                       is_tensor: Callable[[str], bool]) -> int:
     """How many calls in `expr` create parameters (a layer, or a function that uses layers)."""
-    count = 0
-    for call in _calls(expr):
-        if is_layer_call(call, is_tensor) or call.func in defs and def_creates_params(call.func, defs):
-            count += 1
-    return count
+    return sum(1 for call in _calls(expr)
+               if is_layer_call(call, is_tensor) or call.func in param_functions)
 
 
-def def_creates_params(name: str, defs: dict[str, ast.Def]) -> bool:
-    """Does calling `name` create parameters, directly or through the functions it calls?
-    (A worklist, not recursion: chains of functions may be long.)"""
-    pending, seen = [name], {name}
-    while pending:
-        for call in _calls(defs[pending.pop()].body):
+def param_functions(defs: dict[str, ast.Def]) -> frozenset[str]:
+    """The user functions whose calls create parameters: those that call a layer, and those
+    that call one of them. Found once per model, from the callers of each function outwards
+    (chains of functions may be long: no recursion, no walk per call)."""
+    callers: dict[str, set[str]] = {name: set() for name in defs}
+    found = set()
+    for name, d in defs.items():
+        for call in _calls(d.body):
             if is_layer_call(call, lambda n: False):
-                return True
-            if call.func in defs and call.func not in seen:
-                seen.add(call.func)
-                pending.append(call.func)
-    return False
+                found.add(name)
+            elif call.func in defs:
+                callers[call.func].add(name)
+    pending = list(found)
+    while pending:
+        for caller in callers[pending.pop()] - found:
+            found.add(caller)
+            pending.append(caller)
+    return frozenset(found)
 
 
 def _calls(expr: ast.Expr) -> Iterator[ast.Call]:

@@ -261,7 +261,9 @@ def _check_nesting(src: SourceText, tree: Tree) -> None:
                 m = node.meta
                 raise _too_deep(src, SourceLoc(src.path, m.line, m.column, m.end_line,
                                                m.end_column))
-        pending.extend((child, depth) for child in node.children if isinstance(child, Tree))
+        # Leftmost first: the caret goes to the first place the limit is passed.
+        pending.extend((child, depth) for child in reversed(node.children)
+                       if isinstance(child, Tree))
 
 
 def parse(text: str, path: str = "<string>") -> ast.Module:

@@ -141,7 +141,8 @@ def infer_type(op: OpDef, operands: Sequence[Operand], attrs: dict) -> TensorTyp
     shape = tuple(op.shape_rule(operands, attrs))
     problem = shape_problem(shape)
     if problem:
-        raise TypeError_(f"{op.name}: the result {problem}")
+        raise TypeError_(f"{op.name}: the result {TensorType(dtype, shape)} is too large: "
+                         f"{problem}")
     return TensorType(dtype, shape)
 
 

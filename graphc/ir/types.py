@@ -90,16 +90,16 @@ MAX_ELEMENTS = 2**31 - 1
 
 
 def shape_problem(shape: Shape) -> str | None:
-    """Why a shape is beyond graphc's limits, or None when it is within them."""
+    """Why a shape is beyond graphc's limits (to follow "... is too large: "), or None."""
     fixed = 1
     for d in shape:
         coef = dim_factors(d)[0]
         if coef > MAX_DIM:
-            return f"the size {coef:,} is too large (a size is at most {MAX_DIM:,})"
+            return f"the size {coef:,} is over the limit of {MAX_DIM:,}"
         fixed *= coef
     if fixed > MAX_ELEMENTS:
-        return (f"{format_shape(shape)} is too large: its known sizes multiply to {fixed:,} "
-                f"elements (at most {MAX_ELEMENTS:,})")
+        return (f"its known sizes multiply to {fixed:,} elements, over the limit of "
+                f"{MAX_ELEMENTS:,}")
     return None
 
 

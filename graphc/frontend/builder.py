@@ -17,7 +17,7 @@ from graphc.frontend.calls import (
     convert_attr,
     unknown_dtype,
 )
-from graphc.frontend.limits import MAX_INT, MAX_NESTING, MAX_PARAM_BYTES
+from graphc.frontend.limits import MAX_EVALUATIONS, MAX_INT, MAX_NESTING, MAX_PARAM_BYTES
 from graphc.frontend.params import Scope, count_param_sites, infer_roles, param_functions
 from graphc.frontend.transform import label_span
 from graphc.frontend.values import POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar, Tensor, describe
@@ -80,6 +80,7 @@ class ModelBuilder:
         self.param_sets: list[tuple[ast.Var, str, tuple[str, ...]]] = []
         self.random_streams = 0     # each dropout site draws its own stream of random numbers
         self.depth = 0              # how deeply eval is nested, through user functions too
+        self.evaluations = 0
         self.param_bytes = 0
 
     # --- driving ----------------------------------------------------------------------------------
@@ -211,11 +212,16 @@ class ModelBuilder:
                 options[key] = word
                 continue
             kind = "int" if key.startswith("fan_") else "float"
+            # An option is a number; a layer written there (an error, reported below) still
+            # needs a scope to name its parameters in.
+            self.frames.append(Scope((f"{expr.func}.{key}",), False))
             try:
                 value = convert_attr(f"{expr.func}()", key, Attr(kind), self.eval(value_expr),
                                      value_expr.loc)
             except ArgError as err:
                 raise self.error(err.message, err.loc, err.hint) from None
+            finally:
+                self.frames.pop()
             if not math.isfinite(value):
                 raise self.error(f"{expr.func}(): {key} must be finite, got {value}",
                                  value_expr.loc)
@@ -344,6 +350,13 @@ class ModelBuilder:
             raise self.error(f"expression nested too deeply: more than {MAX_NESTING} levels, "
                              f"counting the bodies of the functions it calls", expr.loc,
                              "name intermediate results (`h = ...`) to flatten it")
+        self.evaluations += 1
+        if self.evaluations > MAX_EVALUATIONS:
+            raise self.error(f"model {self.model.name} is too large: it evaluates more than "
+                             f"{MAX_EVALUATIONS:,} expressions, counting the bodies of user "
+                             f"functions at each call", expr.loc,
+                             "a function that calls another twice doubles the work with each "
+                             "level: f2(x) = f1(f1(x))")
         self.depth += 1
         try:
             if isinstance(expr, ast.Number):

@@ -10,6 +10,11 @@ MAX_NESTING = 200
 # which the tree does not keep): a few entries per level of nesting.
 MAX_PARSE_STACK = 4 * MAX_NESTING + 64
 
+# A model evaluates at most this many expressions, the bodies of user functions counted at each
+# call: functions that call another twice double with every level (f2(x) = f1(f1(x))), and
+# thirty levels would take days.
+MAX_EVALUATIONS = 20_000
+
 # Integers are int64 on every backend; larger ones are written as floats (1e30).
 MAX_INT = 2**63 - 1
 

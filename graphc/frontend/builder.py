@@ -351,6 +351,8 @@ class ModelBuilder:
                              f"counting the bodies of the functions it calls", expr.loc,
                              "name intermediate results (`h = ...`) to flatten it")
         self.evaluations += 1
+        if self.evaluations > MAX_EVALUATIONS + 1:
+            raise Poisoned()        # reported once, at the evaluation that passed the limit
         if self.evaluations > MAX_EVALUATIONS:
             raise self.error(f"model {self.model.name} is too large: it evaluates more than "
                              f"{MAX_EVALUATIONS:,} expressions, counting the bodies of user "

@@ -222,7 +222,7 @@ def compile_source(text: str, backend: str | None = "numpy", model: str | None =
 def read_source(path) -> str:
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")   # a byte-order mark, as Python allows
     except FileNotFoundError:
         raise error("no such file", file=path) from None
     except IsADirectoryError:

@@ -53,7 +53,7 @@ def warm():
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
 def test_fuzz_case(path: Path, capsys):
-    expect = _EXPECT.match(path.read_bytes().split(b"\n", 1)[0])
+    expect = _EXPECT.match(path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0])
     assert expect, f"{path.name} does not open with '# expect: LINE:COL MESSAGE' or '# expect: ok'"
     rel = path.relative_to(REPO).as_posix()
     code, err, seconds = _check(rel, capsys)

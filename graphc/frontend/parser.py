@@ -197,8 +197,9 @@ def _parse_error(src: SourceText, err: UnexpectedInput) -> GraphcError:
         if char == "'":
             return src.error("unexpected character \"'\"", loc,
                              'strings use double quotes: "data.npz"')
-        return src.error(f"unexpected character '{char}'", loc,
-                         f"'{char}' is not part of the .nn language")
+        shown = f"'{char}'" if char.isprintable() else f"U+{ord(char):04X}"   # a NUL, a BOM
+        return src.error(f"unexpected character {shown}", loc,
+                         f"{shown} is not part of the .nn language")
     if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken)
                                           and err.token.type == "$END"):
         last = max(len(src.lines), 1)

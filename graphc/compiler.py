@@ -222,12 +222,29 @@ def task_of(ir: ModelIR) -> dict:
 def read_source(path) -> str:
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")   # a byte-order mark, as Python allows
     except FileNotFoundError:
         raise error("no such file", file=path) from None
     except IsADirectoryError:
         raise error("is a folder, not a .nn file", file=path) from None
     except UnicodeDecodeError:
-        raise error("not a text file (it is not valid UTF-8)", file=path) from None
+        raise _not_utf8(path, p.read_bytes()) from None
     except OSError as err:
         raise error(f"cannot read: {err.strerror}", file=path) from None
+
+
+def _not_utf8(path, data: bytes) -> GraphcError:
+    """The first byte that is not UTF-8, by line and column (as Python reports it)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start
+    else:       # the file changed under us: no byte to point at
+        return error("not a text file (it is not valid UTF-8)", file=path)
+    start = data.rfind(b"\n", 0, bad) + 1
+    end = data.find(b"\n", bad)
+    line_text = data[start:len(data) if end < 0 else end].decode("utf-8", "replace")
+    col = len(data[start:bad].decode("utf-8", "replace")) + 1
+    loc = SourceLoc(str(path), data.count(b"\n", 0, bad) + 1, col)
+    return error(f"not valid UTF-8: the byte 0x{data[bad]:02x} cannot be read as text", loc,
+                 "a .nn file is text in UTF-8; save it in that encoding", line_text=line_text)

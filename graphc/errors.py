@@ -65,8 +65,17 @@ def _caret_lines(loc: SourceLoc, raw: str) -> list[str]:
     else:
         width = 1
     width = max(1, min(width, max(len(text) - start, 1)))
+    if len(text) > _SHOWN:      # a long line: the part around the caret, not megabytes of it
+        lo = max(0, min(start - _SHOWN // 2, len(text) - _SHOWN))
+        head, tail = ("..." if lo else ""), ("..." if lo + _SHOWN < len(text) else "")
+        text = head + text[lo:lo + _SHOWN] + tail
+        start = start - lo + len(head)
+        width = max(1, min(width, _SHOWN - (start - len(head))))
     marker = " " * start + "^" + "~" * (width - 1)
     return [gutter + text, " " * (len(gutter) - 2) + "| " + marker]
+
+
+_SHOWN = 120    # display cells of a source line shown under a message
 
 
 class GraphcError(Exception):

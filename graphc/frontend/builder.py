@@ -19,14 +19,15 @@ from graphc.frontend.calls import (
     convert_attr,
     unknown_dtype,
 )
-from graphc.frontend.params import Scope, count_param_sites, def_creates_params, infer_roles
+from graphc.frontend.limits import MAX_EVALUATIONS, MAX_INT, MAX_NESTING, MAX_PARAM_BYTES
+from graphc.frontend.params import Scope, count_param_sites, infer_roles, param_functions
 from graphc.frontend.transform import label_span
 from graphc.frontend.values import POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar, Tensor, describe
 from graphc.initializers import INITIALIZERS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Node
 from graphc.ir.ops import Attr, TypeError_
-from graphc.ir.types import DTYPE_NAMES, DType, TensorType
+from graphc.ir.types import DTYPE_NAMES, DType, TensorType, shape_problem
 
 ROLES = ("weight", "bias", "other")
 _FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
@@ -65,6 +66,7 @@ class ModelBuilder:
     def __init__(self, module: ast.Module, model: ast.Model, src: SourceText):
         self.module, self.model, self.src = module, model, src
         self.defs = {d.name: d for d in module.defs}
+        self.param_functions = param_functions(self.defs)
         self.env: dict[str, object] = {}
         self.declared: dict[str, SourceLoc] = {}
         self.dims: set[str] = set()
@@ -79,6 +81,9 @@ class ModelBuilder:
         self.def_stack: list[str] = []
         self.param_sets: list[tuple[ast.Var, str, tuple[str, ...]]] = []
         self.random_streams = 0     # each dropout site draws its own stream of random numbers
+        self.depth = 0              # how deeply eval is nested, through user functions too
+        self.evaluations = 0
+        self.param_bytes = 0
 
     # --- driving ----------------------------------------------------------------------------------
 
@@ -209,11 +214,16 @@ class ModelBuilder:
                 options[key] = word
                 continue
             kind = "int" if key.startswith("fan_") else "float"
+            # An option is a number; a layer written there (an error, reported below) still
+            # needs a scope to name its parameters in.
+            self.frames.append(Scope((f"{expr.func}.{key}",), False))
             try:
                 value = convert_attr(f"{expr.func}()", key, Attr(kind), self.eval(value_expr),
                                      value_expr.loc)
             except ArgError as err:
                 raise self.error(err.message, err.loc, err.hint) from None
+            finally:
+                self.frames.pop()
             if not math.isfinite(value):
                 raise self.error(f"{expr.func}(): {key} must be finite, got {value}",
                                  value_expr.loc)
@@ -247,7 +257,11 @@ class ModelBuilder:
             elif dim == 0:
                 raise self.error("a dimension must be at least 1", loc)
             shape.append(dim)
-        return TensorType(dtype, tuple(shape))
+        ttype = TensorType(dtype, tuple(shape))
+        problem = shape_problem(ttype.shape)
+        if problem:
+            raise self.error(f"the type {ttype} is too large: {problem}", t.loc)
+        return ttype
 
     def set_loss(self, value, stmt: ast.Binding) -> None:
         if not isinstance(value, Tensor):
@@ -298,10 +312,7 @@ class ModelBuilder:
         return isinstance(self.env.get(name), Tensor)
 
     def count_param_sites(self, expr: ast.Expr, is_tensor) -> int:
-        return count_param_sites(expr, self.defs, is_tensor)
-
-    def def_creates_params(self, name: str) -> bool:
-        return def_creates_params(name, self.defs)
+        return count_param_sites(expr, self.param_functions, is_tensor)
 
     def layer_prefix(self, kind: str) -> str:
         frame = self.frames[-1]
@@ -315,6 +326,15 @@ class ModelBuilder:
     def new_param(self, name: str, ttype: TensorType, init: tuple, role: str | None,
                   loc: SourceLoc) -> Tensor:
         assert name not in self.params, f"internal error: parameter {name} created twice"
+        problem = shape_problem(ttype.shape)
+        if problem:
+            raise self.error(f"parameter {name} ({ttype}) is too large: {problem}", loc)
+        self.param_bytes += ttype.size() * ttype.dtype.numpy.itemsize
+        if self.param_bytes > MAX_PARAM_BYTES:
+            raise self.error(f"parameter {name} ({ttype}) brings the model's parameters to "
+                             f"{self.param_bytes / 2**30:,.1f} GiB, over the limit of "
+                             f"{MAX_PARAM_BYTES // 2**30} GiB", loc,
+                             "graphc holds every parameter in memory four times while training")
         node = op_table.source("param", ttype, loc=loc, name=name)
         self.params[name] = ParamSpec(name, ttype, init, role, loc, node)
         return Tensor(node, name)
@@ -327,25 +347,43 @@ class ModelBuilder:
         return self.src.snippet(label_span(expr)) or "<expression>"
 
     def eval(self, expr: ast.Expr):
-        if isinstance(expr, ast.Number):
-            return Scalar(expr.value, expr.loc)
-        if isinstance(expr, (ast.String, ast.Bool)):
-            return Scalar(expr.value, expr.loc)
-        if isinstance(expr, ast.Var):
-            return self.lookup(expr)
-        if isinstance(expr, ast.ListExpr):
-            return ListValue(tuple(self.eval(i) for i in expr.items), expr.loc)
-        if isinstance(expr, ast.Neg):
-            value = self.eval(expr.operand)
-            if isinstance(value, Scalar) and isinstance(value.value, (int, float)) \
-                    and not isinstance(value.value, bool):
-                return Scalar(-value.value, expr.loc)
-            return self.apply_op("neg", [self.tensor_arg("-", value, expr.operand)], {}, expr)
-        if isinstance(expr, ast.BinOp):
-            return self.binop(expr)
-        if isinstance(expr, ast.Call):
-            return self.call(expr)
-        raise AssertionError(f"internal error: cannot evaluate {expr!r}")
+        # The depth is counted here, not in a wrapper: each level of nesting costs Python frames.
+        if self.depth >= MAX_NESTING:
+            raise self.error(f"expression nested too deeply: more than {MAX_NESTING} levels, "
+                             f"counting the bodies of the functions it calls", expr.loc,
+                             "name intermediate results (`h = ...`) to flatten it")
+        self.evaluations += 1
+        if self.evaluations > MAX_EVALUATIONS + 1:
+            raise Poisoned()        # reported once, at the evaluation that passed the limit
+        if self.evaluations > MAX_EVALUATIONS:
+            raise self.error(f"model {self.model.name} is too large: it evaluates more than "
+                             f"{MAX_EVALUATIONS:,} expressions, counting the bodies of user "
+                             f"functions at each call", expr.loc,
+                             "a function that calls another twice doubles the work with each "
+                             "level: f2(x) = f1(f1(x))")
+        self.depth += 1
+        try:
+            if isinstance(expr, ast.Number):
+                return Scalar(expr.value, expr.loc)
+            if isinstance(expr, (ast.String, ast.Bool)):
+                return Scalar(expr.value, expr.loc)
+            if isinstance(expr, ast.Var):
+                return self.lookup(expr)
+            if isinstance(expr, ast.ListExpr):
+                return ListValue(tuple(self.eval(i) for i in expr.items), expr.loc)
+            if isinstance(expr, ast.Neg):
+                value = self.eval(expr.operand)
+                if isinstance(value, Scalar) and isinstance(value.value, (int, float)) \
+                        and not isinstance(value.value, bool):
+                    return Scalar(-value.value, expr.loc)
+                return self.apply_op("neg", [self.tensor_arg("-", value, expr.operand)], {}, expr)
+            if isinstance(expr, ast.BinOp):
+                return self.binop(expr)
+            if isinstance(expr, ast.Call):
+                return self.call(expr)
+            raise AssertionError(f"internal error: cannot evaluate {expr!r}")
+        finally:
+            self.depth -= 1
 
     def lookup(self, var: ast.Var):
         name = var.name
@@ -438,7 +476,8 @@ class ModelBuilder:
         if isinstance(value, complex):
             raise self.error(f"cannot compute {self.label(expr)}: the result is not a real number",
                              expr.loc)
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) or \
+                isinstance(value, int) and abs(value) > MAX_INT:
             raise self.error(f"cannot compute {self.label(expr)}: the result is too large",
                              expr.loc)
         return value
@@ -547,7 +586,7 @@ class ModelBuilder:
         local = dict(zip(d.params, args))
         outer_env = self.env
         frame = self.frames[-1]
-        if self.def_creates_params(d.name):
+        if d.name in self.param_functions:
             prefix = self.layer_prefix(d.name)
             path = tuple(prefix.split("."))
         else:
@@ -559,10 +598,16 @@ class ModelBuilder:
             return self.eval(d.body)
         except GraphcError as err:
             note = self.src.diagnostic(f"in {d.name}(...) called here", expr.loc, severity="note")
-            raise GraphcError(err.diagnostics + [note]) from None
+            notes = sum(1 for diag in err.diagnostics if diag.severity == "note")
+            # A long chain of calls: the innermost few and the outermost (the one in the model).
+            kept = err.diagnostics[:-1] if notes >= _MAX_CALL_NOTES else err.diagnostics
+            raise GraphcError(kept + [note]) from None
         finally:
             self.env, self.def_stack = outer_env, self.def_stack[:-1]
             self.frames.pop()
+
+
+_MAX_CALL_NOTES = 8
 
 
 def _is_layer_form(fn: str, args: list) -> bool:

@@ -24,44 +24,50 @@ class Scope:
     used_collapse: bool = False
 
 
-def count_param_sites(expr: ast.Expr, defs: dict[str, ast.Def],
+def count_param_sites(expr: ast.Expr, param_functions: frozenset[str],
                       is_tensor: Callable[[str], bool]) -> int:
     """How many calls in `expr` create parameters (a layer, or a function that uses layers)."""
-    count = 0
-    for call in _calls(expr):
-        if is_layer_call(call, is_tensor) or call.func in defs and def_creates_params(call.func, defs):
-            count += 1
-    return count
+    return sum(1 for call in _calls(expr)
+               if is_layer_call(call, is_tensor) or call.func in param_functions)
 
 
-def def_creates_params(name: str, defs: dict[str, ast.Def], seen: set[str] | None = None) -> bool:
-    seen = set() if seen is None else seen
-    if name in seen:
-        return False
-    seen.add(name)
-    for call in _calls(defs[name].body):
-        if is_layer_call(call, lambda n: False):
-            return True
-        if call.func in defs and def_creates_params(call.func, defs, seen):
-            return True
-    return False
+def param_functions(defs: dict[str, ast.Def]) -> frozenset[str]:
+    """The user functions whose calls create parameters: those that call a layer, and those
+    that call one of them. Found once per model, from the callers of each function outwards
+    (chains of functions may be long: no recursion, no walk per call)."""
+    callers: dict[str, set[str]] = {name: set() for name in defs}
+    found = set()
+    for name, d in defs.items():
+        for call in _calls(d.body):
+            if is_layer_call(call, lambda n: False):
+                found.add(name)
+            elif call.func in defs:
+                callers[call.func].add(name)
+    pending = list(found)
+    while pending:
+        for caller in callers[pending.pop()] - found:
+            found.add(caller)
+            pending.append(caller)
+    return frozenset(found)
 
 
 def _calls(expr: ast.Expr) -> Iterator[ast.Call]:
-    if isinstance(expr, ast.Call):
-        yield expr
-        for a in expr.args:
-            yield from _calls(a)
-        for k in expr.kwargs:
-            yield from _calls(k.value)
-    elif isinstance(expr, ast.BinOp):
-        yield from _calls(expr.left)
-        yield from _calls(expr.right)
-    elif isinstance(expr, ast.Neg):
-        yield from _calls(expr.operand)
-    elif isinstance(expr, ast.ListExpr):
-        for i in expr.items:
-            yield from _calls(i)
+    """Every call in `expr`, outermost first, left to right."""
+    pending = [expr]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, ast.Call):
+            yield e
+            children = [*e.args, *(k.value for k in e.kwargs)]
+        elif isinstance(e, ast.BinOp):
+            children = [e.left, e.right]
+        elif isinstance(e, ast.Neg):
+            children = [e.operand]
+        elif isinstance(e, ast.ListExpr):
+            children = list(e.items)
+        else:
+            continue
+        pending.extend(reversed(children))
 
 
 _SEE_THROUGH = {"transpose", "reshape", "cast"}

@@ -10,13 +10,15 @@ from importlib import resources
 from pathlib import Path
 
 import lark
+from lark import Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from graphc.cache import cache_dir
 from graphc.errors import GraphcError, SourceLoc, SourceText, did_you_mean
 from graphc.files import atomic_write
 from graphc.frontend import ast
-from graphc.frontend.transform import ToAst
+from graphc.frontend.limits import MAX_NESTING, MAX_PARSE_STACK
+from graphc.frontend.transform import EXPRESSION_RULES, ToAst
 
 # How the parser's terminals read in a message.
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
@@ -195,8 +197,9 @@ def _parse_error(src: SourceText, err: UnexpectedInput) -> GraphcError:
         if char == "'":
             return src.error("unexpected character \"'\"", loc,
                              'strings use double quotes: "data.npz"')
-        return src.error(f"unexpected character '{char}'", loc,
-                         f"'{char}' is not part of the .nn language")
+        shown = f"'{char}'" if char.isprintable() else f"U+{ord(char):04X}"   # a NUL, a BOM
+        return src.error(f"unexpected character {shown}", loc,
+                         f"{shown} is not part of the .nn language")
     if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken)
                                           and err.token.type == "$END"):
         last = max(len(src.lines), 1)
@@ -229,13 +232,49 @@ def _previous_text(src: SourceText, tok) -> str:
     return line[:tok.column - 1].split(";")[-1].split("=", 1)[-1]
 
 
+def _too_deep(src: SourceText, loc: SourceLoc) -> GraphcError:
+    return src.error(f"expression nested too deeply: more than {MAX_NESTING} levels", loc,
+                     "name intermediate results (`h = ...`) to flatten it")
+
+
+def _parse_tree(src: SourceText) -> Tree:
+    """lark's LALR parse, fed token by token so that nesting past MAX_PARSE_STACK stops at the
+    token that passes it (a million parentheses would otherwise take half a minute)."""
+    interactive = _parser().parse_interactive(src.text)
+    stack = interactive.parser_state.state_stack
+    token = None
+    for token in interactive.iter_parse():
+        if len(stack) > MAX_PARSE_STACK:
+            raise _too_deep(src, SourceLoc(src.path, token.line, token.column))
+    return interactive.feed_eof(token)
+
+
+def _check_nesting(src: SourceText, tree: Tree) -> None:
+    """Refuse expressions nested past MAX_NESTING before anything recurses over them. Chains
+    of left-associative operators (`a + b + c`, `x -> f -> g`) nest one level per operator
+    without growing the parser's stack, so the tree itself is measured (without recursion)."""
+    pending = [(tree, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if node.data in EXPRESSION_RULES:
+            depth += 1
+            if depth > MAX_NESTING:
+                m = node.meta
+                raise _too_deep(src, SourceLoc(src.path, m.line, m.column, m.end_line,
+                                               m.end_column))
+        # Leftmost first: the caret goes to the first place the limit is passed.
+        pending.extend((child, depth) for child in reversed(node.children)
+                       if isinstance(child, Tree))
+
+
 def parse(text: str, path: str = "<string>") -> ast.Module:
     src = SourceText(path, text)
     try:
-        tree = _parser().parse(text)
+        tree = _parse_tree(src)
     except UnexpectedInput as err:
         raise _parse_error(src, err) from None
-    return ToAst(path).module(tree)
+    _check_nesting(src, tree)
+    return ToAst(src).module(tree)
 
 
 if __name__ == "__main__":

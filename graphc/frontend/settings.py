@@ -3,10 +3,12 @@
 against their specs (`graphc.options.Opt`)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
+from graphc.frontend.limits import MAX_INT
 from graphc.options import Opt
 
 _ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
@@ -23,7 +25,10 @@ def constant_value(expr: ast.Expr):
     if isinstance(expr, ast.BinOp) and expr.op in _ARITH:
         a, b = constant_value(expr.left), constant_value(expr.right)
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
-            return _ARITH[expr.op](a, b)
+            try:
+                return _ARITH[expr.op](a, b)
+            except OverflowError:     # a huge integer divided: too large for a float
+                return math.inf
     return None
 
 
@@ -61,6 +66,10 @@ class SettingsChecker:
                       expr.loc)
         if opt.kind == "int" and not isinstance(value, int):
             self.fail(f"{what} must be an integer, got {value}", expr.loc)
+        if isinstance(value, float) and not math.isfinite(value) or \
+                isinstance(value, int) and abs(value) > MAX_INT:
+            self.fail(f"{what} must be a finite number no larger than "
+                      f"{'2**63 - 1' if isinstance(value, int) else 'about 1.8e308'}", expr.loc)
         self.check_range(what, opt, value, expr)
         return value
 

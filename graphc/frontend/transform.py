@@ -1,21 +1,30 @@
 """lark parse tree -> graphc AST, with a source span on every node. Pipelines are desugared here:
-`a -> f(b)` becomes the call `f(a, b)` marked as piped."""
+`a -> f(b)` becomes the call `f(a, b)` marked as piped; number literals are read within bounds."""
 from __future__ import annotations
+
+import math
 
 import lark
 from lark import Token, Tree
 
-from graphc.errors import SourceLoc
+from graphc.errors import GraphcError, SourceLoc, SourceText
 from graphc.frontend import ast
+from graphc.frontend.limits import MAX_INT
+from graphc.ir.types import MAX_DIM
 
 _BINOPS = {"add", "sub", "mul", "div", "matmul", "pow"}
 _COMPARE = {">": "greater", ">=": "greater_equal", "<": "less", "<=": "less_equal",
             "==": "equal", "!=": "not_equal"}
+# The rules of the grammar that are expressions: each is one level of nesting.
+EXPRESSION_RULES = frozenset({"number", "string", "true", "false", "var", "call", "list", "neg",
+                              "compare", "pipeline", "stage_name", "stage_call", "kwarg",
+                              "unary", *_BINOPS})
 
 
 class ToAst:
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, src: SourceText):
+        self.src = src
+        self.path = src.path
 
     def loc(self, item) -> SourceLoc:
         if isinstance(item, Token):
@@ -83,8 +92,38 @@ class ToAst:
             if d is None:
                 continue
             tok = d.children[0]
-            parsed.append((int(tok) if tok.type == "INT" else str(tok), self.loc(tok)))
+            parsed.append((self.size(tok) if tok.type == "INT" else str(tok), self.loc(tok)))
         return ast.TypeExpr(str(dtype), self.loc(dtype), tuple(parsed), self.loc(tree))
+
+    # --- literals ---------------------------------------------------------------------------------
+
+    def integer(self, tok: Token) -> int:
+        """An integer literal, at most MAX_INT (checked on the digits: Python will not even read
+        an integer of more than 4,300 of them)."""
+        digits = str(tok).lstrip("0") or "0"
+        if len(digits) > len(str(MAX_INT)) or int(digits) > MAX_INT:
+            raise self.too_large(tok, f"the integer {_shortened(digits)} is too large "
+                                      f"(integers are at most 2**63 - 1 = {MAX_INT})")
+        return int(digits)
+
+    def size(self, tok: Token) -> int:
+        digits = str(tok).lstrip("0") or "0"
+        if len(digits) > len(str(MAX_DIM)) or int(digits) > MAX_DIM:
+            raise self.src.error(f"the size {_shortened(digits)} is too large: a size is at most "
+                                 f"{MAX_DIM:,}", self.loc(tok))
+        return int(digits)
+
+    def float(self, tok: Token) -> float:
+        value = float(str(tok))
+        if not math.isfinite(value):
+            raise self.too_large(tok, f"the number {_shortened(str(tok))} is too large for a "
+                                      f"64-bit float (at most about 1.8e308)")
+        return value
+
+    def too_large(self, tok: Token, message: str) -> GraphcError:
+        return self.src.error(message, self.loc(tok),
+                              "write large numbers in floating point, such as 1e30"
+                              if str(tok).isdigit() else None)
 
     # --- expressions ------------------------------------------------------------------------------
 
@@ -105,8 +144,8 @@ class ToAst:
         kind, ch, loc = tree.data, tree.children, self.loc(tree)
         if kind == "number":
             text = str(ch[0])
-            is_int = text.isdigit()
-            return ast.Number(loc, int(text) if is_int else float(text), text)
+            return ast.Number(loc, self.integer(ch[0]) if text.isdigit() else self.float(ch[0]),
+                              text)
         if kind == "string":
             return ast.String(loc, str(ch[0])[1:-1])
         if kind in ("true", "false"):
@@ -138,6 +177,10 @@ class ToAst:
         if kind == "unary":   # unary plus: `?unary` keeps the rule only for "+" x
             return self.expr(ch[0])
         raise AssertionError(f"internal error: unknown expression {kind}")
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:10]}...{text[-6:]} ({len(text)} digits)"
 
 
 def label_span(expr: ast.Expr) -> SourceLoc:

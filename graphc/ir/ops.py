@@ -14,7 +14,7 @@ from typing import Any
 
 from graphc.errors import SourceLoc
 from graphc.ir.node import Node, freeze_attrs
-from graphc.ir.types import DType, TensorType
+from graphc.ir.types import DType, TensorType, shape_problem
 
 
 class TypeError_(Exception):
@@ -141,8 +141,12 @@ def infer_type(op: OpDef, operands: Sequence[Operand], attrs: dict) -> TensorTyp
     if problem:
         raise TypeError_(problem)
     dtype = op.dtype_rule(operands, attrs)
-    shape = op.shape_rule(operands, attrs)
-    return TensorType(dtype, tuple(shape))
+    shape = tuple(op.shape_rule(operands, attrs))
+    problem = shape_problem(shape)
+    if problem:
+        raise TypeError_(f"{op.name}: the result {TensorType(dtype, shape)} is too large: "
+                         f"{problem}")
+    return TensorType(dtype, shape)
 
 
 def apply(op_name: str, inputs: Sequence[Node], attrs: Mapping[str, Any] | None = None, *,

@@ -239,6 +239,7 @@ def _transpose_axes(ops, attrs):
     axes = attrs["axes"]
     if axes is None:
         return tuple(reversed(range(ndim)))
+    axes = axes if isinstance(axes, tuple) else (axes,)    # `transpose(x, 1)`: one axis
     norm = tuple(normalize_axis("transpose", ops[0], a, attr="axes") for a in axes)
     if sorted(norm) != list(range(ndim)):
         raise TypeError_(f"transpose: axes {list(axes)} are not a permutation of the "
@@ -254,6 +255,9 @@ register(OpDef("transpose", 1, lambda ops, attrs: ops[0].type.dtype,
 
 def _concat_shape(ops, attrs):
     first = ops[0]
+    if not first.type.ndim:
+        raise TypeError_(f"concat: cannot concatenate scalars: {first}",
+                         hint="make them vectors first: reshape(..., [1])")
     for o in ops:
         if o.type.ndim != first.type.ndim:
             raise TypeError_(f"concat: operands differ in rank: {first}, {o}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +71,7 @@ class TensorType:
 
     def size(self) -> int:
         assert self.is_concrete, f"internal error: size of symbolic type {self}"
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)     # Python ints: never wraps
 
     def with_shape(self, shape: Shape) -> TensorType:
         return TensorType(self.dtype, tuple(shape))
@@ -80,6 +81,26 @@ class TensorType:
 
     def __str__(self) -> str:
         return f"{self.dtype}{format_shape(self.shape)}"
+
+
+# What a shape may hold (docs/language.md states them): every size and every tensor's fixed part
+# (the product of its known sizes) fit an int32 index, so no size arithmetic overflows anywhere.
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**31 - 1
+
+
+def shape_problem(shape: Shape) -> str | None:
+    """Why a shape is beyond graphc's limits (to follow "... is too large: "), or None."""
+    fixed = 1
+    for d in shape:
+        coef = dim_factors(d)[0]
+        if coef > MAX_DIM:
+            return f"the size {coef:,} is over the limit of {MAX_DIM:,}"
+        fixed *= coef
+    if fixed > MAX_ELEMENTS:
+        return (f"its known sizes multiply to {fixed:,} elements, over the limit of "
+                f"{MAX_ELEMENTS:,}")
+    return None
 
 
 def dim_factors(d: int | str) -> tuple[int, tuple[str, ...]]:

@@ -166,12 +166,28 @@ def check_schema(value, spec, path: Path, where: str = "") -> None:
         for i, item in enumerate(value):
             check_schema(item, spec.spec, path, f"{where}[{i}]")
         return
-    types = spec if isinstance(spec, tuple) else (spec,)
-    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool)
-             or (t is float and isinstance(value, int) and not isinstance(value, bool))
-             for t in types)
-    if not ok:
-        raise _mismatch(path, at, " or ".join(_KIND.get(t, t.__name__) for t in types), value)
+    if isinstance(spec, tuple):     # alternatives: the first whose kind fits decides
+        for alt in spec:
+            if _fits(value, alt):
+                return check_schema(value, alt, path, where)
+        raise _mismatch(path, at, " or ".join(_kind(alt) for alt in spec), value)
+    if not _fits(value, spec):
+        raise _mismatch(path, at, _kind(spec), value)
+
+
+def _fits(value, spec) -> bool:
+    """Whether `value` is of the kind `spec` asks for (its contents are checked separately)."""
+    if spec is ANY:
+        return True
+    t = dict if isinstance(spec, (dict, MapOf)) else list if isinstance(spec, ListOf) else spec
+    if isinstance(value, bool):
+        return t is bool
+    return isinstance(value, t) or (t is float and isinstance(value, int))
+
+
+def _kind(spec) -> str:
+    t = dict if isinstance(spec, (dict, MapOf)) else list if isinstance(spec, ListOf) else spec
+    return _KIND.get(t, getattr(t, "__name__", "?"))
 
 
 def _mismatch(path: Path, at: str, want: str, value):
@@ -192,9 +208,14 @@ class Npz:
     member's .npy header is checked (no objects, no pickles, a size it can hold and under `limit`)
     before its data is decompressed into an array of exactly that size."""
 
-    def __init__(self, source, path: Path):
+    def __init__(self, source, path: Path, max_bytes: int | None = None, what: str = "the file"):
         self.path = Path(path)
         self._file = open_regular(path) if source is None else source
+        size = self._file.seek(0, os.SEEK_END)
+        self._file.seek(0)
+        if max_bytes is not None and size > max_bytes:
+            self._file.close()
+            raise error(f"{what} is {size:,} bytes, over the limit of {max_bytes:,}", file=path)
         try:
             self.zip = zipfile.ZipFile(self._file)
         except _DAMAGED as err:

@@ -199,8 +199,7 @@ def _mismatch(path: Path, at: str, want: str, value):
 
 _DAMAGED = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error,
             NotImplementedError, RuntimeError)
-_PICKLE_HINT = ("save plain numeric arrays; an array of Python objects would have to be unpickled, "
-                "which can run arbitrary code")
+_PICKLE_HINT = "save plain numeric arrays, e.g. np.savez(path, x=x.astype(np.float32))"
 
 
 class Npz:
@@ -283,7 +282,8 @@ def _npy_header(member, path: Path, what: str) -> tuple[np.dtype, bool, tuple[in
     except (ValueError, EOFError, SyntaxError, TypeError) as err:
         raise error(f"{what} is not a readable .npy array ({err})", file=path) from None
     if dtype.hasobject:
-        raise error(f"{what} holds Python objects (dtype object); refused", file=path,
+        raise error(f"{what} holds Python objects (dtype object); reading it would unpickle "
+                    f"them, which can run arbitrary code, so graphc refuses", file=path,
                     hint=_PICKLE_HINT)
     if dtype.kind not in "biufcUSV?" or dtype.names is not None or dtype.subdtype is not None:
         raise error(f"{what} has dtype {dtype}, which graphc does not read", file=path)

@@ -3,20 +3,32 @@ problem points at its line and column, with the line and a caret."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import GraphcError, SourceLoc, did_you_mean, error
+from graphc.files import MAX_CSV_BYTES, read_bytes, short
+
+MAX_SHOWN_LINE = 500    # longer lines are not echoed in an error
 
 
 def read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Features (float64 [rows, columns - 1]), labels and, for string labels, the class names."""
+    raw = read_bytes(path, MAX_CSV_BYTES, "the CSV file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise error(f"not UTF-8 text (byte {err.start})", file=path) from None
+    del raw
     file = str(path)
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        col = nul - text.rfind("\n", 0, nul)
+        raise error(f"holds a NUL character at line {line}, column {col}: a binary file, not CSV "
+                    f"text", file=path)
     rows = [(no, line.rstrip("\r")) for no, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise error("empty file: expected a header row naming the columns, then one row per "
@@ -24,15 +36,19 @@ def read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str] 
     head_no, head_line = rows[0]
     header = _cells(file, head_no, head_line)
     names = [cell[2] for cell in header]
+    twice = {name for name, count in Counter(names).items() if count > 1}
     for col, end, cell in header:
-        if not cell or names.count(cell) > 1:
-            problem = "empty column name" if not cell else f"column '{cell}' appears twice"
+        if not cell or cell in twice:
+            problem = "empty column name" if not cell else f"column '{short(cell)}' appears twice"
             raise _cell_error(file, head_no, head_line, col, end, f"{problem} in the header")
     if label not in names:
-        raise error(f"no column named '{label}' (the label column); the columns are "
-                    f"{', '.join(names)}", file=path, hint=did_you_mean(label, names))
+        shown = ", ".join(short(n, 40) for n in names[:20]) + \
+            (f" and {len(names) - 20:,} more" if len(names) > 20 else "")
+        raise error(f"no column named '{short(label)}' (the label column); the columns are "
+                    f"{shown}", file=path, hint=did_you_mean(label, names[:1000]))
     if len(names) < 2:
-        raise error(f"no feature columns: the only column is the label '{label}'", file=path)
+        raise error(f"no feature columns: the only column is the label '{short(label)}'",
+                    file=path)
     if len(rows) == 1:
         raise error(f"no data rows after the header (line {head_no})", file=path)
     target = names.index(label)
@@ -92,21 +108,23 @@ def _cells(file: str, no: int, line: str) -> list[tuple[int, int, str]]:
 
 def _cell_error(file: str, no: int, line: str, col: int, end: int, message: str,
                 hint: str | None = None) -> GraphcError:
-    return error(message, SourceLoc(file, no, col, no, max(end, col + 1)), hint, line_text=line)
+    # a very long line is not echoed: its location says where to look
+    shown = line if len(line) <= MAX_SHOWN_LINE else None
+    return error(message, SourceLoc(file, no, col, no, max(end, col + 1)), hint, line_text=shown)
 
 
 def _csv_number(file, no, line, col, end, cell, column, label) -> float:
     try:
         value = float(cell)
     except ValueError:
-        message = (f"empty cell in column '{column}': expected a number" if not cell
-                   else f"'{cell}' in column '{column}' is not a number")
+        message = (f"empty cell in column '{short(column)}': expected a number" if not cell
+                   else f"'{short(cell)}' in column '{short(column)}' is not a number")
         raise _cell_error(file, no, line, col, end, message,
-                          f"feature columns hold numbers; only the label column ('{label}') "
+                          f"feature columns hold numbers; only the label column ('{short(label)}') "
                           f"may hold names") from None
     if not math.isfinite(value):
         raise _cell_error(file, no, line, col, end,
-                          f"'{cell}' in column '{column}' is not a finite number")
+                          f"'{short(cell)}' in column '{short(column)}' is not a finite number")
     return value
 
 
@@ -115,7 +133,7 @@ def _csv_labels(file: str, column: str, labels: list) -> tuple[np.ndarray, list[
     (indices in sorted order)."""
     for no, line, col, end, cell in labels:
         if not cell:
-            raise _cell_error(file, no, line, col, end, f"empty label in column '{column}'")
+            raise _cell_error(file, no, line, col, end, f"empty label in column '{short(column)}'")
     texts = [cell for *_, cell in labels]
     try:
         return np.array([int(t) for t in texts], dtype=np.int64), None
@@ -130,5 +148,6 @@ def _csv_labels(file: str, column: str, labels: list) -> tuple[np.ndarray, list[
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         no, line, col, end, cell = labels[bad[0]]
-        raise _cell_error(file, no, line, col, end, f"label '{cell}' is not a finite number")
+        raise _cell_error(file, no, line, col, end,
+                          f"label '{short(cell)}' is not a finite number")
     return values, None

@@ -17,7 +17,8 @@ import numpy as np
 from graphc.errors import error
 from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, image_shape, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
+from graphc.runtime.data import (Scaler, batches, check_labels, fit_inputs, load_dataset,
+                                 split)
 from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
 
@@ -123,7 +124,6 @@ def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
     fitted statistics instead of fitting them again."""
     features, labels = feature_and_label(program)
     dataset = load_dataset(settings.data, data_dir=data_dir, base_dir=base_dir)
-    parts = split(dataset, settings.validation, settings.test, settings.seed)
     x_type, y_type = program.train_inputs[features], program.train_inputs[labels]
     task = program.meta.get("task") or {}
     classes = None
@@ -131,6 +131,8 @@ def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
         out_type = program.graphs["forward"].output_map[task["output"]].type
         classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
     what = dataset.source if dataset.name in ("npz", "csv") else dataset.name   # name the file
+    check_labels(dataset, y_type, what, labels, classes)
+    parts = split(dataset, settings.validation, settings.test, settings.seed)
     fitted = {k: fit_inputs(x, y, x_type, y_type, what, x_name=features, y_name=labels,
                             num_classes=classes)
               for k, (x, y) in parts.items()}

@@ -22,6 +22,7 @@ MAX_JSON_BYTES = 64 * MiB       # graph.json, manifest.json, config.json, a chec
 MAX_JSON_DEPTH = 100            # nesting of JSON arrays and objects
 MAX_DATA_BYTES = 4 * GiB        # one data array: an IDX file decompressed, an .npz member
 MAX_CSV_BYTES = 256 * MiB       # a CSV data set (parsed in Python: several times its size in memory)
+MAX_CSV_LINE = 16 * MiB         # one row of a CSV data set
 NPY_HEADER_BYTES = 10_000       # numpy's own bound on an .npy header
 _CHUNK = 16 * MiB
 

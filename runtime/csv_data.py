@@ -3,33 +3,23 @@ problem points at its line and column, with the line and a caret."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import GraphcError, SourceLoc, did_you_mean, error
-from graphc.files import MAX_CSV_BYTES, read_bytes, short
+from graphc.files import MAX_CSV_BYTES, MAX_CSV_LINE, open_regular, short
 
-MAX_SHOWN_LINE = 500    # longer lines are not echoed in an error
+MAX_SHOWN_LINE = 500      # longer lines are not echoed in an error
 
 
 def read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Features (float64 [rows, columns - 1]), labels and, for string labels, the class names."""
-    raw = read_bytes(path, MAX_CSV_BYTES, "the CSV file")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise error(f"not UTF-8 text (byte {err.start})", file=path) from None
-    del raw
     file = str(path)
-    nul = text.find("\0")
-    if nul >= 0:
-        line = text.count("\n", 0, nul) + 1
-        col = nul - text.rfind("\n", 0, nul)
-        raise error(f"holds a NUL character at line {line}, column {col}: a binary file, not CSV "
-                    f"text", file=path)
-    rows = [(no, line.rstrip("\r")) for no, line in enumerate(text.split("\n"), 1) if line.strip()]
+    rows = [(no, line) for no, line in _lines(path) if line.strip()]
     if not rows:
         raise error("empty file: expected a header row naming the columns, then one row per "
                     "sample", file=path)
@@ -67,6 +57,35 @@ def read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str] 
         labels.append((no, line) + cells[target])
     y, classes = _csv_labels(file, label, labels)
     return x, y, classes
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, read one at a time within the bounds: a file of at most
+    MAX_CSV_BYTES, lines of at most MAX_CSV_LINE bytes, UTF-8 text without NUL characters."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_CSV_BYTES:
+            raise error(f"the CSV file is {size:,} bytes, over the limit of {MAX_CSV_BYTES:,}",
+                        file=path, hint="save large data sets as .npz (np.savez(path, x=x, y=y))")
+        offset, no = 0, 0
+        while raw := f.readline(MAX_CSV_LINE + 1):
+            no += 1
+            if len(raw) > MAX_CSV_LINE:
+                raise error(f"line {no} is longer than {MAX_CSV_LINE:,} bytes; refused", file=path)
+            if offset + len(raw) > MAX_CSV_BYTES:
+                raise error(f"the CSV file grew past the limit of {MAX_CSV_BYTES:,} bytes while "
+                            f"being read", file=path)
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                col = len(raw[:nul].decode("utf-8", "replace")) + 1
+                raise error(f"holds a NUL character at line {no}, column {col}: a binary file, "
+                            f"not CSV text", file=path)
+            try:
+                text = raw.decode("utf-8-sig" if no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"not UTF-8 text (byte {offset + err.start})", file=path) from None
+            offset += len(raw)
+            yield no, text.rstrip("\n").rstrip("\r")
 
 
 def _cells(file: str, no: int, line: str) -> list[tuple[int, int, str]]:

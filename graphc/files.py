@@ -131,24 +131,34 @@ class ListOf:
 
 
 ANY = object()
+CALL = object()     # a call in a train block: [name, {options}]
 _KIND = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
          bool: "true or false", type(None): "null"}
 
 
 def check_schema(value, spec, path: Path, where: str = "") -> None:
     """Check parsed JSON against `spec`: a type or tuple of types (int is not bool; float takes
-    int), a dict of keys (a key ending in "?" may be left out; any other key is refused), MapOf,
-    ListOf or ANY. A mismatch is an error naming the file and the place in it."""
+    int), a dict of keys (a key ending in "?" may be left out; a key "*" gives the spec of any
+    other key, which is refused without it), MapOf, ListOf, CALL or ANY. A mismatch is an error
+    naming the file and the place in it."""
+    if spec is CALL:
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+                and isinstance(value[1], dict)):
+            raise error(f"{where or 'the top level'} should be [name, {{options}}]", file=path)
+        return
     at = where or "the top level"
     if spec is ANY:
         return
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             raise _mismatch(path, at, "an object", value)
-        keys = {k.rstrip("?"): k for k in spec}
+        keys = {k.rstrip("?"): k for k in spec if k != "*"}
         for key in value:
-            if key not in keys:
+            if key in keys:
+                continue
+            if "*" not in spec:
                 raise error(f"unknown key {short(key)!r} in {at}", file=path)
+            check_schema(value[key], spec["*"], path, f"{where}.{short(key, 40)}")
         for key, raw in keys.items():
             if key in value:
                 check_schema(value[key], spec[raw], path, f"{where}.{key}" if where else key)
@@ -180,6 +190,8 @@ def _fits(value, spec) -> bool:
     """Whether `value` is of the kind `spec` asks for (its contents are checked separately)."""
     if spec is ANY:
         return True
+    if spec is CALL:
+        return isinstance(value, list)
     t = dict if isinstance(spec, (dict, MapOf)) else list if isinstance(spec, ListOf) else spec
     if isinstance(value, bool):
         return t is bool
@@ -187,6 +199,8 @@ def _fits(value, spec) -> bool:
 
 
 def _kind(spec) -> str:
+    if spec is CALL:
+        return "[name, {options}]"
     t = dict if isinstance(spec, (dict, MapOf)) else list if isinstance(spec, ListOf) else spec
     return _KIND.get(t, getattr(t, "__name__", "?"))
 

@@ -18,8 +18,8 @@ import numpy as np
 import graphc
 from graphc.backends import backend_for
 from graphc.errors import GraphcError, error
-from graphc.files import (MAX_JSON_BYTES, NPY_HEADER_BYTES, ListOf, MapOf, Npz, check_schema,
-                          is_identifier, is_safe_name, parse_json, read_bytes, short)
+from graphc.files import (ANY, CALL, MAX_JSON_BYTES, NPY_HEADER_BYTES, ListOf, MapOf, Npz,
+                          check_schema, is_identifier, is_safe_name, parse_json, read_bytes, short)
 from graphc.ir.serialize import FORMAT as GRAPH_FORMAT
 from graphc.ir.serialize import VERSION as GRAPH_VERSION
 from graphc.ir.serialize import graph_from_json, graph_to_json, type_from_json, type_to_json
@@ -118,6 +118,10 @@ def _shapes(value) -> bool:
 
 
 _TYPE = list    # [dtype, [dims]]: checked by type_from_json
+# the settings the runtime reads; the compiler's train spec may add others
+TRAIN_SCHEMA = {"data": CALL, "optimizer": CALL, "schedule": CALL, "early_stop?": (CALL, type(None)),
+                "batch": int, "epochs": int, "seed": int, "validation": float, "test": float,
+                "scale": str, "augment?": ListOf(CALL), "device?": str, "*": ANY}
 MANIFEST_SCHEMA = {
     "format": str, "version": int, "graphc_version?": str, "model": str,
     "backend?": (str, type(None)), "inputs": MapOf(_TYPE),
@@ -126,8 +130,10 @@ MANIFEST_SCHEMA = {
     "params": ListOf({"name": str, "type": _TYPE, "role": str, "init": list}),
     "files": MapOf(str),
     # the program's meta: where it came from and what its train block says
-    "source?": (str, type(None)), "seed?": int, "task?": dict, "train?": (dict, type(None)),
-    "batch_norm?": list,
+    "source?": (str, type(None)), "seed?": int,
+    "task?": {"features": ListOf(str), "labels": ListOf(str), "kind": (str, type(None)),
+              "output?": str, "scores?": str},
+    "train?": (TRAIN_SCHEMA, type(None)), "batch_norm?": list,
 }
 GRAPH_SCHEMA = {"format": str, "version": int, "graphs": MapOf(dict)}
 
@@ -186,6 +192,10 @@ def load_artifact(path, backend: str | None = "numpy"):
         for key, graph in graphs.items():
             _check_sources(key, graph, infos, inputs, state)
             _check_graph_bytes(folder / GRAPH_FILE, key, graph)
+        _check_task(manifest.get("task"), inputs, graphs["forward"])
+        lr = (manifest.get("train") or {}).get("optimizer", [None, {"lr": 0.0}])[1].get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+            raise ValueError(f"the train block's learning rate is {short(repr(lr))}, not a number")
     except GraphcError:
         raise
     except NotImplementedError as err:
@@ -205,6 +215,20 @@ def _name(name) -> str:
         raise ValueError(f"{short(str(name))!r} is not a name graphc makes (no /, \\, control "
                          f"characters, . or ..)")
     return name
+
+
+def _check_task(task: dict | None, inputs: dict, forward) -> None:
+    """The task names declared inputs and a forward output, as `graphc train` and `eval` use it."""
+    if task is None:
+        return
+    for name in task["features"] + task["labels"]:
+        if name not in inputs:
+            raise ValueError(f"task names input {short(name)!r}, which the manifest does not declare")
+    if task["kind"] not in (None, "classification", "regression"):
+        raise ValueError(f"unknown task kind {short(task['kind'])!r}")
+    if "output" in task and task["output"] not in forward.output_map:
+        raise ValueError(f"task names output {short(task['output'])!r}, which the forward graph "
+                         f"does not have")
 
 
 def _declared_bytes(infos) -> int:

@@ -37,7 +37,8 @@ def load_checkpoint(path: Path, program) -> dict:
     return meta
 
 
-LOOP_SCHEMA = {"epoch": int, "schedule": dict, "best": (float, type(None)), "best_epoch": int,
+SCHEDULE_SCHEMA = {"epoch": int, "lr": float, "best?": (float, type(None)), "bad_epochs?": int}
+LOOP_SCHEMA = {"epoch": int, "schedule": SCHEDULE_SCHEMA, "best": (float, type(None)), "best_epoch": int,
                "bad_epochs": int, "stopped_early": bool, "history": ListOf(dict)}
 META_SCHEMA = {"format": str, "version": int, "model": str, "loop": LOOP_SCHEMA, "seed?": int,
                "rng?": dict}
@@ -68,6 +69,12 @@ def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:
         raise error(f"{path}: malformed checkpoint: not a graphc checkpoint of a version this "
                     f"graphc reads")
     check_schema(meta, META_SCHEMA, path)
+    loop = meta["loop"]
+    for key, value in (("loop.epoch", loop["epoch"]), ("loop.best_epoch", loop["best_epoch"]),
+                       ("loop.bad_epochs", loop["bad_epochs"]),
+                       ("loop.schedule.epoch", loop["schedule"]["epoch"])):
+        if value < 0:
+            raise error(f"{path}: malformed checkpoint: {key} is {value}, below 0")
     if meta["model"] != program.name:
         raise error(f"{path}: malformed checkpoint: it belongs to model {short(meta['model'])!r}, "
                     f"not {program.name!r}")

@@ -436,14 +436,22 @@ class Scaler:
     def from_json(cls, d: dict) -> Scaler:
         keys = {"none": {"mode"}, "unit": {"mode", "min", "max"},
                 "standardize": {"mode", "mean", "std"}}
-        if not isinstance(d, dict) or keys.get(d.get("mode")) != set(d):
+        if not isinstance(d, dict) or not isinstance(d.get("mode"), str) \
+                or keys.get(d["mode"]) != set(d):
             raise error(f"malformed input-scaling record: {str(d)[:120]}")
+        numbers = [d[k] for k in ("min", "max") if k in d] + \
+            [v for k in ("mean", "std") if k in d for v in (d[k] if isinstance(d[k], list) else [d[k]])]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in numbers):
+            raise error("malformed input-scaling record: its statistics must be finite numbers")
         if d["mode"] == "unit":
             return cls("unit", low=float(d["min"]), high=float(d["max"]))
         if d["mode"] == "standardize":
             mean, std = (np.asarray(d[k], dtype=np.float64) for k in ("mean", "std"))
             if mean.ndim != 1 or mean.shape != std.shape:
                 raise error("malformed input-scaling record: mean and std differ in length")
+            if np.any(std <= 0):
+                raise error("malformed input-scaling record: a standard deviation is not positive")
             return cls("standardize", mean=mean, std=std)
         return cls("none")
 

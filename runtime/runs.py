@@ -72,6 +72,8 @@ class RunFolder:
     def config(self) -> dict:
         config = self.read_json(CONFIG)
         check_schema(config, CONFIG_SCHEMA, self.path / CONFIG)
+        if (config.get("track_norms") or 1) < 1:
+            raise error("track_norms must be at least 1", file=self.path / CONFIG)
         return config
 
     def remove_temporaries(self) -> None:

@@ -68,6 +68,10 @@ class TrainSettings:
                            device=str(train.get("device", "cpu")))
             if settings.schedule[0] not in SCHEDULES:
                 raise ValueError(f"unknown schedule {settings.schedule[0]!r}")
+            if not math.isfinite(settings.lr):
+                raise ValueError(f"the learning rate is {settings.lr}")
+            if settings.batch < 1 or settings.epochs < 0 or settings.seed < 0:
+                raise ValueError("batch must be at least 1, epochs and seed at least 0")
         except (KeyError, TypeError, ValueError) as err:
             raise error(f"model {program.name}: malformed train settings ({err})") from None
         lr = overrides.pop("lr", None)
@@ -182,7 +186,7 @@ class Trainer:
         self.on_epoch = on_epoch or (lambda row: None)
         self.progress = progress
         self.schedule = make_schedule(settings.schedule, settings.lr)
-        self.loop = LoopState()
+        self.loop = LoopState(schedule=self.schedule.to_json())
         self.saved_epochs = 0        # epochs whose checkpoint is on disk
         self.best_params: dict[str, np.ndarray] | None = None
         program.seed = settings.seed

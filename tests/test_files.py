@@ -310,6 +310,23 @@ def test_an_output_name_never_becomes_a_zip_member_name(name, art, x_file, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m["task"]["features"].__setitem__(0, 1e308), "task.features[0] should be a string"),
+    (lambda m: m["task"].update(output={}), "task.output should be a string"),
+    (lambda m: m["task"]["labels"].__setitem__(0, "nope"), "task names input 'nope'"),
+    (lambda m: m["task"].update(output="nope"), "task names output 'nope'"),
+    (lambda m: m["train"].update(optimizer=1.5), "train.optimizer should be [name, {options}]"),
+    (lambda m: m["train"]["optimizer"][1].update(lr=[1]), "learning rate is [1], not a number"),
+    (lambda m: m["train"].pop("batch"), "train lacks the key 'batch'"),
+    (lambda m: m["params"][0]["type"][1].__setitem__(0, -784), "bad dimension -784"),
+])
+def test_manifest_fields_the_runtime_reads_are_checked(edit, fragment, art, tmp_path, capsys):
+    edit_json(art / "manifest.json", edit)
+    cli_error(["train", art, "--quiet", "--out", tmp_path / "run"], capsys, "manifest.json"
+              if "should be" in fragment or "lacks" in fragment else str(art), fragment)
+    assert not (tmp_path / "run").exists()
+
+
 def test_manifest_schema(art):
     edit_json(art / "manifest.json", lambda m: m.update(surprise=1))
     expect_error(lambda: load_artifact(art), "manifest.json", "unknown key 'surprise'")
@@ -362,6 +379,24 @@ RUN_CASES = {
         lambda r: rewrite_meta(r / "checkpoints" / "last.npz",
                                lambda m: json.dumps({**m, "loop": {**m["loop"], "epoch": "1"}})),
         "last.npz", "loop.epoch should be an integer"),
+    "scaler statistics are not numbers": (
+        lambda r: edit_json(r / "config.json", lambda c: c["data"]["scaler"]["mean"].__setitem__(3, "x")),
+        "", "malformed input-scaling record"),
+    "scaler mode is a list": (
+        lambda r: edit_json(r / "config.json", lambda c: c["data"]["scaler"].update(mode=[])),
+        "", "malformed input-scaling record"),
+    "track_norms below 1": (lambda r: edit_json(r / "config.json", lambda c: c.update(track_norms=-1)),
+                            "config.json", "track_norms must be at least 1"),
+    "negative seed": (lambda r: edit_json(r / "config.json", lambda c: c["settings"].update(seed=-1)),
+                      "", "malformed train settings"),
+    "schedule state is partial": (
+        lambda r: rewrite_meta(r / "checkpoints" / "last.npz",
+                               lambda m: json.dumps({**m, "loop": {**m["loop"], "schedule": {"lr": 1}}})),
+        "last.npz", "loop.schedule lacks the key 'epoch'"),
+    "negative epoch": (
+        lambda r: rewrite_meta(r / "checkpoints" / "last.npz",
+                               lambda m: json.dumps({**m, "loop": {**m["loop"], "epoch": -1}})),
+        "last.npz", "loop.epoch is -1, below 0"),
     "checkpoint links to /dev/zero": (
         lambda r: ((r / "checkpoints" / "last.npz").unlink(),
                    (r / "checkpoints" / "last.npz").symlink_to("/dev/zero")),

@@ -24,8 +24,8 @@ def type_from_json(data) -> TensorType:
         raise ValueError(f"unknown dtype {dtype!r}")
     dims = []
     for d in shape:
-        if isinstance(d, bool) or not isinstance(d, (int, str)):
-            raise ValueError(f"bad dimension {d!r}")
+        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 0):
+            raise ValueError(f"bad dimension {short(repr(d))}")
         dims.append(d)
     return TensorType(DTYPE_NAMES[dtype], tuple(dims))
 

@@ -18,8 +18,21 @@ import numpy as np
 import graphc
 from graphc.backends import backend_for
 from graphc.errors import GraphcError, error
-from graphc.files import (ANY, CALL, MAX_JSON_BYTES, NPY_HEADER_BYTES, ListOf, MapOf, Npz,
-                          check_schema, is_identifier, is_safe_name, parse_json, read_bytes, short)
+from graphc.files import (
+    ANY,
+    CALL,
+    MAX_JSON_BYTES,
+    NPY_HEADER_BYTES,
+    ListOf,
+    MapOf,
+    Npz,
+    check_schema,
+    is_identifier,
+    is_safe_name,
+    parse_json,
+    read_bytes,
+    short,
+)
 from graphc.ir.serialize import FORMAT as GRAPH_FORMAT
 from graphc.ir.serialize import VERSION as GRAPH_VERSION
 from graphc.ir.serialize import graph_from_json, graph_to_json, type_from_json, type_to_json

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import error
-from graphc.files import (MAX_JSON_BYTES, NPY_HEADER_BYTES, ListOf, Npz, check_schema, parse_json,
-                          short)
+from graphc.files import MAX_JSON_BYTES, NPY_HEADER_BYTES, ListOf, Npz, check_schema, parse_json, short
 from graphc.runtime.artifact import atomic_write
 
 FORMAT, VERSION = "graphc-checkpoint", 1

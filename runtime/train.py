@@ -17,8 +17,7 @@ import numpy as np
 from graphc.errors import error
 from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, image_shape, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from graphc.runtime.data import (Scaler, batches, check_labels, fit_inputs, load_dataset,
-                                 split)
+from graphc.runtime.data import Scaler, batches, check_labels, fit_inputs, load_dataset, split
 from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
 

@@ -26,8 +26,16 @@ from conftest import REPO
 import graphc
 from graphc import cli
 from graphc.errors import GraphcError
-from graphc.files import (MAX_JSON_DEPTH, ListOf, MapOf, Npz, check_schema, open_regular,
-                          parse_json, read_bytes)
+from graphc.files import (
+    MAX_JSON_DEPTH,
+    ListOf,
+    MapOf,
+    Npz,
+    check_schema,
+    open_regular,
+    parse_json,
+    read_bytes,
+)
 from graphc.runtime import load_artifact
 from graphc.runtime.checkpoint import load_checkpoint
 from graphc.runtime.csv_data import read_csv
@@ -211,7 +219,8 @@ def test_only_regular_files_are_opened(tmp_path):
     (tmp_path / "zero").symlink_to("/dev/zero")
     os.mkfifo(tmp_path / "fifo")               # opening it for reading would block: it must not
     for name in ("zero", "fifo"):
-        expect_error(lambda: open_regular(tmp_path / name), str(tmp_path / name), "not a regular file")
+        expect_error(lambda name=name: open_regular(tmp_path / name), str(tmp_path / name),
+                     "not a regular file")
     expect_error(lambda: open_regular(tmp_path), "not a regular file")
     expect_error(lambda: open_regular(tmp_path / "gone"), "no such file")
     (tmp_path / "ok").write_bytes(b"12345")
@@ -244,7 +253,7 @@ def test_schemas_name_the_place_and_refuse_unknown_keys(tmp_path):
                           ({**good, "d": {}}, "d lacks the key 'e'"),
                           ({k: v for k, v in good.items() if k != "a"}, "lacks the key 'a'"),
                           ([], "the top level should be an object, found a list")]:
-        expect_error(lambda: check_schema(bad, spec, path), str(path), fragment)
+        expect_error(lambda bad=bad: check_schema(bad, spec, path), str(path), fragment)
 
 
 def test_npz_members_are_checked_before_they_are_read(tmp_path):

@@ -284,6 +284,24 @@ class Npz:
         return array
 
 
+def read_npy(path: Path, limit: int, what: str = "the array") -> np.ndarray:
+    """One .npy file, its header checked against `limit` and against the file's size before the
+    data is read (never unpickled)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        dtype, fortran, shape = _npy_header(f, Path(path), what)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > limit:
+            raise error(f"{what} is {dtype}{list(shape)} ({nbytes:,} bytes), over the limit of "
+                        f"{limit:,}", file=path)
+        if nbytes != size - f.tell():
+            raise error(f"{what}: its header says {nbytes:,} bytes of data, the file holds "
+                        f"{size - f.tell():,}", file=path)
+        array = np.empty(shape, dtype, order="F" if fortran else "C")
+        _read_into(f, array, Path(path), what)
+    return array
+
+
 def _npy_header(member, path: Path, what: str) -> tuple[np.dtype, bool, tuple[int, ...]]:
     fmt = np.lib.format
     try:

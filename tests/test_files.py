@@ -580,3 +580,16 @@ def test_worst_cases_stay_within_bounded_memory(pristine, tmp_path):
     assert result["codes"] == [1] * (len(calls) + 2), result
     assert result["rss_mb"] < 500, result
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_input_arrays_of_graphc_run_are_checked_before_they_are_read(pristine, tmp_path, capsys):
+    huge = npy_header(np.float32, (int(1.5 * TiB) // 4, 784))
+    npy = tmp_path / "x.npy"
+    npy.write_bytes(huge + bytes(64))
+    cli_error(["run", pristine, "--input", f"x={npy}"], capsys, str(npy), "over the limit")
+    npy.write_bytes(npy_header(np.float32, (2, 784)) + bytes(64))
+    cli_error(["run", pristine, "--input", f"x={npy}"], capsys, str(npy),
+              "its header says 6,272 bytes of data, the file holds 64")
+    npz = tmp_path / "in.npz"
+    write_zip(npz, [("x.npy", zipfile.ZIP_STORED, huge + bytes(64), len(huge) + 64, 0)])
+    cli_error(["run", pristine, "--input", npz], capsys, str(npz), "array 'x'", "over the limit")

@@ -155,53 +155,24 @@ def load_artifact(path, backend: str | None = "numpy"):
     """Restore a `Program` from an artifact folder, on `backend` (None: the one its train block's
     `device` asks for). Any problem is a `GraphcError` naming the file; nothing is read beyond the
     bounds in docs/architecture.md (file sizes, parameter bytes, bytes per sample of the graphs)."""
-    from graphc.runtime.program import ParamInfo, Program, StateInfo
+    from graphc.runtime.program import Program
 
     folder = Path(path)
     if not folder.is_dir():
         raise error(f"{folder}: no such artifact folder")
-    manifest = parse_json(_read(folder, MANIFEST_FILE, MAX_JSON_BYTES), folder / MANIFEST_FILE)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise error(f"{folder / MANIFEST_FILE}: not a graphc artifact manifest")
-    if manifest.get("version") != VERSION:
-        raise error(f"{folder}: artifact format version {manifest.get('version')!r} is not "
-                    f"supported (this graphc reads version {VERSION})",
-                    hint="rebuild it with this version of graphc")
-    check_schema(manifest, MANIFEST_SCHEMA, folder / MANIFEST_FILE)
+    manifest = _read_manifest(folder)
     try:
-        model = manifest["model"]
-        if not is_identifier(model):
-            raise ValueError(f"'model' must be a name (letters, digits, _), not {short(model)!r}")
-        infos = {}
-        for p in manifest["params"]:
-            init = (str(p["init"][0]), tuple((str(k), v) for k, v in p["init"][1]))
-            info = ParamInfo(_name(p["name"]), type_from_json(p["type"]), str(p["role"]), init)
-            _ = info.type.dtype.numpy   # a dtype the numpy backend cannot hold is refused here
-            infos[info.name] = info
-        inputs = {_name(k): type_from_json(v) for k, v in manifest["inputs"].items()}
-        state = {}
-        for st in manifest.get("state", []):
-            info = StateInfo(_name(st["name"]), type_from_json(st["type"]), float(st["init"]))
-            _ = info.type.dtype.numpy
-            state[info.name] = info
+        model, infos, inputs, state = _declarations(manifest)
         param_bytes = _declared_bytes([*infos.values(), *state.values()])
-        files = manifest["files"]
         blobs = {}
-        for name, limit in ((GRAPH_FILE, MAX_JSON_BYTES), (PARAMS_FILE, _npz_bound(param_bytes, infos))):
+        for name, limit in ((GRAPH_FILE, MAX_JSON_BYTES),
+                            (PARAMS_FILE, _npz_bound(param_bytes, infos))):
             data = _read(folder, name, limit)
-            if _sha256(data) != files.get(name):
+            if _sha256(data) != manifest["files"].get(name):
                 raise error(f"{folder / name}: contents do not match the manifest "
                             f"(corrupt or edited)")
             blobs[name] = data
-        graph_doc = parse_json(blobs[GRAPH_FILE], folder / GRAPH_FILE)
-        if not isinstance(graph_doc, dict) or graph_doc.get("format") != GRAPH_FORMAT \
-                or graph_doc.get("version") != GRAPH_VERSION:
-            raise ValueError("unknown graph format or version")
-        check_schema(graph_doc, GRAPH_SCHEMA, folder / GRAPH_FILE)
-        graphs = {str(k): graph_from_json(g, f"{folder / GRAPH_FILE}: graph {short(k, 40)}")
-                  for k, g in graph_doc["graphs"].items()}
-        if "forward" not in graphs:
-            raise ValueError(f"{GRAPH_FILE} has no forward graph")
+        graphs = _read_graphs(folder / GRAPH_FILE, blobs[GRAPH_FILE])
         for key, graph in graphs.items():
             _check_sources(key, graph, infos, inputs, state)
             _check_graph_bytes(folder / GRAPH_FILE, key, graph)
@@ -221,6 +192,52 @@ def load_artifact(path, backend: str | None = "numpy"):
         raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad batch_norm entry")
     return Program(model, graphs, infos, values, backend=backend_for(meta.get("train"), backend),
                    meta=meta, state=state)
+
+
+def _read_manifest(folder: Path) -> dict:
+    manifest = parse_json(_read(folder, MANIFEST_FILE, MAX_JSON_BYTES), folder / MANIFEST_FILE)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise error(f"{folder / MANIFEST_FILE}: not a graphc artifact manifest")
+    if manifest.get("version") != VERSION:
+        raise error(f"{folder}: artifact format version {manifest.get('version')!r} is not "
+                    f"supported (this graphc reads version {VERSION})",
+                    hint="rebuild it with this version of graphc")
+    check_schema(manifest, MANIFEST_SCHEMA, folder / MANIFEST_FILE)
+    return manifest
+
+
+def _declarations(manifest: dict) -> tuple[str, dict, dict, dict]:
+    """The model's name and the parameters, inputs and optimizer state the manifest declares."""
+    from graphc.runtime.program import ParamInfo, StateInfo
+    model = manifest["model"]
+    if not is_identifier(model):
+        raise ValueError(f"'model' must be a name (letters, digits, _), not {short(model)!r}")
+    infos = {}
+    for p in manifest["params"]:
+        init = (str(p["init"][0]), tuple((str(k), v) for k, v in p["init"][1]))
+        info = ParamInfo(_name(p["name"]), type_from_json(p["type"]), str(p["role"]), init)
+        _ = info.type.dtype.numpy   # a dtype the numpy backend cannot hold is refused here
+        infos[info.name] = info
+    inputs = {_name(k): type_from_json(v) for k, v in manifest["inputs"].items()}
+    state = {}
+    for st in manifest.get("state", []):
+        info = StateInfo(_name(st["name"]), type_from_json(st["type"]), float(st["init"]))
+        _ = info.type.dtype.numpy
+        state[info.name] = info
+    return model, infos, inputs, state
+
+
+def _read_graphs(path: Path, data: bytes) -> dict:
+    doc = parse_json(data, path)
+    if not isinstance(doc, dict) or doc.get("format") != GRAPH_FORMAT \
+            or doc.get("version") != GRAPH_VERSION:
+        raise ValueError("unknown graph format or version")
+    check_schema(doc, GRAPH_SCHEMA, path)
+    graphs = {str(k): graph_from_json(g, f"{path}: graph {short(k, 40)}")
+              for k, g in doc["graphs"].items()}
+    if "forward" not in graphs:
+        raise ValueError(f"{GRAPH_FILE} has no forward graph")
+    return graphs
 
 
 def _name(name) -> str:

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import stat
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -43,6 +44,12 @@ def is_identifier(name) -> bool:
 def short(text: str, limit: int = 60) -> str:
     """`text` cut to about `limit` characters, for echoing a value from a file in a message."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def listing(names: list[str], limit: int = 20) -> str:
+    """Names for a message, comma-separated: the first `limit`, each cut short, and a count."""
+    shown = ", ".join(short(n, 40) for n in names[:limit])
+    return shown + (f" and {len(names) - limit:,} more" if len(names) > limit else "")
 
 
 def open_regular(path: Path):
@@ -213,7 +220,7 @@ def _mismatch(path: Path, at: str, want: str, value):
 # --- .npz archives ----------------------------------------------------------------------------------
 
 _DAMAGED = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error,
-            NotImplementedError, RuntimeError)
+            NotImplementedError, RuntimeError, struct.error)
 _PICKLE_HINT = "save plain numeric arrays, e.g. np.savez(path, x=x.astype(np.float32))"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import GraphcError, SourceLoc, did_you_mean, error
-from graphc.files import MAX_CSV_BYTES, MAX_CSV_LINE, open_regular, short
+from graphc.files import MAX_CSV_BYTES, MAX_CSV_LINE, listing, open_regular, short
 
 MAX_SHOWN_LINE = 500      # longer lines are not echoed in an error
 
@@ -32,10 +32,8 @@ def read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str] 
             problem = "empty column name" if not cell else f"column '{short(cell)}' appears twice"
             raise _cell_error(file, head_no, head_line, col, end, f"{problem} in the header")
     if label not in names:
-        shown = ", ".join(short(n, 40) for n in names[:20]) + \
-            (f" and {len(names) - 20:,} more" if len(names) > 20 else "")
         raise error(f"no column named '{short(label)}' (the label column); the columns are "
-                    f"{shown}", file=path, hint=did_you_mean(label, names[:1000]))
+                    f"{listing(names)}", file=path, hint=did_you_mean(label, names[:1000]))
     if len(names) < 2:
         raise error(f"no feature columns: the only column is the label '{short(label)}'",
                     file=path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import did_you_mean, error
-from graphc.files import MAX_DATA_BYTES, Npz, open_regular, short
+from graphc.files import MAX_DATA_BYTES, Npz, listing, open_regular
 from graphc.ir.types import TensorType, format_shape
 from graphc.runtime.csv_data import read_csv
 
@@ -85,7 +85,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     with open_regular(path) as f, _maybe_gzip(f, path) as stream:
         head = _read_upto(stream, header, path)
         found = int.from_bytes(head[:4], "big")
-        if (len(head) >= 4 and found != magic) or len(head) < header:
+        if isinstance(stream, gzip.GzipFile) and (len(head) < header or found != magic):
             _drain(stream, path)    # damaged gzip data is the cause to report, where it is one
         if len(head) >= 4 and found != magic:
             other = _IDX_KINDS.get(found)
@@ -243,10 +243,8 @@ def _load_npz(name, options, data_dir, base_dir) -> Dataset:
             keys = npz.names
             for key in ("x", "y"):
                 if key not in keys:
-                    shown = ", ".join(short(k, 40) for k in keys[:20]) + \
-                        (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
                     raise error(f"no array named '{key}': the archive holds "
-                                f"{shown or 'no arrays'}", file=path,
+                                f"{listing(keys) or 'no arrays'}", file=path,
                                 hint=did_you_mean(key, keys[:1000]) or
                                 "save the features as x and the labels as y: "
                                 "np.savez(path, x=x, y=y)")

@@ -79,7 +79,9 @@ def read_bytes(path: Path, limit: int, what: str = "the file") -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise error(f"{what} is {size:,} bytes, over the limit of {limit:,}", file=path)
-        data = f.read(limit + 1)    # the size can change between fstat and read
+        data = f.read(size + 1)
+        if len(data) > size:        # it grew after fstat: read on, as far as the limit
+            data += f.read(limit + 1 - len(data))
     if len(data) > limit:
         raise error(f"{what} grew past the limit of {limit:,} bytes while being read", file=path)
     return data
@@ -91,17 +93,15 @@ def parse_json(data: bytes | str, path: Path, depth: int = MAX_JSON_DEPTH):
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as err:
         raise error(f"not valid JSON (not UTF-8 at byte {err.start})", file=path) from None
+    too_deep = error(f"refused: JSON nested deeper than {depth} levels", file=path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise error(f"not valid JSON ({err})", file=path) from None
-    except RecursionError:   # the C parser's own bound, far below the text's nesting
-        value = None
-        deep = True
-    else:
-        deep = _deeper_than(value, depth)
-    if deep:
-        raise error(f"refused: JSON nested deeper than {depth} levels", file=path)
+    except RecursionError:   # the C parser's own bound, reached before the text's end
+        raise too_deep from None
+    if _deeper_than(value, depth):
+        raise too_deep
     return value
 
 
@@ -133,6 +133,8 @@ class MapOf:
 
 
 class ListOf:
+    """A JSON list, each item matching `spec`."""
+
     def __init__(self, spec):
         self.spec = spec
 
@@ -148,13 +150,13 @@ def check_schema(value, spec, path: Path, where: str = "") -> None:
     int), a dict of keys (a key ending in "?" may be left out; a key "*" gives the spec of any
     other key, which is refused without it), MapOf, ListOf, CALL or ANY. A mismatch is an error
     naming the file and the place in it."""
+    at = where or "the top level"
+    if spec is ANY:
+        return
     if spec is CALL:
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
                 and isinstance(value[1], dict)):
-            raise error(f"{where or 'the top level'} should be [name, {{options}}]", file=path)
-        return
-    at = where or "the top level"
-    if spec is ANY:
+            raise error(f"{at} should be [name, {{options}}]", file=path)
         return
     if isinstance(spec, dict):
         if not isinstance(value, dict):
@@ -165,10 +167,10 @@ def check_schema(value, spec, path: Path, where: str = "") -> None:
                 continue
             if "*" not in spec:
                 raise error(f"unknown key {short(key)!r} in {at}", file=path)
-            check_schema(value[key], spec["*"], path, f"{where}.{short(key, 40)}")
+            check_schema(value[key], spec["*"], path, _member(where, short(key, 40)))
         for key, raw in keys.items():
             if key in value:
-                check_schema(value[key], spec[raw], path, f"{where}.{key}" if where else key)
+                check_schema(value[key], spec[raw], path, _member(where, key))
             elif not raw.endswith("?"):
                 raise error(f"{at} lacks the key {key!r}", file=path)
         return
@@ -176,7 +178,7 @@ def check_schema(value, spec, path: Path, where: str = "") -> None:
         if not isinstance(value, dict):
             raise _mismatch(path, at, "an object", value)
         for key, item in value.items():
-            check_schema(item, spec.spec, path, f"{where}.{short(key, 40)}")
+            check_schema(item, spec.spec, path, _member(where, short(key, 40)))
         return
     if isinstance(spec, ListOf):
         if not isinstance(value, list):
@@ -191,6 +193,10 @@ def check_schema(value, spec, path: Path, where: str = "") -> None:
         raise _mismatch(path, at, " or ".join(_kind(alt) for alt in spec), value)
     if not _fits(value, spec):
         raise _mismatch(path, at, _kind(spec), value)
+
+
+def _member(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def _fits(value, spec) -> bool:

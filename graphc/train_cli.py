@@ -87,6 +87,7 @@ def cmd_train(args) -> int:
                             f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
                             hint="only --epochs (to train longer) and --data-dir may change")
         run = RunFolder(args.resume)
+        run.check_confined()
         config = run.config()
         program = run.load_program(args.backend)
         program.use_precision(args.precision)

@@ -76,6 +76,14 @@ class RunFolder:
             raise error("track_norms must be at least 1", file=self.path / CONFIG)
         return config
 
+    def check_confined(self) -> None:
+        """Refuse a run folder whose subfolders are symbolic links: continuing it would write
+        checkpoints and exports wherever they point."""
+        for name in ("checkpoints", MODEL, TRAINED):
+            if (self.path / name).is_symlink():
+                raise error(f"{name}/ is a symbolic link; a run writes only inside its own folder",
+                            file=self.path / name)
+
     def remove_temporaries(self) -> None:
         """Remove the temporary files (`.last.npz.XXXXXXXX`) a run killed mid-write leaves."""
         for folder in (self.path, self.path / "checkpoints"):

@@ -422,6 +422,17 @@ def test_crafted_run_folders_are_refused_clearly(case, run, capsys):
     assert sorted(p.name for p in run.rglob("*")) == before
 
 
+@pytest.mark.parametrize("part", ["checkpoints", "trained"])
+def test_a_resumed_run_never_writes_through_a_symlinked_subfolder(part, run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(run / part, elsewhere)
+    (run / part).symlink_to(elsewhere)
+    before = {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()}
+    cli_error(["train", "--resume", run, "--quiet", "--epochs", 2], capsys, str(run / part),
+              "symbolic link")
+    assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == before
+
+
 def test_a_checkpoint_reads_only_what_its_program_declares(run):
     last = run / "checkpoints" / "last.npz"
     program = load_artifact(run / "model")

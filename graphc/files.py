@@ -19,7 +19,7 @@ import numpy as np
 from graphc.errors import error
 
 MiB, GiB = 1 << 20, 1 << 30
-MAX_JSON_BYTES = 64 * MiB       # graph.json, manifest.json, config.json, a checkpoint's loop state
+MAX_JSON_BYTES = 64 * MiB       # graph.json, manifest.json, config.json; a loop state as stored (4 B a char)
 MAX_JSON_DEPTH = 100            # nesting of JSON arrays and objects
 MAX_DATA_BYTES = 4 * GiB        # one data array: an IDX file decompressed, an .npz member
 MAX_CSV_BYTES = 256 * MiB       # a CSV data set (parsed in Python: several times its size in memory)

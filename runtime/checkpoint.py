@@ -54,9 +54,9 @@ def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:
     wanted += [("state", name, info.type, "optimizer state")
                for name, info in program.state_info.items()]
     limit = sum(math.prod(t.shape) * t.dtype.numpy.itemsize for _, _, t, _ in wanted) \
-        + 4 * MAX_JSON_BYTES + (len(wanted) + 2) * (NPY_HEADER_BYTES + 1024)
+        + MAX_JSON_BYTES + (len(wanted) + 2) * (NPY_HEADER_BYTES + 1024)
     with Npz(None, path, limit, f"a checkpoint of {program.name} with its parameters") as npz:
-        text = npz.read("meta", 4 * MAX_JSON_BYTES, what="the loop state (meta)")
+        text = npz.read("meta", MAX_JSON_BYTES, what="the loop state (meta)")   # 4 bytes a character
         arrays = {kind: {} for kind in ("param", "state")}
         for kind, name, ttype, what in wanted:
             arrays[kind][name] = npz.read(f"{kind}/{name}", _nbytes(ttype), ttype.dtype.numpy,

@@ -39,7 +39,7 @@ def load_checkpoint(path: Path, program) -> dict:
 SCHEDULE_SCHEMA = {"epoch": int, "lr": float, "best?": (float, type(None)), "bad_epochs?": int}
 LOOP_SCHEMA = {"epoch": int, "schedule": SCHEDULE_SCHEMA, "best": (float, type(None)), "best_epoch": int,
                "bad_epochs": int, "stopped_early": bool, "history": ListOf(dict)}
-META_SCHEMA = {"format": str, "version": int, "model": str, "loop": LOOP_SCHEMA, "seed?": int,
+META_SCHEMA = {"format": str, "version": int, "model": str, "loop?": LOOP_SCHEMA, "seed?": int,
                "rng?": dict}
 
 
@@ -68,10 +68,11 @@ def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:
         raise error(f"{path}: malformed checkpoint: not a graphc checkpoint of a version this "
                     f"graphc reads")
     check_schema(meta, META_SCHEMA, path)
-    loop = meta["loop"]
-    for key, value in (("loop.epoch", loop["epoch"]), ("loop.best_epoch", loop["best_epoch"]),
-                       ("loop.bad_epochs", loop["bad_epochs"]),
-                       ("loop.schedule.epoch", loop["schedule"]["epoch"])):
+    loop = meta.get("loop")     # absent where the Python API saved parameters alone
+    counts = () if loop is None else (
+        ("loop.epoch", loop["epoch"]), ("loop.best_epoch", loop["best_epoch"]),
+        ("loop.bad_epochs", loop["bad_epochs"]), ("loop.schedule.epoch", loop["schedule"]["epoch"]))
+    for key, value in counts:
         if value < 0:
             raise error(f"{path}: malformed checkpoint: {key} is {value}, below 0")
     if meta["model"] != program.name:

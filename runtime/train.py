@@ -198,6 +198,8 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the run folder's last checkpoint."""
         meta = load_checkpoint(self.run.last, self.program)
+        if "loop" not in meta:
+            raise error(f"{self.run.last}: holds parameters but no training loop state to resume")
         loop = meta["loop"]
         self.loop = LoopState(**loop)
         self.saved_epochs = self.loop.epoch

@@ -406,6 +406,10 @@ RUN_CASES = {
         lambda r: rewrite_meta(r / "checkpoints" / "last.npz",
                                lambda m: json.dumps({**m, "loop": {**m["loop"], "epoch": -1}})),
         "last.npz", "loop.epoch is -1, below 0"),
+    "no loop state": (
+        lambda r: rewrite_meta(r / "checkpoints" / "last.npz",
+                               lambda m: json.dumps({k: v for k, v in m.items() if k != "loop"})),
+        "last.npz", "no training loop state to resume"),
     "checkpoint links to /dev/zero": (
         lambda r: ((r / "checkpoints" / "last.npz").unlink(),
                    (r / "checkpoints" / "last.npz").symlink_to("/dev/zero")),

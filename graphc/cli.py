@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import graphc
-from graphc.cli_common import add_backend_arg, configure_logging, load_array, report_lints
+from graphc.cli_common import add_backend_arg, configure_logging, load_array, load_npz, report_lints
 from graphc.errors import GraphcError, error
 
 if TYPE_CHECKING:
@@ -422,7 +422,7 @@ def cmd_run(args) -> int:
                 raise _usage(f"--input {spec}: expected NAME=FILE.npy")
             inputs[name] = load_array(path)
         else:
-            inputs.update(_load_npz(spec))
+            inputs.update(load_npz(spec))
     try:
         outputs = program.forward(**inputs)
     except ValueError as err:
@@ -437,13 +437,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    import numpy as np
-    data = load_array(path)
-    if isinstance(data, np.ndarray):
-        raise error(f"{path}: a single array; name the input it is for, as NAME={path}")
-    with data:
-        return {k: data[k] for k in data.files}
 
 
 def _writable_dir(path: str) -> Path:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from graphc.errors import GraphcError, error
@@ -40,16 +41,30 @@ def add_backend_arg(p: argparse.ArgumentParser, precision: bool = False) -> None
 
 
 def load_array(path: str) -> np.ndarray:
-    """An array (or an .npz archive) from a file given on the command line; errors name the file."""
-    import numpy as np
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise error(f"{path}: no such file") from None
-    except ValueError as err:
-        raise error(f"{path}: not a .npy array file ({err})") from None
-    except OSError as err:
-        raise error(f"{path}: cannot read: {err}") from None
+    """A .npy array given on the command line, read within MAX_DATA_BYTES (its header checked
+    before the data is read); errors name the file."""
+    from graphc.files import MAX_DATA_BYTES, read_npy
+    return read_npy(Path(path), MAX_DATA_BYTES)
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, each within MAX_DATA_BYTES and all together too."""
+    import zipfile
+
+    from graphc.files import MAX_DATA_BYTES, Npz, open_regular
+    with open_regular(Path(path)) as f:
+        if not zipfile.is_zipfile(f):
+            f.seek(0)
+            if f.read(6) == b"\x93NUMPY":
+                raise error(f"{path}: a single array; name the input it is for, as NAME={path}")
+            raise error(f"{path}: not an .npz archive (not a zip file)")
+        f.seek(0)
+        with Npz(f, Path(path)) as npz:
+            arrays, left = {}, MAX_DATA_BYTES
+            for name in npz.names:
+                arrays[name] = npz.read(name, left)
+                left -= arrays[name].nbytes
+            return arrays
 
 
 def configure_logging(debug: bool) -> None:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from graphc.errors import error
-from graphc.files import atomic_write, read_jsonl
+from graphc.files import atomic_write, load_json, read_jsonl
 from graphc.frontend.search_spec import SearchConfig
 
 FORMAT, VERSION = "graphc-search", 1
@@ -55,13 +55,10 @@ class SearchFolder:
 
     def meta(self) -> dict:
         path = self.path / SEARCH
-        try:
-            meta = json.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.exists() and not path.is_symlink():
             raise error(f"{self.path}: not a graphc search folder ({SEARCH} is missing)",
-                        hint="searches are made by `graphc search FILE.nn --out DIR`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise error(f"{path}: not valid JSON ({err})") from None
+                        hint="searches are made by `graphc search FILE.nn --out DIR`")
+        meta = load_json(path)      # bounded: a regular file, size and nesting
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise error(f"{path}: not a graphc search record")
         if meta.get("version") != VERSION:

@@ -91,6 +91,7 @@ def cmd_train(args) -> int:
                             f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
                             hint="only --epochs (to train longer) and --data-dir may change")
         run = RunFolder(args.resume)
+        run.check_confined()
         config = run.config()
         program = run.load_program(args.backend)
         program.use_precision(args.precision)
@@ -109,7 +110,8 @@ def cmd_train(args) -> int:
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                     seed=args.seed)
         data = prepare_data(program, settings, args.data_dir, base_dir)
-        run = RunFolder(args.out or Path("runs") / f"{program.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
+                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
         if RunFolder.is_run(run.path):
             raise error(f"{run.path}: already holds a run",
                         hint=f"continue it with --resume {run.path}, or choose another --out")
@@ -130,10 +132,9 @@ def cmd_train(args) -> int:
                       progress=not args.quiet, norms=norms, check_numerics=args.check_numerics,
                       on_warning=_warn)
     if args.resume:
-        if not run.last.is_file():
-            raise error(f"{run.path}: no checkpoint to resume from yet",
-                        hint="the run stopped before its first epoch ended; start it again")
-        trainer.resume()
+        run.remove_temporaries()
+        if run.last.exists() or run.last.is_symlink():
+            trainer.resume()    # else it was stopped before its first checkpoint: from step 0
     if not args.quiet:
         print(_headline(program, settings, data, run, trainer.loop.epoch), flush=True)
     try:
@@ -156,6 +157,13 @@ def cmd_train(args) -> int:
 def _warn(message: str) -> None:
     print(f"warning: {message}\nhint: try a smaller --lr; the run goes on", file=sys.stderr,
           flush=True)
+def _run_name(model: str) -> str:
+    """The model's name as the start of a folder name. Artifacts hold identifiers only (checked
+    at load); this keeps a name from a file out of paths even if that check were bypassed."""
+    from graphc.files import is_identifier
+    if not is_identifier(model):
+        raise error(f"model name {model[:60]!r} cannot name a run folder", hint="pass --out DIR")
+    return model
 
 
 def _with_settings(program, settings: dict):

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import error
-from graphc.files import atomic_write
+from graphc.files import (
+    MAX_JSON_BYTES,
+    NPY_HEADER_BYTES,
+    ListOf,
+    Npz,
+    atomic_write,
+    check_schema,
+    parse_json,
+    short,
+)
 
 FORMAT, VERSION = "graphc-checkpoint", 1
 
@@ -34,39 +44,50 @@ def load_checkpoint(path: Path, program) -> dict:
     return meta
 
 
+SCHEDULE_SCHEMA = {"epoch": int, "lr": float, "best?": (float, type(None)), "bad_epochs?": int}
+LOOP_SCHEMA = {"epoch": int, "schedule": SCHEDULE_SCHEMA, "best": (float, type(None)), "best_epoch": int,
+               "bad_epochs": int, "stopped_early": bool, "history": ListOf(dict)}
+META_SCHEMA = {"format": str, "version": int, "model": str, "loop?": LOOP_SCHEMA, "seed?": int,
+               "rng?": dict}
+
+
 def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:
     """Parameters, optimizer state and loop state of a checkpoint, checked against `program`'s
-    types but not loaded into it."""
+    types but not loaded into it. Only the members `program` declares are read, each checked
+    against its type before it is decompressed."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise error(f"{path}: no such checkpoint") from None
-    except ValueError as err:
-        raise error(f"{path}: refused: {err}") from None
-    except Exception as err:    # a damaged zip raises many kinds of errors
-        raise error(f"{path}: not a readable checkpoint ({err})") from None
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError("not a graphc checkpoint of a version this graphc reads")
-        if meta.get("model") != program.name:
-            raise ValueError(f"it belongs to model {meta.get('model')!r}, not {program.name!r}")
-    except (KeyError, ValueError, AttributeError) as err:
-        raise error(f"{path}: malformed checkpoint: {err}") from None
-    params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
-    state = {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
-    for name, info in program.param_info.items():
-        _check(path, "parameter", name, params, info.type)
-    for name, info in program.state_info.items():
-        _check(path, "optimizer state", name, state, info.type)
-    return params, state, meta
+    if not path.exists() and not path.is_symlink():
+        raise error(f"{path}: no such checkpoint")
+    wanted = [("param", name, info.type, "parameter") for name, info in program.param_info.items()]
+    wanted += [("state", name, info.type, "optimizer state")
+               for name, info in program.state_info.items()]
+    limit = sum(math.prod(t.shape) * t.dtype.numpy.itemsize for _, _, t, _ in wanted) \
+        + MAX_JSON_BYTES + (len(wanted) + 2) * (NPY_HEADER_BYTES + 1024)
+    with Npz(None, path, limit, f"a checkpoint of {program.name} with its parameters") as npz:
+        text = npz.read("meta", MAX_JSON_BYTES, what="the loop state (meta)")   # 4 bytes a character
+        arrays = {kind: {} for kind in ("param", "state")}
+        for kind, name, ttype, what in wanted:
+            arrays[kind][name] = npz.read(f"{kind}/{name}", _nbytes(ttype), ttype.dtype.numpy,
+                                          ttype.shape, f"{what} {name}")
+    if text.dtype.kind != "U" or text.shape != ():
+        raise error(f"{path}: malformed checkpoint: its loop state is not JSON text")
+    meta = parse_json(str(text), path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise error(f"{path}: malformed checkpoint: not a graphc checkpoint of a version this "
+                    f"graphc reads")
+    check_schema(meta, META_SCHEMA, path)
+    loop = meta.get("loop")     # absent where the Python API saved parameters alone
+    counts = () if loop is None else (
+        ("loop.epoch", loop["epoch"]), ("loop.best_epoch", loop["best_epoch"]),
+        ("loop.bad_epochs", loop["bad_epochs"]), ("loop.schedule.epoch", loop["schedule"]["epoch"]))
+    for key, value in counts:
+        if value < 0:
+            raise error(f"{path}: malformed checkpoint: {key} is {value}, below 0")
+    if meta["model"] != program.name:
+        raise error(f"{path}: malformed checkpoint: it belongs to model {short(meta['model'])!r}, "
+                    f"not {program.name!r}")
+    return arrays["param"], arrays["state"], meta
 
 
-def _check(path: Path, what: str, name: str, arrays: dict, ttype) -> None:
-    if name not in arrays:
-        raise error(f"{path}: {what} {name} is missing")
-    a = arrays[name]
-    if a.dtype != ttype.dtype.numpy or a.shape != tuple(ttype.shape):
-        raise error(f"{path}: {what} {name} should be {ttype}, found {a.dtype}{list(a.shape)}")
+def _nbytes(ttype) -> int:
+    return math.prod(ttype.shape) * ttype.dtype.numpy.itemsize

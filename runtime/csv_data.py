@@ -3,36 +3,40 @@ problem points at its line and column, with the line and a caret."""
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import GraphcError, SourceLoc, did_you_mean, error
+from graphc.files import MAX_CSV_BYTES, MAX_CSV_LINE, listing, open_regular, short
+
+MAX_SHOWN_LINE = 500      # longer lines are not echoed in an error
 
 
 def read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Features (float64 [rows, columns - 1]), labels and, for string labels, the class names."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise error(f"not UTF-8 text (byte {err.start})", file=path) from None
     file = str(path)
-    rows = [(no, line.rstrip("\r")) for no, line in enumerate(text.split("\n"), 1) if line.strip()]
+    rows = [(no, line) for no, line in _lines(path) if line.strip()]
     if not rows:
         raise error("empty file: expected a header row naming the columns, then one row per "
                     "sample", file=path)
     head_no, head_line = rows[0]
     header = _cells(file, head_no, head_line)
     names = [cell[2] for cell in header]
+    twice = {name for name, count in Counter(names).items() if count > 1}
     for col, end, cell in header:
-        if not cell or names.count(cell) > 1:
-            problem = "empty column name" if not cell else f"column '{cell}' appears twice"
+        if not cell or cell in twice:
+            problem = "empty column name" if not cell else f"column '{short(cell)}' appears twice"
             raise _cell_error(file, head_no, head_line, col, end, f"{problem} in the header")
     if label not in names:
-        raise error(f"no column named '{label}' (the label column); the columns are "
-                    f"{', '.join(names)}", file=path, hint=did_you_mean(label, names))
+        raise error(f"no column named '{short(label)}' (the label column); the columns are "
+                    f"{listing(names)}", file=path, hint=did_you_mean(label, names[:1000]))
     if len(names) < 2:
-        raise error(f"no feature columns: the only column is the label '{label}'", file=path)
+        raise error(f"no feature columns: the only column is the label '{short(label)}'",
+                    file=path)
     if len(rows) == 1:
         raise error(f"no data rows after the header (line {head_no})", file=path)
     target = names.index(label)
@@ -51,6 +55,35 @@ def read_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str] 
         labels.append((no, line) + cells[target])
     y, classes = _csv_labels(file, label, labels)
     return x, y, classes
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, read one at a time within the bounds: a file of at most
+    MAX_CSV_BYTES, lines of at most MAX_CSV_LINE bytes, UTF-8 text without NUL characters."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_CSV_BYTES:
+            raise error(f"the CSV file is {size:,} bytes, over the limit of {MAX_CSV_BYTES:,}",
+                        file=path, hint="save large data sets as .npz (np.savez(path, x=x, y=y))")
+        offset, no = 0, 0
+        while raw := f.readline(MAX_CSV_LINE + 1):
+            no += 1
+            if len(raw) > MAX_CSV_LINE:
+                raise error(f"line {no} is longer than {MAX_CSV_LINE:,} bytes; refused", file=path)
+            if offset + len(raw) > MAX_CSV_BYTES:
+                raise error(f"the CSV file grew past the limit of {MAX_CSV_BYTES:,} bytes while "
+                            f"being read", file=path)
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                col = len(raw[:nul].decode("utf-8", "replace")) + 1
+                raise error(f"holds a NUL character at line {no}, column {col}: a binary file, "
+                            f"not CSV text", file=path)
+            try:
+                text = raw.decode("utf-8-sig" if no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"not UTF-8 text (byte {offset + err.start})", file=path) from None
+            offset += len(raw)
+            yield no, text.rstrip("\n").rstrip("\r")
 
 
 def _cells(file: str, no: int, line: str) -> list[tuple[int, int, str]]:
@@ -92,21 +125,23 @@ def _cells(file: str, no: int, line: str) -> list[tuple[int, int, str]]:
 
 def _cell_error(file: str, no: int, line: str, col: int, end: int, message: str,
                 hint: str | None = None) -> GraphcError:
-    return error(message, SourceLoc(file, no, col, no, max(end, col + 1)), hint, line_text=line)
+    # a very long line is not echoed: its location says where to look
+    shown = line if len(line) <= MAX_SHOWN_LINE else None
+    return error(message, SourceLoc(file, no, col, no, max(end, col + 1)), hint, line_text=shown)
 
 
 def _csv_number(file, no, line, col, end, cell, column, label) -> float:
     try:
         value = float(cell)
     except ValueError:
-        message = (f"empty cell in column '{column}': expected a number" if not cell
-                   else f"'{cell}' in column '{column}' is not a number")
+        message = (f"empty cell in column '{short(column)}': expected a number" if not cell
+                   else f"'{short(cell)}' in column '{short(column)}' is not a number")
         raise _cell_error(file, no, line, col, end, message,
-                          f"feature columns hold numbers; only the label column ('{label}') "
+                          f"feature columns hold numbers; only the label column ('{short(label)}') "
                           f"may hold names") from None
     if not math.isfinite(value):
         raise _cell_error(file, no, line, col, end,
-                          f"'{cell}' in column '{column}' is not a finite number")
+                          f"'{short(cell)}' in column '{short(column)}' is not a finite number")
     return value
 
 
@@ -115,7 +150,7 @@ def _csv_labels(file: str, column: str, labels: list) -> tuple[np.ndarray, list[
     (indices in sorted order)."""
     for no, line, col, end, cell in labels:
         if not cell:
-            raise _cell_error(file, no, line, col, end, f"empty label in column '{column}'")
+            raise _cell_error(file, no, line, col, end, f"empty label in column '{short(column)}'")
     texts = [cell for *_, cell in labels]
     try:
         return np.array([int(t) for t in texts], dtype=np.int64), None
@@ -130,5 +165,6 @@ def _csv_labels(file: str, column: str, labels: list) -> tuple[np.ndarray, list[
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         no, line, col, end, cell = labels[bad[0]]
-        raise _cell_error(file, no, line, col, end, f"label '{cell}' is not a finite number")
+        raise _cell_error(file, no, line, col, end,
+                          f"label '{short(cell)}' is not a finite number")
     return values, None

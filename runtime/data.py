@@ -5,6 +5,7 @@ Over 500 lines: a loader per format (digits, IDX, .npz; CSV in csv_data.py), the
 scaling, fitting and batching, each a few short functions."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import did_you_mean, error
+from graphc.files import MAX_DATA_BYTES, Npz, listing, open_regular
 from graphc.ir.types import TensorType, format_shape
 from graphc.runtime.csv_data import read_csv
 
@@ -78,51 +80,77 @@ _SUBFOLDERS = {"mnist": ("mnist",), "fashion_mnist": ("fashion-mnist", "fashion_
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """Decode one IDX file of unsigned bytes, gzip-compressed or not: images (magic IDX_IMAGES)
-    as uint8 [n, rows, cols], labels (IDX_LABELS) as uint8 [n]."""
+    as uint8 [n, rows, cols], labels (IDX_LABELS) as uint8 [n]. The header's sizes are checked
+    against MAX_DATA_BYTES before the data is decompressed, and no more than they promise is."""
     path = Path(path)
-    data = _read_maybe_gzip(path)
     kind, ndim = _IDX_KINDS[magic]
     header = 4 + 4 * ndim
-    found = int.from_bytes(data[:4], "big")
-    if len(data) >= 4 and found != magic:
-        other = _IDX_KINDS.get(found)
-        hint = (f"this is an IDX {other[0]} file: are the image and label files swapped?"
-                if other else None)
-        raise error(f"not an IDX {kind} file (magic number 0x{found:08X}, expected "
-                    f"0x{magic:08X})", file=path, hint=hint)
-    if len(data) < header:
-        raise error(f"too short for an IDX {kind} file: {len(data)} bytes, but its header alone "
-                    f"takes {header}", file=path)
-    dims = struct.unpack(f">{ndim}i", data[4:header])
-    if min(dims) < 0:
-        raise error(f"corrupt IDX header: negative size in {list(dims)}", file=path)
-    need, have = math.prod(dims), len(data) - header
-    says = f"{dims[0]} images of {dims[1]}x{dims[2]}" if ndim == 3 else f"{dims[0]} labels"
-    if have != need:
-        problem = "truncated" if have < need else "corrupt"
+    with open_regular(path) as f, _maybe_gzip(f, path) as stream:
+        head = _read_upto(stream, header, path)
+        found = int.from_bytes(head[:4], "big")
+        if isinstance(stream, gzip.GzipFile) and (len(head) < header or found != magic):
+            _drain(stream, path)    # damaged gzip data is the cause to report, where it is one
+        if len(head) >= 4 and found != magic:
+            other = _IDX_KINDS.get(found)
+            hint = (f"this is an IDX {other[0]} file: are the image and label files swapped?"
+                    if other else None)
+            raise error(f"not an IDX {kind} file (magic number 0x{found:08X}, expected "
+                        f"0x{magic:08X})", file=path, hint=hint)
+        if len(head) < header:
+            raise error(f"too short for an IDX {kind} file: {len(head)} bytes, but its header "
+                        f"alone takes {header}", file=path)
+        dims = struct.unpack(f">{ndim}i", head[4:header])
+        if min(dims) < 0:
+            raise error(f"corrupt IDX header: negative size in {list(dims)}", file=path)
+        need = math.prod(dims)
+        says = f"{dims[0]} images of {dims[1]}x{dims[2]}" if ndim == 3 else f"{dims[0]} labels"
+        if need > MAX_DATA_BYTES:
+            raise error(f"the header says {says} ({need:,} bytes), over the limit of "
+                        f"{MAX_DATA_BYTES:,} bytes", file=path)
+        data = _read_upto(stream, need, path)
+        extra = len(_read_upto(stream, 1, path))
+    if len(data) != need or extra:
+        have = f"{len(data)} bytes" if not extra else "more"
+        problem = "truncated" if len(data) < need else "corrupt"
         raise error(f"{problem}: the header says {says} ({need} bytes) but the file holds {have} "
                     f"bytes after its {header}-byte header", file=path,
                     hint="the file is damaged or incomplete: fetch it again")
-    # a copy, so the arrays are writable like every other data set's
-    return np.frombuffer(data, np.uint8, count=need, offset=header).reshape(dims).copy()
+    return np.frombuffer(data, np.uint8).reshape(dims)
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise error(f"cannot read: {err.strerror}", file=path) from None
-    if raw[:2] == b"\x1f\x8b":      # decide by content, not by name
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as err:
-            raise error(f"corrupt gzip data ({err})", file=path,
-                        hint="the download was cut short or damaged: fetch the file again") from None
+def _maybe_gzip(f, path: Path):
+    """A stream of the file's bytes, decompressed when it is gzip data (decided by content)."""
+    start = f.read(4)
+    f.seek(0)
+    if start[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb")
     if path.suffix == ".gz":
-        raise error(f"not a gzip file (it starts with bytes {raw[:4].hex(' ') or 'none'}; gzip "
+        raise error(f"not a gzip file (it starts with bytes {start.hex(' ') or 'none'}; gzip "
                     f"starts with 1f 8b)", file=path,
                     hint="an uncompressed IDX file should be named without .gz")
-    return raw
+    return contextlib.nullcontext(f)
+
+
+def _drain(stream, path: Path) -> None:
+    """Read to the end (at most MAX_DATA_BYTES, in bounded chunks), so damaged gzip data shows."""
+    for _ in range(MAX_DATA_BYTES >> 24):
+        if not _read_upto(stream, 1 << 24, path):
+            return
+
+
+def _read_upto(stream, n: int, path: Path) -> bytearray:
+    """Up to `n` bytes (fewer only at the end of the data), read in bounded chunks."""
+    out = bytearray()
+    try:
+        while len(out) < n:
+            chunk = stream.read(min(n - len(out), 1 << 24))
+            if not chunk:
+                break
+            out += chunk
+    except (OSError, EOFError, zlib.error) as err:
+        raise error(f"corrupt gzip data ({err})", file=path,
+                    hint="the download was cut short or damaged: fetch the file again") from None
+    return out
 
 
 def _data_folder(name: str, data_dir) -> tuple[Path, str]:
@@ -206,56 +234,61 @@ def _resolve_path(options: dict, base_dir: Path) -> Path:
 
 def _load_npz(name, options, data_dir, base_dir) -> Dataset:
     path = _resolve_path(options, base_dir)
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
+    with open_regular(path) as f:
+        if not zipfile.is_zipfile(f):
+            f.seek(0)
             is_npy = f.read(6) == b"\x93NUMPY"
-        raise error("a .npy file holds one array; expected an .npz archive" if is_npy
-                    else "not an .npz archive (not a zip file)", file=path,
-                    hint="save the features as x and the labels as y: np.savez(path, x=x, y=y)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:     # never unpickle: it can run code
-            keys = list(npz.files)
+            raise error("a .npy file holds one array; expected an .npz archive" if is_npy
+                        else "not an .npz archive (not a zip file)", file=path,
+                        hint="save the features as x and the labels as y: np.savez(path, x=x, y=y)")
+        f.seek(0)
+        with Npz(f, path) as npz:      # reads only x, y, x_test, y_test, each within its bound
+            keys = npz.names
             for key in ("x", "y"):
                 if key not in keys:
                     raise error(f"no array named '{key}': the archive holds "
-                                f"{', '.join(keys) or 'no arrays'}", file=path,
-                                hint=did_you_mean(key, keys) or
+                                f"{listing(keys) or 'no arrays'}", file=path,
+                                hint=did_you_mean(key, keys[:1000]) or
                                 "save the features as x and the labels as y: "
                                 "np.savez(path, x=x, y=y)")
             if ("x_test" in keys) != ("y_test" in keys):
                 raise error("x_test and y_test come together: the archive holds only "
                             f"{'x_test' if 'x_test' in keys else 'y_test'}", file=path)
             wanted = [k for k in ("x", "y", "x_test", "y_test") if k in keys]
-            arrays = {k: _npz_array(npz, k, path) for k in wanted}
-    except _DAMAGED_ZIP as err:
-        raise error(f"not a readable .npz archive ({err})", file=path) from None
+            arrays = {k: _npz_array(npz.read(k, MAX_DATA_BYTES), k, path) for k in wanted}
     for x_key, y_key in (("x", "y"), ("x_test", "y_test")):
         if x_key in arrays:
             _check_pair(path, x_key, arrays[x_key], y_key, arrays[y_key])
+            _check_finite(path, x_key, arrays[x_key], "sample")
+            if arrays[y_key].dtype.kind == "f":
+                _check_finite(path, y_key, arrays[y_key], "label")
     y, y_test, classes = _npz_labels(path, arrays["y"], arrays.get("y_test"))
     return Dataset(name, arrays["x"], y, arrays.get("x_test"), y_test, classes, str(path))
 
 
-# what np.load raises on a damaged archive (NotImplementedError: an unknown compression method)
-_DAMAGED_ZIP = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
-                struct.error, NotImplementedError)
-
-
-def _npz_array(npz, key: str, path: Path) -> np.ndarray:
-    try:
-        array = npz[key]
-    except ValueError as err:   # object arrays are pickles
-        if "pickle" not in str(err) and "Object arrays" not in str(err):
-            raise
-        raise error(f"array '{key}' holds Python objects (dtype object); reading it would unpickle "
-                    "them, which can run arbitrary code, so graphc refuses", file=path,
-                    hint="save plain numeric arrays, e.g. np.savez(path, x=x.astype(np.float32), "
-                         "y=y.astype(np.int64))") from None
+def _npz_array(array: np.ndarray, key: str, path: Path) -> np.ndarray:
     kinds = "biuf" if key.startswith("x") else "biufU"
     if array.dtype.kind not in kinds:
         raise error(f"array '{key}' has dtype {array.dtype}; expected numbers"
                     + (" or strings" if "U" in kinds else ""), file=path)
     return array
+
+
+def _check_finite(path: Path, key: str, a: np.ndarray, noun: str) -> None:
+    """Name the first NaN or infinity: its sample and, within the sample, its position."""
+    if a.dtype.kind != "f" or a.ndim == 0:
+        return
+    rows = max(1, (1 << 24) // max(a[0].size, 1))
+    for start in range(0, len(a), rows):     # chunks: no boolean copy of all of a
+        bad = np.flatnonzero(~np.isfinite(a[start:start + rows]))
+        if bad.size:
+            sample, within = divmod(int(bad[0]), max(a[0].size, 1))
+            sample += start
+            where = (f", feature {within}" if a.ndim == 2 else
+                     f", position {list(np.unravel_index(within, a.shape[1:]))}" if a.ndim > 2 else "")
+            value = a[sample].reshape(-1)[within] if a.ndim > 1 else a[sample]
+            raise error(f"array '{key}' holds {value} at {noun} {sample}{where} (counting from 0)",
+                        file=path, hint="remove or fill in missing values before training")
 
 
 def _check_pair(path: Path, x_key: str, x: np.ndarray, y_key: str, y: np.ndarray) -> None:
@@ -404,14 +437,22 @@ class Scaler:
     def from_json(cls, d: dict) -> Scaler:
         keys = {"none": {"mode"}, "unit": {"mode", "min", "max"},
                 "standardize": {"mode", "mean", "std"}}
-        if not isinstance(d, dict) or keys.get(d.get("mode")) != set(d):
+        if not isinstance(d, dict) or not isinstance(d.get("mode"), str) \
+                or keys.get(d["mode"]) != set(d):
             raise error(f"malformed input-scaling record: {str(d)[:120]}")
+        numbers = [d[k] for k in ("min", "max") if k in d] + \
+            [v for k in ("mean", "std") if k in d for v in (d[k] if isinstance(d[k], list) else [d[k]])]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in numbers):
+            raise error("malformed input-scaling record: its statistics must be finite numbers")
         if d["mode"] == "unit":
             return cls("unit", low=float(d["min"]), high=float(d["max"]))
         if d["mode"] == "standardize":
             mean, std = (np.asarray(d[k], dtype=np.float64) for k in ("mean", "std"))
             if mean.ndim != 1 or mean.shape != std.shape:
                 raise error("malformed input-scaling record: mean and std differ in length")
+            if np.any(std <= 0):
+                raise error("malformed input-scaling record: a standard deviation is not positive")
             return cls("standardize", mean=mean, std=std)
         return cls("none")
 
@@ -434,6 +475,14 @@ def fit_inputs(x: np.ndarray, y: np.ndarray, x_type: TensorType, y_type: TensorT
                         f"{x_type}")
         x = x.astype(x_dtype)
     return x, _fit_labels(y, y_type, what, y_name, num_classes)
+
+
+def check_labels(ds: Dataset, t: TensorType, what: str, name: str, num_classes=None) -> None:
+    """Check a whole data set's labels against the model's label input before it is split and
+    shuffled, so that an error names the sample's place in the file."""
+    _fit_labels(ds.y_train, t, what, name, num_classes)
+    if ds.y_test is not None:
+        _fit_labels(ds.y_test, t, f"{what} (its test split)", name, num_classes)
 
 
 def _fit_labels(y: np.ndarray, t: TensorType, what: str, name: str, num_classes) -> np.ndarray:
@@ -463,12 +512,16 @@ def _fit_labels(y: np.ndarray, t: TensorType, what: str, name: str, num_classes)
 def _check_classes(y: np.ndarray, what: str, name: str, classes: int | None) -> None:
     if y.size == 0:
         return
-    low, high = int(y.min()), int(y.max())
-    if low < 0:
-        raise error(f"{what} has label {low}, but class indices start at 0")
-    if classes is not None and high >= classes:
-        raise error(f"{what} has class index {high}, but input {name} of the model takes "
-                    f"{classes} classes (0..{classes - 1})")
+    low = np.flatnonzero(y < 0)
+    if low.size:
+        i = int(low[0])
+        raise error(f"{what}: sample {i} (counting from 0) has label {int(y[i])}, but class "
+                    f"indices start at 0")
+    high = np.flatnonzero(y >= classes) if classes is not None else low
+    if high.size:
+        i = int(high[0])
+        raise error(f"{what}: sample {i} (counting from 0) has class index {int(y[i])}, but "
+                    f"input {name} of the model takes {classes} classes (0..{classes - 1})")
 
 
 def _reshape_samples(a: np.ndarray, t: TensorType, what: str, noun: str, name: str) -> np.ndarray:

@@ -17,14 +17,28 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from graphc.errors import error
-from graphc.files import atomic_write
+from graphc.files import ListOf, MapOf, atomic_write, check_schema, load_json
 from graphc.runtime.artifact import load_artifact, save_artifact
 from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 CONFIG, SCORES, MODEL, TRAINED = "config.json", "scores.json", "model", "trained"
+_NONE = type(None)
+CONFIG_SCHEMA = {
+    "model": str, "source?": (str, _NONE), "graphc_version?": str,
+    "settings": {"data": list, "optimizer": list, "schedule": list, "early_stop": (list, _NONE),
+                 "batch": int, "epochs": int, "seed": int, "validation": float, "test": float,
+                 "scale": str, "augment?": ListOf(list), "device?": str},
+    "data": {"source": str, "sizes": MapOf(int), "scaler": dict, "features": str, "labels": str,
+             "classes": (ListOf(str), _NONE)},
+    "base_dir": str, "data_dir?": (str, _NONE), "track_norms?": (int, _NONE),
+}
+# what atomic_write leaves behind when killed: "." + the file's name + "." + 8 random characters
+_TEMPORARY = re.compile(r"\.(config\.json|scores\.json|metrics\.csv|metrics\.jsonl|last\.npz|"
+                        r"best\.npz|final\.npz)\.[A-Za-z0-9_]{8}")
 METRIC_COLUMNS = ["epoch", "lr", "loss", "val_loss", "val_accuracy", "seconds", "samples_per_s"]
 
 
@@ -49,12 +63,34 @@ class RunFolder:
         return (Path(path) / CONFIG).is_file() and (Path(path) / MODEL).is_dir()
 
     def create(self, program, config: dict) -> None:
+        """Write the model, then config.json: a folder is a run once its config is there, so one
+        killed before that is not a run and can be started again."""
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.write_json(CONFIG, config)
         save_artifact(program, self.path / MODEL)
+        self.write_json(CONFIG, config)
 
     def config(self) -> dict:
-        return self.read_json(CONFIG)
+        config = self.read_json(CONFIG)
+        check_schema(config, CONFIG_SCHEMA, self.path / CONFIG)
+        if (config.get("track_norms") or 1) < 1:
+            raise error("track_norms must be at least 1", file=self.path / CONFIG)
+        return config
+
+    def check_confined(self) -> None:
+        """Refuse a run folder whose subfolders are symbolic links: continuing it would write
+        checkpoints and exports wherever they point."""
+        for name in ("checkpoints", MODEL, TRAINED):
+            if (self.path / name).is_symlink():
+                raise error(f"{name}/ is a symbolic link; a run writes only inside its own folder",
+                            file=self.path / name)
+
+    def remove_temporaries(self) -> None:
+        """Remove the temporary files (`.last.npz.XXXXXXXX`) a run killed mid-write leaves."""
+        for folder in (self.path, self.path / "checkpoints"):
+            if folder.is_dir():
+                for tmp in folder.iterdir():
+                    if _TEMPORARY.fullmatch(tmp.name) and not tmp.is_dir():
+                        tmp.unlink(missing_ok=True)
 
     def load_program(self, backend: str | None = "numpy"):
         return load_artifact(self.path / MODEL, backend=backend)
@@ -91,13 +127,10 @@ class RunFolder:
 
     def read_json(self, name: str) -> dict:
         path = self.path / name
-        try:
-            value = json.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.exists() and not path.is_symlink():
             raise error(f"{self.path}: not a graphc run folder ({name} is missing)",
-                        hint="runs are made by `graphc train FILE.nn --out DIR`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise error(f"{path}: not valid JSON ({err})") from None
+                        hint="runs are made by `graphc train FILE.nn --out DIR`")
+        value = load_json(path)
         if not isinstance(value, dict):
             raise error(f"{path}: expected a JSON object")
         return value

@@ -18,7 +18,7 @@ from graphc.errors import error
 from graphc.images import image_shape
 from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
+from graphc.runtime.data import Scaler, batches, check_labels, fit_inputs, load_dataset, split
 from graphc.runtime.numerics import Divergence, Snapshot, locate_non_finite, step_is_finite
 from graphc.runtime.program import Loss
 from graphc.runtime.runs import RunFolder
@@ -47,6 +47,10 @@ class TrainSettings(TrainConfig):
             settings = cls.from_json(program.name, train)
             if settings.schedule.name not in SCHEDULES:
                 raise ValueError(f"unknown schedule {settings.schedule.name!r}")
+            if not math.isfinite(settings.lr):
+                raise ValueError(f"the learning rate is {settings.lr}")
+            if settings.batch < 1 or settings.epochs < 0 or settings.seed < 0:
+                raise ValueError("batch must be at least 1, epochs and seed at least 0")
         except (KeyError, TypeError, ValueError) as err:
             raise error(f"model {program.name}: malformed train settings ({err})") from None
         lr = overrides.pop("lr", None)
@@ -87,7 +91,6 @@ def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
     fitted statistics instead of fitting them again."""
     features, labels = feature_and_label(program)
     dataset = load_dataset(settings.data, data_dir=data_dir, base_dir=base_dir)
-    parts = split(dataset, settings.validation, settings.test, settings.seed)
     x_type, y_type = program.train_inputs[features], program.train_inputs[labels]
     task = program.meta.get("task") or {}
     classes = None
@@ -95,6 +98,8 @@ def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
         out_type = program.graphs["forward"].output_map[task["output"]].type
         classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
     what = dataset.source if dataset.name in ("npz", "csv") else dataset.name   # name the file
+    check_labels(dataset, y_type, what, labels, classes)
+    parts = split(dataset, settings.validation, settings.test, settings.seed)
     fitted = {k: fit_inputs(x, y, x_type, y_type, what, x_name=features, y_name=labels,
                             num_classes=classes)
               for k, (x, y) in parts.items()}
@@ -149,7 +154,7 @@ class Trainer:
         self.on_epoch = on_epoch or (lambda row: None)
         self.progress = progress
         self.schedule = make_schedule(settings.schedule, settings.lr)
-        self.loop = LoopState()
+        self.loop = LoopState(schedule=self.schedule.to_json())
         self.saved_epochs = 0        # epochs whose checkpoint is on disk
         self.best_params: dict[str, np.ndarray] | None = None
         program.seed = settings.seed
@@ -162,6 +167,8 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the run folder's last checkpoint."""
         meta = load_checkpoint(self.run.last, self.program)
+        if "loop" not in meta:
+            raise error(f"{self.run.last}: holds parameters but no training loop state to resume")
         loop = meta["loop"]
         self.loop = LoopState(**loop)
         self.saved_epochs = self.loop.epoch

@@ -270,14 +270,22 @@ def test_crash_mid_epoch_then_resume_matches_an_uninterrupted_run(baseline, tmp_
     assert same_params(final, params_of(reference)) and same_params(best, ref_best)
 
 
-def test_resume_before_the_first_checkpoint_is_a_clear_error(tmp_path, capsys):
+def test_resume_before_the_first_checkpoint_starts_from_step_0(short_run, tmp_path, capsys):
     run = tmp_path / "run"
-    proc = graphc_cmd("train", DIGITS_MLP, "--out", run, "--epochs", 3, "--quiet",
+    proc = graphc_cmd("train", DIGITS_MLP, "--out", run, "--epochs", 2, "--quiet",
                       env={KILL_AT_STEP: "5"})
     assert proc.returncode in KILLED
-    code, _, err = cli(capsys, "train", "--resume", run, "--quiet")
-    clean_error(code, err)
-    assert "no checkpoint to resume from yet" in err
+    assert (run / "config.json").is_file() and not (run / "checkpoints" / "last.npz").exists()
+    leftovers = [run / "checkpoints" / ".last.npz.x7k2m9q1", run / ".metrics.csv.zz9abc01"]
+    for tmp in leftovers:
+        tmp.write_bytes(b"PK\x03\x04")
+    keep = run / "checkpoints" / "notes.txt"       # not a temporary file: left alone
+    keep.write_text("mine")
+    code, out, err = cli(capsys, "train", "--resume", run, "--quiet")
+    assert code == 0, err
+    assert same_params(params_of(run), params_of(short_run))
+    assert scores(run) == scores(short_run)
+    assert not any(tmp.exists() for tmp in leftovers) and keep.read_text() == "mine"
 
 
 def test_resume_refuses_changed_settings(baseline, capsys):

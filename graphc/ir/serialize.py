@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from graphc.errors import GraphcError, SourceLoc, error
+from graphc.files import is_safe_name, short
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph, Node, freeze_attrs
 from graphc.ir.types import DTYPE_NAMES, TensorType
@@ -23,8 +24,8 @@ def type_from_json(data) -> TensorType:
         raise ValueError(f"unknown dtype {dtype!r}")
     dims = []
     for d in shape:
-        if isinstance(d, bool) or not isinstance(d, (int, str)):
-            raise ValueError(f"bad dimension {d!r}")
+        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 0):
+            raise ValueError(f"bad dimension {short(repr(d))}")
         dims.append(d)
     return TensorType(DTYPE_NAMES[dtype], tuple(dims))
 
@@ -78,6 +79,8 @@ def _node_from_json(entry: dict, built: list[Node]) -> Node:
     ttype = type_from_json(entry["type"])
     loc = SourceLoc.from_json(entry.get("loc"))
     name = entry.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"name {short(repr(name))} is not a string")
     tags = frozenset(str(t) for t in entry.get("tags") or ())
     if op.kind == "source":
         if inputs:
@@ -107,8 +110,9 @@ def graph_from_json(data: dict, what: str = "graph") -> Graph:
                 raise ValueError(f"node {i}: {err}") from None
         outputs = []
         for name, ref in data["outputs"]:
-            if not isinstance(name, str) or not _is_index(ref, len(built)):
-                raise ValueError(f"output {name!r} -> {ref!r} does not name a node")
+            if not is_safe_name(name) or not _is_index(ref, len(built)):
+                raise ValueError(f"output {short(repr(name))} -> {short(repr(ref))} does not "
+                                 f"name a node by a name graphc makes")
             outputs.append((name, built[ref]))
         return Graph(str(data["name"]), tuple(outputs), str(data.get("mode", "eval")))
     except GraphcError:

@@ -166,17 +166,19 @@ def deep_manifest(art: Path) -> None:
     (art / "manifest.json").write_text(DEEP)
 
 
-def huge_broadcast(art: Path) -> None:
-    def add(doc):
-        forward = doc["graphs"]["forward"]
-        logits = forward["outputs"][0][1]
-        forward["nodes"].append({"op": "broadcast_to", "inputs": [logits],
-                                 "attrs": {"shape": [10 ** 9, "N", 10]},
-                                 "type": ["f32", [10 ** 9, "N", 10]], "name": "big", "loc": None,
-                                 "tags": []})
-        forward["outputs"].append(["big", len(forward["nodes"]) - 1])
-    edit_json(art / "graph.json", add)
-    resign(art, "graph.json")
+def huge_broadcast(size: int):
+    def craft(art: Path) -> None:
+        def add(doc):
+            forward = doc["graphs"]["forward"]
+            logits = forward["outputs"][0][1]
+            forward["nodes"].append({"op": "broadcast_to", "inputs": [logits],
+                                     "attrs": {"shape": [size, "N", 10]},
+                                     "type": ["f32", [size, "N", 10]], "name": "big", "loc": None,
+                                     "tags": []})
+            forward["outputs"].append(["big", len(forward["nodes"]) - 1])
+        edit_json(art / "graph.json", add)
+        resign(art, "graph.json")
+    return craft
 
 
 ARTIFACT_CASES = {
@@ -188,7 +190,11 @@ ARTIFACT_CASES = {
     "graph.json is a FIFO": (fifo("graph.json"), "graph.json", "not a regular file"),
     "200k-deep graph.json": (deep_graph, "graph.json", "nested deeper than"),
     "200k-deep manifest.json": (deep_manifest, "manifest.json", "nested deeper than"),
-    "broadcast_to [1e9, N, 10]": (huge_broadcast, "graph.json", "bytes of buffers per sample"),
+    # over the type system's bound on a tensor's elements: refused as the graph is rebuilt
+    "broadcast_to [1e9, N, 10]": (huge_broadcast(10 ** 9), "graph.json", "is too large"),
+    # within it, but 8 GB of values per sample: refused by the artifact's bound on a graph
+    "broadcast_to [2e8, N, 10]": (huge_broadcast(2 * 10 ** 8), "graph.json",
+                                  "bytes of buffers per sample"),
 }
 
 
@@ -548,7 +554,7 @@ def test_worst_cases_stay_within_bounded_memory(pristine, tmp_path):
     arts = {}
     for case in ("extra 3 GB deflated member", "parameter header claims 1.5 TiB",
                  "graph.json links to /dev/zero", "graph.json is a FIFO",
-                 "broadcast_to [1e9, N, 10]"):
+                 "broadcast_to [1e9, N, 10]", "broadcast_to [2e8, N, 10]"):
         arts[case] = tmp_path / f"art{len(arts)}"
         shutil.copytree(pristine, arts[case])
         ARTIFACT_CASES[case][0](arts[case])

@@ -4,7 +4,6 @@ the contract and those written before it was recorded; and the compiler's layeri
 the core only)."""
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -100,28 +99,6 @@ def test_output_and_state_names_are_made_in_the_contract_only():
                  if p.name != "contract.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders
-
-
-# The compiler: the front end, the passes, autodiff, the optimizer builders, the driver. It may
-# import the core and itself, never the backends, the runtime or the layers above.
-COMPILER = ["graphc/compiler.py", "graphc/optim.py", "graphc/autodiff.py", "graphc/initializers.py",
-            "graphc/options.py", "graphc/train_config.py", "graphc/images.py",
-            "graphc/frontend", "graphc/passes", "graphc/ir"]
-FORBIDDEN = ("graphc.runtime", "graphc.backends", "graphc.api", "graphc.cli", "graphc.train_cli",
-             "graphc.search", "graphc.gradcheck", "graphc.build_cache")
-
-
-def test_the_compiler_imports_the_core_only():
-    files = [p for entry in COMPILER for p in ([REPO / entry] if entry.endswith(".py")
-                                               else sorted((REPO / entry).rglob("*.py")))]
-    bad = []
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            bad += [f"{path.relative_to(REPO)} imports {n}" for n in names
-                    if any(n == f or n.startswith(f + ".") for f in FORBIDDEN)]
-    assert not bad
 
 
 def test_train_settings_are_typed_and_read_back_from_their_json():

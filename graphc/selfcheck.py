@@ -24,6 +24,7 @@ import numpy as np
 from graphc.api import build_program
 from graphc.compiler import CheckedFile
 from graphc.errors import GraphcError, error
+from graphc.ir.contract import grad_output
 from graphc.ir.node import Graph
 from graphc.ir.reference import ReferenceExecutor
 from graphc.ir.types import DType, bind_shape, symbols
@@ -152,7 +153,7 @@ def _check_one(base: Program, backend: str, seed: int, want: Program, expected: 
             loss, grads = p.loss_and_grads(**batches[0])
             if p is want:
                 vanishing.update(_vanishing(grads))
-            return {"loss": np.asarray(loss, loss_dtype)} | {f"grad {k}": v for k, v in grads.items()}
+            return {"loss": np.asarray(loss, loss_dtype)} | {grad_output(k): v for k, v in grads.items()}
         yield run("loss_and_grads", loss_and_grads)
     if "train_step" in base.graphs:
         for t, batch in enumerate(batches, start=1):

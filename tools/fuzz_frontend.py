@@ -478,11 +478,10 @@ def _save(out: Path, seed: int, failures: dict, shrink: bool, hang_s: float) -> 
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
     with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe.nn"
         for n, (key, (index, outcome)) in enumerate(sorted(failures.items())):
             data = mutant(corpus, seed, index)
             if shrink:
-                probe = Path(folder) / "probe.nn"
-
                 def still_fails(candidate: bytes, key=key) -> bool:
                     probe.write_bytes(candidate)
                     return failure_key(check_file(str(probe), hang_s)) == key

@@ -351,7 +351,11 @@ def check_file(path: str, hang_s: float = 2.0, kill_s: float = 30.0,
     if code != 1 or "internal error" in text or "Traceback" in text:
         return Outcome("internal", seconds, first)
     headers = [line for line in text.splitlines() if re.search(r"^\S.*?(error|warning): ", line)]
-    bad = [h for h in headers if not _LOCATED.match(h) or not h.startswith(path + ":")]
+    # `check` must place every error; other commands may also refuse a whole file by name
+    # ("the file holds 2 models; choose one").
+    whole_file = f"{path}: error: " if command != ("check",) else None
+    bad = [h for h in headers if not (_LOCATED.match(h) and h.startswith(path + ":"))
+           and not (whole_file and h.startswith(whole_file))]
     if not headers or bad:
         return Outcome("unlocated", seconds, (bad or [first])[0].replace(path, "FILE"))
     return Outcome("located", seconds, first)

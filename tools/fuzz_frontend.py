@@ -320,9 +320,11 @@ class Outcome:
 _LOCATED = re.compile(r"^(?P<file>.+?):(\d+):(\d+): (error|warning|note): ")
 
 
-def check_file(path: str, hang_s: float = 2.0, kill_s: float = 30.0) -> Outcome:
-    """Run `graphc check PATH` in this process and judge its result: a hang is over `hang_s`
-    of CPU time, or a run stopped after `kill_s` of wall time (one that waits, not computes)."""
+def check_file(path: str, hang_s: float = 2.0, kill_s: float = 30.0,
+               command: tuple[str, ...] = ("check",)) -> Outcome:
+    """Run `graphc check PATH` (or another command) in this process and judge its result: a
+    hang is over `hang_s` of CPU time, or a run stopped after `kill_s` of wall time (one that
+    waits, not computes)."""
     from graphc.cli import main
     err, out = io.StringIO(), io.StringIO()
     start = time.process_time()
@@ -330,7 +332,7 @@ def check_file(path: str, hang_s: float = 2.0, kill_s: float = 30.0) -> Outcome:
     signal.setitimer(signal.ITIMER_REAL, kill_s)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            code = main(["check", path])
+            code = main([*command, path])
     except _Overtime:
         code = None
     except BaseException as exc:      # the CLI let something through: as bad as exit 70
@@ -349,7 +351,11 @@ def check_file(path: str, hang_s: float = 2.0, kill_s: float = 30.0) -> Outcome:
     if code != 1 or "internal error" in text or "Traceback" in text:
         return Outcome("internal", seconds, first)
     headers = [line for line in text.splitlines() if re.search(r"^\S.*?(error|warning): ", line)]
-    bad = [h for h in headers if not _LOCATED.match(h) or not h.startswith(path + ":")]
+    # `check` must place every error; other commands may also refuse a whole file by name
+    # ("the file holds 2 models; choose one").
+    whole_file = f"{path}: error: " if command != ("check",) else None
+    bad = [h for h in headers if not (_LOCATED.match(h) and h.startswith(path + ":"))
+           and not (whole_file and h.startswith(whole_file))]
     if not headers or bad:
         return Outcome("unlocated", seconds, (bad or [first])[0].replace(path, "FILE"))
     return Outcome("located", seconds, first)
@@ -400,14 +406,15 @@ def minimize(data: bytes, still_fails, rounds: int = 4) -> bytes:
 _STATE: dict = {}
 
 
-def _worker_init(seed: int, folder: str, hang_s: float, memory_gb: float) -> None:
+def _worker_init(seed: int, folder: str, hang_s: float, memory_gb: float, build: bool) -> None:
     try:
         import resource
         limit = int(memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     except (ImportError, ValueError, OSError):
         pass
-    _STATE.update(corpus=load_corpus(), seed=seed, folder=Path(folder), hang_s=hang_s)
+    _STATE.update(corpus=load_corpus(), seed=seed, folder=Path(folder), hang_s=hang_s,
+                  build=build)
 
 
 def _run_one(index: int) -> tuple[int, Outcome]:
@@ -415,23 +422,29 @@ def _run_one(index: int) -> tuple[int, Outcome]:
     path = _STATE["folder"] / f"m{index}.nn"
     path.write_bytes(data)
     try:
-        return index, check_file(str(path), _STATE["hang_s"])
+        outcome = check_file(str(path), _STATE["hang_s"])
+        if outcome.verdict == "accepted" and _STATE["build"]:
+            built = check_file(str(path), _STATE["hang_s"], command=("build", "--stats"))
+            if built.verdict not in ("accepted", "located"):
+                built.detail = f"build: {built.detail}"
+                return index, built
+        return index, outcome
     finally:
         path.unlink()
 
 
 def run(count: int, seed: int, jobs: int, hang_s: float = 2.0, memory_gb: float = 4.0,
-        progress=None):
+        build: bool = False):
     """Yield (index, Outcome) for mutants 0..count-1, in any order."""
     with tempfile.TemporaryDirectory(prefix="graphc-fuzz-") as folder:
         os.environ.setdefault("GRAPHC_CACHE_DIR", str(Path(folder) / "cache"))
         if jobs <= 1:
-            _worker_init(seed, folder, hang_s, memory_gb)
+            _worker_init(seed, folder, hang_s, memory_gb, build)
             for i in range(count):
                 yield _run_one(i)
             return
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(jobs, _worker_init, (seed, folder, hang_s, memory_gb)) as pool:
+        with ctx.Pool(jobs, _worker_init, (seed, folder, hang_s, memory_gb, build)) as pool:
             yield from pool.imap_unordered(_run_one, range(count), chunksize=8)
 
 
@@ -446,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-gb", type=float, default=4.0, help="address-space limit per worker")
     ap.add_argument("--out", type=Path, default=None, help="write each distinct failure here")
     ap.add_argument("--minimize", action="store_true", help="shrink each failure before saving")
+    ap.add_argument("--build", action="store_true",
+                    help="also run `graphc build --stats` on each accepted mutant (the passes)")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"fuzzing the front end: {args.count} mutants of models/*.nn, seed {seed}", flush=True)
@@ -454,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     slowest = 0.0
     start = time.perf_counter()
     for done, (index, outcome) in enumerate(run(args.count, seed, args.jobs, args.hang,
-                                                 args.memory_gb), 1):
+                                                 args.memory_gb, args.build), 1):
         verdicts[outcome.verdict] += 1
         slowest = max(slowest, outcome.seconds)
         if outcome.verdict in ("internal", "unlocated", "hang"):
@@ -478,11 +493,10 @@ def _save(out: Path, seed: int, failures: dict, shrink: bool, hang_s: float) -> 
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus()
     with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe.nn"
         for n, (key, (index, outcome)) in enumerate(sorted(failures.items())):
             data = mutant(corpus, seed, index)
             if shrink:
-                probe = Path(folder) / "probe.nn"
-
                 def still_fails(candidate: bytes, key=key) -> bool:
                     probe.write_bytes(candidate)
                     return failure_key(check_file(str(probe), hang_s)) == key

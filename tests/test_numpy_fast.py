@@ -132,10 +132,11 @@ def test_a_changed_learning_rate_is_used_at_once():
     assert any(not np.array_equal(a.params[k], b.params[k]) for k in a.params)
 
 
-def test_names_from_an_artifact_never_become_code(tmp_path):
+def test_names_from_an_artifact_never_become_code(tmp_path, monkeypatch):
     """The numpy backend runs a plan as generated Python; names reach it only as string literals.
     An artifact whose parameter name reads as Python statements (hashes recomputed, as an attacker
-    would) loads and trains without running them."""
+    would) loads and trains without running them. (The canary is a bare file name: load_artifact
+    refuses names holding a path separator before the backend sees them.)"""
     import hashlib
     import io
     import json
@@ -143,7 +144,8 @@ def test_names_from_an_artifact_never_become_code(tmp_path):
     from graphc.runtime import load_artifact
     art, canary = tmp_path / "art", tmp_path / "pwned"
     graphc.compile_file("models/digits_mlp.nn").save(art)
-    old, bad = "logits.linear.W", f"W'] ; open({str(canary)!r}, 'w') ; x = params['W"
+    monkeypatch.chdir(tmp_path)
+    old, bad = "logits.linear.W", "W'] ; open('pwned', 'w') ; x = params['W"
     graph = (art / "graph.json").read_text().replace(json.dumps(old), json.dumps(bad))
     (art / "graph.json").write_text(graph)
     manifest = json.loads((art / "manifest.json").read_text())

@@ -136,7 +136,8 @@ def test_a_changed_learning_rate_is_used_at_once():
 def test_names_from_an_artifact_never_become_code(tmp_path, monkeypatch):
     """The numpy backend runs a plan as generated Python; names reach it only as string literals.
     An artifact whose parameter name reads as Python statements (hashes recomputed, as an attacker
-    would) loads and trains without running them."""
+    would) loads and trains without running them. (The canary is a bare file name: load_artifact
+    refuses names holding a path separator before the backend sees them.)"""
     import hashlib
     import io
     import json

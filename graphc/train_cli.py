@@ -35,6 +35,10 @@ def add_commands(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last "
                                                    "checkpoint (same result as never stopping)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch lines")
+    p.add_argument("--check-numerics", action="store_true",
+                   help="check every step for NaN and infinity; on the first, run that step "
+                        "again node by node and name the .nn line whose operation made it "
+                        "(slower: each step's parameters are copied first)")
     p.add_argument("--track-norms", type=positive, nargs="?", const=NORMS_EVERY, metavar="K",
                    help=f"every K steps (default {NORMS_EVERY}), record the L2 norm of every "
                         f"parameter and of its gradient in RUN/norms.jsonl, for `graphc report` "
@@ -123,7 +127,8 @@ def cmd_train(args) -> int:
         from graphc.runtime.norms import NORMS, NormRecorder
         norms = NormRecorder(run.path / NORMS, every)
     trainer = Trainer(program, settings, data, run, on_epoch=None if args.quiet else _print_epoch,
-                      progress=not args.quiet, norms=norms)
+                      progress=not args.quiet, norms=norms, check_numerics=args.check_numerics,
+                      on_warning=_warn)
     if args.resume:
         if not run.last.is_file():
             raise error(f"{run.path}: no checkpoint to resume from yet",
@@ -146,6 +151,11 @@ def cmd_train(args) -> int:
     if not args.quiet:
         print(f"run saved to {run.path}")
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}\nhint: try a smaller --lr; the run goes on", file=sys.stderr,
+          flush=True)
 
 
 def _with_settings(program, settings: dict):

@@ -294,6 +294,17 @@ class Program:
                 (state if is_state else params)[target] = out[name]
         return Loss(float(out["loss"]))
 
+    def step_values(self, batch: dict, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
+                    step: int, lr: float) -> dict:
+        """Every source of the train step by name, as step `step` would read them (the batch,
+        `params`, `state`, the learning rate `lr` and the step's random key), with the batch's
+        dimensions under "#dims": what a reference run of that one step starts from."""
+        feeds, dims = self._feeds(batch, self.train_inputs)
+        values = {**feeds, **params, **state, "#dims": dims, LR_INPUT: np.array(lr, self._lr_dtype)}
+        if self._reads_rng.get("train_step"):
+            values[RNG_INPUT] = np.int64(rng_key(self.seed, step))
+        return values
+
     def _device_call(self, call, *args):
         """call(*args); after a failed check on the device, the host's parameters, state and
         step count are read back (the device's are those from before the failed step)."""

@@ -18,6 +18,8 @@ from graphc.errors import error
 from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, image_shape, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
+from graphc.runtime.numerics import Divergence, Snapshot, locate_non_finite, step_is_finite
+from graphc.runtime.program import Loss
 from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
 from graphc.train_config import TrainConfig
@@ -135,8 +137,13 @@ class Trainer:
 
     def __init__(self, program, settings: TrainSettings, data: Data, run: RunFolder | None = None,
                  on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
-                 norms=None):
+                 norms=None, check_numerics: bool = False,
+                 on_warning: Callable[[str], None] | None = None):
         self.program, self.settings, self.data, self.run = program, settings, data, run
+        # --check-numerics: each step is checked, and the first non-finite value located
+        self.check_numerics = check_numerics
+        self.divergence = Divergence()
+        self.on_warning = on_warning or (lambda message: None)
         self.norms = norms           # a runtime.norms.NormRecorder (--track-norms), or None
         self.on_epoch = on_epoch or (lambda row: None)
         self.progress = progress
@@ -187,7 +194,7 @@ class Trainer:
         kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
         bar = _progress(len(order), f"epoch {epoch + 1}/{self.settings.epochs}", self.progress)
         start = time.perf_counter()
-        losses = _Losses(epoch)
+        losses = _Losses(epoch, self.divergence.observe)
         features, labels = self.data.features, self.data.labels
 
         feeds = (self._augmented(x, y, order, epoch) if self.augmenter is not None else
@@ -199,7 +206,10 @@ class Trainer:
                 self.norms.observe(self.program, feed, epoch + 1)
             # Queued: on a GPU the step runs while the next batch is prepared, and its loss is
             # taken in once the device has it; the host waits for the device at the epoch's end.
-            losses.add(i, len(index), self.program.queue_train_step(**feed))
+            if self.check_numerics:
+                losses.add(i, len(index), self._checked_step(feed, f"epoch {epoch + 1}, step {i + 1}"))
+            else:
+                losses.add(i, len(index), self.program.queue_train_step(**feed))
             if bar is not None and (i % 20 == 0 or i == len(order) - 1):
                 rate = losses.seen / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(f"loss {losses.mean:.4f}, {rate:,.0f} samples/s",
@@ -213,6 +223,15 @@ class Trainer:
         return {"epoch": epoch + 1, "lr": self.program.lr, "loss": losses.mean,
                 "seconds": round(seconds, 3),
                 "samples_per_s": round(losses.seen / max(seconds, 1e-9))}
+
+    def _checked_step(self, feed: dict[str, np.ndarray], where: str) -> Loss:
+        """One train step, waited for, whose loss and written-back values must be finite; the
+        first node that made one that is not is found by running the step again node by node."""
+        snapshot = Snapshot.of(self.program)
+        loss = self.program.train_step(**feed)
+        if not step_is_finite(self.program, loss):
+            raise locate_non_finite(self.program, snapshot, feed, where)
+        return Loss(loss)
 
     def _augmented(self, x: np.ndarray, y: np.ndarray, order: list[np.ndarray],
                    epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -241,6 +260,11 @@ class Trainer:
                               self.data.labels)
         row["val_loss"] = val["loss"]
         row["val_accuracy"] = val.get("accuracy")
+        diverging = self.divergence.check(row["loss"], row["epoch"], self.program.lr,
+                                          f"schedule {self.settings.schedule[0]}, base learning "
+                                          f"rate {self.settings.lr:g}")
+        if diverging:
+            self.on_warning(diverging)
         loop = self.loop
         loop.epoch += 1
         self.schedule.epoch_end(val["loss"])
@@ -279,8 +303,9 @@ class _Losses:
     """An epoch's training losses as they come back: their mean over the samples, and the first
     that is not finite stops the run (naming its step)."""
 
-    def __init__(self, epoch: int):
+    def __init__(self, epoch: int, observe: Callable[[float], None] = lambda loss: None):
         self.epoch, self.seen, self.total = epoch, 0, 0.0
+        self.observe = observe
         self.waiting: collections.deque = collections.deque()     # (step, samples, Loss)
 
     def add(self, step: int, samples: int, loss) -> None:
@@ -295,7 +320,9 @@ class _Losses:
             if not math.isfinite(value):
                 raise error(f"epoch {self.epoch + 1}, step {step + 1}: the loss is {value}",
                             hint="the learning rate may be too large for this model; try a "
-                                 "smaller --lr")
+                                 "smaller --lr, or train with --check-numerics to find the "
+                                 "operation that first made a non-finite value")
+            self.observe(value)
             self.seen += samples
             self.total += value * samples
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from graphc.errors import error
 from graphc.files import atomic_write
+from graphc.ir.preprocess import CONSTANT_ROLE
 
 FORMAT, VERSION = "graphc-checkpoint", 1
 
@@ -29,7 +30,8 @@ def load_checkpoint(path: Path, program) -> dict:
     """Restore parameters and optimizer state into `program`; return the loop's state."""
     params, state, meta = read_checkpoint(path, program)
     for name in program.param_info:
-        program.params[name] = params[name]
+        if name in params:          # (a preprocessing's constants may be left out)
+            program.params[name] = params[name]
     program.state = {name: state[name] for name in program.state_info}
     return meta
 
@@ -58,7 +60,10 @@ def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:
     params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
     state = {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
     for name, info in program.param_info.items():
-        _check(path, "parameter", name, params, info.type)
+        # The training program's checkpoints do not hold the constants of the preprocessing
+        # that a trained program adds (graphc.ir.preprocess): those stay as the program has them.
+        if info.role != CONSTANT_ROLE or name in params:
+            _check(path, "parameter", name, params, info.type)
     for name, info in program.state_info.items():
         _check(path, "optimizer state", name, state, info.type)
     return params, state, meta

@@ -12,6 +12,7 @@ from graphc.backends.numpy.executor import BACKENDS
 from graphc.errors import GraphcError, did_you_mean, error
 from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exported)
     FED_INPUTS,
+    LR_INPUT,
     RNG_INPUT,
     ParamInfo,
     StateInfo,
@@ -20,6 +21,7 @@ from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exporte
     rng_key,
 )
 from graphc.ir.node import Graph
+from graphc.ir.preprocess import Preprocessing
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
 from graphc.train_config import OptimizerSpec, call_from_json
 
@@ -33,6 +35,9 @@ def executor_class(backend: str):
         from graphc.backends.cuda.executor import CUDAExecutor
         return CUDAExecutor
     return BACKENDS[backend]
+
+
+PREDICT_BATCH = 256       # samples per forward call of `predict`: bounded memory for any size
 
 
 class Loss:
@@ -112,14 +117,14 @@ class Program:
 
     def __init__(self, name: str, graphs: dict[str, Graph], params: dict[str, ParamInfo],
                  values: dict[str, np.ndarray], backend: str = "numpy", meta: dict | None = None,
-                 state: dict[str, StateInfo] | None = None, train_step: TrainStep | None = None):
-        """`train_step`: the contract of graph `train_step`, which it must come with."""
+                 state: dict[str, StateInfo] | None = None, train_step: TrainStep | None = None,
+                 preprocessing: Preprocessing | None = None):
+        """`train_step`: the contract of graph `train_step`, which it must come with.
+        `preprocessing`: the input scaling the graphs already hold (they then take raw data)."""
         if backend not in BACKEND_NAMES:
             raise error(f"unknown backend '{backend}'",
                         hint=did_you_mean(backend, BACKEND_NAMES) or f"backends: {', '.join(BACKEND_NAMES)}")
-        self.name, self.graphs, self.backend = name, graphs, backend
-        self.param_info = params
-        self.params = ParamStore(params, values, sync=self.sync)
+        self.name, self.backend = name, backend
         self.meta = dict(meta or {})
         self.state_info = dict(state or {})
         assert ("train_step" in graphs) == (train_step is not None), (
@@ -129,16 +134,7 @@ class Program:
         self._executors: dict = {}
         self._state: dict[str, np.ndarray] = {}
         self.reset_state()
-        executor = executor_class(backend)
-        self._executors = {key: executor(g, self.updates(key)) for key, g in graphs.items()}
-        if hasattr(executor, "link"):           # compiled backends build all graphs as one module
-            executor.link(self._executors)
-        self._checked_feeds: dict[tuple, dict[str, int]] = {}
-        forward = graphs["forward"]
-        self.inputs: dict[str, TensorType] = _user_inputs(forward)
-        self.outputs: list[str] = [name for name, _ in forward.outputs]
-        # Training and evaluation also take the labels the loss compares with.
-        self.train_inputs = _user_inputs(graphs.get("evaluate", forward))
+        self._build(graphs, params, values, preprocessing)
         train = self.meta.get("train") or {}
         optimizer = call_from_json(OptimizerSpec, train["optimizer"]) if train.get("optimizer") else None
         self.optimizer: str | None = optimizer.name if optimizer else None
@@ -153,9 +149,34 @@ class Program:
         # The train step's updates: (output, target, whether the target is optimizer state).
         self._new_values = [(u.output, u.target, u.in_state)
                             for u in train_step.updates] if train_step else []
+
+    def _build(self, graphs: dict[str, Graph], params: dict[str, ParamInfo],
+               values: dict[str, np.ndarray], preprocessing: Preprocessing | None) -> None:
+        """Install the graphs and parameters and make their executors."""
+        self.graphs, self.preprocessing = graphs, preprocessing
+        self.param_info = params
+        self.params = ParamStore(params, values, sync=self.sync)
+        executor = executor_class(self.backend)
+        self._executors = {key: executor(g, self.updates(key)) for key, g in graphs.items()}
+        if hasattr(executor, "link"):           # compiled backends build all graphs as one module
+            executor.link(self._executors, *(() if self.precision == "f32" else (self.precision,)))
+        self._checked_feeds: dict[tuple, dict[str, int]] = {}
+        forward = graphs["forward"]
+        self.inputs: dict[str, TensorType] = _user_inputs(forward)
+        self.outputs: list[str] = [name for name, _ in forward.outputs]
+        # Training and evaluation also take the labels the loss compares with.
+        self.train_inputs = _user_inputs(graphs.get("evaluate", forward))
         # The graphs with dropout read the step's random key; the others are not given one.
         self._reads_rng = {key: any(n.attr["name"] == RNG_INPUT for n in g.inputs)
                            for key, g in graphs.items()}
+
+    def add_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Put `preprocessing` (the train block's fitted scaling) at the feature input of every
+        graph: from now on the program takes raw data, as the data set stores it, everywhere."""
+        if self.preprocessing is not None:
+            raise ProgramError(f"{self.name} already scales its input {self.preprocessing.input}")
+        graphs, infos, values = preprocessed(self, preprocessing)
+        self._build(graphs, infos, values, preprocessing)
 
     def use_precision(self, precision: str) -> None:
         """Matrix products in `precision`: "f32" (IEEE, the default) or "tf32" (the cuda
@@ -243,6 +264,32 @@ class Program:
             feeds[RNG_INPUT] = np.int64(rng_key(self.seed, 0xFFFFFFFF - i))
             runs.append(self._executors["sample"].run(dict(feeds), self.params._values, dims))
         return {name: np.stack([r[name] for r in runs]) for name in self.outputs}
+
+    def predict(self, x, batch: int = PREDICT_BATCH):
+        """The model's output for samples `x` (raw data, as the data set stores it, where the
+        program holds its preprocessing), `batch` samples at a time. A single sample without a
+        batch axis gives its output without one. A model with several outputs gives a dict."""
+        name = self._feature_input()
+        ttype = self.inputs[name]
+        samples, single = as_samples(np.asarray(x), ttype, name)
+        if batch < 1:
+            raise ProgramError(f"the batch size must be at least 1, not {batch}")
+        chunks = [self.forward(**{name: samples[i:i + batch]})
+                  for i in range(0, max(len(samples), 1), batch)]
+        out = {k: np.concatenate([c[k] for c in chunks]) for k in self.outputs}
+        if single:
+            out = {k: v[0] for k, v in out.items()}
+        task = self.meta.get("task") or {}
+        key = task.get("output") or (self.outputs[0] if len(self.outputs) == 1 else None)
+        return out[key] if key is not None else out
+
+    def _feature_input(self) -> str:
+        """The input that takes the samples (the task's features; else the only input)."""
+        features = (self.meta.get("task") or {}).get("features") or list(self.inputs)
+        if len(features) != 1:
+            raise ProgramError(f"{self.name} takes {', '.join(features)}: predict feeds one "
+                               f"input; call forward with each by name")
+        return features[0]
 
     def evaluate(self, **batch) -> dict[str, float]:
         """The loss (evaluation mode: no dropout) and, for classifiers, the accuracy."""
@@ -410,6 +457,38 @@ class Program:
     def __repr__(self) -> str:
         ins = ", ".join(f"{k}: {v}" for k, v in self.inputs.items())
         return f"<Program {self.name}({ins}) -> {', '.join(self.outputs)} on {self.backend}>"
+
+
+def preprocessed(program: Program, preprocessing: Preprocessing
+                 ) -> tuple[dict[str, Graph], dict[str, ParamInfo], dict[str, np.ndarray]]:
+    """The graphs, parameter infos and values of `program` with `preprocessing` at the feature
+    input (the scaling's statistics join the parameters as constants)."""
+    if preprocessing.input not in program.inputs:
+        raise ProgramError(f"{program.name} has no input {preprocessing.input!r} to scale")
+    extra = preprocessing.params(program.inputs[preprocessing.input])
+    program.sync()
+    infos = {**program.param_info, **{name: info for name, (info, _) in extra.items()}}
+    values = {**program.params._values, **{name: value for name, (_, value) in extra.items()}}
+    return {k: preprocessing.prepend(g) for k, g in program.graphs.items()}, infos, values
+
+
+def as_samples(x: np.ndarray, ttype: TensorType, name: str) -> tuple[np.ndarray, bool]:
+    """Rows of samples shaped for input `name` of type `ttype`, and whether `x` was a single
+    sample (it gets a batch axis); samples of the right size are reshaped (28x28 images for a
+    784 input)."""
+    sample_shape = tuple(ttype.shape[1:])
+    if not all(isinstance(d, int) for d in sample_shape):
+        return x, False
+    per_sample = math.prod(sample_shape)
+    if x.dtype.kind not in "fiub":
+        raise ProgramError(f"input {name}: expected numbers, found an array of {x.dtype}")
+    if x.size == per_sample and x.ndim <= len(sample_shape) + 1 and (
+            x.ndim < len(ttype.shape) or x.shape[0] != 1):
+        return x.reshape((1,) + sample_shape), True
+    if x.ndim >= 1 and x.size == len(x) * per_sample:
+        return x.reshape((len(x),) + sample_shape), False
+    raise ProgramError(f"an array of shape {list(x.shape)} does not hold samples for input "
+                       f"{name}: {ttype} ({per_sample} values each)")
 
 
 def _user_inputs(graph: Graph) -> dict[str, TensorType]:

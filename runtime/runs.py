@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from graphc.errors import error
@@ -61,18 +62,41 @@ class RunFolder:
 
     def load_trained(self, backend: str | None = "numpy"):
         """The program with the run's final parameters (or, for a run that has not finished,
-        those of its last checkpoint); returns it and the checkpoint used."""
+        those of its last checkpoint) and its input preprocessing, so that it takes raw data like
+        `trained/`; returns it and the checkpoint used."""
         program = self.load_program(backend)
         for checkpoint in (self.final, self.last):
             if checkpoint.is_file():
                 load_checkpoint(checkpoint, program)
+                if program.preprocessing is None:
+                    program.add_preprocessing(self.preprocessing())
                 return program, checkpoint
         raise error(f"{self.path}: the run has no checkpoint yet",
                     hint="it stopped before its first epoch ended; train it again")
 
-    def save_trained(self, program, loop_state: dict) -> None:
+    def preprocessing(self):
+        """The run's input preprocessing (graphc.ir.preprocess.Preprocessing), as recorded in its
+        configuration; runs recorded before it was saved give it from their scaler, with the
+        raw range unknown."""
+        from graphc.ir.preprocess import Preprocessing
+        data = self.config().get("data") or {}
+        try:
+            if data.get("preprocess"):
+                return Preprocessing.from_json(data["preprocess"])
+            scaler = dict(data["scaler"])
+            legacy = {"input": data["features"], "raw_dtype": "float32",
+                      "raw_range": [math.nan, math.nan], "scaled_range": [math.nan, math.nan]}
+            return Preprocessing.from_json({**scaler, **legacy})
+        except (KeyError, TypeError, ValueError) as err:
+            raise error(f"{self.path / CONFIG}: malformed input-preprocessing record "
+                        f"({str(err)[:120]})") from None
+
+    def save_trained(self, program, loop_state: dict, preprocessing=None) -> None:
+        """The final checkpoint, and `trained/`: the program with `preprocessing` (where it does
+        not hold it yet), which takes raw data."""
         save_checkpoint(self.final, program, loop_state)
-        save_artifact(program, self.path / TRAINED)
+        save_artifact(program, self.path / TRAINED,
+                      preprocessing=None if program.preprocessing else preprocessing)
 
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite both metric files from the whole history (so a resumed run never repeats or

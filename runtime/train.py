@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import error
+from graphc.ir.preprocess import Preprocessing
 from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, image_shape, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, fit_inputs, load_dataset, split
@@ -56,18 +57,23 @@ class TrainSettings(TrainConfig):
 
 @dataclass
 class Data:
-    """The three splits, fitted to the model's inputs and scaled with the training statistics."""
+    """The splits, fitted to the model's inputs: scaled with the training statistics for a program
+    without preprocessing (training feeds them to its graphs as they are), raw for a program that
+    holds its preprocessing. `preprocessing` is the scaling as graph nodes (graphc.ir.preprocess),
+    what the trained model carries."""
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     scaler: Scaler
     features: str
     labels: str
     source: str
     classes: list[str] | None = None
+    preprocessing: Preprocessing | None = None
 
     def describe(self) -> dict:
         return {"source": self.source, "sizes": {k: len(v[1]) for k, v in self.splits.items()},
                 "scaler": self.scaler.to_json(), "features": self.features,
-                "labels": self.labels, "classes": self.classes}
+                "labels": self.labels, "classes": self.classes,
+                "preprocess": self.preprocessing.to_json() if self.preprocessing else None}
 
 
 def feature_and_label(program) -> tuple[str, str]:
@@ -80,10 +86,15 @@ def feature_and_label(program) -> tuple[str, str]:
     return features[0], labels[0]
 
 
+SPLITS = ("train", "val", "test")
+
+
 def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
-                 base_dir: str | Path = ".", scaler: dict | None = None) -> Data:
-    """Load, split, fit to the model's inputs and scale. `scaler` (from a run's record) reuses
-    fitted statistics instead of fitting them again."""
+                 base_dir: str | Path = ".", scaler: dict | None = None,
+                 splits: tuple[str, ...] = SPLITS) -> Data:
+    """Load, split, fit to the model's inputs and (for a program without preprocessing) scale.
+    `scaler` (from a run's record) reuses fitted statistics instead of fitting them again;
+    `splits` names the splits wanted (the others are not fitted, to save memory)."""
     features, labels = feature_and_label(program)
     dataset = load_dataset(settings.data, data_dir=data_dir, base_dir=base_dir)
     parts = split(dataset, settings.validation, settings.test, settings.seed)
@@ -94,13 +105,34 @@ def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
         out_type = program.graphs["forward"].output_map[task["output"]].type
         classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
     what = dataset.source if dataset.name in ("npz", "csv") else dataset.name   # name the file
+    raw = program.preprocessing is not None
+    fit_train = "train" in splits or (not raw and scaler is None)
     fitted = {k: fit_inputs(x, y, x_type, y_type, what, x_name=features, y_name=labels,
                             num_classes=classes)
-              for k, (x, y) in parts.items()}
+              for k, (x, y) in parts.items() if k in splits or (k == "train" and fit_train)}
+    if raw:      # the program scales its input itself, with the statistics it was trained with
+        return Data({k: fitted[k] for k in splits}, Scaler("none"), features, labels,
+                    dataset.source, dataset.classes, program.preprocessing)
     scale = Scaler.from_json(scaler) if scaler else Scaler.fit(settings.scale, fitted["train"][0])
     dtype = x_type.dtype.numpy
-    splits = {k: (scale.apply(x, dtype=dtype), y) for k, (x, y) in fitted.items()}
-    return Data(splits, scale, features, labels, dataset.source, dataset.classes)
+    scaled = {k: (scale.apply(x, dtype=dtype), y) for k, (x, y) in fitted.items()}
+    prep = preprocessing_of(scale, features, parts["train"][0],
+                            scaled["train"][0] if "train" in scaled else None)
+    return Data({k: scaled[k] for k in splits}, scale, features, labels, dataset.source,
+                dataset.classes, prep)
+
+
+def preprocessing_of(scale: Scaler, features: str, raw_train: np.ndarray,
+                     scaled_train: np.ndarray | None) -> Preprocessing:
+    """The fitted scaling as graph nodes, with what raw input it expects: the data set's dtype
+    and the range of the raw (and scaled) training features."""
+    def extent(x) -> tuple[float, float]:
+        if x is None or not x.size:
+            return math.nan, math.nan
+        return float(np.min(x)), float(np.max(x))
+    return Preprocessing(features, scale.mode, raw_train.dtype.name, extent(raw_train),
+                         extent(scaled_train), low=scale.low, high=scale.high, mean=scale.mean,
+                         std=scale.std)
 
 
 def evaluate_arrays(program, x: np.ndarray, y: np.ndarray, features: str, labels: str,
@@ -182,7 +214,7 @@ class Trainer:
                                          self.data.labels)
                   for split in ("val", "test")}
         if self.run is not None:
-            self.run.save_trained(self.program, self.checkpoint_state())
+            self.run.save_trained(self.program, self.checkpoint_state(), self.data.preprocessing)
             self.run.write_json("scores.json", {**scores, "epochs": self.loop.epoch,
                                                 "best_epoch": self.loop.best_epoch,
                                                 "stopped_early": self.loop.stopped_early})

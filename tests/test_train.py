@@ -77,8 +77,10 @@ def clean_error(code: int, err: str) -> None:
 
 
 def params_of(run: Path) -> dict[str, np.ndarray]:
+    """The trained parameters of a run (not the constants of its preprocessing, x#mean and
+    x#std, which trained/ holds besides)."""
     with np.load(run / "trained" / "params.npz", allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+        return {k: npz[k] for k in npz.files if "#" not in k}
 
 
 def same_params(a: dict, b: dict) -> bool:
@@ -636,12 +638,15 @@ def test_predict_prints_a_class_and_probabilities_per_sample(baseline, digits_ro
     assert np.array_equal(classes, printed) and np.array_equal(probs.argmax(axis=1), classes)
     assert str(out_file) in err
 
-    # already scaled inputs with --no-scale give the same predictions
+    # inputs scaled already, said with --inputs scaled, give the same predictions
     scaler = Scaler.from_json(json.loads((run / "config.json").read_text())["data"]["scaler"])
     scaled = tmp_path / "scaled.npy"
     np.save(scaled, scaler.apply(x, dtype=np.float32))
-    code, out2, _ = cli(capsys, "predict", run, "--input", scaled, "--no-scale")
-    assert code == 0 and out2 == out
+    code, out2, err2 = cli(capsys, "predict", run, "--input", scaled, "--inputs", "scaled")
+    assert code == 0 and out2 == out and "warning" not in err2
+    # said as raw, they are fed as they are, with a warning that they do not look raw
+    code, out3, err3 = cli(capsys, "predict", run, "--input", scaled, "--inputs", "raw")
+    assert code == 0 and "warning: the inputs lie in" in err3
 
 
 def test_predict_a_single_sample(baseline, digits_rows, tmp_path, capsys):

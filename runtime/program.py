@@ -265,6 +265,24 @@ class Program:
             runs.append(self._executors["sample"].run(dict(feeds), self.params._values, dims))
         return {name: np.stack([r[name] for r in runs]) for name in self.outputs}
 
+    def fit(self, x, y, *, epochs: int | None = None, batch: int | None = None,
+            validation=None, callbacks=(), lr: float | None = None, seed: int | None = None):
+        """Train on in-memory arrays with the train block's optimizer, schedule, early stopping
+        and scaling (`graphc train`'s loop), and return the History (per-epoch metrics as
+        columns). `x` holds raw samples; `validation` is (x_val, y_val), or the fraction of `x`
+        held out (default: the train block's `validation`). `epochs`, `batch`, `lr` and `seed`
+        override the train block; each callback gets each epoch's row (or, with Keras'
+        `on_epoch_end(epoch, logs)`, is called so). Afterwards the program holds the fitted
+        scaling: `predict`, `forward`, `evaluate` and `save` take raw data."""
+        from graphc.runtime.fit import fit
+        return fit(self, x, y, epochs=epochs, batch=batch, validation=validation,
+                   callbacks=callbacks, lr=lr, seed=seed)
+
+    def summary(self) -> str:
+        """The model's inputs, outputs, loss and parameter table, as `graphc check` prints it."""
+        from graphc.runtime.summary import summary
+        return summary(self)
+
     def predict(self, x, batch: int = PREDICT_BATCH):
         """The model's output for samples `x` (raw data, as the data set stores it, where the
         program holds its preprocessing), `batch` samples at a time. A single sample without a

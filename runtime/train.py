@@ -95,31 +95,40 @@ def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
     """Load, split, fit to the model's inputs and (for a program without preprocessing) scale.
     `scaler` (from a run's record) reuses fitted statistics instead of fitting them again;
     `splits` names the splits wanted (the others are not fitted, to save memory)."""
-    features, labels = feature_and_label(program)
     dataset = load_dataset(settings.data, data_dir=data_dir, base_dir=base_dir)
     parts = split(dataset, settings.validation, settings.test, settings.seed)
+    what = dataset.source if dataset.name in ("npz", "csv") else dataset.name   # name the file
+    return data_of_splits(program, settings, parts, what, dataset.source, dataset.classes,
+                          scaler, splits)
+
+
+def data_of_splits(program, settings: TrainSettings, parts: dict[str, tuple], what: str,
+                   source: str, classes: list[str] | None = None, scaler: dict | None = None,
+                   splits: tuple[str, ...] = SPLITS) -> Data:
+    """Raw splits {name: (x, y)} fitted to the model's inputs and, for a program without
+    preprocessing, scaled with statistics fitted on "train" (or `scaler`'s)."""
+    features, labels = feature_and_label(program)
     x_type, y_type = program.train_inputs[features], program.train_inputs[labels]
     task = program.meta.get("task") or {}
-    classes = None
+    num_classes = None
     if task.get("kind") == "classification":
         out_type = program.graphs["forward"].output_map[task["output"]].type
-        classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
-    what = dataset.source if dataset.name in ("npz", "csv") else dataset.name   # name the file
+        num_classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
     raw = program.preprocessing is not None
     fit_train = "train" in splits or (not raw and scaler is None)
     fitted = {k: fit_inputs(x, y, x_type, y_type, what, x_name=features, y_name=labels,
-                            num_classes=classes)
+                            num_classes=num_classes)
               for k, (x, y) in parts.items() if k in splits or (k == "train" and fit_train)}
+    splits = tuple(k for k in splits if k in parts)
     if raw:      # the program scales its input itself, with the statistics it was trained with
-        return Data({k: fitted[k] for k in splits}, Scaler("none"), features, labels,
-                    dataset.source, dataset.classes, program.preprocessing)
+        return Data({k: fitted[k] for k in splits}, Scaler("none"), features, labels, source,
+                    classes, program.preprocessing)
     scale = Scaler.from_json(scaler) if scaler else Scaler.fit(settings.scale, fitted["train"][0])
     dtype = x_type.dtype.numpy
     scaled = {k: (scale.apply(x, dtype=dtype), y) for k, (x, y) in fitted.items()}
     prep = preprocessing_of(scale, features, parts["train"][0],
                             scaled["train"][0] if "train" in scaled else None)
-    return Data({k: scaled[k] for k in splits}, scale, features, labels, dataset.source,
-                dataset.classes, prep)
+    return Data({k: scaled[k] for k in splits}, scale, features, labels, source, classes, prep)
 
 
 def preprocessing_of(scale: Scaler, features: str, raw_train: np.ndarray,
@@ -212,7 +221,7 @@ class Trainer:
                 self.program.params[name] = value
         scores = {split: evaluate_arrays(self.program, *self.data.splits[split], self.data.features,
                                          self.data.labels)
-                  for split in ("val", "test")}
+                  for split in ("val", "test") if split in self.data.splits}
         if self.run is not None:
             self.run.save_trained(self.program, self.checkpoint_state(), self.data.preprocessing)
             self.run.write_json("scores.json", {**scores, "epochs": self.loop.epoch,

@@ -42,11 +42,14 @@ def report_lints(checked, werror: bool) -> str:
     return text
 
 
-def _add_backend_arg(p: argparse.ArgumentParser, precision: bool = False) -> None:
-    from graphc.backends import BACKEND_NAMES, PRECISIONS
-    p.add_argument("--backend", default="numpy", choices=BACKEND_NAMES,
-                   help="numpy (the reference), llvm (fused native kernels for this CPU) or cuda "
-                        "(generated CUDA kernels on an NVIDIA GPU, through pycuda)")
+def _add_backend_arg(p: argparse.ArgumentParser, precision: bool = False,
+                     default: str | None = "numpy") -> None:
+    from graphc.backends import BACKEND_CHOICES, PRECISIONS
+    said = ("the train block's `backend` or `device`, else auto" if default is None else default)
+    p.add_argument("--backend", default=default, choices=BACKEND_CHOICES,
+                   help=f"numpy (the reference), llvm (fused native kernels for this CPU), cuda "
+                        f"(generated CUDA kernels on an NVIDIA GPU, through pycuda) or auto (llvm "
+                        f"where llvmlite loads, else numpy); default: {said}")
     if precision:
         p.add_argument("--precision", default="f32", choices=PRECISIONS,
                        help="matrix products in f32 (IEEE, the default) or, with --backend cuda, "

@@ -46,8 +46,7 @@ def add_commands(sub) -> None:
     _add_backend(p)
     p.add_argument("--Werror", action="store_true", dest="werror",
                    help="treat lint warnings (and advice) about the .nn file as errors")
-    # Without --backend, training runs where the train block's `device` says (backend_for).
-    p.set_defaults(run=cmd_train, backend=None)
+    p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="score a trained run or an artifact on a data split",
                        description="Evaluate a run folder (or an artifact) on its data.")
@@ -82,8 +81,10 @@ def add_commands(sub) -> None:
 
 def _add_backend(p) -> None:
     # Checkpoints hold plain arrays, so a run trained on one backend resumes or scores on another.
+    # Without --backend, a model runs where its train block's `backend` or `device` says, else
+    # on `auto` (graphc.backends.backend_for).
     from graphc.cli import _add_backend_arg
-    _add_backend_arg(p, precision=True)
+    _add_backend_arg(p, precision=True, default=None)
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -207,11 +208,17 @@ def _headline(program, settings, data, run, done: int) -> str:
 
 
 def _print_epoch(row: dict) -> None:
-    acc = row.get("val_accuracy")
-    acc_text = "" if acc is None else f", val accuracy {100 * acc:.2f}%"
-    print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, val loss {row['val_loss']:.4f}"
-          f"{acc_text}, lr {row['lr']:.3g}, {row['seconds']:.1f}s "
+    acc, val_acc = row.get("accuracy"), row.get("val_accuracy")
+    acc_text = "" if acc is None else f", accuracy {100 * acc:.2f}%"
+    val_acc_text = "" if val_acc is None else f", val accuracy {100 * val_acc:.2f}%"
+    print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{acc_text}, val loss {row['val_loss']:.4f}"
+          f"{val_acc_text}, lr {row['lr']:.3g}, {_duration(row['seconds'])} "
           f"({row['samples_per_s']:,} samples/s)", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """Milliseconds under a second (a digits epoch takes tens of them), else seconds."""
+    return f"{1000 * seconds:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def _scores(scores: dict) -> str:

@@ -26,7 +26,8 @@ from graphc.runtime.artifact import load_artifact, save_artifact
 from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 CONFIG, SCORES, MODEL, TRAINED = "config.json", "scores.json", "model", "trained"
-METRIC_COLUMNS = ["epoch", "lr", "loss", "val_loss", "val_accuracy", "seconds", "samples_per_s"]
+METRIC_COLUMNS = ["epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "seconds",
+                  "samples_per_s"]
 
 
 class RunFolder:

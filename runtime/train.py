@@ -26,6 +26,7 @@ from graphc.runtime.schedules import SCHEDULES, make_schedule
 from graphc.train_config import TrainConfig
 
 EVAL_BATCH = 2048
+TRAIN_SCORED = 10_000     # training samples scored each epoch for the training accuracy, at most
 # Fault injection for the crash-safety tests: the process kills itself (SIGKILL, no cleanup) just
 # before this training step.
 KILL_AT_STEP = "GRAPHC_FAULT_KILL_AT_STEP"
@@ -198,6 +199,8 @@ class Trainer:
         self.monitor = rule.get("on", "val_loss")
         self.patience = rule.get("patience")
         self.augmenter = _augmenter(program, settings, data.features)
+        self.trained_samples, self.trained_seconds = 0, 0.0     # this process's, for samples/s
+        self._scored: tuple | None = None                       # training samples scored per epoch
 
     def resume(self) -> None:
         """Continue from the run folder's last checkpoint."""
@@ -261,9 +264,25 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
+        # Throughput over every epoch this process has trained: one short epoch's rate swings
+        # with the machine's load and the timer's resolution.
+        self.trained_samples += losses.seen
+        self.trained_seconds += seconds
         return {"epoch": epoch + 1, "lr": self.program.lr, "loss": losses.mean,
-                "seconds": round(seconds, 3),
-                "samples_per_s": round(losses.seen / max(seconds, 1e-9))}
+                "seconds": round(seconds, 4),
+                "samples_per_s": round(self.trained_samples / max(self.trained_seconds, 1e-9))}
+
+    def training_scores(self) -> dict[str, float]:
+        """Evaluation-mode scores on the training split (at most TRAIN_SCORED samples of it, the
+        same ones every epoch, drawn once by the seed), beside the validation scores."""
+        if self._scored is None:
+            x, y = self.data.splits["train"]
+            if len(y) > TRAIN_SCORED:
+                pick = np.sort(np.random.default_rng([self.settings.seed, 1]).choice(
+                    len(y), TRAIN_SCORED, replace=False))
+                x, y = x[pick], y[pick]
+            self._scored = (x, y)
+        return evaluate_arrays(self.program, *self._scored, self.data.features, self.data.labels)
 
     def _checked_step(self, feed: dict[str, np.ndarray], where: str) -> Loss:
         """One train step, waited for, whose loss and written-back values must be finite; the
@@ -299,6 +318,7 @@ class Trainer:
     def end_epoch(self, row: dict) -> None:
         val = evaluate_arrays(self.program, *self.data.splits["val"], self.data.features,
                               self.data.labels)
+        row["accuracy"] = self.training_scores().get("accuracy") if "accuracy" in val else None
         row["val_loss"] = val["loss"]
         row["val_accuracy"] = val.get("accuracy")
         diverging = self.divergence.check(row["loss"], row["epoch"], self.program.lr,

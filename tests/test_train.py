@@ -24,6 +24,7 @@ import pytest
 from conftest import MODELS, REPO
 
 import graphc
+from graphc.backends import auto_backend
 from graphc.cli import main
 from graphc.errors import GraphcError
 from graphc.runtime import load_artifact
@@ -538,7 +539,8 @@ def test_device_picks_the_backend_unless_one_is_named(tmp_path, capsys):
     error before any run folder exists. --backend overrides the device, and the run records it."""
     source = tmp_path / "m.nn"
     source.write_text((REPO / DIGITS_MLP).read_text().replace("seed", "device = cuda\n    seed"))
-    assert graphc.compile_file(REPO / DIGITS_MLP, backend=None).backend == "numpy"   # cpu
+    # cpu: the train block's `backend`, auto by default (llvm where llvmlite loads)
+    assert graphc.compile_file(REPO / DIGITS_MLP, backend=None).backend == auto_backend()
     program = graphc.compile_file(source, backend=None)
     assert program.backend == "cuda" and program.meta["train"]["device"] == "cuda"
     assert graphc.compile_file(source, backend="llvm").backend == "llvm"
@@ -553,6 +555,34 @@ def test_device_picks_the_backend_unless_one_is_named(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["settings"]["device"] == "cuda"
     assert load_artifact(run / "model").backend == "numpy"        # loading names no backend
     assert load_artifact(run / "model", backend=None).backend == "cuda"
+
+
+def test_a_train_block_names_its_backend_and_auto_falls_back_to_numpy(tmp_path, monkeypatch,
+                                                                     caplog):
+    source = tmp_path / "m.nn"
+    source.write_text((REPO / DIGITS_MLP).read_text().replace("seed", "backend = llvm\n    seed"))
+    program = graphc.compile_file(source, backend=None)
+    assert program.backend == "llvm" and program.meta["train"]["backend"] == "llvm"
+    assert graphc.compile_file(source, backend="numpy").backend == "numpy"
+    assert graphc.compile_file(source, backend="auto").backend == auto_backend()
+    import graphc.backends as backends
+    monkeypatch.setitem(sys.modules, "llvmlite.binding", None)       # llvmlite does not load
+    monkeypatch.setattr(backends, "_fallback_said", False)
+    assert [backends.auto_backend() for _ in range(3)] == ["numpy"] * 3
+    said = [r.getMessage() for r in caplog.records if "llvmlite" in r.getMessage()]
+    assert len(said) == 1 and "numpy backend" in said[0]                  # said once
+
+
+def test_epoch_lines_carry_training_accuracy_and_meaningful_timings(tmp_path, capsys):
+    code, out, err = cli(capsys, "train", DIGITS_MLP, "--epochs", 3, "--out", tmp_path / "r")
+    assert code == 0, err
+    line = re.compile(r"^epoch \d: loss \d\.\d{4}, accuracy \d+\.\d{2}%, val loss \d\.\d{4}, "
+                      r"val accuracy \d+\.\d{2}%, lr \S+, (\d+ ms|\d+\.\d s) \(([\d,]+) samples/s\)$")
+    epochs = [line.match(text) for text in out.splitlines() if text.startswith("epoch")]
+    assert len(epochs) == 3 and all(epochs), out
+    assert "0 ms" not in [m[1] for m in epochs]
+    rows = metrics(tmp_path / "r")
+    assert all(0.5 < float(r["accuracy"]) <= 1 and float(r["seconds"]) > 0 for r in rows)
 
 
 def test_train_needs_a_train_block(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphc.backends import DEVICES
+from graphc.backends import BACKEND_CHOICES, DEVICES
 from graphc.errors import Diagnostic, GraphcError, SourceText, did_you_mean
 from graphc.frontend import ast
 from graphc.ir.node import topo_order
@@ -63,6 +63,8 @@ SETTINGS = {
     "scale": ("input scaling", Opt("choice", "unit", choices=SCALINGS)),
     # Where `graphc train` runs the step when --backend does not say (graphc.backends.backend_for).
     "device": ("the device", Opt("choice", "cpu", choices=DEVICES)),
+    # The backend that runs it, where --backend does not say: auto is llvm where llvmlite loads.
+    "backend": ("the backend", Opt("choice", "auto", choices=BACKEND_CHOICES)),
     # Gradient clipping before the optimizer sees the gradients (PyTorch's clip_grad_value_ and
     # clip_grad_norm_); off unless set.
     "clip_grad_value": ("the gradient clipping value", Opt("float", None, low=0, low_open=True)),

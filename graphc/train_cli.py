@@ -273,10 +273,11 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from graphc.cli import _load_array
-    from graphc.runtime.program import ProgramError, as_samples
+    from graphc.runtime.fit import as_samples
+    from graphc.runtime.program import ProgramError
     program, config = _open_target(args)
     try:
-        name = program._feature_input()
+        name = program.feature_input()
         x, _ = as_samples(_load_array(args.input), program.inputs[name], name)
     except ProgramError as err:
         raise error(f"{args.input}: {err}",

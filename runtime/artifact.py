@@ -37,11 +37,11 @@ def save_artifact(program, path, preprocessing=None) -> Path:
     program does not hold yet), the saved graphs hold it at their feature input."""
     import io
 
-    from graphc.runtime.program import preprocessed
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    graphs, param_info, values = (preprocessed(program, preprocessing) if preprocessing else
-                                  (program.graphs, program.param_info, dict(program.params)))
+    graphs, param_info, values = program.graphs, program.param_info, dict(program.params)
+    if preprocessing:
+        graphs, param_info, values = preprocessing.apply_to(graphs, param_info, values)
     preprocessing = preprocessing or program.preprocessing
     graph_bytes = json.dumps({"format": GRAPH_FORMAT, "version": GRAPH_VERSION,
                               "graphs": {k: graph_to_json(g) for k, g in graphs.items()}},

@@ -1,13 +1,15 @@
 """The Python API a Keras or PyTorch user reaches for: `Program.fit` on in-memory arrays (the
 train block's optimizer, schedule, early stopping and scaling, through the same `Trainer` as
-`graphc train`), its `History`, and `load_run`."""
+`graphc train`), its `History`, `Program.predict` on raw samples, and `load_run`."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from graphc.errors import error
+from graphc.ir.types import TensorType
 from graphc.runtime.program import ProgramError
 from graphc.runtime.runs import METRIC_COLUMNS, RunFolder
 from graphc.runtime.train import Trainer, TrainSettings, data_of_splits
@@ -88,6 +90,41 @@ def _hook(callback) -> Callable[[dict], None]:
         return callback
     raise ProgramError(f"fit: a callback is a function of the epoch's row or has on_epoch_end; "
                        f"got {callback!r}")
+
+
+def predict(program, x, batch: int):
+    """Program.predict: forward over `x` in chunks of `batch` samples."""
+    name = program.feature_input()
+    samples, single = as_samples(np.asarray(x), program.inputs[name], name)
+    if batch < 1:
+        raise ProgramError(f"the batch size must be at least 1, not {batch}")
+    chunks = [program.forward(**{name: samples[i:i + batch]})
+              for i in range(0, max(len(samples), 1), batch)]
+    out = {k: np.concatenate([c[k] for c in chunks]) for k in program.outputs}
+    if single:
+        out = {k: v[0] for k, v in out.items()}
+    task = program.meta.get("task") or {}
+    key = task.get("output") or (program.outputs[0] if len(program.outputs) == 1 else None)
+    return out[key] if key is not None else out
+
+
+def as_samples(x: np.ndarray, ttype: TensorType, name: str) -> tuple[np.ndarray, bool]:
+    """Rows of samples shaped for input `name` of type `ttype`, and whether `x` was a single
+    sample (it gets a batch axis); samples of the right size are reshaped (28x28 images for a
+    784 input)."""
+    sample_shape = tuple(ttype.shape[1:])
+    if not all(isinstance(d, int) for d in sample_shape):
+        return x, False
+    per_sample = math.prod(sample_shape)
+    if x.dtype.kind not in "fiub":
+        raise ProgramError(f"input {name}: expected numbers, found an array of {x.dtype}")
+    if x.size == per_sample and x.ndim <= len(sample_shape) + 1 and (
+            x.ndim < len(ttype.shape) or x.shape[0] != 1):
+        return x.reshape((1,) + sample_shape), True
+    if x.ndim >= 1 and x.size == len(x) * per_sample:
+        return x.reshape((len(x),) + sample_shape), False
+    raise ProgramError(f"an array of shape {list(x.shape)} does not hold samples for input "
+                       f"{name}: {ttype} ({per_sample} values each)")
 
 
 def load_run(path, backend: str | None = None):

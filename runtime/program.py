@@ -175,7 +175,12 @@ class Program:
         graph: from now on the program takes raw data, as the data set stores it, everywhere."""
         if self.preprocessing is not None:
             raise ProgramError(f"{self.name} already scales its input {self.preprocessing.input}")
-        graphs, infos, values = preprocessed(self, preprocessing)
+        self.sync()
+        try:
+            graphs, infos, values = preprocessing.apply_to(self.graphs, self.param_info,
+                                                           self.params._values)
+        except ValueError as err:
+            raise ProgramError(f"{self.name}: {err}") from None
         self._build(graphs, infos, values, preprocessing)
 
     def use_precision(self, precision: str) -> None:
@@ -287,21 +292,10 @@ class Program:
         """The model's output for samples `x` (raw data, as the data set stores it, where the
         program holds its preprocessing), `batch` samples at a time. A single sample without a
         batch axis gives its output without one. A model with several outputs gives a dict."""
-        name = self._feature_input()
-        ttype = self.inputs[name]
-        samples, single = as_samples(np.asarray(x), ttype, name)
-        if batch < 1:
-            raise ProgramError(f"the batch size must be at least 1, not {batch}")
-        chunks = [self.forward(**{name: samples[i:i + batch]})
-                  for i in range(0, max(len(samples), 1), batch)]
-        out = {k: np.concatenate([c[k] for c in chunks]) for k in self.outputs}
-        if single:
-            out = {k: v[0] for k, v in out.items()}
-        task = self.meta.get("task") or {}
-        key = task.get("output") or (self.outputs[0] if len(self.outputs) == 1 else None)
-        return out[key] if key is not None else out
+        from graphc.runtime.fit import predict
+        return predict(self, x, batch)
 
-    def _feature_input(self) -> str:
+    def feature_input(self) -> str:
         """The input that takes the samples (the task's features; else the only input)."""
         features = (self.meta.get("task") or {}).get("features") or list(self.inputs)
         if len(features) != 1:
@@ -475,38 +469,6 @@ class Program:
     def __repr__(self) -> str:
         ins = ", ".join(f"{k}: {v}" for k, v in self.inputs.items())
         return f"<Program {self.name}({ins}) -> {', '.join(self.outputs)} on {self.backend}>"
-
-
-def preprocessed(program: Program, preprocessing: Preprocessing
-                 ) -> tuple[dict[str, Graph], dict[str, ParamInfo], dict[str, np.ndarray]]:
-    """The graphs, parameter infos and values of `program` with `preprocessing` at the feature
-    input (the scaling's statistics join the parameters as constants)."""
-    if preprocessing.input not in program.inputs:
-        raise ProgramError(f"{program.name} has no input {preprocessing.input!r} to scale")
-    extra = preprocessing.params(program.inputs[preprocessing.input])
-    program.sync()
-    infos = {**program.param_info, **{name: info for name, (info, _) in extra.items()}}
-    values = {**program.params._values, **{name: value for name, (_, value) in extra.items()}}
-    return {k: preprocessing.prepend(g) for k, g in program.graphs.items()}, infos, values
-
-
-def as_samples(x: np.ndarray, ttype: TensorType, name: str) -> tuple[np.ndarray, bool]:
-    """Rows of samples shaped for input `name` of type `ttype`, and whether `x` was a single
-    sample (it gets a batch axis); samples of the right size are reshaped (28x28 images for a
-    784 input)."""
-    sample_shape = tuple(ttype.shape[1:])
-    if not all(isinstance(d, int) for d in sample_shape):
-        return x, False
-    per_sample = math.prod(sample_shape)
-    if x.dtype.kind not in "fiub":
-        raise ProgramError(f"input {name}: expected numbers, found an array of {x.dtype}")
-    if x.size == per_sample and x.ndim <= len(sample_shape) + 1 and (
-            x.ndim < len(ttype.shape) or x.shape[0] != 1):
-        return x.reshape((1,) + sample_shape), True
-    if x.ndim >= 1 and x.size == len(x) * per_sample:
-        return x.reshape((len(x),) + sample_shape), False
-    raise ProgramError(f"an array of shape {list(x.shape)} does not hold samples for input "
-                       f"{name}: {ttype} ({per_sample} values each)")
 
 
 def _user_inputs(graph: Graph) -> dict[str, TensorType]:

@@ -68,6 +68,20 @@ class Preprocessing:
                        np.asarray(value, dtype=np.float64).astype(dtype).reshape(sample))
                 for name, value in zip(self.param_names, (self.mean, self.std))}
 
+    def apply_to(self, graphs: dict[str, Graph], params: dict[str, ParamInfo],
+                 values: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, Graph], dict[str, ParamInfo], dict[str, np.ndarray]]:
+        """A program's graphs, parameter infos and values with the scaling at the feature input:
+        every graph prepended, the statistics joining the parameters as constants."""
+        input_type = next((n.type for n in graphs["forward"].inputs
+                           if n.attr["name"] == self.input), None)
+        if input_type is None:
+            raise ValueError(f"the program has no input {self.input!r} to scale")
+        extra = self.params(input_type)
+        return ({k: self.prepend(g) for k, g in graphs.items()},
+                {**params, **{name: info for name, (info, _) in extra.items()}},
+                {**values, **{name: value for name, (_, value) in extra.items()}})
+
     def prepend(self, graph: Graph) -> Graph:
         """`graph` with the scaling between its input `input` and every node that reads it."""
         new: dict[int, Node] = {}

@@ -25,7 +25,7 @@ from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
 from graphc.train_config import TrainConfig
 
-EVAL_BATCH = 2048
+EVAL_BATCH = 256          # samples per evaluation pass: a CNN's activations at 2048 took 3 GB
 TRAIN_SCORED = 10_000     # training samples scored each epoch for the training accuracy, at most
 # Fault injection for the crash-safety tests: the process kills itself (SIGKILL, no cleanup) just
 # before this training step.

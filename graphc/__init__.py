@@ -5,16 +5,17 @@ artifacts) never pulls in the front end or lark.
 """
 from graphc.version import __version__
 
-__all__ = ["compile_file", "compile_source", "load_artifact", "GraphcError", "__version__"]
+__all__ = ["compile_file", "compile_source", "load_artifact", "load_run", "GraphcError",
+           "__version__"]
 
 
 def __getattr__(name):
     if name in ("compile_file", "compile_source"):
         from graphc import api
         return getattr(api, name)
-    if name == "load_artifact":
-        from graphc.runtime import load_artifact
-        return load_artifact
+    if name in ("load_artifact", "load_run"):
+        from graphc import runtime
+        return getattr(runtime, name)
     if name == "runtime":
         import importlib
         return importlib.import_module("graphc.runtime")

@@ -202,34 +202,11 @@ def _check_backends(checked, args) -> int:
 
 
 def _model_table(model) -> str:
-    from graphc.initializers import INITIALIZERS
-    from graphc.ir.types import format_shape
-    rows = [("parameter", "role", "shape", "dtype", "count", "init")]
-    total = 0
-    for p in model.params.values():
-        count = p.type.size()
-        total += count
-        spec = INITIALIZERS[p.init[0]]     # words left at their default go unsaid
-        opts = ", ".join(f"{k}={v}" for k, v in p.init[1] if v is not None
-                         and not (k in spec.choices and v == spec.options[k]))
-        rows.append((p.name, p.role or "", format_shape(p.type.shape), p.type.dtype.value,
-                     f"{count:,}", f"{p.init[0]}({opts})"))
-    widths = [max(len(r[c]) for r in rows) for c in range(6)]
-    lines = [f"model {model.name}"]
-    for name, node in model.inputs.items():
-        lines.append(f"  input  {name}: {node.type}")
-    for name, node in model.outputs.items():
-        lines.append(f"  output {name}: {node.type}")
-    if model.loss is not None:
-        lines.append(f"  loss: {model.loss.type}")
-    lines.append("")
-    for i, r in enumerate(rows):
-        cells = [r[c].rjust(widths[c]) if c == 4 else r[c].ljust(widths[c]) for c in range(6)]
-        lines.append("  " + "  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  " + "  ".join("-" * w for w in widths))
-    lines.append(f"  total: {total:,} parameters in {len(model.params)} tensors")
-    return "\n".join(lines)
+    from graphc.runtime.summary import param_table
+    return param_table(model.name, {k: n.type for k, n in model.inputs.items()},
+                       {k: n.type for k, n in model.outputs.items()},
+                       model.loss.type if model.loss is not None else None,
+                       model.params.values())
 
 
 def _call_text(value: tuple) -> str:

@@ -28,12 +28,16 @@ def report_lints(checked, werror: bool) -> str:
     return text
 
 
-def add_backend_arg(p: argparse.ArgumentParser, precision: bool = False) -> None:
-    """The --backend option (and, with `precision`, --precision) of a command that runs a program."""
-    from graphc.targets import BACKEND_NAMES, PRECISIONS
-    p.add_argument("--backend", default="numpy", choices=BACKEND_NAMES,
-                   help="numpy (the reference), llvm (fused native kernels for this CPU) or cuda "
-                        "(generated CUDA kernels on an NVIDIA GPU, through pycuda)")
+def add_backend_arg(p: argparse.ArgumentParser, precision: bool = False,
+                    default: str | None = "numpy") -> None:
+    """The --backend option (and, with `precision`, --precision) of a command that runs a program;
+    `default` None leaves the choice to the train block (`backend`, else `device`, else auto)."""
+    from graphc.targets import BACKEND_CHOICES, PRECISIONS
+    said = "the train block's `backend` or `device`, else auto" if default is None else default
+    p.add_argument("--backend", default=default, choices=BACKEND_CHOICES,
+                   help=f"numpy (each graph node by node in numpy), llvm (fused native kernels "
+                        f"for this CPU), cuda (generated CUDA kernels on an NVIDIA GPU, through "
+                        f"pycuda) or auto (llvm where llvmlite loads, else numpy); default: {said}")
     if precision:
         p.add_argument("--precision", default="f32", choices=PRECISIONS,
                        help="matrix products in f32 (IEEE, the default) or, with --backend cuda, "

@@ -46,14 +46,15 @@ def add_commands(sub) -> None:
     _add_backend(p)
     p.add_argument("--Werror", action="store_true", dest="werror",
                    help="treat lint warnings (and advice) about the .nn file as errors")
-    # Without --backend, training runs where the train block's `device` says (backend_for).
-    p.set_defaults(run=cmd_train, backend=None)
+    p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="score a trained run or an artifact on a data split",
                        description="Evaluate a run folder (or an artifact) on its data.")
     p.add_argument("target", metavar="RUN|ARTIFACT")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--data-dir", metavar="DIR", help="folder of the MNIST/Fashion-MNIST files")
+    p.add_argument("--batch", type=positive, default=256, metavar="B",
+                   help="samples per evaluation pass (bounds the memory; default 256)")
     _add_backend(p)
     p.set_defaults(run=cmd_eval)
 
@@ -63,8 +64,13 @@ def add_commands(sub) -> None:
     p.add_argument("target", metavar="RUN|ARTIFACT")
     p.add_argument("--input", "-i", metavar="FILE.npy", required=True,
                    help="samples, one per row (or a single sample)")
-    p.add_argument("--no-scale", action="store_true",
-                   help="the inputs are already scaled as the model expects")
+    p.add_argument("--inputs", choices=["auto", "raw", "scaled"], default="auto", dest="inputs",
+                   help="raw: values as the data set stores them (the model scales them itself); "
+                        "scaled: scaled already as in training (mapped back to raw values first); "
+                        "auto (the default): raw, unless they lie far outside the raw range seen "
+                        "in training and inside the scaled one (said in a warning)")
+    p.add_argument("--batch", type=positive, default=256, metavar="B",
+                   help="samples per forward pass (bounds the memory; default 256)")
     p.add_argument("-o", "--out", metavar="FILE.npz", help="save predictions to a .npz file")
     p.add_argument("--mc-samples", type=int, metavar="K",
                    help="Monte Carlo dropout: K predictions with dropout on; print their mean "
@@ -75,8 +81,10 @@ def add_commands(sub) -> None:
 
 def _add_backend(p) -> None:
     # Checkpoints hold plain arrays, so a run trained on one backend resumes or scores on another.
+    # Without --backend, a model runs where its train block's `backend` or `device` says, else
+    # on `auto` (graphc.targets.backend_for).
     from graphc.cli_common import add_backend_arg
-    add_backend_arg(p, precision=True)
+    add_backend_arg(p, precision=True, default=None)
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -208,11 +216,17 @@ def _headline(program, settings, data, run, done: int) -> str:
 
 
 def _print_epoch(row: dict) -> None:
-    acc = row.get("val_accuracy")
-    acc_text = "" if acc is None else f", val accuracy {100 * acc:.2f}%"
-    print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, val loss {row['val_loss']:.4f}"
-          f"{acc_text}, lr {row['lr']:.3g}, {row['seconds']:.1f}s "
+    acc, val_acc = row.get("accuracy"), row.get("val_accuracy")
+    acc_text = "" if acc is None else f", accuracy {100 * acc:.2f}%"
+    val_acc_text = "" if val_acc is None else f", val accuracy {100 * val_acc:.2f}%"
+    print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{acc_text}, val loss {row['val_loss']:.4f}"
+          f"{val_acc_text}, lr {row['lr']:.3g}, {_duration(row['seconds'])} "
           f"({row['samples_per_s']:,} samples/s)", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """Milliseconds under a second (a digits epoch takes tens of them), else seconds."""
+    return f"{1000 * seconds:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def _scores(scores: dict) -> str:
@@ -249,13 +263,16 @@ def cmd_eval(args) -> int:
     from graphc.runtime.train import TrainSettings, evaluate_arrays, prepare_data
     program, config = _open_target(args)
     settings = TrainSettings.of(program)
+    # A run's program and a trained/ artifact hold their preprocessing: they take the raw split.
     if config is not None:
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
-                            config["base_dir"], scaler=config["data"]["scaler"])
+                            config["base_dir"], scaler=config["data"]["scaler"],
+                            splits=(args.split,))
     else:
-        data = prepare_data(program, settings, args.data_dir, _source_dir(program))
+        data = prepare_data(program, settings, args.data_dir, _source_dir(program),
+                            splits=(args.split,))
     x, y = data.splits[args.split]
-    scores = evaluate_arrays(program, x, y, data.features, data.labels)
+    scores = evaluate_arrays(program, x, y, data.features, data.labels, batch=args.batch)
     print(f"{args.split}: {_scores(scores)} ({len(y):,} samples)")
     return 0
 
@@ -264,20 +281,20 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from graphc.cli_common import load_array
-    from graphc.runtime.data import Scaler
+    from graphc.runtime.fit import as_samples
+    from graphc.runtime.program import ProgramError
     program, config = _open_target(args)
-    features = (program.meta.get("task") or {}).get("features") or list(program.inputs)
-    if len(features) != 1:
-        raise error(f"{args.target}: predict feeds one input; {program.name} takes "
-                    f"{', '.join(features)}", hint="use `graphc run` with one --input per input")
-    name = features[0]
-    x = _samples(load_array(args.input), program.inputs[name], args.input, name)
-    if config is not None and not args.no_scale:
-        x = Scaler.from_json(config["data"]["scaler"]).apply(x, dtype=x.dtype)
+    try:
+        name = program.feature_input()
+        x, _ = as_samples(load_array(args.input), program.inputs[name], name)
+    except ProgramError as err:
+        raise error(f"{args.input}: {err}",
+                    hint="use `graphc run` with one --input per input") from None
+    x = _raw_inputs(program, x, args)
     if args.mc_samples is not None:
         return _predict_mc(program, config, name, x, args)
     try:
-        outputs = program.forward(**{name: x})
+        outputs = _forward_batched(program, name, x, args.batch)
     except ValueError as err:
         raise error(f"{args.input}: {err}") from None
     task = program.meta.get("task") or {}
@@ -298,6 +315,54 @@ def cmd_predict(args) -> int:
         np.savez(args.out, classes=classes, probabilities=probs)
         print(f"wrote classes and probabilities to {args.out}", file=sys.stderr)
     return 0
+
+
+def _forward_batched(program, name: str, x, batch: int) -> dict:
+    import numpy as np
+    chunks = [program.forward(**{name: x[i:i + batch]}) for i in range(0, max(len(x), 1), batch)]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in program.outputs}
+
+
+def _raw_inputs(program, x, args):
+    """The samples as the program takes them: raw values, where it holds its preprocessing.
+    Inputs that look scaled already (far outside the raw range seen in training, inside the
+    scaled one) are mapped back with a warning under --inputs auto; under --inputs raw or scaled
+    they are taken as said, with a warning where they do not look it."""
+    from graphc.ir.preprocess import judge_inputs
+    prep = program.preprocessing
+    if prep is None or prep.mode == "none":
+        return x
+    seen = judge_inputs(prep, x)
+    if args.inputs == "scaled":
+        x = prep.raw_values(x).astype(x.dtype)
+        if judge_inputs(prep, x) != "raw":
+            _input_warning(program, x, "mapped back from --inputs scaled, they still lie outside "
+                                       "the raw range: were they raw already? then leave out "
+                                       "--inputs scaled")
+        return x
+    if seen == "raw":
+        return x
+    if seen == "scaled" and args.inputs == "auto":
+        _input_warning(program, x, f"they look scaled already (training scaled them to "
+                                   f"{_extent(prep.scaled_range)}), so they are mapped back to "
+                                   f"raw values first; pass raw values, or say which with "
+                                   f"--inputs raw or --inputs scaled")
+        return prep.raw_values(x).astype(x.dtype)
+    _input_warning(program, x, "the predictions may mean nothing; pass values as the data set "
+                               "stores them (--inputs scaled if they were scaled as in training)")
+    return x
+
+
+def _extent(extent) -> str:
+    return f"[{extent[0]:.4g}, {extent[1]:.4g}]"
+
+
+def _input_warning(program, x, what: str) -> None:
+    import numpy as np
+    prep = program.preprocessing
+    print(f"warning: the inputs lie in {_extent((np.min(x), np.max(x)))}, but {program.name} was "
+          f"trained on raw {prep.raw_dtype} values in {_extent(prep.raw_range)} and scales them "
+          f"itself ({prep.mode}); {what}", file=sys.stderr, flush=True)
 
 
 def _predict_mc(program, config, name: str, x, args) -> int:
@@ -333,26 +398,6 @@ def _predict_mc(program, config, name: str, x, args) -> int:
         np.savez(args.out, **result)
         print(f"wrote {', '.join(result)} to {args.out}", file=sys.stderr)
     return 0
-
-
-def _samples(x: np.ndarray, ttype, path: str, name: str) -> np.ndarray:
-    """Rows of samples shaped for the input: a single sample gets a batch axis; samples of the
-    right size are reshaped (28x28 images for a 784 input)."""
-    import numpy as np
-
-    sample_shape = tuple(ttype.shape[1:])
-    per_sample = int(np.prod(sample_shape, dtype=np.int64))
-    if x.dtype.kind not in "fiub":
-        raise error(f"{path}: expected numbers, found an array of {x.dtype}")
-    if x.size == per_sample and x.ndim <= len(sample_shape) + 1 and (
-            x.ndim < len(ttype.shape) or x.shape[0] != 1):
-        x = x.reshape((1,) + sample_shape)
-    elif x.ndim >= 1 and x.size == len(x) * per_sample:
-        x = x.reshape((len(x),) + sample_shape)
-    else:
-        raise error(f"{path}: array of shape {list(x.shape)} does not hold samples for input "
-                    f"{name}: {ttype} ({per_sample} values each)")
-    return x.astype(ttype.dtype.numpy)
 
 
 def _probabilities(scores: np.ndarray, kind: str | None) -> np.ndarray:

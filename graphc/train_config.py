@@ -70,6 +70,7 @@ class TrainConfig:
     schedule: ScheduleSpec
     augment: tuple[AugmentSpec, ...]            # training batches only, in this order
     early_stop: EarlyStopSpec | None
+    backend: str = "auto"                       # graphc.targets.backend_for reads it
     written: tuple[str, ...] = ()
 
     @property
@@ -103,7 +104,8 @@ class TrainConfig:
                    clip_grad_value=_number(data.get("clip_grad_value")),
                    clip_grad_norm=_number(data.get("clip_grad_norm")),
                    augment=tuple(call_from_json(AugmentSpec, a) for a in data.get("augment") or ()),
-                   early_stop=call_from_json(EarlyStopSpec, early) if early else None)
+                   early_stop=call_from_json(EarlyStopSpec, early) if early else None,
+                   backend=str(data.get("backend", "auto")))
 
 
 def _number(value) -> float | None:

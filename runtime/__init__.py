@@ -5,4 +5,11 @@ Nothing here imports the front end or lark: a built artifact runs with numpy and
 from graphc.runtime.artifact import load_artifact, save_artifact
 from graphc.runtime.program import ParamInfo, Program
 
-__all__ = ["Program", "ParamInfo", "load_artifact", "save_artifact"]
+
+def load_run(path, backend: str | None = None) -> Program:
+    """The trained program of a run folder (graphc.runtime.fit.load_run)."""
+    from graphc.runtime.fit import load_run as load
+    return load(path, backend)
+
+
+__all__ = ["Program", "ParamInfo", "load_artifact", "load_run", "save_artifact"]

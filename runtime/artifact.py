@@ -51,31 +51,39 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_artifact(program, path) -> Path:
+def save_artifact(program, path, preprocessing=None) -> Path:
+    """Write `program` to folder `path`; with `preprocessing` (a graphc.ir.preprocess record the
+    program does not hold yet), the saved graphs hold it at their feature input."""
     import io
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    graphs, param_info, values = program.graphs, program.param_info, dict(program.params)
+    if preprocessing:
+        graphs, param_info, values = preprocessing.apply_to(graphs, param_info, values)
+    preprocessing = preprocessing or program.preprocessing
     graph_bytes = json.dumps({"format": GRAPH_FORMAT, "version": GRAPH_VERSION,
-                              "graphs": {k: graph_to_json(g) for k, g in program.graphs.items()}},
+                              "graphs": {k: graph_to_json(g) for k, g in graphs.items()}},
                              separators=(",", ":")).encode()   # compact: json's fast C encoder
     buf = io.BytesIO()
-    np.savez(buf, **{name: np.asarray(v) for name, v in program.params.items()})
+    np.savez(buf, **{name: np.asarray(v) for name, v in values.items()})
     params_bytes = buf.getvalue()
     manifest = {
         "format": FORMAT, "version": VERSION, "graphc_version": __version__,
         "model": program.name, "backend": program.backend,
-        "inputs": {n.attr["name"]: type_to_json(n.type) for g in program.graphs.values()
+        "inputs": {n.attr["name"]: type_to_json(n.type) for g in graphs.values()
                    for n in g.inputs},
         "state": [{"name": st.name, "type": type_to_json(st.type), "init": st.init}
                   for st in program.state_info.values()],
         "outputs": program.outputs,
         "params": [{"name": p.name, "type": type_to_json(p.type), "role": p.role,
                     "init": [p.init[0], [list(kv) for kv in p.init[1]]]}
-                   for p in program.param_info.values()],
+                   for p in param_info.values()],
         "files": {GRAPH_FILE: _sha256(graph_bytes), PARAMS_FILE: _sha256(params_bytes)},
         **({"train_step": program.train_step_contract.to_json()}
            if program.train_step_contract else {}),
         **program.meta,
+        **({"preprocess": preprocessing.to_json()} if preprocessing else {}),
     }
     atomic_write(out / GRAPH_FILE, graph_bytes)
     atomic_write(out / PARAMS_FILE, params_bytes)
@@ -116,6 +124,8 @@ MANIFEST_SCHEMA = {
     "train?": (TRAIN_SCHEMA, type(None)), "batch_norm?": list,
     # the train step's contract (graphc.ir.contract.TrainStep.from_json checks its entries)
     "train_step?": {"loss": str, "updates": ListOf(dict), "feeds": dict},
+    # the input preprocessing the graphs hold (graphc.ir.preprocess.Preprocessing.from_json checks it)
+    "preprocess?": dict,
 }
 GRAPH_SCHEMA = {"format": str, "version": int, "graphs": MapOf(dict)}
 
@@ -125,6 +135,7 @@ def load_artifact(path, backend: str | None = "numpy"):
     `device` asks for). Any problem is a `GraphcError` naming the file; nothing is read beyond the
     bounds in docs/architecture.md (file sizes, parameter bytes, bytes per sample of the graphs)."""
     from graphc.ir.contract import TrainStep
+    from graphc.ir.preprocess import Preprocessing
     from graphc.runtime.program import Program
 
     folder = Path(path)
@@ -155,6 +166,10 @@ def load_artifact(path, backend: str | None = "numpy"):
             train_step = (TrainStep.from_json(manifest["train_step"]) if "train_step" in manifest
                           else TrainStep.of_legacy_graph(graphs["train_step"], infos, state))
             _check_updates(graphs["train_step"], train_step, infos, state)
+        preprocessing = (Preprocessing.from_json(manifest["preprocess"])
+                         if "preprocess" in manifest else None)
+        if preprocessing is not None and preprocessing.input not in inputs:
+            raise ValueError(f"the preprocessing scales {preprocessing.input!r}, which is no input")
     except GraphcError:
         raise
     except NotImplementedError as err:
@@ -166,7 +181,7 @@ def load_artifact(path, backend: str | None = "numpy"):
     if not _shapes(meta.get("batch_norm", [])):
         raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad batch_norm entry")
     return Program(model, graphs, infos, values, backend=backend_for(meta.get("train"), backend),
-                   meta=meta, state=state, train_step=train_step)
+                   meta=meta, state=state, train_step=train_step, preprocessing=preprocessing)
 
 
 def _read_manifest(folder: Path) -> dict:

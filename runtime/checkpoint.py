@@ -21,6 +21,7 @@ from graphc.files import (
     parse_json,
     short,
 )
+from graphc.ir.preprocess import CONSTANT_ROLE
 
 FORMAT, VERSION = "graphc-checkpoint", 1
 
@@ -39,7 +40,8 @@ def load_checkpoint(path: Path, program) -> dict:
     """Restore parameters and optimizer state into `program`; return the loop's state."""
     params, state, meta = read_checkpoint(path, program)
     for name in program.param_info:
-        program.params[name] = params[name]
+        if name in params:          # (a preprocessing's constants may be left out)
+            program.params[name] = params[name]
     program.state = {name: state[name] for name in program.state_info}
     return meta
 
@@ -67,6 +69,11 @@ def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:
         text = npz.read("meta", MAX_JSON_BYTES, what="the loop state (meta)")   # 4 bytes a character
         arrays = {kind: {} for kind in ("param", "state")}
         for kind, name, ttype, what in wanted:
+            # The training program's checkpoints do not hold the constants of the preprocessing
+            # that a trained program adds (graphc.ir.preprocess): those stay as the program has them.
+            if (kind == "param" and program.param_info[name].role == CONSTANT_ROLE
+                    and f"{kind}/{name}" not in npz.members):
+                continue
             arrays[kind][name] = npz.read(f"{kind}/{name}", _nbytes(ttype), ttype.dtype.numpy,
                                           ttype.shape, f"{what} {name}")
     if text.dtype.kind != "U" or text.shape != ():

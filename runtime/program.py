@@ -11,6 +11,7 @@ from graphc.backends.numpy.executor import BACKENDS
 from graphc.errors import GraphcError, did_you_mean, error
 from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exported)
     FED_INPUTS,
+    LR_INPUT,
     RNG_INPUT,
     ParamInfo,
     StateInfo,
@@ -19,6 +20,7 @@ from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exporte
     rng_key,
 )
 from graphc.ir.node import Graph
+from graphc.ir.preprocess import Preprocessing
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
 from graphc.targets import BACKEND_NAMES, PRECISIONS
 from graphc.train_config import OptimizerSpec, call_from_json
@@ -33,6 +35,9 @@ def executor_class(backend: str):
         from graphc.backends.cuda.executor import CUDAExecutor
         return CUDAExecutor
     return BACKENDS[backend]
+
+
+PREDICT_BATCH = 256       # samples per forward call of `predict`: bounded memory for any size
 
 
 class Loss:
@@ -112,14 +117,14 @@ class Program:
 
     def __init__(self, name: str, graphs: dict[str, Graph], params: dict[str, ParamInfo],
                  values: dict[str, np.ndarray], backend: str = "numpy", meta: dict | None = None,
-                 state: dict[str, StateInfo] | None = None, train_step: TrainStep | None = None):
-        """`train_step`: the contract of graph `train_step`, which it must come with."""
+                 state: dict[str, StateInfo] | None = None, train_step: TrainStep | None = None,
+                 preprocessing: Preprocessing | None = None):
+        """`train_step`: the contract of graph `train_step`, which it must come with.
+        `preprocessing`: the input scaling the graphs already hold (they then take raw data)."""
         if backend not in BACKEND_NAMES:
             raise error(f"unknown backend '{backend}'",
                         hint=did_you_mean(backend, BACKEND_NAMES) or f"backends: {', '.join(BACKEND_NAMES)}")
-        self.name, self.graphs, self.backend = name, graphs, backend
-        self.param_info = params
-        self.params = ParamStore(params, values, sync=self.sync)
+        self.name, self.backend = name, backend
         self.meta = dict(meta or {})
         self.state_info = dict(state or {})
         assert ("train_step" in graphs) == (train_step is not None), (
@@ -129,16 +134,7 @@ class Program:
         self._executors: dict = {}
         self._state: dict[str, np.ndarray] = {}
         self.reset_state()
-        executor = executor_class(backend)
-        self._executors = {key: executor(g, self.updates(key)) for key, g in graphs.items()}
-        if hasattr(executor, "link"):           # compiled backends build all graphs as one module
-            executor.link(self._executors)
-        self._checked_feeds: dict[tuple, dict[str, int]] = {}
-        forward = graphs["forward"]
-        self.inputs: dict[str, TensorType] = _user_inputs(forward)
-        self.outputs: list[str] = [name for name, _ in forward.outputs]
-        # Training and evaluation also take the labels the loss compares with.
-        self.train_inputs = _user_inputs(graphs.get("evaluate", forward))
+        self._build(graphs, params, values, preprocessing)
         train = self.meta.get("train") or {}
         optimizer = call_from_json(OptimizerSpec, train["optimizer"]) if train.get("optimizer") else None
         self.optimizer: str | None = optimizer.name if optimizer else None
@@ -153,9 +149,39 @@ class Program:
         # The train step's updates: (output, target, whether the target is optimizer state).
         self._new_values = [(u.output, u.target, u.in_state)
                             for u in train_step.updates] if train_step else []
+
+    def _build(self, graphs: dict[str, Graph], params: dict[str, ParamInfo],
+               values: dict[str, np.ndarray], preprocessing: Preprocessing | None) -> None:
+        """Install the graphs and parameters and make their executors."""
+        self.graphs, self.preprocessing = graphs, preprocessing
+        self.param_info = params
+        self.params = ParamStore(params, values, sync=self.sync)
+        executor = executor_class(self.backend)
+        self._executors = {key: executor(g, self.updates(key)) for key, g in graphs.items()}
+        if hasattr(executor, "link"):           # compiled backends build all graphs as one module
+            executor.link(self._executors, *(() if self.precision == "f32" else (self.precision,)))
+        self._checked_feeds: dict[tuple, dict[str, int]] = {}
+        forward = graphs["forward"]
+        self.inputs: dict[str, TensorType] = _user_inputs(forward)
+        self.outputs: list[str] = [name for name, _ in forward.outputs]
+        # Training and evaluation also take the labels the loss compares with.
+        self.train_inputs = _user_inputs(graphs.get("evaluate", forward))
         # The graphs with dropout read the step's random key; the others are not given one.
         self._reads_rng = {key: any(n.attr["name"] == RNG_INPUT for n in g.inputs)
                            for key, g in graphs.items()}
+
+    def add_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Put `preprocessing` (the train block's fitted scaling) at the feature input of every
+        graph: from now on the program takes raw data, as the data set stores it, everywhere."""
+        if self.preprocessing is not None:
+            raise ProgramError(f"{self.name} already scales its input {self.preprocessing.input}")
+        self.sync()
+        try:
+            graphs, infos, values = preprocessing.apply_to(self.graphs, self.param_info,
+                                                           self.params._values)
+        except ValueError as err:
+            raise ProgramError(f"{self.name}: {err}") from None
+        self._build(graphs, infos, values, preprocessing)
 
     def use_precision(self, precision: str) -> None:
         """Matrix products in `precision`: "f32" (IEEE, the default) or "tf32" (the cuda
@@ -243,6 +269,39 @@ class Program:
             feeds[RNG_INPUT] = np.int64(rng_key(self.seed, 0xFFFFFFFF - i))
             runs.append(self._executors["sample"].run(dict(feeds), self.params._values, dims))
         return {name: np.stack([r[name] for r in runs]) for name in self.outputs}
+
+    def fit(self, x, y, *, epochs: int | None = None, batch: int | None = None,
+            validation=None, callbacks=(), lr: float | None = None, seed: int | None = None):
+        """Train on in-memory arrays with the train block's optimizer, schedule, early stopping
+        and scaling (`graphc train`'s loop), and return the History (per-epoch metrics as
+        columns). `x` holds raw samples; `validation` is (x_val, y_val), or the fraction of `x`
+        held out (default: the train block's `validation`). `epochs`, `batch`, `lr` and `seed`
+        override the train block; each callback gets each epoch's row (or, with Keras'
+        `on_epoch_end(epoch, logs)`, is called so). Afterwards the program holds the fitted
+        scaling: `predict`, `forward`, `evaluate` and `save` take raw data."""
+        from graphc.runtime.fit import fit
+        return fit(self, x, y, epochs=epochs, batch=batch, validation=validation,
+                   callbacks=callbacks, lr=lr, seed=seed)
+
+    def summary(self) -> str:
+        """The model's inputs, outputs, loss and parameter table, as `graphc check` prints it."""
+        from graphc.runtime.summary import summary
+        return summary(self)
+
+    def predict(self, x, batch: int = PREDICT_BATCH):
+        """The model's output for samples `x` (raw data, as the data set stores it, where the
+        program holds its preprocessing), `batch` samples at a time. A single sample without a
+        batch axis gives its output without one. A model with several outputs gives a dict."""
+        from graphc.runtime.fit import predict
+        return predict(self, x, batch)
+
+    def feature_input(self) -> str:
+        """The input that takes the samples (the task's features; else the only input)."""
+        features = (self.meta.get("task") or {}).get("features") or list(self.inputs)
+        if len(features) != 1:
+            raise ProgramError(f"{self.name} takes {', '.join(features)}: predict feeds one "
+                               f"input; call forward with each by name")
+        return features[0]
 
     def evaluate(self, **batch) -> dict[str, float]:
         """The loss (evaluation mode: no dropout) and, for classifiers, the accuracy."""

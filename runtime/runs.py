@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -31,16 +32,17 @@ CONFIG_SCHEMA = {
     "model": str, "source?": (str, _NONE), "graphc_version?": str,
     "settings": {"data": list, "optimizer": list, "schedule": list, "early_stop": (list, _NONE),
                  "batch": int, "epochs": int, "seed": int, "validation": float, "test": float,
-                 "scale": str, "augment?": ListOf(list), "device?": str,
+                 "scale": str, "augment?": ListOf(list), "device?": str, "backend?": str,
                  "clip_grad_value?": (float, _NONE), "clip_grad_norm?": (float, _NONE)},
     "data": {"source": str, "sizes": MapOf(int), "scaler": dict, "features": str, "labels": str,
-             "classes": (ListOf(str), _NONE)},
+             "classes": (ListOf(str), _NONE), "preprocess?": dict},
     "base_dir": str, "data_dir?": (str, _NONE), "track_norms?": (int, _NONE),
 }
 # what atomic_write leaves behind when killed: "." + the file's name + "." + 8 random characters
 _TEMPORARY = re.compile(r"\.(config\.json|scores\.json|metrics\.csv|metrics\.jsonl|last\.npz|"
                         r"best\.npz|final\.npz)\.[A-Za-z0-9_]{8}")
-METRIC_COLUMNS = ["epoch", "lr", "loss", "val_loss", "val_accuracy", "seconds", "samples_per_s"]
+METRIC_COLUMNS = ["epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "seconds",
+                  "samples_per_s"]
 
 
 class RunFolder:
@@ -98,18 +100,41 @@ class RunFolder:
 
     def load_trained(self, backend: str | None = "numpy"):
         """The program with the run's final parameters (or, for a run that has not finished,
-        those of its last checkpoint); returns it and the checkpoint used."""
+        those of its last checkpoint) and its input preprocessing, so that it takes raw data like
+        `trained/`; returns it and the checkpoint used."""
         program = self.load_program(backend)
         for checkpoint in (self.final, self.last):
             if checkpoint.is_file():
                 load_checkpoint(checkpoint, program)
+                if program.preprocessing is None:
+                    program.add_preprocessing(self.preprocessing())
                 return program, checkpoint
         raise error(f"{self.path}: the run has no checkpoint yet",
                     hint="it stopped before its first epoch ended; train it again")
 
-    def save_trained(self, program, loop_state: dict) -> None:
+    def preprocessing(self):
+        """The run's input preprocessing (graphc.ir.preprocess.Preprocessing), as recorded in its
+        configuration; runs recorded before it was saved give it from their scaler, with the
+        raw range unknown."""
+        from graphc.ir.preprocess import Preprocessing
+        data = self.config().get("data") or {}
+        try:
+            if data.get("preprocess"):
+                return Preprocessing.from_json(data["preprocess"])
+            scaler = dict(data["scaler"])
+            legacy = {"input": data["features"], "raw_dtype": "float32",
+                      "raw_range": [math.nan, math.nan], "scaled_range": [math.nan, math.nan]}
+            return Preprocessing.from_json({**scaler, **legacy})
+        except (KeyError, TypeError, ValueError) as err:
+            raise error(f"{self.path / CONFIG}: malformed input-preprocessing record "
+                        f"({str(err)[:120]})") from None
+
+    def save_trained(self, program, loop_state: dict, preprocessing=None) -> None:
+        """The final checkpoint, and `trained/`: the program with `preprocessing` (where it does
+        not hold it yet), which takes raw data."""
         save_checkpoint(self.final, program, loop_state)
-        save_artifact(program, self.path / TRAINED)
+        save_artifact(program, self.path / TRAINED,
+                      preprocessing=None if program.preprocessing else preprocessing)
 
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite both metric files from the whole history (so a resumed run never repeats or

@@ -16,6 +16,7 @@ import numpy as np
 
 from graphc.errors import error
 from graphc.images import image_shape
+from graphc.ir.preprocess import Preprocessing
 from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, check_labels, fit_inputs, load_dataset, split
@@ -25,7 +26,8 @@ from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
 from graphc.train_config import TrainConfig
 
-EVAL_BATCH = 2048
+EVAL_BATCH = 256          # samples per evaluation pass: a CNN's activations at 2048 took 3 GB
+TRAIN_SCORED = 10_000     # training samples scored each epoch for the training accuracy, at most
 # Fault injection for the crash-safety tests: the process kills itself (SIGKILL, no cleanup) just
 # before this training step.
 KILL_AT_STEP = "GRAPHC_FAULT_KILL_AT_STEP"
@@ -61,18 +63,23 @@ class TrainSettings(TrainConfig):
 
 @dataclass
 class Data:
-    """The three splits, fitted to the model's inputs and scaled with the training statistics."""
+    """The splits, fitted to the model's inputs: scaled with the training statistics for a program
+    without preprocessing (training feeds them to its graphs as they are), raw for a program that
+    holds its preprocessing. `preprocessing` is the scaling as graph nodes (graphc.ir.preprocess),
+    what the trained model carries."""
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     scaler: Scaler
     features: str
     labels: str
     source: str
     classes: list[str] | None = None
+    preprocessing: Preprocessing | None = None
 
     def describe(self) -> dict:
         return {"source": self.source, "sizes": {k: len(v[1]) for k, v in self.splits.items()},
                 "scaler": self.scaler.to_json(), "features": self.features,
-                "labels": self.labels, "classes": self.classes}
+                "labels": self.labels, "classes": self.classes,
+                "preprocess": self.preprocessing.to_json() if self.preprocessing else None}
 
 
 def feature_and_label(program) -> tuple[str, str]:
@@ -85,28 +92,69 @@ def feature_and_label(program) -> tuple[str, str]:
     return features[0], labels[0]
 
 
+SPLITS = ("train", "val", "test")
+
+
 def prepare_data(program, settings: TrainSettings, data_dir: str | None = None,
-                 base_dir: str | Path = ".", scaler: dict | None = None) -> Data:
-    """Load, split, fit to the model's inputs and scale. `scaler` (from a run's record) reuses
-    fitted statistics instead of fitting them again."""
-    features, labels = feature_and_label(program)
+                 base_dir: str | Path = ".", scaler: dict | None = None,
+                 splits: tuple[str, ...] = SPLITS) -> Data:
+    """Load, split, fit to the model's inputs and (for a program without preprocessing) scale.
+    `scaler` (from a run's record) reuses fitted statistics instead of fitting them again;
+    `splits` names the splits wanted (the others are not fitted, to save memory)."""
     dataset = load_dataset(settings.data, data_dir=data_dir, base_dir=base_dir)
-    x_type, y_type = program.train_inputs[features], program.train_inputs[labels]
-    task = program.meta.get("task") or {}
-    classes = None
-    if task.get("kind") == "classification":
-        out_type = program.graphs["forward"].output_map[task["output"]].type
-        classes = out_type.shape[1] if isinstance(out_type.shape[1], int) else None
     what = dataset.source if dataset.name in ("npz", "csv") else dataset.name   # name the file
-    check_labels(dataset, y_type, what, labels, classes)
+    _, labels = feature_and_label(program)
+    check_labels(dataset, program.train_inputs[labels], what, labels, _num_classes(program))
     parts = split(dataset, settings.validation, settings.test, settings.seed)
+    return data_of_splits(program, settings, parts, what, dataset.source, dataset.classes,
+                          scaler, splits)
+
+
+def _num_classes(program) -> int | None:
+    """The number of classes of a classifier whose output says it, else None."""
+    task = program.meta.get("task") or {}
+    if task.get("kind") != "classification":
+        return None
+    out_type = program.graphs["forward"].output_map[task["output"]].type
+    return out_type.shape[1] if isinstance(out_type.shape[1], int) else None
+
+
+def data_of_splits(program, settings: TrainSettings, parts: dict[str, tuple], what: str,
+                   source: str, classes: list[str] | None = None, scaler: dict | None = None,
+                   splits: tuple[str, ...] = SPLITS) -> Data:
+    """Raw splits {name: (x, y)} fitted to the model's inputs and, for a program without
+    preprocessing, scaled with statistics fitted on "train" (or `scaler`'s)."""
+    features, labels = feature_and_label(program)
+    x_type, y_type = program.train_inputs[features], program.train_inputs[labels]
+    num_classes = _num_classes(program)
+    raw = program.preprocessing is not None
+    fit_train = "train" in splits or (not raw and scaler is None)
     fitted = {k: fit_inputs(x, y, x_type, y_type, what, x_name=features, y_name=labels,
-                            num_classes=classes)
-              for k, (x, y) in parts.items()}
+                            num_classes=num_classes)
+              for k, (x, y) in parts.items() if k in splits or (k == "train" and fit_train)}
+    splits = tuple(k for k in splits if k in parts)
+    if raw:      # the program scales its input itself, with the statistics it was trained with
+        return Data({k: fitted[k] for k in splits}, Scaler("none"), features, labels, source,
+                    classes, program.preprocessing)
     scale = Scaler.from_json(scaler) if scaler else Scaler.fit(settings.scale, fitted["train"][0])
     dtype = x_type.dtype.numpy
-    splits = {k: (scale.apply(x, dtype=dtype), y) for k, (x, y) in fitted.items()}
-    return Data(splits, scale, features, labels, dataset.source, dataset.classes)
+    scaled = {k: (scale.apply(x, dtype=dtype), y) for k, (x, y) in fitted.items()}
+    prep = preprocessing_of(scale, features, parts["train"][0],
+                            scaled["train"][0] if "train" in scaled else None)
+    return Data({k: scaled[k] for k in splits}, scale, features, labels, source, classes, prep)
+
+
+def preprocessing_of(scale: Scaler, features: str, raw_train: np.ndarray,
+                     scaled_train: np.ndarray | None) -> Preprocessing:
+    """The fitted scaling as graph nodes, with what raw input it expects: the data set's dtype
+    and the range of the raw (and scaled) training features."""
+    def extent(x) -> tuple[float, float]:
+        if x is None or not x.size:
+            return math.nan, math.nan
+        return float(np.min(x)), float(np.max(x))
+    return Preprocessing(features, scale.mode, raw_train.dtype.name, extent(raw_train),
+                         extent(scaled_train), low=scale.low, high=scale.high, mean=scale.mean,
+                         std=scale.std)
 
 
 def evaluate_arrays(program, x: np.ndarray, y: np.ndarray, features: str, labels: str,
@@ -163,6 +211,8 @@ class Trainer:
         self.monitor = rule.get("on", "val_loss")
         self.patience = rule.get("patience")
         self.augmenter = _augmenter(program, settings, data.features)
+        self.trained_samples, self.trained_seconds = 0, 0.0     # this process's, for samples/s
+        self._scored: tuple | None = None                       # training samples scored per epoch
 
     def resume(self) -> None:
         """Continue from the run folder's last checkpoint."""
@@ -188,9 +238,9 @@ class Trainer:
                 self.program.params[name] = value
         scores = {split: evaluate_arrays(self.program, *self.data.splits[split], self.data.features,
                                          self.data.labels)
-                  for split in ("val", "test")}
+                  for split in ("val", "test") if split in self.data.splits}
         if self.run is not None:
-            self.run.save_trained(self.program, self.checkpoint_state())
+            self.run.save_trained(self.program, self.checkpoint_state(), self.data.preprocessing)
             self.run.write_json("scores.json", {**scores, "epochs": self.loop.epoch,
                                                 "best_epoch": self.loop.best_epoch,
                                                 "stopped_early": self.loop.stopped_early})
@@ -228,9 +278,25 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
+        # Throughput over every epoch this process has trained: one short epoch's rate swings
+        # with the machine's load and the timer's resolution.
+        self.trained_samples += losses.seen
+        self.trained_seconds += seconds
         return {"epoch": epoch + 1, "lr": self.program.lr, "loss": losses.mean,
-                "seconds": round(seconds, 3),
-                "samples_per_s": round(losses.seen / max(seconds, 1e-9))}
+                "seconds": round(seconds, 4),
+                "samples_per_s": round(self.trained_samples / max(self.trained_seconds, 1e-9))}
+
+    def training_scores(self) -> dict[str, float]:
+        """Evaluation-mode scores on the training split (at most TRAIN_SCORED samples of it, the
+        same ones every epoch, drawn once by the seed), beside the validation scores."""
+        if self._scored is None:
+            x, y = self.data.splits["train"]
+            if len(y) > TRAIN_SCORED:
+                pick = np.sort(np.random.default_rng([self.settings.seed, 1]).choice(
+                    len(y), TRAIN_SCORED, replace=False))
+                x, y = x[pick], y[pick]
+            self._scored = (x, y)
+        return evaluate_arrays(self.program, *self._scored, self.data.features, self.data.labels)
 
     def _checked_step(self, feed: dict[str, np.ndarray], where: str) -> Loss:
         """One train step, waited for, whose loss and written-back values must be finite; the
@@ -266,6 +332,7 @@ class Trainer:
     def end_epoch(self, row: dict) -> None:
         val = evaluate_arrays(self.program, *self.data.splits["val"], self.data.features,
                               self.data.labels)
+        row["accuracy"] = self.training_scores().get("accuracy") if "accuracy" in val else None
         row["val_loss"] = val["loss"]
         row["val_accuracy"] = val.get("accuracy")
         diverging = self.divergence.check(row["loss"], row["epoch"], self.program.lr,

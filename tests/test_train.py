@@ -24,6 +24,7 @@ import pytest
 from conftest import MODELS, REPO
 
 import graphc
+from graphc.targets import auto_backend
 from graphc.cli import main
 from graphc.errors import GraphcError
 from graphc.runtime import load_artifact
@@ -77,8 +78,10 @@ def clean_error(code: int, err: str) -> None:
 
 
 def params_of(run: Path) -> dict[str, np.ndarray]:
+    """The trained parameters of a run (not the constants of its preprocessing, x#mean and
+    x#std, which trained/ holds besides)."""
     with np.load(run / "trained" / "params.npz", allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+        return {k: npz[k] for k in npz.files if "#" not in k}
 
 
 def same_params(a: dict, b: dict) -> bool:
@@ -544,7 +547,8 @@ def test_device_picks_the_backend_unless_one_is_named(tmp_path, capsys):
     error before any run folder exists. --backend overrides the device, and the run records it."""
     source = tmp_path / "m.nn"
     source.write_text((REPO / DIGITS_MLP).read_text().replace("seed", "device = cuda\n    seed"))
-    assert graphc.compile_file(REPO / DIGITS_MLP, backend=None).backend == "numpy"   # cpu
+    # cpu: the train block's `backend`, auto by default (llvm where llvmlite loads)
+    assert graphc.compile_file(REPO / DIGITS_MLP, backend=None).backend == auto_backend()
     program = graphc.compile_file(source, backend=None)
     assert program.backend == "cuda" and program.meta["train"]["device"] == "cuda"
     assert graphc.compile_file(source, backend="llvm").backend == "llvm"
@@ -559,6 +563,34 @@ def test_device_picks_the_backend_unless_one_is_named(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["settings"]["device"] == "cuda"
     assert load_artifact(run / "model").backend == "numpy"        # loading names no backend
     assert load_artifact(run / "model", backend=None).backend == "cuda"
+
+
+def test_a_train_block_names_its_backend_and_auto_falls_back_to_numpy(tmp_path, monkeypatch,
+                                                                     caplog):
+    source = tmp_path / "m.nn"
+    source.write_text((REPO / DIGITS_MLP).read_text().replace("seed", "backend = llvm\n    seed"))
+    program = graphc.compile_file(source, backend=None)
+    assert program.backend == "llvm" and program.meta["train"]["backend"] == "llvm"
+    assert graphc.compile_file(source, backend="numpy").backend == "numpy"
+    assert graphc.compile_file(source, backend="auto").backend == auto_backend()
+    import graphc.backends as backends
+    monkeypatch.setitem(sys.modules, "llvmlite.binding", None)       # llvmlite does not load
+    monkeypatch.setattr(backends, "_fallback_said", False)
+    assert [backends.auto_backend() for _ in range(3)] == ["numpy"] * 3
+    said = [r.getMessage() for r in caplog.records if "llvmlite" in r.getMessage()]
+    assert len(said) == 1 and "numpy backend" in said[0]                  # said once
+
+
+def test_epoch_lines_carry_training_accuracy_and_meaningful_timings(tmp_path, capsys):
+    code, out, err = cli(capsys, "train", DIGITS_MLP, "--epochs", 3, "--out", tmp_path / "r")
+    assert code == 0, err
+    line = re.compile(r"^epoch \d: loss \d\.\d{4}, accuracy \d+\.\d{2}%, val loss \d\.\d{4}, "
+                      r"val accuracy \d+\.\d{2}%, lr \S+, (\d+ ms|\d+\.\d s) \(([\d,]+) samples/s\)$")
+    epochs = [line.match(text) for text in out.splitlines() if text.startswith("epoch")]
+    assert len(epochs) == 3 and all(epochs), out
+    assert "0 ms" not in [m[1] for m in epochs]
+    rows = metrics(tmp_path / "r")
+    assert all(0.5 < float(r["accuracy"]) <= 1 and float(r["seconds"]) > 0 for r in rows)
 
 
 def test_train_needs_a_train_block(tmp_path, capsys):
@@ -644,12 +676,15 @@ def test_predict_prints_a_class_and_probabilities_per_sample(baseline, digits_ro
     assert np.array_equal(classes, printed) and np.array_equal(probs.argmax(axis=1), classes)
     assert str(out_file) in err
 
-    # already scaled inputs with --no-scale give the same predictions
+    # inputs scaled already, said with --inputs scaled, give the same predictions
     scaler = Scaler.from_json(json.loads((run / "config.json").read_text())["data"]["scaler"])
     scaled = tmp_path / "scaled.npy"
     np.save(scaled, scaler.apply(x, dtype=np.float32))
-    code, out2, _ = cli(capsys, "predict", run, "--input", scaled, "--no-scale")
-    assert code == 0 and out2 == out
+    code, out2, err2 = cli(capsys, "predict", run, "--input", scaled, "--inputs", "scaled")
+    assert code == 0 and out2 == out and "warning" not in err2
+    # said as raw, they are fed as they are, with a warning that they do not look raw
+    code, out3, err3 = cli(capsys, "predict", run, "--input", scaled, "--inputs", "raw")
+    assert code == 0 and "warning: the inputs lie in" in err3
 
 
 def test_predict_a_single_sample(baseline, digits_rows, tmp_path, capsys):

@@ -12,7 +12,7 @@ from graphc.images import fit_problem, image_shape
 from graphc.ir.node import topo_order
 from graphc.optim import OPTIMIZERS
 from graphc.options import NONNEGATIVE, Opt, fraction, positive
-from graphc.targets import DEVICES
+from graphc.targets import BACKEND_CHOICES, DEVICES
 from graphc.train_config import (
     AugmentSpec,
     DataSpec,
@@ -62,8 +62,10 @@ SETTINGS = {
                                                  high_open=True)),
     "test": ("the test fraction", Opt("float", 0.2, low=0, high=1, low_open=True, high_open=True)),
     "scale": ("input scaling", Opt("choice", "unit", choices=SCALINGS)),
-    # Where `graphc train` runs the step when --backend does not say (graphc.backends.backend_for).
+    # Where `graphc train` runs the step when --backend does not say (graphc.targets.backend_for).
     "device": ("the device", Opt("choice", "cpu", choices=DEVICES)),
+    # The backend that runs it, where --backend does not say: auto is llvm where llvmlite loads.
+    "backend": ("the backend", Opt("choice", "auto", choices=BACKEND_CHOICES)),
     # Gradient clipping before the optimizer sees the gradients (PyTorch's clip_grad_value_ and
     # clip_grad_norm_); off unless set.
     "clip_grad_value": ("the gradient clipping value", Opt("float", None, low=0, low_open=True)),

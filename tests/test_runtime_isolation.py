@@ -105,7 +105,7 @@ def test_allow_list():
     assert _is_allowed("graphc.ir.serialize") and _is_allowed("graphc.backends.llvm.executor")
     assert _is_allowed("graphc.runtime.train") and _is_allowed("json") and _is_allowed("numpy.lib")
     for module in ("graphc", "graphc.optim", "graphc.passes.fold", "graphc.autodiff", "lark",
-                   "graphc.train_cli", "graphc.initializers", "networkx", "torch"):
+                   "graphc.train_cli", "graphc.lints", "networkx", "torch"):
         assert not _is_allowed(module), module
 
 

@@ -92,6 +92,10 @@ class GraphcError(Exception):
         return "\n".join(d.render() for d in self.diagnostics)
 
 
+class ProgramError(ValueError):
+    """A mistake in how a program is called from Python (wrong input, wrong parameter value)."""
+
+
 def error(message: str, loc: SourceLoc | None = None, hint: str | None = None,
           line_text: str | None = None, file: str | None = None) -> GraphcError:
     return GraphcError(Diagnostic(message, loc, hint, "error", line_text, str(file) if file else None))

@@ -2,13 +2,13 @@
 
 Nothing here imports the front end or lark: a built artifact runs with numpy and the IR alone.
 """
-from graphc.runtime.artifact import load_artifact, save_artifact
-from graphc.runtime.program import ParamInfo, Program
+from graphc.runtime.artifact import save_artifact
+from graphc.runtime.program import ParamInfo, Program, load_artifact
 
 
 def load_run(path, backend: str | None = None) -> Program:
-    """The trained program of a run folder (graphc.runtime.fit.load_run)."""
-    from graphc.runtime.fit import load_run as load
+    """The trained program of a run folder (graphc.runtime.runs.load_run)."""
+    from graphc.runtime.runs import load_run as load
     return load(path, backend)
 
 

@@ -130,13 +130,13 @@ MANIFEST_SCHEMA = {
 GRAPH_SCHEMA = {"format": str, "version": int, "graphs": MapOf(dict)}
 
 
-def load_artifact(path, backend: str | None = "numpy"):
-    """Restore a `Program` from an artifact folder, on `backend` (None: the one its train block's
-    `device` asks for). Any problem is a `GraphcError` naming the file; nothing is read beyond the
-    bounds in docs/architecture.md (file sizes, parameter bytes, bytes per sample of the graphs)."""
+def read_artifact(path, backend: str | None = "numpy") -> dict:
+    """The arguments of the `Program` an artifact folder holds (program.load_artifact makes it),
+    on `backend` (None: the one its train block's `device` asks for). Any problem is a
+    `GraphcError` naming the file; nothing is read beyond the bounds in docs/architecture.md
+    (file sizes, parameter bytes, bytes per sample of the graphs)."""
     from graphc.ir.contract import TrainStep
     from graphc.ir.preprocess import Preprocessing
-    from graphc.runtime.program import Program
 
     folder = Path(path)
     if not folder.is_dir():
@@ -180,8 +180,9 @@ def load_artifact(path, backend: str | None = "numpy"):
     meta = {k: manifest[k] for k in ("source", "seed", "task", "train", "batch_norm") if k in manifest}
     if not _shapes(meta.get("batch_norm", [])):
         raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad batch_norm entry")
-    return Program(model, graphs, infos, values, backend=backend_for(meta.get("train"), backend),
-                   meta=meta, state=state, train_step=train_step, preprocessing=preprocessing)
+    return dict(name=model, graphs=graphs, params=infos, values=values,
+                backend=backend_for(meta.get("train"), backend), meta=meta, state=state,
+                train_step=train_step, preprocessing=preprocessing)
 
 
 def _read_manifest(folder: Path) -> dict:

@@ -1,6 +1,6 @@
 """The Python API a Keras or PyTorch user reaches for: `Program.fit` on in-memory arrays (the
 train block's optimizer, schedule, early stopping and scaling, through the same `Trainer` as
-`graphc train`), its `History`, `Program.predict` on raw samples, and `load_run`."""
+`graphc train`), its `History`, and `Program.predict` on raw samples."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from graphc.errors import error
+from graphc.errors import ProgramError
 from graphc.ir.types import TensorType
-from graphc.runtime.program import ProgramError
-from graphc.runtime.runs import METRIC_COLUMNS, RunFolder
-from graphc.runtime.train import Trainer, TrainSettings, data_of_splits
+from graphc.runtime.train import METRIC_COLUMNS, Trainer, TrainSettings, data_of_splits
 
 
 class History:
@@ -125,17 +123,3 @@ def as_samples(x: np.ndarray, ttype: TensorType, name: str) -> tuple[np.ndarray,
         return x.reshape((len(x),) + sample_shape), False
     raise ProgramError(f"an array of shape {list(x.shape)} does not hold samples for input "
                        f"{name}: {ttype} ({per_sample} values each)")
-
-
-def load_run(path, backend: str | None = None):
-    """The trained program of run folder `path` (`graphc train`'s output): its final parameters
-    and its input preprocessing, on `backend` (None: the one its train block asks for), with the
-    run's settings after the command line's overrides."""
-    run = RunFolder(path)
-    if not RunFolder.is_run(run.path):
-        raise error(f"{run.path}: not a graphc run folder (no config.json and model/)",
-                    hint="runs are made by `graphc train FILE.nn`; an artifact folder loads with "
-                         "graphc.load_artifact")
-    program, _ = run.load_trained(backend)
-    program.meta["train"] = run.config()["settings"]
-    return program

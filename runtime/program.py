@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 import numpy as np
 
 from graphc.backends.numpy.executor import BACKENDS
-from graphc.errors import GraphcError, did_you_mean, error
+from graphc.errors import GraphcError, ProgramError, did_you_mean, error
 from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exported)
     FED_INPUTS,
     LR_INPUT,
@@ -22,6 +22,7 @@ from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exporte
 from graphc.ir.node import Graph
 from graphc.ir.preprocess import Preprocessing
 from graphc.ir.types import DType, TensorType, bind_shape, format_shape
+from graphc.runtime.artifact import read_artifact, save_artifact
 from graphc.targets import BACKEND_NAMES, PRECISIONS
 from graphc.train_config import OptimizerSpec, call_from_json
 
@@ -60,10 +61,6 @@ class Loss:
 
     def __repr__(self) -> str:
         return f"Loss({self._value})" if self._value is not None else "Loss(pending)"
-
-
-class ProgramError(ValueError):
-    """A mistake in how a program is called from Python (wrong input, wrong parameter value)."""
 
 
 class ParamStore(MutableMapping):
@@ -465,13 +462,19 @@ class Program:
         return feeds, dims
 
     def save(self, path) -> None:
-        from graphc.runtime.artifact import save_artifact
         save_artifact(self, path)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{k}: {v}" for k, v in self.inputs.items())
         return f"<Program {self.name}({ins}) -> {', '.join(self.outputs)} on {self.backend}>"
 
+
+
+def load_artifact(path, backend: str | None = "numpy") -> Program:
+    """Restore a `Program` from an artifact folder, on `backend` (None: the one its train block's
+    `device` asks for). Any problem is a `GraphcError` naming the file; nothing is read beyond the
+    bounds in docs/architecture.md (runtime/artifact.py reads and checks it)."""
+    return Program(**read_artifact(path, backend))
 
 def _user_inputs(graph: Graph) -> dict[str, TensorType]:
     # The learning rate and the random key are fed by the program itself.

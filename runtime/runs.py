@@ -23,8 +23,10 @@ from pathlib import Path
 
 from graphc.errors import error
 from graphc.files import ListOf, MapOf, atomic_write, check_schema, load_json
-from graphc.runtime.artifact import load_artifact, save_artifact
+from graphc.runtime.artifact import save_artifact
 from graphc.runtime.checkpoint import load_checkpoint, save_checkpoint
+from graphc.runtime.program import load_artifact
+from graphc.runtime.train import METRIC_COLUMNS
 
 CONFIG, SCORES, MODEL, TRAINED = "config.json", "scores.json", "model", "trained"
 _NONE = type(None)
@@ -41,8 +43,6 @@ CONFIG_SCHEMA = {
 # what atomic_write leaves behind when killed: "." + the file's name + "." + 8 random characters
 _TEMPORARY = re.compile(r"\.(config\.json|scores\.json|metrics\.csv|metrics\.jsonl|last\.npz|"
                         r"best\.npz|final\.npz)\.[A-Za-z0-9_]{8}")
-METRIC_COLUMNS = ["epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "seconds",
-                  "samples_per_s"]
 
 
 class RunFolder:
@@ -160,3 +160,17 @@ class RunFolder:
         if not isinstance(value, dict):
             raise error(f"{path}: expected a JSON object")
         return value
+
+
+def load_run(path, backend: str | None = None):
+    """The trained program of run folder `path` (`graphc train`'s output): its final parameters
+    and its input preprocessing, on `backend` (None: the one its train block asks for), with the
+    run's settings after the command line's overrides."""
+    run = RunFolder(path)
+    if not RunFolder.is_run(run.path):
+        raise error(f"{run.path}: not a graphc run folder (no config.json and model/)",
+                    hint="runs are made by `graphc train FILE.nn`; an artifact folder loads with "
+                         "graphc.load_artifact")
+    program, _ = run.load_trained(backend)
+    program.meta["train"] = run.config()["settings"]
+    return program

@@ -21,11 +21,12 @@ from graphc.runtime.augment import BLOCK, CHUNK, Augmenter, ahead, prefetch
 from graphc.runtime.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.runtime.data import Scaler, batches, check_labels, fit_inputs, load_dataset, split
 from graphc.runtime.numerics import Divergence, Snapshot, locate_non_finite, step_is_finite
-from graphc.runtime.program import Loss
-from graphc.runtime.runs import RunFolder
 from graphc.runtime.schedules import SCHEDULES, make_schedule
 from graphc.train_config import TrainConfig
 
+# The columns of metrics.csv, in order (runs.RunFolder writes them; fit's History reads them).
+METRIC_COLUMNS = ["epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "seconds",
+                  "samples_per_s"]
 EVAL_BATCH = 256          # samples per evaluation pass: a CNN's activations at 2048 took 3 GB
 TRAIN_SCORED = 10_000     # training samples scored each epoch for the training accuracy, at most
 # Fault injection for the crash-safety tests: the process kills itself (SIGKILL, no cleanup) just
@@ -187,9 +188,10 @@ class LoopState:
 
 class Trainer:
     """Runs `settings.epochs` epochs of `program.train_step` over `data`, reporting each epoch to
-    `on_epoch(row)`; with a run folder, checkpoints every epoch and writes metrics."""
+    `on_epoch(row)`; with a run folder (a runs.RunFolder), checkpoints every epoch and writes
+    metrics."""
 
-    def __init__(self, program, settings: TrainSettings, data: Data, run: RunFolder | None = None,
+    def __init__(self, program, settings: TrainSettings, data: Data, run=None,
                  on_epoch: Callable[[dict], None] | None = None, progress: bool = False,
                  norms=None, check_numerics: bool = False,
                  on_warning: Callable[[str], None] | None = None):
@@ -298,14 +300,14 @@ class Trainer:
             self._scored = (x, y)
         return evaluate_arrays(self.program, *self._scored, self.data.features, self.data.labels)
 
-    def _checked_step(self, feed: dict[str, np.ndarray], where: str) -> Loss:
+    def _checked_step(self, feed: dict[str, np.ndarray], where: str) -> _Finished:
         """One train step, waited for, whose loss and written-back values must be finite; the
         first node that made one that is not is found by running the step again node by node."""
         snapshot = Snapshot.of(self.program)
         loss = self.program.train_step(**feed)
         if not step_is_finite(self.program, loss):
             raise locate_non_finite(self.program, snapshot, feed, where)
-        return Loss(loss)
+        return _Finished(loss)
 
     def _augmented(self, x: np.ndarray, y: np.ndarray, order: list[np.ndarray],
                    epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -372,6 +374,13 @@ class Trainer:
                 "rng": {"shuffle": "numpy default_rng([seed, epoch])",
                         "augment": f"numpy default_rng([seed, epoch, position // {CHUNK}, tag])",
                         "dropout": "key (seed << 32 | step)", "step": self.program.step}}
+
+
+class _Finished(float):
+    """A loss already read (a step that was waited for), where the loop takes a queued `Loss`."""
+
+    def ready(self) -> bool:
+        return True
 
 
 class _Losses:

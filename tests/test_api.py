@@ -14,12 +14,12 @@ import pytest
 from conftest import REPO
 
 import graphc
-from graphc.targets import auto_backend
 from graphc.errors import GraphcError
 from graphc.runtime.data import load_dataset, split
 from graphc.runtime.program import ProgramError
 from graphc.runtime.runs import METRIC_COLUMNS
 from graphc.runtime.train import evaluate_arrays
+from graphc.targets import auto_backend
 
 EPOCHS = 3
 TIMING = ("seconds", "samples_per_s")

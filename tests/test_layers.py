@@ -41,15 +41,7 @@ MAY_IMPORT: dict[str, set[str]] = {
 # Edges known to break the rules, each with the change that removes it. This list only shrinks:
 # an edge that is gone must leave it (test_known_edges_still_exist).
 KNOWN_UPWARD: set[tuple[str, str]] = set()
-KNOWN_CYCLES = {
-    # Program's convenience methods reach the modules above it through imports inside the
-    # methods: save -> artifact.save_artifact, fit and predict -> fit (which drives train.Trainer,
-    # whose run folders load artifacts, which build a Program). Goes when artifact.py returns the
-    # artifact's parts and program.py builds the Program from them, and Program.fit's loop moves
-    # below Program (a Trainer that takes the program's step as a function).
-    frozenset({"graphc.runtime.artifact", "graphc.runtime.fit", "graphc.runtime.program",
-               "graphc.runtime.runs", "graphc.runtime.train"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def module_files() -> dict[str, Path]:

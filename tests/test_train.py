@@ -24,7 +24,6 @@ import pytest
 from conftest import MODELS, REPO
 
 import graphc
-from graphc.targets import auto_backend
 from graphc.cli import main
 from graphc.errors import GraphcError
 from graphc.runtime import load_artifact
@@ -34,6 +33,7 @@ from graphc.runtime.program import ProgramError
 from graphc.runtime.runs import METRIC_COLUMNS
 from graphc.runtime.schedules import make_schedule
 from graphc.runtime.train import KILL_AT_STEP, Data, Trainer, TrainSettings, prepare_data
+from graphc.targets import auto_backend
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MNIST_DIR = SHARED_DATA / "mnist"

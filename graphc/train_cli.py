@@ -1,6 +1,7 @@
 """The training commands of the command line: `graphc train`, `graphc eval` and `graphc predict`."""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,7 @@ def add_commands(sub) -> None:
                         "in training and inside the scaled one (said in a warning)")
     p.add_argument("--batch", type=positive, default=256, metavar="B",
                    help="samples per forward pass (bounds the memory; default 256)")
+    p.add_argument("--no-scale", action="store_true", help=argparse.SUPPRESS)   # see cmd_predict
     p.add_argument("-o", "--out", metavar="FILE.npz", help="save predictions to a .npz file")
     p.add_argument("--mc-samples", type=int, metavar="K",
                    help="Monte Carlo dropout: K predictions with dropout on; print their mean "
@@ -283,6 +285,9 @@ def cmd_predict(args) -> int:
     from graphc.cli_common import load_array
     from graphc.runtime.fit import as_samples
     from graphc.runtime.program import ProgramError
+    if args.no_scale:       # it once skipped the run's scaling, and so could scale twice
+        raise error("--no-scale is gone: a trained model scales its inputs itself",
+                    hint="pass raw values, or --inputs scaled for values scaled as in training")
     program, config = _open_target(args)
     try:
         name = program.feature_input()

@@ -125,3 +125,46 @@ def test_mnist_raw_images_and_the_scaled_sample_file(tmp_path):
     proc = graphc_cmd("predict", run / "trained", "--input", raw)
     assert [int(line.split()[1]) for line in proc.stdout.splitlines()] == first
     assert "warning" not in proc.stderr
+
+
+MAKE_CNN_RUN = """
+import sys
+from pathlib import Path
+import graphc
+from graphc.runtime.checkpoint import save_checkpoint
+from graphc.runtime.runs import RunFolder
+from graphc.runtime.train import Trainer, TrainSettings, prepare_data
+program = graphc.compile_file("models/mnist_cnn.nn")
+settings = TrainSettings.of(program)
+data = prepare_data(program, settings, sys.argv[2], "models")
+run = RunFolder(sys.argv[1])
+program.meta["train"] = settings.to_json()
+run.create(program, {"model": program.name, "settings": settings.to_json(),
+                     "data": data.describe(), "base_dir": str(Path("models").resolve()),
+                     "data_dir": sys.argv[2]})
+save_checkpoint(run.last, program, Trainer(program, settings, data).checkpoint_state())
+"""
+EVAL_PEAK = """
+import resource, sys
+from graphc.cli import main
+code = main(["eval", sys.argv[1]])
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)   # KiB on Linux
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_eval_of_mnist_cnn_peaks_under_600_mb(tmp_path):
+    """`graphc eval` of a mnist_cnn run (its initial parameters: memory does not depend on them)
+    scores the 10,000 test images in batches; its own peak resident set, from getrusage in the
+    evaluating process, stays under 600 MB (it was 3.2 GB with batches of 2048)."""
+    if not MNIST_DIR.is_dir():
+        pytest.skip(f"no MNIST files in {MNIST_DIR}")
+    run = tmp_path / "cnn"
+    for script, args in ((MAKE_CNN_RUN, [run, MNIST_DIR]), (EVAL_PEAK, [run])):
+        proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+    assert "(10,000 samples)" in proc.stdout
+    peak_mb = int(proc.stdout.split("peak ")[1]) / 1024
+    assert peak_mb < 600, f"graphc eval peaked at {peak_mb:.0f} MB"

@@ -685,6 +685,9 @@ def test_predict_prints_a_class_and_probabilities_per_sample(baseline, digits_ro
     # said as raw, they are fed as they are, with a warning that they do not look raw
     code, out3, err3 = cli(capsys, "predict", run, "--input", scaled, "--inputs", "raw")
     assert code == 0 and "warning: the inputs lie in" in err3
+    code, _, err4 = cli(capsys, "predict", run, "--input", scaled, "--no-scale")
+    clean_error(code, err4)
+    assert "--no-scale is gone" in err4 and "--inputs scaled" in err4
 
 
 def test_predict_a_single_sample(baseline, digits_rows, tmp_path, capsys):

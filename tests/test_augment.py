@@ -372,9 +372,14 @@ def test_only_training_batches_are_augmented_and_labels_are_unchanged(trained, m
     for index, batch in zip(batches(len(y), settings.batch, settings.seed, 0), fed):
         np.testing.assert_array_equal(batch["y"], y[index])          # labels as they were
         assert batch["x"].shape == x[index].shape and not np.array_equal(batch["x"], x[index])
-    for split in ("val", "test"):                                    # evaluation: the data itself
+    # Evaluation reads the data itself, in batches: each split is a run of consecutive batches.
+    seen_x = np.concatenate([b["x"] for b in evaluated])
+    seen_y = np.concatenate([b["y"] for b in evaluated])
+    for split in ("val", "test"):
         xs, ys = data.splits[split]
-        assert any(np.array_equal(b["x"], xs) and np.array_equal(b["y"], ys) for b in evaluated)
+        starts = [i for i in range(len(seen_y) - len(ys) + 1)
+                  if np.array_equal(seen_x[i:i + len(xs)], xs)]
+        assert starts and np.array_equal(seen_y[starts[0]:starts[0] + len(ys)], ys), split
 
 
 @pytest.mark.parametrize("ahead", [False, True])

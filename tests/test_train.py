@@ -573,7 +573,7 @@ def test_a_train_block_names_its_backend_and_auto_falls_back_to_numpy(tmp_path, 
     assert program.backend == "llvm" and program.meta["train"]["backend"] == "llvm"
     assert graphc.compile_file(source, backend="numpy").backend == "numpy"
     assert graphc.compile_file(source, backend="auto").backend == auto_backend()
-    import graphc.backends as backends
+    import graphc.targets as backends
     monkeypatch.setitem(sys.modules, "llvmlite.binding", None)       # llvmlite does not load
     monkeypatch.setattr(backends, "_fallback_said", False)
     assert [backends.auto_backend() for _ in range(3)] == ["numpy"] * 3

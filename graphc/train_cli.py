@@ -291,10 +291,13 @@ def cmd_predict(args) -> int:
     program, config = _open_target(args)
     try:
         name = program.feature_input()
+    except ProgramError as err:
+        raise error(f"{args.target}: {err}",
+                    hint="use `graphc run` with one --input per input") from None
+    try:
         x, _ = as_samples(load_array(args.input), program.inputs[name], name)
     except ProgramError as err:
-        raise error(f"{args.input}: {err}",
-                    hint="use `graphc run` with one --input per input") from None
+        raise error(f"{args.input}: {err}") from None
     x = _raw_inputs(program, x, args)
     if args.mc_samples is not None:
         return _predict_mc(program, config, name, x, args)
@@ -338,8 +341,9 @@ def _raw_inputs(program, x, args):
     if prep is None or prep.mode == "none":
         return x
     seen = judge_inputs(prep, x)
+    dtype = program.inputs[prep.input].dtype.numpy       # what raw values are fed as
     if args.inputs == "scaled":
-        x = prep.raw_values(x).astype(x.dtype)
+        x = prep.raw_values(x).astype(dtype)
         if judge_inputs(prep, x) != "raw":
             _input_warning(program, x, "mapped back from --inputs scaled, they still lie outside "
                                        "the raw range: were they raw already? then leave out "
@@ -352,7 +356,7 @@ def _raw_inputs(program, x, args):
                                    f"{_extent(prep.scaled_range)}), so they are mapped back to "
                                    f"raw values first; pass raw values, or say which with "
                                    f"--inputs raw or --inputs scaled")
-        return prep.raw_values(x).astype(x.dtype)
+        return prep.raw_values(x).astype(dtype)
     _input_warning(program, x, "the predictions may mean nothing; pass values as the data set "
                                "stores them (--inputs scaled if they were scaled as in training)")
     return x

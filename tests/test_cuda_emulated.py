@@ -34,6 +34,9 @@ def op_cases():
     return programs, Emulated(plans)
 
 
+# The op cases feed NaN, infinities, huge and tiny values on purpose (tests/backend_cases.py): the
+# numpy side's warnings about them are expected.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("n", [7, 33])
 def test_every_op_case_computes_what_numpy_does(op_cases, n):
     programs, emulated = op_cases

@@ -305,6 +305,8 @@ def random_params(programs: tuple[Program, ...], rng: np.random.Generator) -> No
     for name, value in first.params.items():
         std = 1 / math.sqrt(value.shape[0]) if value.ndim >= 2 else 0.1
         draw = (rng.standard_normal(value.shape) * std).astype(value.dtype)
+        if first.param_info[name].role == "stat":   # batch norm's running statistics: a variance
+            draw = np.abs(draw) + draw.dtype.type(0.5)   # is positive (sqrt of it in evaluation)
         for p in programs:
             p.params[name] = draw.copy()
 

@@ -300,6 +300,9 @@ def random_run_args(graph: Graph, state_info: dict, ir, batch: int):
             feeds[name] = rng.standard_normal(shape).astype(n.dtype.numpy)
     params = {name: (0.1 * rng.standard_normal(bind_shape(p.type.shape, {})))
               .astype(p.type.dtype.numpy) for name, p in ir.params.items()}
+    for name, p in ir.params.items():
+        if p.role == "stat":     # batch norm's running statistics: a variance is positive
+            params[name] = np.abs(params[name]) + params[name].dtype.type(0.5)
     state = {}
     for name, info in state_info.items():
         shape = bind_shape(info.type.shape, {})

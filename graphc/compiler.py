@@ -72,12 +72,22 @@ def check_source(text: str, path: str = "<string>") -> CheckedFile:
             if train.model in checked.trains:
                 raise src.error(f"a second train block for model '{train.model}'", train.name_loc)
             checked.trains[train.model] = check_train(train, src, checked.models.get(train.model))
+            _check_trainable(train, checked.models.get(train.model), src)
         except GraphcError as err:
             errors.extend(err.diagnostics)
     _check_searches(module, src, checked, model_names, errors)
     if errors:
         raise GraphcError(errors)
     return checked
+
+
+def _check_trainable(train: ast.Train, model: ModelIR | None, src: SourceText) -> None:
+    """A train block for a model with nothing to train: found here, not when `graphc train` runs."""
+    if model is not None and model.loss is None:
+        raise src.error(f"train {train.model}: model {train.model} has no loss, so there is "
+                        f"nothing to train", train.name_loc,
+                        f"add `loss = ...` to model {train.model} (line {model.loc.line}), for "
+                        f"example loss = cross_entropy(logits, y)")
 
 
 def _check_searches(module: ast.Module, src: SourceText, checked: CheckedFile,

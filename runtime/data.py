@@ -539,8 +539,12 @@ def _reshape_samples(a: np.ndarray, t: TensorType, what: str, noun: str, name: s
     elif len(have) == len(want) and all(not isinstance(w, int) or w == h
                                         for h, w in zip(have, want)):
         return a    # symbolic dimensions take any size
+    hint = None
+    if what == "digits":     # also what a train block without `data` trains on
+        hint = ("a train block that names no `data` trains on the digits (8x8 images); name the "
+                "data set, for example data = mnist, or data = npz(\"file.npz\")")
     raise error(f"{what} {noun} {_describe_sample(have)} but input {name} of the model is "
-                f"{t}{per_sample}")
+                f"{t}{per_sample}", hint=hint)
 
 
 def _describe_sample(shape: tuple) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from graphc.cli import main
 from graphc.compiler import check_source
+from graphc.errors import GraphcError
 from graphc.lints import lint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,3 +140,49 @@ def test_cli_prints_lints_and_werror_makes_them_errors(tmp_path, capsys):
     # A cached build replays its warnings.
     assert main(["build", str(f), "-o", str(tmp_path / "again")]) == 0
     assert "warning: weight W1 starts as a constant" in capsys.readouterr().err
+
+
+NO_LOSS = """model k {
+    input x: f32[N, 64]
+    param W: f32[64, 10] = kaiming()
+    output x @ W
+}
+train k { optimizer = adam(lr=1e-3)
+    seed = 1 }
+"""
+
+
+def test_a_train_block_for_a_model_without_a_loss_is_located(tmp_path, capsys):
+    f = tmp_path / "k.nn"
+    f.write_text(NO_LOSS)
+    for command in ("check", "train"):
+        assert main([command, str(f)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"{f}:6:7: error: train k: model k has no loss, so there is "
+                              f"nothing to train"), err
+        assert "hint: add `loss = ...` to model k (line 1)" in err and "Traceback" not in err
+
+
+def test_a_train_block_without_data_says_it_trains_on_the_digits(tmp_path, capsys):
+    f = tmp_path / "m.nn"
+    f.write_text("model m {\n    input x: f32[N, 784]\n    input y: i64[N]\n"
+                 "    param W: f32[784, 10] = zeros()\n    logits = x @ W\n    output logits\n"
+                 "    loss = cross_entropy(logits, y)\n}\ntrain m { optimizer = adam(lr=1e-3)\n"
+                 "    seed = 1 }\n")
+    assert main(["train", str(f), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "error: digits samples have 64 values but input x of the model is f32[N, 784]" in err
+    assert "hint: a train block that names no `data` trains on the digits (8x8 images)" in err
+
+
+def test_mse_against_integer_labels_hints_one_hot(capsys):
+    source = ("model m {\n    input x: f32[N, 4]\n    input y: i64[N]\n"
+              "    param W: f32[4, 3] = zeros()\n    logits = x @ W\n    output logits\n"
+              "    loss = mse(logits, y)\n}\n")
+    with pytest.raises(GraphcError) as err:
+        check_source(source, "m.nn")
+    text = str(err.value)
+    assert "m.nn:7:12: error: mse: the target is integer class labels: y is i64[N]" in text
+    assert "hint: compare with one-hot rows, mse(logits, one_hot(y, 3)), or use " \
+           "cross_entropy(logits, y) on scores" in text
+    check_source(source.replace("mse(logits, y)", "mse(logits, one_hot(y, 3))"), "m.nn")

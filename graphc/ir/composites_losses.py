@@ -25,12 +25,29 @@ def _same_shape_loss(name):
     return rule
 
 
+def _target_dtype(name):
+    """Both operands floating point; integer targets beside float predictions are class labels,
+    which these losses take as one-hot rows (a cast would compare scores with class numbers)."""
+    def rule(ops, attrs):
+        pred, target = ops
+        if pred.type.dtype.is_float and not target.type.dtype.is_float:
+            classes = pred.type.shape[-1] if pred.type.ndim == target.type.ndim + 1 else None
+            one_hot = (f"one_hot({target.label}, {classes})" if isinstance(classes, int)
+                       else f"one_hot({target.label}, CLASSES)")
+            raise TypeError_(f"{name}: the target is integer class labels: {target}, against "
+                             f"{pred}",
+                             hint=f"compare with one-hot rows, {name}({pred.label}, {one_hot}), "
+                                  f"or use cross_entropy({pred.label}, {target.label}) on scores")
+        return float_dtype(name, ops)
+    return rule
+
+
 def _mse_decompose(emit, inputs, attrs):
     d = emit("sub", inputs[0], inputs[1])
     return emit("mean", emit("mul", d, d))
 
 
-composite("mse", 2, lambda ops, a: float_dtype("mse", ops), _same_shape_loss("mse"),
+composite("mse", 2, _target_dtype("mse"), _same_shape_loss("mse"),
           lambda f, t: np.mean((f - t) ** 2), _mse_decompose,
           doc="mean squared error over all elements")
 
@@ -90,7 +107,7 @@ def _bce_decompose(emit, inputs, attrs):
 
 
 composite("binary_cross_entropy_with_logits", 2,
-          lambda ops, a: float_dtype("binary_cross_entropy_with_logits", ops),
+          _target_dtype("binary_cross_entropy_with_logits"),
           _same_shape_loss("binary_cross_entropy_with_logits"), _bce_np, _bce_decompose,
           doc="logistic negative log-likelihood of 0/1 targets under logits")
 

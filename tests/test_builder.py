@@ -156,7 +156,9 @@ def test_several_models_need_a_choice():
 
 def test_train_block_is_checked_and_resolved():
     src = """model m { input x: f32[N, 2]
-        output x }
+        input y: f32[N, 2]
+        output x
+        loss = mse(x, y) }
     train m { data = digits; optimizer = sgd(0.1, momentum=0.9); batch = 32
               schedule = plateau(patience=3); early_stop = early_stop(5) }"""
     cfg = check_source(src, "t.nn").trains["m"]

@@ -51,7 +51,11 @@ def build_key(path: str, source: bytes, options: dict[str, object]) -> str:
         raise AssertionError(f"internal error: build options {sorted(options)}, "
                              f"expected {sorted(BUILD_OPTIONS)}")
     backend = options["backend"]
-    parts = [_graphc_digest(), path] + [f"{name}={options[name]!r}" for name in BUILD_OPTIONS]
+    if backend == "auto":       # the backend it stands for on this machine decides the build
+        from graphc.targets import auto_backend
+        backend = auto_backend()
+    parts = [_graphc_digest(), path, f"resolved={backend}"] + [
+        f"{name}={options[name]!r}" for name in BUILD_OPTIONS]
     if backend == "llvm":
         import llvmlite  # the package's version only: no LLVM is loaded
 

@@ -283,7 +283,7 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from graphc.cli_common import load_array
-    from graphc.runtime.fit import as_samples
+    from graphc.runtime.fit import as_samples, forward_batched
     from graphc.runtime.program import ProgramError
     if args.no_scale:       # it once skipped the run's scaling, and so could scale twice
         raise error("--no-scale is gone: a trained model scales its inputs itself",
@@ -302,7 +302,7 @@ def cmd_predict(args) -> int:
     if args.mc_samples is not None:
         return _predict_mc(program, config, name, x, args)
     try:
-        outputs = _forward_batched(program, name, x, args.batch)
+        outputs = forward_batched(program, name, x, args.batch)
     except ValueError as err:
         raise error(f"{args.input}: {err}") from None
     task = program.meta.get("task") or {}
@@ -323,12 +323,6 @@ def cmd_predict(args) -> int:
         np.savez(args.out, classes=classes, probabilities=probs)
         print(f"wrote classes and probabilities to {args.out}", file=sys.stderr)
     return 0
-
-
-def _forward_batched(program, name: str, x, batch: int) -> dict:
-    import numpy as np
-    chunks = [program.forward(**{name: x[i:i + batch]}) for i in range(0, max(len(x), 1), batch)]
-    return {k: np.concatenate([c[k] for c in chunks]) for k in program.outputs}
 
 
 def _raw_inputs(program, x, args):

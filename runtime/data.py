@@ -19,6 +19,7 @@ import numpy as np
 
 from graphc.errors import did_you_mean, error
 from graphc.files import MAX_DATA_BYTES, Npz, listing, open_regular
+from graphc.ir.preprocess import SCALINGS
 from graphc.ir.types import TensorType, format_shape
 from graphc.runtime.csv_data import read_csv
 
@@ -366,7 +367,6 @@ def split(ds: Dataset, validation: float, test: float,
     return out
 
 
-SCALINGS = ("none", "unit", "standardize")
 
 
 @dataclass(eq=False)
@@ -418,7 +418,7 @@ class Scaler:
             out -= dtype.type(self.low)
             out /= dtype.type(span if span else 1.0)
             return out
-        flat = out.reshape(len(out), -1)
+        flat = out.reshape(len(out), math.prod(out.shape[1:]))     # zero samples too
         if flat.shape[1] != len(self.mean):
             raise error(f"the scaler was fitted on samples of {len(self.mean)} values, these have "
                         f"{flat.shape[1]}")

@@ -63,10 +63,16 @@ def _splits(x: np.ndarray, y: np.ndarray, validation, settings: TrainSettings) -
     the seed, as `graphc train` holds out the validation share of a data set with a test split)."""
     if len(x) != len(y):
         raise ProgramError(f"fit: x holds {len(x)} samples but y {len(y)}")
+    if len(x) == 0:
+        raise ProgramError("fit: x holds no samples")
     if isinstance(validation, (tuple, list)):
         if len(validation) != 2:
             raise ProgramError("fit: validation is (x_val, y_val) or a fraction")
-        return {"train": (x, y), "val": tuple(np.asarray(v) for v in validation)}
+        x_val, y_val = (np.asarray(v) for v in validation)
+        if len(x_val) == 0 or len(x_val) != len(y_val):
+            raise ProgramError(f"fit: validation holds {len(x_val)} samples and {len(y_val)} "
+                               f"labels; it needs as many of each, at least one")
+        return {"train": (x, y), "val": (x_val, y_val)}
     fraction = settings.validation if validation is None else float(validation)
     if not 0 < fraction < 1:
         raise ProgramError(f"fit: the validation fraction must be in (0, 1), not {fraction}")
@@ -94,16 +100,20 @@ def predict(program, x, batch: int):
     """Program.predict: forward over `x` in chunks of `batch` samples."""
     name = program.feature_input()
     samples, single = as_samples(np.asarray(x), program.inputs[name], name)
-    if batch < 1:
-        raise ProgramError(f"the batch size must be at least 1, not {batch}")
-    chunks = [program.forward(**{name: samples[i:i + batch]})
-              for i in range(0, max(len(samples), 1), batch)]
-    out = {k: np.concatenate([c[k] for c in chunks]) for k in program.outputs}
+    out = forward_batched(program, name, samples, batch)
     if single:
         out = {k: v[0] for k, v in out.items()}
     task = program.meta.get("task") or {}
     key = task.get("output") or (program.outputs[0] if len(program.outputs) == 1 else None)
     return out[key] if key is not None else out
+
+
+def forward_batched(program, name: str, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """The outputs of `program.forward` over samples `x` of input `name`, `batch` at a time."""
+    if batch < 1:
+        raise ProgramError(f"the batch size must be at least 1, not {batch}")
+    chunks = [program.forward(**{name: x[i:i + batch]}) for i in range(0, max(len(x), 1), batch)]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in program.outputs}
 
 
 def as_samples(x: np.ndarray, ttype: TensorType, name: str) -> tuple[np.ndarray, bool]:

@@ -50,16 +50,28 @@ class TrainSettings(TrainConfig):
             settings = cls.from_json(program.name, train)
             if settings.schedule.name not in SCHEDULES:
                 raise ValueError(f"unknown schedule {settings.schedule.name!r}")
-            if not math.isfinite(settings.lr):
-                raise ValueError(f"the learning rate is {settings.lr}")
-            if settings.batch < 1 or settings.epochs < 0 or settings.seed < 0:
-                raise ValueError("batch must be at least 1, epochs and seed at least 0")
+            _check_ranges(settings)
         except (KeyError, TypeError, ValueError) as err:
             raise error(f"model {program.name}: malformed train settings ({err})") from None
         lr = overrides.pop("lr", None)
         if lr is not None:
             settings = replace(settings, optimizer=settings.optimizer.with_options(lr=lr))
-        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        try:                    # the overrides (fit's arguments, the command line) as well
+            _check_ranges(settings)
+        except ValueError as err:
+            raise error(f"model {program.name}: {err}") from None
+        return settings
+
+
+def _check_ranges(settings: TrainSettings) -> None:
+    lr = settings.lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"the learning rate must be a finite number > 0, not {lr!r}")
+    for name, low in (("batch", 1), ("epochs", 0), ("seed", 0)):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
 
 
 @dataclass

@@ -118,3 +118,17 @@ def test_load_run_gives_the_trained_program(digits_run, digits_splits):
     assert "x#mean" in program.summary()
     with pytest.raises(GraphcError, match="not a graphc run folder"):
         graphc.load_run(digits_run / "trained")
+
+
+def test_fit_checks_its_overrides_and_its_validation_pair():
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    program = graphc.compile_file("models/digits_mlp.nn")
+    x, y = digits.data[:200], digits.target[:200]
+    for bad, said in (({"lr": float("nan")}, "learning rate must be a finite number > 0"),
+                      ({"seed": -1}, "seed must be an integer of at least 0"),
+                      ({"batch": 0}, "batch must be an integer of at least 1")):
+        with pytest.raises(GraphcError, match=said):
+            program.fit(x, y, epochs=1, **bad)
+    with pytest.raises(ProgramError, match="validation holds 0 samples"):
+        program.fit(x, y, epochs=1, validation=(x[:0], y[:0]))

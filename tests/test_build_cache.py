@@ -66,3 +66,12 @@ def test_werror_is_checked_after_a_build_without_it(tmp_path, capsys):
     # and the warnings come back on a hit, as the build printed them
     assert main(["build", str(model), "-o", str(tmp_path / "c")]) == 0
     assert capsys.readouterr().err.strip() == warned.strip()
+
+
+def test_auto_is_keyed_as_the_backend_it_stands_for(monkeypatch):
+    source = Path(MLP).read_bytes()
+    import graphc.targets as targets
+    monkeypatch.setattr(targets, "auto_backend", lambda: "numpy")
+    as_numpy = build_cache.build_key(MLP, source, _options(backend="auto"))
+    monkeypatch.setattr(targets, "auto_backend", lambda: "llvm")
+    assert build_cache.build_key(MLP, source, _options(backend="auto")) != as_numpy

@@ -263,3 +263,10 @@ def test_outputs_of_inputs_are_not_copied_nodes():
 def test_runtime_is_reachable_from_the_package():
     import graphc as g
     assert g.runtime.load_artifact is g.load_artifact
+
+
+def test_device_cuda_with_a_cpu_backend_is_refused():
+    src = SIMPLE + "\ntrain m { optimizer = adam(lr=1e-3)\n device = cuda\n backend = llvm }\n"
+    with pytest.raises(GraphcError, match="device = cuda, but backend = llvm runs on the CPU"):
+        check_source(src, "m.nn")
+    check_source(SIMPLE + "\ntrain m { optimizer = adam(lr=1e-3)\n device = cuda }\n", "m.nn")

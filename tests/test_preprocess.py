@@ -172,3 +172,21 @@ def test_eval_of_mnist_cnn_peaks_under_600_mb(tmp_path):
     assert "(10,000 samples)" in proc.stdout
     peak_mb = int(proc.stdout.split("peak ")[1]) / 1024
     assert peak_mb < 600, f"graphc eval peaked at {peak_mb:.0f} MB"
+
+
+def test_standardized_inputs_are_judged_per_feature():
+    """One feature's range covers another's values, so for standardize the samples' feature means
+    decide: raw digits are raw, standardized ones scaled, digits divided by 16 neither (so
+    predict warns instead of answering silently)."""
+    from sklearn.datasets import load_digits
+
+    from graphc.ir.preprocess import judge_inputs
+    from graphc.runtime.train import TrainSettings, prepare_data
+    program = graphc.compile_file("models/digits_mlp.nn")
+    pre = prepare_data(program, TrainSettings.of(program)).preprocessing
+    assert pre.mode == "standardize"
+    x = load_digits().data[:50]
+    scaled = (x - pre.mean) / np.where(pre.std > 0, pre.std, 1)
+    assert judge_inputs(pre, x) == "raw" and judge_inputs(pre, scaled) == "scaled"
+    assert judge_inputs(pre, x / 16) == "neither"
+    assert pre.raw_values(scaled[:0]).shape == (0, 64)        # no samples: no reshape error

@@ -10,6 +10,7 @@ from graphc.frontend import ast
 from graphc.frontend.settings import SettingsChecker
 from graphc.images import fit_problem, image_shape
 from graphc.ir.node import topo_order
+from graphc.ir.preprocess import SCALINGS
 from graphc.optim import OPTIMIZERS
 from graphc.options import NONNEGATIVE, Opt, fraction, positive
 from graphc.targets import BACKEND_CHOICES, DEVICES
@@ -39,7 +40,6 @@ DATASETS = {"digits": {}, "mnist": {}, "fashion_mnist": {},
             "csv": {"path": Opt("str", required=True), "label": Opt("str", required=True)}}
 EARLY_STOP = {"early_stop": {"patience": Opt("int", required=True, low=1),
                              "on": Opt("choice", "val_loss", choices=("val_loss", "val_accuracy"))}}
-SCALINGS = ("none", "unit", "standardize")
 # Augmentations of training images (runtime/augment.py implements them, in the same order).
 AUGMENTATIONS = {"shift": {"pixels": Opt("int", required=True, low=0)},
                  "rotate": {"degrees": Opt("float", required=True, low=0, high=180)},
@@ -173,6 +173,11 @@ def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
                 _check_optimizer(checker, *settings[s.name], s.value)
         except GraphcError as err:
             checker.errors.extend(err.diagnostics)
+    if settings.get("device") == "cuda" and settings.get("backend") not in (None, "auto", "cuda"):
+        where = next(s for s in train.settings if s.name == "backend")
+        checker.errors.append(src.diagnostic(
+            f"train {train.model}: device = cuda, but backend = {settings['backend']} runs on the "
+            f"CPU", where.loc, "leave the backend out (or say backend = cuda) to run on the GPU"))
     if "optimizer" not in settings and "optimizer" not in seen:
         checker.errors.append(src.diagnostic(
             f"train {train.model}: no optimizer", train.name_loc,

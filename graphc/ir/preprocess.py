@@ -116,7 +116,7 @@ class Preprocessing:
             span = self.high - self.low
             return x * (span if span else 1.0) + self.low
         if self.mode == "standardize":
-            flat = x.reshape(len(x), -1)
+            flat = x.reshape(len(x), math.prod(x.shape[1:]))     # zero samples too
             return (flat * self.std + self.mean).reshape(x.shape)
         return x
 
@@ -162,6 +162,30 @@ def _fits(x: np.ndarray, extent: tuple[float, float]) -> tuple[bool, bool]:
     return bool(inside), float(x.max() - x.min()) >= 0.1 * width
 
 
+STANDARDIZE_SAMPLES = 8     # enough samples for their per-feature means to say where they lie
+
+
+def _judge_standardized(preprocessing: Preprocessing, x: np.ndarray) -> str:
+    """Per feature, as standardize scales: raw samples standardized by the training statistics
+    have feature means near 0 (within a standard deviation); samples that are not raw (scaled
+    already, or otherwise) sit far off on average. Scaled ones have feature means near 0 and
+    spreads near 1 as they are. The global extremes cannot tell: one feature's range covers
+    another's values."""
+    flat = x.reshape(len(x), math.prod(x.shape[1:]))
+    if flat.shape[1] != len(preprocessing.mean):
+        return "raw"                    # the shape check that follows says what is wrong
+    varied = preprocessing.std > 0
+    if not np.any(varied):
+        return "raw"
+    mean, std = preprocessing.mean[varied], preprocessing.std[varied]
+    as_raw = (flat[:, varied].mean(axis=0) - mean) / std
+    if float(np.sqrt(np.mean(as_raw ** 2))) <= 1.0:
+        return "raw"
+    centred = float(np.sqrt(np.mean(flat[:, varied].mean(axis=0) ** 2))) <= 1.0
+    spread = float(np.sqrt(np.mean(flat[:, varied].std(axis=0) ** 2)))
+    return "scaled" if centred and 0.3 <= spread <= 3.0 else "neither"
+
+
 def judge_inputs(preprocessing: Preprocessing, x: np.ndarray) -> str:
     """How raw-looking inputs are: "raw" (within the raw range seen in training, or the range is
     unknown), "scaled" (not raw, but within the scaled range: preprocessed already) or
@@ -169,6 +193,8 @@ def judge_inputs(preprocessing: Preprocessing, x: np.ndarray) -> str:
     x = np.asarray(x, dtype=np.float64)
     if preprocessing.mode == "none" or not x.size or not np.all(np.isfinite(x)):
         return "raw"
+    if preprocessing.mode == "standardize" and len(x) >= STANDARDIZE_SAMPLES:
+        return _judge_standardized(preprocessing, x)
     raw_inside, raw_spread = _fits(x, preprocessing.raw_range)
     scaled_inside, scaled_spread = _fits(x, preprocessing.scaled_range)
     if raw_inside and (raw_spread or not (scaled_inside and scaled_spread)):

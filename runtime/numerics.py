@@ -18,7 +18,7 @@ import numpy as np
 from graphc.errors import GraphcError, error
 from graphc.ir import OPS
 from graphc.ir.node import Graph, Node
-from graphc.ir.types import bind_shape
+from graphc.ir.reference import evaluate_node
 
 TRAIN_STEP = "train_step"
 MAX_SOURCE = 1 << 20        # the .nn file read for the source line under the caret, at most
@@ -81,23 +81,20 @@ def locate_non_finite(program, snapshot: Snapshot, batch: dict[str, np.ndarray],
 
 def first_non_finite(graph: Graph, values: dict[str, np.ndarray]
                      ) -> tuple[Node, np.ndarray, list[np.ndarray]] | None:
-    """Run `graph` node by node with each op's numpy reference; the first node (in topological
+    """Run `graph` node by node with the reference evaluator's `evaluate_node`; the first node (in topological
     order) whose float value is not finite while its operands are, with its value and operands.
     `values` holds every source's value by name, and the symbolic dimensions under `#dims`."""
     dims = values.get("#dims", {})
     computed: dict[int, np.ndarray] = {}
     with np.errstate(all="ignore"):       # the search expects infinities and NaNs
         for node in graph.nodes():
-            op = OPS[node.op]
             if node.op == "const":
                 out = np.asarray(node.attr["value"], dtype=node.dtype.numpy)
-            elif op.kind == "source":
+            elif OPS[node.op].kind == "source":
                 out = np.asarray(values[node.attr["name"]])
             else:
                 ins = [computed[id(i)] for i in node.inputs]
-                attrs = {k: bind_shape(v, dims) if op.attrs[k].kind == "ints" else v
-                         for k, v in node.attrs}
-                out = np.asarray(op.numpy(*ins, **attrs))
+                out = evaluate_node(node, ins, dims)
                 if not all_finite([out]) and all_finite(ins):
                     return node, out, ins
             computed[id(node)] = out

@@ -38,6 +38,23 @@ def pytest_unconfigure(config):
         os.environ["GRAPHC_CACHE_DIR"] = config._graphc_user_cache
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A good mnist_mlp artifact, built once per test module (artifact and loader tests)."""
+    import graphc
+    folder = tmp_path_factory.mktemp("pristine") / "mlp"
+    graphc.compile_file(REPO / "models" / "mnist_mlp.nn").save(folder)
+    return folder
+
+
+@pytest.fixture
+def art(pristine, tmp_path) -> Path:
+    """A fresh copy of `pristine`, free to damage."""
+    folder = tmp_path / "art"
+    shutil.copytree(pristine, folder)
+    return folder
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

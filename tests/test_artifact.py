@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pathlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,21 +91,6 @@ def expect_load_error(folder: Path, *fragments: str) -> GraphcError:
 @pytest.fixture(scope="module")
 def mlp_program():
     return graphc.compile_file(MLP)
-
-
-@pytest.fixture(scope="module")
-def pristine(mlp_program, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pristine") / "mlp"
-    mlp_program.save(folder)
-    return folder
-
-
-@pytest.fixture
-def art(pristine, tmp_path) -> Path:
-    """A fresh copy of a good mnist_mlp artifact, free to damage."""
-    folder = tmp_path / "art"
-    shutil.copytree(pristine, folder)
-    return folder
 
 
 # --- round trips ------------------------------------------------------------------------------------

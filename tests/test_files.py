@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-import graphc
 from graphc import cli
 from graphc.errors import GraphcError
 from graphc.files import (
@@ -196,20 +195,6 @@ ARTIFACT_CASES = {
     "broadcast_to [2e8, N, 10]": (huge_broadcast(2 * 10 ** 8), "graph.json",
                                   "bytes of buffers per sample"),
 }
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pristine") / "mlp"
-    graphc.compile_file(MLP).save(folder)
-    return folder
-
-
-@pytest.fixture
-def art(pristine, tmp_path) -> Path:
-    folder = tmp_path / "art"
-    shutil.copytree(pristine, folder)
-    return folder
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "cli": ("graphc.cli", "graphc.cli_common", "graphc.cli_types", "graphc.train_cli",
             "graphc.search", "graphc.search_cli", "graphc.search_results", "graphc.report",
             "graphc.report_cli", "graphc.draw", "graphc.gradcheck", "graphc.build_cache",
-            "graphc.__main__", "graphc.api", "graphc"),
+            "graphc.__main__", "graphc.api", "graphc.onnx", "graphc"),
 }
 # What each layer may import besides itself: the compiler sits on the core alone, beside the
 # backends and the runtime, and hands the runtime graphs; the CLI and the top-level API use all.

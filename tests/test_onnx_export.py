@@ -1,0 +1,218 @@
+"""ONNX export (graphc/onnx/export.py) checked against onnxruntime: every bundled model's forward
+graph, the train steps of mnist_mlp and mnist_cnn, the fused patterns, preprocessing, refusals."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from graphc.api import compile_file, compile_source  # noqa: E402
+from graphc.cli import main  # noqa: E402
+from graphc.errors import GraphcError  # noqa: E402
+from graphc.onnx import INSTALL_HINT  # noqa: E402
+from graphc.onnx.export import build_model, export_onnx, uniform_feeds  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+BATCH = 3
+RTOL = 1e-5
+
+
+def _session(proto):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _random_inputs(program, rng, batch=BATCH) -> dict[str, np.ndarray]:
+    feeds = {}
+    for node in program.graph.inputs:
+        shape = tuple(batch if isinstance(d, str) else d for d in node.type.shape)
+        if node.type.dtype.is_float:
+            feeds[node.attr["name"]] = rng.standard_normal(shape).astype(node.type.dtype.numpy)
+        else:
+            feeds[node.attr["name"]] = rng.integers(0, 10, shape).astype(node.type.dtype.numpy)
+    return feeds
+
+
+def _close(got: np.ndarray, want: np.ndarray, rtol: float = RTOL) -> float:
+    """The largest difference relative to the largest magnitude of `want` (normwise)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype)
+    scale = max(float(np.max(np.abs(want))), 1e-30) if want.size else 1.0
+    diff = float(np.max(np.abs(got.astype(np.float64) - want))) / scale if want.size else 0.0
+    assert diff <= rtol, f"relative difference {diff:.3g} > {rtol}"
+    return diff
+
+
+def _ops(proto) -> set[str]:
+    return {n.op_type for n in proto.graph.node}
+
+
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*.nn")), ids=lambda p: p.stem)
+def test_forward_matches_onnxruntime_for_every_model(path):
+    program = compile_file(path, seed=0)
+    proto = build_model(program)
+    onnx.checker.check_model(proto, full_check=True)
+    inputs = _random_inputs(program, np.random.default_rng(0))
+    want = program.forward(**inputs)
+    got = _session(proto).run(None, inputs)
+    assert [o.name for o in proto.graph.output] == list(want)
+    for value, expected in zip(got, want.values()):
+        _close(value, expected)
+    # The batch axis stays symbolic, and parameters are initializers, not inputs.
+    inits = {t.name for t in proto.graph.initializer}
+    assert set(program.params) <= inits
+    assert [i.name for i in proto.graph.input] == [n.attr["name"] for n in program.graph.inputs]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert all(n.doc_string.startswith(str(path)) for n in proto.graph.node if n.op_type != "Identity")
+
+
+@pytest.mark.parametrize("model, fused", [
+    ("mnist_mlp", {"Gemm", "LogSoftmax"}),
+    ("digits_mlp", {"Gemm", "Softmax"}),
+    ("mnist_cnn", {"Conv", "MaxPool", "Gemm", "LogSoftmax"}),
+    ("fashion_cnn", {"Conv", "BatchNormalization", "MaxPool", "Gemm", "LogSoftmax"}),
+])
+def test_layers_become_their_onnx_ops(model, fused):
+    proto = build_model(compile_file(MODELS / f"{model}.nn", seed=0))
+    ops = _ops(proto)
+    assert fused <= ops, ops
+    # Nothing of the decompositions is left over: no sliding-window gathers, no Exp of softmax.
+    assert not ops & {"Gather", "Exp", "ReduceMax", "Pad"}, ops
+
+
+LAYERS_SOURCE = """
+model layers {
+    input x: f32[N, 2, 6, 6]
+    h = x -> avg_pool(2) -> conv(3, 3, padding=1) -> flatten -> linear(16)
+    g = gelu(h)
+    t = gelu(h, approximate="tanh")
+    output y = layernorm(g + t)
+}
+"""
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_layer_norm_gelu_and_avg_pool(opset):
+    program = compile_source(LAYERS_SOURCE, seed=0)
+    proto = build_model(program, opset=opset)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = _ops(proto)
+    assert {"LayerNormalization", "AveragePool", "Conv", "Gemm"} <= ops, ops
+    assert ("Gelu" in ops) == (opset >= 20) and ("Erf" in ops) == (opset < 20), ops
+    x = np.random.default_rng(1).standard_normal((4, 2, 6, 6)).astype(np.float32)
+    _close(_session(proto).run(None, {"x": x})[0], program.forward(x=x)["y"])
+
+
+def test_preprocessing_is_inside_the_exported_model():
+    from graphc.ir.preprocess import Preprocessing
+    program = compile_file(MODELS / "digits_mlp.nn", seed=0)
+    rng = np.random.default_rng(2)
+    mean, std = rng.uniform(0, 8, 64), rng.uniform(0.5, 4, 64)
+    program.add_preprocessing(Preprocessing("x", "standardize", "float64", (0.0, 16.0), (-3.0, 3.0),
+                                            mean=mean, std=std))
+    proto = build_model(program)
+    raw = rng.uniform(0, 16, (5, 64)).astype(np.float32)
+    got = _session(proto).run(None, {"x": raw})[0]
+    _close(got, program.forward(x=raw)["probs"])
+    assert "graphc.preprocess" in {p.key for p in proto.metadata_props}
+    # The model takes raw values: feeding them scaled gives something else.
+    scaled = ((raw - mean) / std).astype(np.float32)
+    assert not np.allclose(_session(proto).run(None, {"x": scaled})[0], got, atol=1e-3)
+
+
+@pytest.mark.parametrize("model, batch", [("mnist_mlp", 8), ("mnist_cnn", 2)])
+def test_five_train_steps_match_graphc(model, batch):
+    program = compile_file(MODELS / f"{model}.nn", seed=3)
+    proto = build_model(program, graph="train-step")
+    onnx.checker.check_model(proto, full_check=True)
+    assert not any(n.domain for n in proto.graph.node)          # standard ops only
+    session = _session(proto)
+    names = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    contract = program.train_step_contract
+    assert outputs == ["loss"] + [u.output for u in contract.updates]
+    params = {k: np.array(v) for k, v in program.params.items()}
+    state = {k: np.array(v) for k, v in program.state.items()}
+    rng = np.random.default_rng(4)
+    for step in range(5):
+        x = rng.standard_normal((batch,) + tuple(program.graph.inputs[0].type.shape[1:])).astype(np.float32)
+        y = rng.integers(0, 10, batch)
+        feeds = {"x": x, "y": y, "#lr": np.array(program.lr, np.float32), **params, **state,
+                 **uniform_feeds(proto, program.seed, step, {"N": batch})}
+        assert set(feeds) == set(names)
+        got = dict(zip(outputs, session.run(None, feeds)))
+        loss = program.train_step(x=x, y=y)
+        _close(got["loss"], np.asarray(loss, np.float32))
+        for u in contract.updates:
+            target = program.state if u.in_state else program.params
+            _close(got[u.output], np.asarray(target[u.target]), rtol=1e-5 * (step + 1))
+            (state if u.in_state else params)[u.target] = got[u.output]
+
+
+def test_train_step_inputs_default_to_the_programs_values():
+    program = compile_file(MODELS / "digits_logreg.nn", seed=0)
+    proto = build_model(program, graph="train-step")
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input]
+    assert inputs[:2] == ["x", "y"] and "#lr" in inputs and "W" in inputs and "#step" in inputs
+    assert {"W", "b", "#step"} <= inits
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    y = np.arange(4)
+    got = _session(proto).run(["loss"], {"x": x, "y": y, "#lr": np.array(0.05, np.float32)})[0]
+    _close(got, np.asarray(program.train_step(x=x, y=y), np.float32))
+
+
+def test_unsupported_content_is_one_error_at_its_location(monkeypatch):
+    from graphc.onnx import lowering
+    monkeypatch.delitem(lowering.HANDLERS, "tanh")
+    with pytest.raises(GraphcError) as info:
+        build_model(compile_file(MODELS / "digits_nesterov.nn", seed=0))
+    text = str(info.value)
+    assert "`tanh` has no ONNX lowering" in text
+    assert "models/digits_nesterov.nn:7:" in text and "linear(64) -> tanh" in text and "^" in text
+
+
+def test_bad_opset_and_graph_are_refused():
+    program = compile_file(MODELS / "backprop_example.nn", seed=0)
+    with pytest.raises(GraphcError, match="opset 16 is not supported"):
+        build_model(program, opset=16)
+    with pytest.raises(GraphcError, match="no train step"):
+        build_model(program, graph="train-step")
+
+
+def test_missing_onnx_gives_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(GraphcError, match=r"pip install -e '\.\[onnx\]'") as info:
+        export_onnx(MODELS / "mnist_mlp.nn")
+    assert INSTALL_HINT in str(info.value)
+
+
+def test_cli_export_and_errors(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(MODELS / "digits_logreg.nn"), "-o", str(out), "--graph", "train-step"]) == 0
+    assert "exported digits_logreg (train-step, opset 17)" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    assert {o.name for o in proto.graph.output} >= {"loss", "new W", "new b"}
+    assert main(["export", str(MODELS / "backprop_example.nn"), "-o", str(out), "--opset", "99"]) == 1
+    err = capsys.readouterr().err
+    assert "opset 99 is not supported" in err and "Traceback" not in err
+    assert main(["export", str(tmp_path / "nothing"), "-o", str(out)]) == 1
+    assert "no such .nn file, run folder or artifact folder" in capsys.readouterr().err
+    assert main(["export", str(MODELS / "mnist_mlp.nn"), "-o", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_artifact_folder_exports_like_its_source(tmp_path):
+    program = compile_file(MODELS / "mnist_cnn.nn", seed=0)
+    program.save(tmp_path / "art")
+    a = build_model(program)
+    b = export_onnx(tmp_path / "art", tmp_path / "m.onnx")
+    assert a.graph.SerializeToString() == b.graph.SerializeToString()
+    assert (tmp_path / "m.onnx").read_bytes() == b.SerializeToString()

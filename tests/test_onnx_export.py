@@ -228,3 +228,26 @@ def test_artifact_folder_exports_like_its_source(tmp_path):
     b = export_onnx(tmp_path / "art", tmp_path / "m.onnx")
     assert a.graph.SerializeToString() == b.graph.SerializeToString()
     assert (tmp_path / "m.onnx").read_bytes() == b.SerializeToString()
+
+
+def test_export_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: graphc export" in out and "--graph {forward,train-step}" in out
+
+
+def test_train_step_at_a_newer_opset():
+    """From opset 18 the reductions take their axes as an input: the step still matches."""
+    program = compile_file(MODELS / "digits_nesterov.nn", seed=0)
+    proto = build_model(program, opset=21, graph="train-step")
+    onnx.checker.check_model(proto, full_check=True)
+    x = np.random.default_rng(5).standard_normal((6, 64)).astype(np.float32)
+    y = np.arange(6) % 10
+    out = dict(zip([o.name for o in proto.graph.output],
+                   _session(proto).run(None, {"x": x, "y": y, "#lr": np.array(0.05, np.float32)})))
+    _close(out["loss"], np.asarray(program.train_step(x=x, y=y), np.float32))
+    for u in program.train_step_contract.updates:
+        target = program.state if u.in_state else program.params
+        _normwise(out[u.output], np.asarray(target[u.target]))

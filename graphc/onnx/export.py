@@ -213,7 +213,9 @@ class _Sources:
     def graph_inputs(self) -> list:
         """The batch first, then parameters, optimizer state, the learning rate and dropout's
         draws, each group in the order the graph reads them."""
-        ordered = sorted(self.inputs.items(), key=lambda item: item[1][0])
+        position = {name: k for k, name in enumerate(self.inputs)}
+        ordered = sorted(self.inputs.items(), key=lambda item: (
+            item[1][0], item[0] if item[1][0] == 4 else "", position[item[0]]))
         return [info for _, (_, info) in ordered]
 
 
@@ -241,15 +243,20 @@ def save(proto, path: Path) -> None:
 
 
 def summary(proto) -> str:
-    """One line about an exported model: its nodes, ops and inputs."""
+    """One line about an exported model: its nodes by op, its inputs and outputs."""
     ops: dict[str, int] = {}
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     inits = {t.name for t in proto.graph.initializer}
-    inputs = [i.name for i in proto.graph.input if i.name not in inits]
+    fed = [i.name for i in proto.graph.input if i.name not in inits]
+    defaults = sum(i.name in inits for i in proto.graph.input)
     top = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
-    return (f"{len(proto.graph.node)} nodes ({top}); inputs {', '.join(inputs) or '-'}; "
-            f"outputs {', '.join(o.name for o in proto.graph.output)}")
+    inputs = ", ".join(fed) + (f" and {defaults} parameters and state values (default: their "
+                               f"values now)" if defaults else "")
+    outputs = [o.name for o in proto.graph.output]
+    shown = ", ".join(outputs) if len(outputs) <= 6 else \
+        ", ".join(outputs[:4]) + f", ... ({len(outputs)} in all)"
+    return f"{len(proto.graph.node)} nodes ({top}); inputs {inputs}; outputs {shown}"
 
 
 __all__ = ["export_onnx", "build_model", "uniform_feeds", "GraphcError"]

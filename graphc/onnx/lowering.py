@@ -74,7 +74,7 @@ class Lowering:
         doc = ""
         if at is not None and at.loc is not None:
             doc = str(at.loc) + (f" ({', '.join(sorted(at.tags))})" if at.tags else "")
-        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=self.fresh(f"{op_type}:{out}"),
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out,
                                                 doc_string=doc or None, **attrs))
         return out
 

@@ -15,7 +15,7 @@ from graphc.api import compile_file, compile_source  # noqa: E402
 from graphc.cli import main  # noqa: E402
 from graphc.errors import GraphcError  # noqa: E402
 from graphc.onnx import INSTALL_HINT  # noqa: E402
-from graphc.onnx.export import build_model, export_onnx, uniform_feeds  # noqa: E402
+from graphc.onnx.export import build_model, export_onnx, random_feeds  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 BATCH = 3
@@ -138,14 +138,19 @@ def test_preprocessing_is_inside_the_exported_model():
     assert not np.allclose(_session(proto).run(None, {"x": scaled})[0], got, atol=1e-3)
 
 
-@pytest.mark.parametrize("model, batch", [("mnist_mlp", 8), ("mnist_cnn", 2)])
-def test_five_train_steps_match_graphc(model, batch):
+@pytest.mark.parametrize("model, batch, opset", [("mnist_mlp", 8, 17), ("mnist_cnn", 2, 17),
+                                                  ("mnist_mlp", 8, 18), ("mnist_cnn", 2, 18)])
+def test_five_train_steps_match_graphc(model, batch, opset):
+    """Opset 17 takes dropout's draws as inputs, opset 18 computes them from the key #rng:
+    either way the masks are graphc's."""
     program = compile_file(MODELS / f"{model}.nn", seed=3)
-    proto = build_model(program, graph="train-step")
+    proto = build_model(program, opset=opset, graph="train-step")
+    names = [i.name for i in proto.graph.input]
+    assert ("#rng" in names) == (opset >= 18)
+    assert any(n.startswith("#uniform:") for n in names) == (opset < 18)
     onnx.checker.check_model(proto, full_check=True)
     assert not any(n.domain for n in proto.graph.node)          # standard ops only
     session = _session(proto)
-    names = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     contract = program.train_step_contract
     assert outputs == ["loss"] + [u.output for u in contract.updates]
@@ -156,7 +161,7 @@ def test_five_train_steps_match_graphc(model, batch):
         x = rng.standard_normal((batch,) + tuple(program.graph.inputs[0].type.shape[1:])).astype(np.float32)
         y = rng.integers(0, 10, batch)
         feeds = {"x": x, "y": y, "#lr": np.array(program.lr, np.float32), **params, **state,
-                 **uniform_feeds(proto, program.seed, step, {"N": batch})}
+                 **random_feeds(proto, program.seed, step, {"N": batch})}
         assert set(feeds) == set(names)
         got = dict(zip(outputs, session.run(None, feeds)))
         loss = program.train_step(x=x, y=y)
@@ -251,3 +256,21 @@ def test_train_step_at_a_newer_opset():
     for u in program.train_step_contract.updates:
         target = program.state if u.in_state else program.params
         _normwise(out[u.output], np.asarray(target[u.target]))
+
+
+def test_a_run_exports_its_trained_parameters_and_preprocessing(tmp_path, capsys):
+    """`graphc export RUN`: the trained program with its fitted scaling; raw digits in."""
+    import graphc
+    from graphc.runtime.data import load_dataset, split
+    run = tmp_path / "run"
+    assert main(["train", str(MODELS / "digits_logreg.nn"), "--epochs", "1", "--out", str(run),
+                 "--quiet", "--backend", "numpy"]) == 0
+    assert main(["export", str(run), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "Sub 1" in capsys.readouterr().out           # the standardization's (x - mean) / std
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    trained = graphc.load_run(run, backend="numpy")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert np.array_equal(inits["W"], trained.params["W"]) and "x#mean" in inits
+    x, _ = split(load_dataset(("digits", {})), 0.2, 0.2, 0)["test"]
+    raw = np.asarray(x[:50], np.float32)
+    _close(_session(proto).run(None, {"x": raw})[0], trained.forward(x=raw)["probs"])

@@ -8,7 +8,7 @@ value under the train step's own output names (`new W1`, `new W1#exp_avg`, `new 
 inputs other than the batch and the learning rate carry the program's current values as
 initializers, so a runtime may leave them out. Dropout's random numbers (graphc's counter-based
 `uniform` draws, which ONNX cannot reproduce with its standard ops) are inputs `#uniform:STREAM`;
-`uniform_feeds` computes graphc's own draws for a step, so that the exported step and graphc's
+`random_feeds` computes graphc's own draws for a step, so that the exported step and graphc's
 take the same masks."""
 from __future__ import annotations
 
@@ -169,10 +169,10 @@ class _Sources:
         if name in self.inputs or any(t.name == name for t in self.initializers):
             return name
         if op == "input":
-            if name == RNG_INPUT:
+            if name == RNG_INPUT and self.lowering.opset < 18:
                 raise refuse(node, "the random key #rng is read by something other than dropout's "
                                    "uniform draws")
-            order = 3 if name == LR_INPUT else 0
+            order = {LR_INPUT: 3, RNG_INPUT: 4}.get(name, 0)
             self.inputs[name] = (order, _value_info(self.helper, name, node.type))
             return name
         if op == "param":
@@ -219,14 +219,19 @@ class _Sources:
         return [info for _, (_, info) in ordered]
 
 
-def uniform_feeds(model, seed: int, step: int, dims: dict[str, int]) -> dict[str, np.ndarray]:
-    """The `#uniform:STREAM` inputs of an exported train step for step `step` of a run seeded
-    `seed`: the numbers graphc's own step draws (`dims` binds the symbolic sizes, {"N": batch})."""
+def random_feeds(model, seed: int, step: int, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """The random inputs of an exported train step for step `step` (the value of `#step` before
+    it) of a run seeded `seed` (the metadata's `graphc.seed`), so that the step drops what
+    graphc's own step drops: the key `#rng` where the model computes dropout's draws itself
+    (opset 18 or newer), the draws `#uniform:STREAM` where it takes them as inputs (opset 17);
+    nothing without dropout. `dims` binds the symbolic sizes: {"N": batch}."""
     from graphc.ir.ops import OPS
     draw = OPS["uniform"].numpy
     props = {p.key: p.value for p in model.metadata_props}
-    feeds = {}
     key = rng_key(seed, step)
+    feeds = {}
+    if any(i.name == RNG_INPUT for i in model.graph.input):
+        feeds[RNG_INPUT] = np.array(key, np.int64)
     for u in json.loads(props.get("graphc.uniform", "[]")):
         shape = bind_shape(tuple(u["shape"]), dims)
         feeds[u["input"]] = draw(np.int64(key), shape, stream=u["stream"], dtype=u["dtype"])
@@ -259,4 +264,4 @@ def summary(proto) -> str:
     return f"{len(proto.graph.node)} nodes ({top}); inputs {inputs}; outputs {shown}"
 
 
-__all__ = ["export_onnx", "build_model", "uniform_feeds", "GraphcError"]
+__all__ = ["export_onnx", "build_model", "random_feeds", "GraphcError"]

@@ -101,7 +101,7 @@ class Lowering:
         limit = 4 * len(self.graph.nodes()) + 1000
         if sys.getrecursionlimit() < limit:
             sys.setrecursionlimit(limit)
-        if node.op in ("input", "param", "state", "uniform"):
+        if node.op in ("input", "param", "state") or (node.op == "uniform" and self.opset < 18):
             name = self.sources(node)
         elif node.op == "const":
             name = self.const(node.attr["value"], node.type.dtype)
@@ -358,3 +358,54 @@ def _window_add(lw, node, ins):
                     value=lw.numpy_helper.from_array(np.zeros(1, node.dtype.numpy)))
     summed = lw.emit("ScatterElements", [zeros, index, flat], node, axis=lead, reduction="add")
     return lw.emit("Reshape", [summed, lw.ints([0] * lead + list(size))], node, lw.out_name(node))
+
+
+# --- dropout's draws, from opset 18: graphc's counter-based hash in 32-bit integer ops ----------
+
+def _hash32(lw: Lowering, x: str, at: Node) -> str:
+    """lowbias32 (graphc.ir.primitives.hash32) on uint32 values."""
+    u32 = np.dtype(np.uint32)
+    for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):
+        x = lw.emit("BitwiseXor", [x, lw.emit("BitShift", [x, lw.const(shift, u32)], at,
+                                               direction="RIGHT")], at)
+        if factor is not None:
+            x = lw.emit("Mul", [x, lw.const(factor, u32)], at)
+    return x
+
+
+@handler("uniform")
+def _uniform(lw, node, ins):
+    # graphc.ir.primitives._uniform: element i is hash(hash(i ^ w0) ^ w1) >> 8, times 2^-24, the
+    # words w0, w1 hashed from the key and the stream (draw_words). BitwiseXor needs opset 18;
+    # before it the exporter makes the draws graph inputs instead.
+    from graphc.ir.primitives import hash32
+    if lw.opset < 18:
+        raise refuse(node, "dropout's draws need opset 18 or newer to be computed in the graph")
+    u32, u64 = np.dtype(np.uint32), np.dtype(np.uint64)
+    key = lw.emit("Cast", ins, node, to=13)                                  # uint64
+    low = lw.emit("Cast", [lw.emit("BitwiseAnd", [key, lw.const(0xFFFFFFFF, u64)], node)], node, to=12)
+    high = lw.emit("Cast", [lw.emit("BitShift", [key, lw.const(32, u64)], node, direction="RIGHT")],
+                   node, to=12)
+    stream = int(node.attr["stream"])
+    w0 = _hash32(lw, lw.emit("BitwiseXor", [low, lw.const(hash32(stream + 0x9E3779B9), u32)], node), node)
+    w1 = _hash32(lw, lw.emit("BitwiseXor", [_hash32(lw, lw.emit("Add", [high, lw.const(0x632BE5AB, u32)],
+                                                                   node), node), w0], node), node)
+    shape = node.type.shape
+    if all(isinstance(d, int) for d in shape):
+        count = lw.const(math.prod(shape), np.dtype(np.int64))
+    else:
+        count = lw.reduce("ReduceProd", lw.dims(shape, node), None, False, node)
+    index = lw.emit("Cast", [lw.emit("Range", [lw.const(0, np.dtype(np.int64)), count,
+                                              lw.const(1, np.dtype(np.int64))], node)], node, to=12)
+    bits = _hash32(lw, lw.emit("BitwiseXor", [_hash32(lw, lw.emit("BitwiseXor", [index, w0], node), node),
+                                              w1], node), node)
+    top = lw.emit("BitShift", [bits, lw.const(8, u32)], node, direction="RIGHT")
+    # The top 24 bits are exact in f32 and f64, and so is the scaling; f16 rounds once from f64.
+    wide = DType.f64 if node.dtype not in (DType.f32, DType.f64) else node.dtype
+    value = lw.emit("Mul", [lw.emit("Cast", [top], node, to=ONNX_DTYPES[wide]),
+                            lw.const(2.0 ** -24, wide)], node)
+    if wide is not node.dtype:
+        value = lw.emit("Cast", [value], node, to=ONNX_DTYPES[node.dtype])
+    if any(isinstance(d, str) for d in shape):
+        return lw.emit("Reshape", [value, lw.dims(shape, node)], node, lw.out_name(node))
+    return lw.emit("Reshape", [value, lw.ints(shape)], node, lw.out_name(node))

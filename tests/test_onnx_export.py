@@ -274,3 +274,35 @@ def test_a_run_exports_its_trained_parameters_and_preprocessing(tmp_path, capsys
     x, _ = split(load_dataset(("digits", {})), 0.2, 0.2, 0)["test"]
     raw = np.asarray(x[:50], np.float32)
     _close(_session(proto).run(None, {"x": raw})[0], trained.forward(x=raw)["probs"])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "f64"])
+def test_dropout_draws_computed_in_the_graph_are_graphcs_bit_for_bit(dtype):
+    from onnx import helper, numpy_helper
+
+    from graphc.ir import ops as op_table
+    from graphc.ir.node import Graph
+    from graphc.ir.types import DType, TensorType
+    from graphc.onnx.lowering import Lowering
+    key = op_table.source("input", TensorType(DType.i64, ()), name="#rng")
+    x = op_table.source("input", TensorType(DType.f32, ("N", 3)), name="x")   # binds N
+    u = op_table.apply("uniform", [key], {"shape": ("N", 7), "stream": 5, "dtype": dtype})
+    graph = Graph("g", (("u", u), ("n", op_table.apply("size", [x], {"axis": 0}))))
+    lw = Lowering(helper, numpy_helper, graph, 18, lambda node: node.attr["name"])
+    outs = [lw.value(node) for _, node in graph.outputs]
+    proto = helper.make_model(
+        helper.make_graph(lw.nodes, "g", [helper.make_tensor_value_info("#rng", 7, []),
+                                          helper.make_tensor_value_info("x", 1, ["N", 3])],
+                          [helper.make_tensor_value_info(outs[0], {"f32": 1, "f16": 10, "f64": 11}[dtype],
+                                                         ["N", 7]),
+                           helper.make_tensor_value_info(outs[1], 1, [])],
+                          initializer=lw.initializers),
+        opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    draw = op_table.OPS["uniform"].numpy
+    for k in (0, 12345, (7 << 32) | 3, 2**62 + 99):
+        got = _session(proto).run([outs[0]], {"#rng": np.array(k, np.int64),
+                                              "x": np.zeros((9, 3), np.float32)})[0]
+        want = draw(np.int64(k), (9, 7), stream=5, dtype=dtype)
+        assert got.dtype == want.dtype and np.array_equal(got, want), k

@@ -103,6 +103,27 @@ def gemm(lw, node: Node):
     return None
 
 
+def _transposed(lw, node: Node) -> tuple[Node, int]:
+    """(a, 1) for a 2-D transpose(a) that nothing else reads, else (node, 0)."""
+    if node.op == "transpose" and node.type.ndim == 2 and lw.single_use(node) \
+            and tuple(node.attr["axes"] or (1, 0)) in ((1, 0), (-1, -2)):
+        return node.inputs[0], 1
+    return node, 0
+
+
+@pattern("matmul", "Gemm")
+def gemm_transposed(lw, node: Node):
+    """A 2-D product of a transposed operand (the backward graph's x^T @ g, g @ W^T): Gemm's
+    transA, transB instead of a Transpose."""
+    a, b = node.inputs
+    if a.type.ndim != 2 or b.type.ndim != 2 or not node.dtype.is_float:
+        return None
+    (a, ta), (b, tb) = _transposed(lw, a), _transposed(lw, b)
+    if not (ta or tb):
+        return None
+    return lw.emit("Gemm", [lw.value(a), lw.value(b)], node, lw.out_name(node), transA=ta, transB=tb)
+
+
 def _windows(node: Node) -> tuple[Node, tuple, tuple, tuple, list, float] | None:
     """The image, kernel, stride, dilation and pads (ONNX order) of a `window` over the last two
     axes of [N, C, H, W] images, its padding (a `pad` of H and W only) folded in."""

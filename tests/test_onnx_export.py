@@ -306,3 +306,26 @@ def test_dropout_draws_computed_in_the_graph_are_graphcs_bit_for_bit(dtype):
                                               "x": np.zeros((9, 3), np.float32)})[0]
         want = draw(np.int64(k), (9, 7), stream=5, dtype=dtype)
         assert got.dtype == want.dtype and np.array_equal(got, want), k
+
+
+def test_activations_and_one_value_used_by_several_outputs():
+    """elu, softplus (log1p), leaky_relu, swish, prelu decompose to where, minimum, abs, ...;
+    an output that is an input, and two outputs of one value, get their own names."""
+    program = compile_source("""
+model m {
+    input x: f32[N, 6]
+    param a: f32[6] = constant(value=0.2)
+    output y = concat(elu(x), softplus(x, beta=2.0), leaky_relu(x), swish(x), prelu(x, a), axis=1)
+    output m = mean(abs(x))
+    output same = x
+    output z = x * 2.0
+    output w = x * 2.0
+}""", seed=0)
+    proto = build_model(program)
+    onnx.checker.check_model(proto, full_check=True)
+    x = np.random.default_rng(6).standard_normal((5, 6)).astype(np.float32) * 4
+    got = _session(proto).run(None, {"x": x})
+    want = program.forward(x=x)
+    assert [o.name for o in proto.graph.output] == list(want) == ["y", "m", "same", "z", "w"]
+    for value, expected in zip(got, want.values()):
+        _close(value, expected)

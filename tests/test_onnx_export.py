@@ -128,7 +128,8 @@ def test_preprocessing_is_inside_the_exported_model():
     mean, std = rng.uniform(0, 8, 64), rng.uniform(0.5, 4, 64)
     program.add_preprocessing(Preprocessing("x", "standardize", "float64", (0.0, 16.0), (-3.0, 3.0),
                                             mean=mean, std=std))
-    proto = build_model(program)
+    import graphc
+    proto = graphc.export_onnx(program)                   # the top-level API
     raw = rng.uniform(0, 16, (5, 64)).astype(np.float32)
     got = _session(proto).run(None, {"x": raw})[0]
     _close(got, program.forward(x=raw)["probs"])

@@ -108,6 +108,22 @@ model layers {
 }
 """
 
+EMBEDDING_SOURCE = """
+model tokens {
+    input t: i64[N, 5]
+    output y = t -> embedding(11, 4) -> layernorm
+}
+"""
+
+
+def test_embedding_is_a_gather():
+    program = compile_source(EMBEDDING_SOURCE, seed=0)
+    proto = build_model(program)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {"Gather", "LayerNormalization"} <= _ops(proto) and "OneHot" not in _ops(proto)
+    t = np.random.default_rng(7).integers(0, 11, (3, 5))
+    _close(_session(proto).run(None, {"t": t})[0], program.forward(t=t)["y"])
+
 
 @pytest.mark.parametrize("opset", [17, 20])
 def test_layer_norm_gelu_and_avg_pool(opset):

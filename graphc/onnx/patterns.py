@@ -1,9 +1,10 @@
 """Patterns of graphc primitives that have an ONNX op of their own: what `linear`, `conv2d`,
-`max_pool2d`, `avg_pool2d`, `batch_norm` (inference), `layer_norm`, `softmax`, `log_softmax` and
-`gelu` decompose into, recognized in a lowered graph (artifacts and runs hold only lowered graphs)
-and exported as Gemm, Conv, MaxPool, AveragePool, BatchNormalization, LayerNormalization, Softmax,
-LogSoftmax and Gelu. Each pattern is keyed by the op of the node it ends at and returns the ONNX
-value, or None where the node does not match (the primitive is then lowered as it is)."""
+`max_pool2d`, `avg_pool2d`, `batch_norm` (inference), `layer_norm`, `softmax`, `log_softmax`,
+`gelu` and `embedding` decompose into, recognized in a lowered graph (artifacts and runs hold only
+lowered graphs) and exported as Gemm, Conv, MaxPool, AveragePool, BatchNormalization,
+LayerNormalization, Softmax, LogSoftmax, Gelu and Gather. Each pattern is keyed by the op of the
+node it ends at and returns the ONNX value, or None where the node does not match (the primitive
+is then lowered as it is)."""
 from __future__ import annotations
 
 import math
@@ -109,6 +110,16 @@ def _transposed(lw, node: Node) -> tuple[Node, int]:
             and tuple(node.attr["axes"] or (1, 0)) in ((1, 0), (-1, -2)):
         return node.inputs[0], 1
     return node, 0
+
+
+@pattern("matmul", "Gather")
+def embedding(lw, node: Node):
+    """one_hot(indices) @ table, `embedding`'s decomposition: the rows the indices pick."""
+    rows, table = node.inputs
+    if rows.op != "one_hot" or table.type.ndim != 2 or not lw.single_use(rows) \
+            or rows.attr["depth"] != table.type.shape[0]:
+        return None
+    return lw.emit("Gather", [lw.value(table), lw.value(rows.inputs[0])], node, lw.out_name(node), axis=0)
 
 
 @pattern("matmul", "Gemm")

@@ -20,7 +20,7 @@ import numpy as np
 from graphc.errors import GraphcError, error
 from graphc.ir.contract import LR_INPUT, RNG_INPUT, rng_key
 from graphc.ir.node import Graph, Node
-from graphc.ir.types import DType, bind_shape
+from graphc.ir.types import bind_shape
 from graphc.onnx import require_onnx
 from graphc.onnx.lowering import ONNX_DTYPES, Lowering, refuse
 from graphc.onnx.patterns import PATTERNS
@@ -191,8 +191,6 @@ class _Sources:
 
     def _tensor(self, value, name: str, node: Node):
         array = np.asarray(value)
-        if node.type.dtype is DType.bf16:
-            raise refuse(node, f"{name} is bf16, which numpy (and so this exporter) cannot hold")
         return self.numpy_helper.from_array(array.astype(node.type.dtype.numpy, copy=False), name)
 
     def _uniform(self, node: Node) -> str:

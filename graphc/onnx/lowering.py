@@ -81,7 +81,7 @@ class Lowering:
     def const(self, value, dtype: np.dtype | DType) -> str:
         """An initializer holding `value` (deduplicated)."""
         if isinstance(dtype, DType):
-            dtype = dtype.numpy if dtype is not DType.bf16 else np.dtype(np.float32)
+            dtype = dtype.numpy
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
@@ -98,6 +98,9 @@ class Lowering:
         name = self.names.get(id(node))
         if name is not None:
             return name
+        if node.type.dtype is DType.bf16:
+            raise refuse(node, f"{node.label()} is bf16, which this exporter does not write "
+                               f"(numpy, which holds the values, has no bf16)")
         limit = 4 * len(self.graph.nodes()) + 1000
         if sys.getrecursionlimit() < limit:
             sys.setrecursionlimit(limit)

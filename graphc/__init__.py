@@ -5,14 +5,17 @@ artifacts) never pulls in the front end or lark.
 """
 from graphc.version import __version__
 
-__all__ = ["compile_file", "compile_source", "load_artifact", "load_run", "GraphcError",
-           "__version__"]
+__all__ = ["compile_file", "compile_source", "load_artifact", "load_run", "export_onnx",
+           "GraphcError", "__version__"]
 
 
 def __getattr__(name):
     if name in ("compile_file", "compile_source"):
         from graphc import api
         return getattr(api, name)
+    if name == "export_onnx":
+        from graphc.onnx.export import export_onnx
+        return export_onnx
     if name in ("load_artifact", "load_run"):
         from graphc import runtime
         return getattr(runtime, name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from graphc.errors import GraphcError
+from graphc.errors import error
 
 INSTALL_HINT = "ONNX support needs the onnx package: pip install -e '.[onnx]'"
 
@@ -18,5 +18,5 @@ def require_onnx() -> ModuleType:
     try:
         import onnx
     except ImportError as exc:
-        raise GraphcError(INSTALL_HINT) from exc
+        raise error(INSTALL_HINT) from exc
     return onnx

@@ -124,9 +124,10 @@ def _train(args, group=None) -> int:
             raise other_ranks(run.path, config.get("ranks", 1), ranks)
         program = run.load_program(args.backend)
         program.use_precision(args.precision)
-        if args.epochs is not None and root:    # recorded: a later plain --resume trains as long
+        if args.epochs is not None:    # recorded, so a later plain --resume trains as long
             config["settings"]["epochs"] = args.epochs
-            run.write_json("config.json", config)
+            if root:
+                run.write_json("config.json", config)
         settings = TrainSettings.of(_with_settings(program, config["settings"]))
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                             config["base_dir"], scaler=config["data"]["scaler"])
@@ -138,6 +139,9 @@ def _train(args, group=None) -> int:
         program.compile()     # native code now: a missing GPU fails before a run folder exists
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                     seed=args.seed)
+        if group is not None:     # before the run folder: refused, the run leaves nothing
+            from graphc.runtime.distributed import check_batch
+            check_batch(settings.batch, ranks)
         data = prepare_data(program, settings, args.data_dir, base_dir)
         run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")

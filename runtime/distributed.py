@@ -130,6 +130,12 @@ class DistributedTrainer(Trainer):
     def share_start(self) -> None:
         """Every rank starts from rank 0's parameters, optimizer state and loop state (drawn by
         it, or read from its checkpoint on --resume)."""
+        settings = self.group.broadcast(self.settings.to_json())
+        if settings != self.settings.to_json():
+            differ = sorted(k for k in settings if settings[k] != self.settings.to_json().get(k))
+            raise error(f"rank {self.group.rank} trains with other settings than rank 0 "
+                        f"({', '.join(differ)} differ)",
+                        hint="every rank must read the same .nn file and flags")
         program = self.program
         for name, value in self.group.broadcast_arrays(dict(program.params.items())).items():
             program.params[name] = value

@@ -140,8 +140,8 @@ def _train(args, group=None) -> int:
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                     seed=args.seed)
         if group is not None:     # before the run folder: refused, the run leaves nothing
-            from graphc.runtime.distributed import check_batch
-            check_batch(settings.batch, ranks)
+            from graphc.runtime.distributed import check_ranks
+            check_ranks(program, settings.batch, ranks)
         data = prepare_data(program, settings, args.data_dir, base_dir)
         run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")

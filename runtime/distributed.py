@@ -34,11 +34,18 @@ class MPIGroup:
         # This rank's part of the step's global batch, where the shards differ in size (an
         # epoch's last batch); None: equal shards.
         self.share: float | None = None
+        # bench/mpi.py: a barrier first, timed apart, so `seconds` is the reduction alone and
+        # `waited` the time this rank waited for the slowest to reach it
+        self.barrier_first, self.waited = False, 0.0
 
     def all_reduce(self, buffer: np.ndarray, op: str) -> None:
         """Each rank's values are means over its shard of the global batch; `mean` makes them the
         global batch's: their mean where the shards are equal, else their sum weighted by each
         rank's share of the samples."""
+        if self.barrier_first:
+            start = time.perf_counter()
+            self.comm.Barrier()
+            self.waited += time.perf_counter() - start
         start = time.perf_counter()
         weighted = op == "mean" and self.share is not None
         if weighted:
@@ -106,7 +113,13 @@ def guarded(group: MPIGroup, body: Callable[[], int], render: Callable[[BaseExce
         os._exit(code)          # MPI_Abort has ended the job; never back into the caller
 
 
-def check_batch(batch: int, ranks: int) -> None:
+def check_ranks(program, batch: int, ranks: int) -> None:
+    """What a run on `ranks` ranks needs of its program and global batch."""
+    if program.backend == "cuda":
+        raise error(f"data-parallel training runs on the CPU backends (numpy, llvm); {program.name} "
+                    f"runs on cuda, whose all-reduce (through page-locked host memory, or NCCL) "
+                    f"is not built yet (docs/distributed.md)",
+                    hint="pass --backend llvm, or train on one process")
     if batch % ranks:
         raise error(f"the global batch {batch} does not split evenly across {ranks} ranks",
                     hint=f"choose a batch that {ranks} divides (--batch "
@@ -121,7 +134,7 @@ class DistributedTrainer(Trainer):
     def __init__(self, group: MPIGroup, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group = group
-        check_batch(self.settings.batch, group.size)
+        check_ranks(self.program, self.settings.batch, group.size)
         # Dropout masks are drawn from (seed, step) over the rows a process holds: each rank
         # keys its own (rank 0 the one-process run's), or every shard would get the same mask.
         if group.rank:

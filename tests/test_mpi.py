@@ -101,6 +101,39 @@ class Doubling:
         buffer *= 2
 
 
+BATCH_NORM = """model bn {
+    input x: f32[N, 5]
+    input y: i64[N]
+    output logits = x -> linear(4) -> batchnorm -> relu -> linear(3)
+    loss = cross_entropy(logits, y)
+}
+train bn { data = digits
+ optimizer = sgd(lr=0.1)
+ batch = 8 }
+"""
+
+
+def test_running_statistics_are_averaged_in_the_same_buffer():
+    """Batch norm's new running statistics ride in the gradients' buffer (one MPI call): with a
+    group whose all-reduce doubles, they come out doubled."""
+    checked = check_source(BATCH_NORM)
+    one, two = (build_program(checked, None, "numpy", ranks=n) for n in (1, 2))
+    reduces = [n for n in two.graphs["train_step"].nodes() if n.op == "all_reduce"]
+    stats = [p.name for p in two.param_info.values() if p.role == "stat"]
+    assert len(stats) == 2 and len(reduces) == 1
+    assert reduces[0].shape == (sum(p.count for p in two.param_info.values()) + 1,)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((8, 5)).astype(np.float32), rng.integers(0, 3, 8)
+    previous = collective.use(Doubling())
+    try:
+        two.train_step(x=x, y=y)
+    finally:
+        collective.use(previous)
+    one.train_step(x=x, y=y)
+    for name in stats:
+        np.testing.assert_allclose(two.params[name], 2 * one.params[name], rtol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "llvm"])
 def test_the_reduction_sits_between_gradients_and_update(backend):
     """With a group whose all-reduce doubles, a step equals a one-process step on doubled

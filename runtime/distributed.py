@@ -4,6 +4,7 @@ and the loop's decisions (validation, early stopping, schedules) taken by rank 0
 Rank 0 alone writes the run folder. docs/distributed.md describes the design and its costs."""
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -183,5 +184,17 @@ class DistributedTrainer(Trainer):
             self._take_loop(loop)
 
     def finish(self) -> dict:
+        self.check_same_parameters()
         scores = super().finish() if self.group.rank == 0 else None
         return self.group.broadcast(scores)
+
+    def check_same_parameters(self) -> None:
+        """Every rank must hold rank 0's parameters bit for bit (the same update of the same
+        values); a rank that does not is a bug, said before rank 0 saves anything."""
+        digest = hashlib.sha256()
+        for name in sorted(self.program.params):
+            digest.update(np.ascontiguousarray(self.program.params[name]).tobytes())
+        digests = self.group.comm.allgather(digest.hexdigest())
+        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        assert not differ, (f"internal error: the parameters of rank(s) {differ} differ from rank "
+                            f"0's after training")

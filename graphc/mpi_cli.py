@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,10 +57,17 @@ def launch(args) -> int:
     if argv is None:
         argv = sys.argv[1:]
     command = [program, "-n", str(args.ranks), sys.executable, "-m", "graphc", *argv]
+    process = subprocess.Popen(command)
     try:
-        status = subprocess.run(command).returncode
+        status = process.wait()
     except KeyboardInterrupt:
-        print("graphc: interrupted", file=sys.stderr)
+        # Ctrl-C reached the ranks too (one process group): rank 0 says where the run stands.
+        # Sent to this process alone, it is passed on: mpiexec forwards SIGINT to the ranks.
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
         return 130
     if status not in (0, 1, 130):     # 1: a rank said why; else a rank died without a word
         print(f"graphc: a rank of the run stopped abnormally (mpiexec exit status {status}); "

@@ -184,10 +184,13 @@ def _train(args, group=None) -> int:
     try:
         scores = trainer.fit()
     except KeyboardInterrupt:
+        if not root:              # rank 0 says it (mpiexec passes Ctrl-C to every rank)
+            return 130
         done = trainer.saved_epochs
+        resume = "" if group is None else f" --ranks {ranks}"
         print(f"\ngraphc: interrupted; {run.path} holds {done} finished epoch"
               f"{'s' if done != 1 else ''}" + (f": continue with graphc train --resume {run.path}"
-                                                if done else ""), file=sys.stderr)
+                                                f"{resume}" if done else ""), file=sys.stderr)
         return 130
     if trainer.loop.stopped_early and not args.quiet:
         print(f"early stop after epoch {trainer.loop.epoch}: restored the parameters of epoch "

@@ -306,7 +306,8 @@ class Trainer:
                 "samples_per_s": round(self.trained_samples / max(self.trained_seconds, 1e-9))}
 
     def epoch_order(self, n: int, epoch: int) -> list[np.ndarray]:
-        """The index arrays of the epoch's minibatches (runtime.distributed cuts them)."""
+        """The index arrays of the epoch's minibatches (a data-parallel run leaves out a last one
+        too small to share, runtime.distributed)."""
         return batches(n, self.settings.batch, self.settings.seed, epoch)
 
     def shard(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -267,6 +267,20 @@ def test_a_batch_the_ranks_do_not_divide_is_refused_once(tmp_path):
 
 
 @needs_mpi
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    """Rank 1 started with another --epochs than rank 0 (MPMD): it says so, prefixed with its
+    rank, and MPI_Abort ends rank 0, which waits in a broadcast, within seconds."""
+    command = [sys.executable, "-m", "graphc", "train", DIGITS, "--out", tmp_path / "run",
+               "--backend", "numpy", "--epochs"]
+    start = time.monotonic()
+    proc = run([MPIEXEC, "-n", 1, *command, 2, ":", "-n", 1, *command, 3])
+    assert proc.returncode != 0 and time.monotonic() - start < 30
+    assert "rank 1: error: rank 1 trains with other settings than rank 0 (epochs differ)" in proc.stderr
+    assert "graphc: stopping all 2 ranks" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "last.npz").exists()
+
+
+@needs_mpi
 def test_a_rank_that_dies_stops_every_rank(tmp_path):
     out = tmp_path / "run"
     start = time.monotonic()

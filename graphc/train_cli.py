@@ -254,9 +254,12 @@ def _headline(program, settings, data, run, done: int) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, False, 0, 0.0)
                      or k == "lr")
     what = "resuming" if done else "training"
+    ranks = program.meta.get("ranks", 1)
+    split = f" ({settings.batch // ranks} on each of {ranks} ranks)" if ranks > 1 else ""
     return (f"{what} {program.name} on {settings.data.name} ({sizes['train']:,} train / "
             f"{sizes['val']:,} val / {sizes['test']:,} test): {name}({opts}), "
-            f"{settings.epochs} epochs of batch {settings.batch}, seed {settings.seed} -> {run.path}")
+            f"{settings.epochs} epochs of batch {settings.batch}{split}, seed {settings.seed} "
+            f"-> {run.path}")
 
 
 def _print_epoch(row: dict) -> None:

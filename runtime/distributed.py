@@ -115,12 +115,7 @@ def guarded(group: MPIGroup, body: Callable[[], int], render: Callable[[BaseExce
 
 
 def check_ranks(program, batch: int, ranks: int) -> None:
-    """What a run on `ranks` ranks needs of its program and global batch."""
-    if program.backend == "cuda":
-        raise error(f"data-parallel training runs on the CPU backends (numpy, llvm); {program.name} "
-                    f"runs on cuda, whose all-reduce (through page-locked host memory, or NCCL) "
-                    f"is not built yet (docs/distributed.md)",
-                    hint="pass --backend llvm, or train on one process")
+    """What a run on `ranks` ranks needs of its global batch."""
     if batch % ranks:
         raise error(f"the global batch {batch} does not split evenly across {ranks} ranks",
                     hint=f"choose a batch that {ranks} divides (--batch "

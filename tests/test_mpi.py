@@ -3,6 +3,7 @@ its split on a compiled backend, and `graphc train --ranks 2` / `mpiexec -n 2` o
 against one process, with rank-0-only writing, resume, refusals and a rank that dies."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -134,11 +135,25 @@ def test_running_statistics_are_averaged_in_the_same_buffer():
         np.testing.assert_allclose(two.params[name], 2 * one.params[name], rtol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("backend", ["numpy", "llvm", "cuda"])
 def test_the_reduction_sits_between_gradients_and_update(backend):
     """With a group whose all-reduce doubles, a step equals a one-process step on doubled
     gradients (plain SGD: the update is linear in them), and the loss is doubled: one call per
-    step, on the numpy backend inside the graph, on llvm between its two native parts."""
+    step, on the numpy backend inside the graph, on llvm and cuda between their two native
+    parts (cuda on the emulated device where pycuda finds no GPU)."""
+    device = contextlib.nullcontext()
+    if backend == "cuda":
+        from cuda_emulator import CXX
+        from emulated_device import emulated_pycuda, gpu_problem
+        if gpu_problem() is not None:
+            if CXX is None:
+                pytest.skip("neither a GPU nor g++ for the emulated device")
+            device = emulated_pycuda()
+    with device:
+        _reduction_between_gradients_and_update(backend)
+
+
+def _reduction_between_gradients_and_update(backend):
     source = ("model m {\n    input x: f32[N, 3]\n    input y: f32[N, 2]\n"
               "    output p = x -> linear(2)\n    loss = mse(p, y)\n}\n"
               "train m { data = digits\n optimizer = sgd(lr=0.1)\n batch = 4 }\n")

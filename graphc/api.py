@@ -18,9 +18,11 @@ def program_of(model: CompiledModel, backend: str | None = "numpy") -> Program:
 
 
 def build_program(checked: CheckedFile, model: str | None = None, backend: str | None = "numpy",
-                  seed: int | None = None, options: PipelineOptions | None = None) -> Program:
-    """The program of `model` on `backend` (None: the one its train block's `device` asks for)."""
-    return program_of(compile_model(checked, model, seed, options), backend)
+                  seed: int | None = None, options: PipelineOptions | None = None,
+                  ranks: int = 1) -> Program:
+    """The program of `model` on `backend` (None: the one its train block's `device` asks for);
+    `ranks` > 1: the train step of one of that many data-parallel processes."""
+    return program_of(compile_model(checked, model, seed, options, ranks), backend)
 
 
 def compile_source(text: str, backend: str | None = "numpy", model: str | None = None,

@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = make_parser(own_only=_command_word(argv) in OWN_COMMANDS)
     args = parser.parse_args(argv)
+    args.argv = argv          # what `graphc train --ranks N` runs again under mpiexec
     configure_logging(args.debug)
     try:
         return args.run(args)

@@ -153,14 +153,15 @@ def lower_derived(graph: Graph, options: PipelineOptions | None = None) -> Graph
 
 
 def compile_model(checked: CheckedFile, model: str | None = None, seed: int | None = None,
-                  options: PipelineOptions | None = None) -> CompiledModel:
+                  options: PipelineOptions | None = None, ranks: int = 1) -> CompiledModel:
     """The compiled `model` of a checked file: its lowered graphs, the train step's contract, and
-    its parameters initialized with `seed` (None: its train block's seed, else 0)."""
+    its parameters initialized with `seed` (None: its train block's seed, else 0). `ranks` > 1:
+    the train step of one of that many data-parallel processes (graphc.runtime.distributed)."""
     ir = checked.pick(model)
     train = checked.trains.get(ir.name)
     if seed is None:
         seed = train.seed if train else 0
-    graphs, state, train_step = program_graphs(ir, train, options)
+    graphs, state, train_step = program_graphs(ir, train, options, ranks)
     infos = {name: ParamInfo(name, p.type, p.role, p.init) for name, p in ir.params.items()}
     values = {name: initialize(name, p.type.shape, p.type.dtype.numpy, p.init, seed)
               for name, p in ir.params.items()}
@@ -170,11 +171,13 @@ def compile_model(checked: CheckedFile, model: str | None = None, seed: int | No
         meta["batch_norm"] = norms     # the shapes it normalizes, for Program's batch-of-1 check
     if train is not None:
         meta["train"] = train.to_json()
+    if ranks > 1:
+        meta["ranks"] = ranks
     return CompiledModel(ir.name, graphs, infos, values, state, meta, train_step)
 
 
-def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOptions | None = None
-                   ) -> tuple[dict[str, Graph], dict[str, StateInfo], TrainStep | None]:
+def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOptions | None = None,
+                   ranks: int = 1) -> tuple[dict[str, Graph], dict[str, StateInfo], TrainStep | None]:
     """The lowered graphs of a model: `forward` (outputs), `sample` (the outputs with dropout on,
     where the model has dropout), and where there is a loss `evaluate` (outputs and loss),
     `loss_and_grads` (training mode) and, with a train block, `train_step` (forward, backward
@@ -198,7 +201,7 @@ def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOpti
     if train is not None:
         roles = {name: (p.type, p.role) for name, p in ir.params.items() if p.role != "stat"}
         step, contract, specs = train_step_graph(training, train.optimizer, roles, tuple(ir.stats),
-                                                 train.clip_grad_value, train.clip_grad_norm)
+                                                 train.clip_grad_value, train.clip_grad_norm, ranks)
         graphs["train_step"] = lower_derived(step, options)
         state = {name: StateInfo(name, t, init) for name, (t, init) in specs.items()}
         # Lowering keeps the outputs; the feeds are those the lowered graph reads.

@@ -235,25 +235,58 @@ def build_updates(optimizer: OptimizerSpec, params: list[tuple[Node, Node, str]]
 
 def train_step_graph(training: Graph, optimizer: OptimizerSpec,
                      params: dict[str, tuple[TensorType, str]], stats: Sequence[str] = (),
-                     clip_value: float | None = None, clip_norm: float | None = None
+                     clip_value: float | None = None, clip_norm: float | None = None,
+                     ranks: int = 1
                      ) -> tuple[Graph, TrainStep, dict[str, tuple[TensorType, float]]]:
     """One graph for a whole training step: the loss of `training` (a lowered training-mode
     graph whose running statistics `stats` are the outputs `stat_output(NAME)`), every parameter's
     gradient (clipped by value, then by global norm, where asked), and the optimizer's updates,
-    as outputs `loss` and `new_output(TARGET)`. Returns it with its contract and the optimizer
-    state it reads (name -> type, initial value)."""
+    as outputs `loss` and `new_output(TARGET)`. Built for `ranks` > 1 data-parallel processes,
+    the gradients, new running statistics and loss are averaged across them first
+    (`reduce_across_ranks`). Returns it with its contract and the optimizer state it reads
+    (name -> type, initial value)."""
     loss = training.output_map["loss"]
     present = {n.attr["name"]: n for n in training.params}
     nodes = [present.get(name) or op_table.source("param", t, name=name)
              for name, (t, _) in params.items()]
-    grads = clip_gradients(derive_backward(loss, nodes), clip_value, clip_norm)
+    grads = derive_backward(loss, nodes)
+    new_stats = {name: training.output_map[stat_output(name)] for name in stats}
+    if ranks > 1:
+        keys = [("grad", n) for n in nodes] + [("stat", s) for s in stats] + [("loss", None)]
+        reduced = reduce_across_ranks([grads[n] for n in nodes] + list(new_stats.values()) + [loss])
+        by_key = dict(zip(keys, reduced))
+        grads = {n: by_key["grad", n] for n in nodes}
+        new_stats = {s: by_key["stat", s] for s in stats}
+        loss = by_key["loss", None]
+    grads = clip_gradients(grads, clip_value, clip_norm)
     updates = build_updates(optimizer, [(n, grads[n], params[n.attr["name"]][1]) for n in nodes])
     contract = tuple(updates.kinds[k] for k in updates.new)
     contract += tuple(Update(new_output(name), name, UpdateKind.STAT, name) for name in stats)
-    new = {**updates.new, **{name: training.output_map[stat_output(name)] for name in stats}}
+    new = {**updates.new, **new_stats}
     outputs = (("loss", loss),) + tuple((u.output, new[u.target]) for u in contract)
     graph = Graph(f"{training.name}.train_step", outputs, "train")
     return graph, TrainStep("loss", contract, Feeds.of(graph, updates.state)), updates.state
+
+
+def reduce_across_ranks(values: Sequence[Node]) -> list[Node]:
+    """`values` averaged across the ranks of a data-parallel run: flattened into one buffer per
+    dtype (one all-reduce, one MPI call, per step, not one per tensor), reduced, and cut back
+    into each value's shape. Each rank's loss is the mean over its equal shard of the global
+    batch, so the mean of the ranks' gradients is the gradient of the global batch's loss."""
+    e = Emit(None, UPDATE)
+    out: list[Node | None] = [None] * len(values)
+    for dtype in dict.fromkeys(v.dtype for v in values):
+        group = [i for i, v in enumerate(values) if v.dtype == dtype]
+        flat = [e("reshape", values[i], shape=(values[i].type.size(),)) for i in group]
+        buffer = flat[0] if len(flat) == 1 else e("concat", *flat, axis=0)
+        reduced = op_table.apply("all_reduce", [buffer], {"op": "mean"}, tags=UPDATE)
+        start = 0
+        for i in group:
+            size = values[i].type.size()
+            piece = e("slice", reduced, axis=0, start=start, stop=start + size)
+            out[i] = e("reshape", piece, shape=values[i].shape)
+            start += size
+    return out
 
 
 def clip_gradients(grads: dict[Node, Node], value: float | None, norm: float | None

@@ -47,6 +47,10 @@ def add_commands(sub) -> None:
     _add_backend(p)
     p.add_argument("--Werror", action="store_true", dest="werror",
                    help="treat lint warnings (and advice) about the .nn file as errors")
+    p.add_argument("--ranks", type=positive, metavar="N",
+                   help="data-parallel training in N processes on this machine, started with "
+                        "mpiexec (each trains on 1/N of every batch; needs "
+                        "pip install -e '.[mpi]'; see docs/distributed.md)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="score a trained run or an artifact on a data split",
@@ -92,8 +96,20 @@ def _add_backend(p) -> None:
 # --- train ------------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    from graphc import mpi_cli
+    if mpi_cli.should_launch(args):         # --ranks N: mpiexec starts N of this command
+        return mpi_cli.launch(args)
+    if mpi_cli.launched_size() > 1:        # one of the ranks mpiexec started
+        return mpi_cli.run_rank(args, _train)
+    return _train(args)
+
+
+def _train(args, group=None) -> int:
+    """`graphc train` in this process; `group` (an MPIGroup): as one rank of a data-parallel run,
+    where rank 0 alone writes the run folder and prints."""
     from graphc.runtime.runs import RunFolder
     from graphc.runtime.train import Trainer, TrainSettings, prepare_data
+    root, ranks = group is None or group.rank == 0, 1 if group is None else group.size
     if args.resume:
         for flag in ("file", "batch", "lr", "seed", "out", "model"):
             if getattr(args, flag) is not None:
@@ -103,62 +119,84 @@ def cmd_train(args) -> int:
         run = RunFolder(args.resume)
         run.check_confined()
         config = run.config()
+        if config.get("ranks", 1) != ranks:
+            from graphc.mpi_cli import other_ranks
+            raise other_ranks(run.path, config.get("ranks", 1), ranks)
         program = run.load_program(args.backend)
         program.use_precision(args.precision)
         if args.epochs is not None:    # recorded, so a later plain --resume trains as long
             config["settings"]["epochs"] = args.epochs
-            run.write_json("config.json", config)
+            if root:
+                run.write_json("config.json", config)
         settings = TrainSettings.of(_with_settings(program, config["settings"]))
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                             config["base_dir"], scaler=config["data"]["scaler"])
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
-        program, base_dir = _load_trainable(args)
+        program, base_dir = _load_trainable(args, ranks)
         program.use_precision(args.precision)
         program.compile()     # native code now: a missing GPU fails before a run folder exists
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                     seed=args.seed)
+        if group is not None:     # before the run folder: refused, the run leaves nothing
+            from graphc.runtime.distributed import check_ranks
+            check_ranks(program, settings.batch, ranks)
         data = prepare_data(program, settings, args.data_dir, base_dir)
         run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
-        if RunFolder.is_run(run.path):
+        if group is not None:           # every rank names rank 0's folder (the time differs)
+            run = RunFolder(group.broadcast(str(run.path)))
+        if RunFolder.is_run(run.path) and root:
             raise error(f"{run.path}: already holds a run",
                         hint=f"continue it with --resume {run.path}, or choose another --out")
         program.meta["train"] = settings.to_json()
-        run.create(program, {
-            "model": program.name, "source": program.meta.get("source"),
-            "graphc_version": graphc.__version__, "settings": settings.to_json(),
-            "data": data.describe(), "base_dir": str(Path(base_dir).resolve()),
-            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-            "track_norms": args.track_norms})
+        if root:
+            run.create(program, {
+                "model": program.name, "source": program.meta.get("source"),
+                "graphc_version": graphc.__version__, "settings": settings.to_json(),
+                "data": data.describe(), "base_dir": str(Path(base_dir).resolve()),
+                "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                "track_norms": args.track_norms, **({"ranks": ranks} if ranks > 1 else {})})
     # A resumed run keeps recording norms as it was started (or from now on, with the flag).
     every = args.track_norms or (config.get("track_norms") if args.resume else None)
     norms = None
     if every:
         from graphc.runtime.norms import NORMS, NormRecorder
         norms = NormRecorder(run.path / NORMS, every)
-    trainer = Trainer(program, settings, data, run, on_epoch=None if args.quiet else _print_epoch,
-                      progress=not args.quiet, norms=norms, check_numerics=args.check_numerics,
-                      on_warning=_warn)
-    if args.resume:
+    if not root:                  # rank 0 writes and prints for all
+        run, args.quiet = None, True
+    options = dict(on_epoch=None if args.quiet else _print_epoch, progress=not args.quiet,
+                   norms=norms, check_numerics=args.check_numerics, on_warning=_warn)
+    if group is None:
+        trainer = Trainer(program, settings, data, run, **options)
+    else:
+        from graphc.runtime.distributed import DistributedTrainer
+        trainer = DistributedTrainer(group, program, settings, data, run, **options)
+    if args.resume and root:
         run.remove_temporaries()
         if run.last.exists() or run.last.is_symlink():
             trainer.resume()    # else it was stopped before its first checkpoint: from step 0
+    if group is not None:
+        trainer.share_start()     # rank 0's parameters, state and loop, drawn or resumed
     if not args.quiet:
         print(_headline(program, settings, data, run, trainer.loop.epoch), flush=True)
     try:
         scores = trainer.fit()
     except KeyboardInterrupt:
+        if not root:              # rank 0 says it (mpiexec passes Ctrl-C to every rank)
+            return 130
         done = trainer.saved_epochs
+        resume = "" if group is None else f" --ranks {ranks}"
         print(f"\ngraphc: interrupted; {run.path} holds {done} finished epoch"
               f"{'s' if done != 1 else ''}" + (f": continue with graphc train --resume {run.path}"
-                                                if done else ""), file=sys.stderr)
+                                                f"{resume}" if done else ""), file=sys.stderr)
         return 130
     if trainer.loop.stopped_early and not args.quiet:
         print(f"early stop after epoch {trainer.loop.epoch}: restored the parameters of epoch "
               f"{trainer.loop.best_epoch}")
-    print("test: " + _scores(scores["test"]))
+    if root:
+        print("test: " + _scores(scores["test"]))
     if not args.quiet:
         print(f"run saved to {run.path}")
     return 0
@@ -181,14 +219,18 @@ def _with_settings(program, settings: dict):
     return program
 
 
-def _load_trainable(args):
+def _load_trainable(args, ranks: int = 1):
     """A program to train from a .nn file or an artifact folder, and the folder that relative
-    data paths are taken from."""
+    data paths are taken from; `ranks` > 1: its train step all-reduces across that many ranks."""
     path = Path(args.file)
     if path.is_dir():
         from graphc.runtime import load_artifact
         if args.model:
             raise error("--model picks a model of a .nn file; an artifact holds one")
+        if ranks > 1:
+            raise error(f"{path}: an artifact's train step is built for one process; "
+                        f"training on {ranks} ranks compiles it again with an all-reduce",
+                        hint="train the .nn file it was built from")
         program = load_artifact(path, backend=args.backend)
         return program, _source_dir(program)
     from graphc.api import build_program
@@ -196,7 +238,7 @@ def _load_trainable(args):
     from graphc.compiler import check_source, read_source
     checked = check_source(read_source(path), str(path))
     report_lints(checked, args.werror)
-    program = build_program(checked, args.model, args.backend, args.seed)
+    program = build_program(checked, args.model, args.backend, args.seed, ranks=ranks)
     return program, path.parent
 
 
@@ -212,9 +254,12 @@ def _headline(program, settings, data, run, done: int) -> str:
     opts = ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, False, 0, 0.0)
                      or k == "lr")
     what = "resuming" if done else "training"
+    ranks = program.meta.get("ranks", 1)
+    split = f" ({settings.batch // ranks} on each of {ranks} ranks)" if ranks > 1 else ""
     return (f"{what} {program.name} on {settings.data.name} ({sizes['train']:,} train / "
             f"{sizes['val']:,} val / {sizes['test']:,} test): {name}({opts}), "
-            f"{settings.epochs} epochs of batch {settings.batch}, seed {settings.seed} -> {run.path}")
+            f"{settings.epochs} epochs of batch {settings.batch}{split}, seed {settings.seed} "
+            f"-> {run.path}")
 
 
 def _print_epoch(row: dict) -> None:

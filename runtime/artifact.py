@@ -122,6 +122,8 @@ MANIFEST_SCHEMA = {
     "task?": {"features": ListOf(str), "labels": ListOf(str), "kind": (str, type(None)),
               "output?": str, "scores?": str},
     "train?": (TRAIN_SCHEMA, type(None)), "batch_norm?": list,
+    # the data-parallel ranks its train step was built for (all_reduce nodes); absent: one
+    "ranks?": int,
     # the train step's contract (graphc.ir.contract.TrainStep.from_json checks its entries)
     "train_step?": {"loss": str, "updates": ListOf(dict), "feeds": dict},
     # the input preprocessing the graphs hold (graphc.ir.preprocess.Preprocessing.from_json checks it)
@@ -177,7 +179,8 @@ def read_artifact(path, backend: str | None = "numpy") -> dict:
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise error(f"{folder}: malformed artifact: {_reason(err)}") from None
     values = _load_params(folder / PARAMS_FILE, blobs[PARAMS_FILE], infos)
-    meta = {k: manifest[k] for k in ("source", "seed", "task", "train", "batch_norm") if k in manifest}
+    meta = {k: manifest[k] for k in ("source", "seed", "task", "train", "batch_norm", "ranks")
+            if k in manifest}
     if not _shapes(meta.get("batch_norm", [])):
         raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad batch_norm entry")
     return dict(name=model, graphs=graphs, params=infos, values=values,

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 import numpy as np
 
 from graphc.backends.numpy.executor import BACKENDS
+from graphc.backends.split import linkable, make_executor
 from graphc.errors import GraphcError, ProgramError, did_you_mean, error
 from graphc.ir.contract import (  # noqa: F401 (ParamInfo, StateInfo: re-exported)
     FED_INPUTS,
@@ -154,9 +155,11 @@ class Program:
         self.param_info = params
         self.params = ParamStore(params, values, sync=self.sync)
         executor = executor_class(self.backend)
-        self._executors = {key: executor(g, self.updates(key)) for key, g in graphs.items()}
+        # A train step with all-reduces runs on a compiled backend split at them (backends/split.py)
+        self._executors = {key: make_executor(executor, g, self.updates(key))
+                           for key, g in graphs.items()}
         if hasattr(executor, "link"):           # compiled backends build all graphs as one module
-            executor.link(self._executors, *(() if self.precision == "f32" else (self.precision,)))
+            executor.link(linkable(self._executors), *(() if self.precision == "f32" else (self.precision,)))
         self._checked_feeds: dict[tuple, dict[str, int]] = {}
         forward = graphs["forward"]
         self.inputs: dict[str, TensorType] = _user_inputs(forward)
@@ -191,7 +194,7 @@ class Program:
                         hint="use --backend cuda, or leave the precision at f32")
         if precision != self.precision:        # only the cuda backend gets here
             self.sync()                         # the new module's device copies start from these
-            executor_class("cuda").link(self._executors, precision)
+            executor_class("cuda").link(linkable(self._executors), precision)
             self.precision = precision
 
     def compile(self, load: bool = True) -> None:

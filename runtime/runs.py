@@ -39,6 +39,7 @@ CONFIG_SCHEMA = {
     "data": {"source": str, "sizes": MapOf(int), "scaler": dict, "features": str, "labels": str,
              "classes": (ListOf(str), _NONE), "preprocess?": dict},
     "base_dir": str, "data_dir?": (str, _NONE), "track_norms?": (int, _NONE),
+    "ranks?": int,          # data-parallel ranks (runtime.distributed); absent: one process
 }
 # what atomic_write leaves behind when killed: "." + the file's name + "." + 8 random characters
 _TEMPORARY = re.compile(r"\.(config\.json|scores\.json|metrics\.csv|metrics\.jsonl|last\.npz|"

@@ -247,6 +247,11 @@ class Trainer:
         while self.loop.epoch < self.settings.epochs and not self.loop.stopped_early:
             row = self.train_epoch(x, y)
             self.end_epoch(row)
+        return self.finish()
+
+    def finish(self) -> dict:
+        """After the last epoch: the best parameters back (early stopping), the final scores, and
+        the trained model in the run folder."""
         if self.settings.early_stop and self.best_params is not None:
             for name, value in self.best_params.items():   # early stopping restores the best
                 self.program.params[name] = value
@@ -262,7 +267,7 @@ class Trainer:
 
     def train_epoch(self, x: np.ndarray, y: np.ndarray) -> dict:
         epoch = self.loop.epoch
-        order = batches(len(y), self.settings.batch, self.settings.seed, epoch)
+        order = self.epoch_order(len(y), epoch)
         kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
         bar = _progress(len(order), f"epoch {epoch + 1}/{self.settings.epochs}", self.progress)
         start = time.perf_counter()
@@ -271,7 +276,7 @@ class Trainer:
 
         feeds = (self._augmented(x, y, order, epoch) if self.augmenter is not None else
                  ({features: x[index], labels: y[index]} for index in order))
-        for i, (index, feed) in enumerate(zip(order, feeds)):
+        for i, (index, feed) in enumerate(zip(order, map(self.shard, feeds))):
             if self.program.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.norms is not None:
@@ -299,6 +304,16 @@ class Trainer:
         return {"epoch": epoch + 1, "lr": self.program.lr, "loss": losses.mean,
                 "seconds": round(seconds, 4),
                 "samples_per_s": round(self.trained_samples / max(self.trained_seconds, 1e-9))}
+
+    def epoch_order(self, n: int, epoch: int) -> list[np.ndarray]:
+        """The index arrays of the epoch's minibatches (a data-parallel run leaves out a last one
+        too small to share, runtime.distributed)."""
+        return batches(n, self.settings.batch, self.settings.seed, epoch)
+
+    def shard(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What this process trains on of a minibatch: all of it (a data-parallel rank: its
+        shard, runtime.distributed)."""
+        return feed
 
     def training_scores(self) -> dict[str, float]:
         """Evaluation-mode scores on the training split (at most TRAIN_SCORED samples of it, the

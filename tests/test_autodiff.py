@@ -108,6 +108,7 @@ CASES = [
     ("batch_norm", [randn(5, 3), randn(3), randn(3), randn(3), pos(3)], {}),
     ("batch_norm", [randn(4, 2, 3, 2) * 2 + 1, randn(2), randn(2), randn(2), pos(2)], {"train": True}),
     ("running_stat", [randn(4, 2, 3, 2), randn(2)], {"stat": "var"}),
+    ("all_reduce", [randn(2, 3)], {"op": "sum"}),       # one process (several: test_mpi.py)
 ]
 
 

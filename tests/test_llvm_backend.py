@@ -178,6 +178,7 @@ def test_every_op_has_a_case():
     """A new op fails here until it is compared on this backend: by name in a .nn case, or (for
     the ops .nn cannot call) in an IR test below."""
     not_callable = {"uniform"}                        # test_uniform_draws_are_bit_identical
+    not_callable |= {"all_reduce"}    # no kernel runs it: test_mpi.py's split train steps
     ops = {n for n, op in OPS.items() if op.kind != "source"}
     missing = ops - called_ops() - not_callable
     assert not missing, f"ops without a case in test_llvm_backend.py: {sorted(missing)}"

@@ -171,6 +171,8 @@ PRIMITIVE_CASES = [
     ("broadcast_to", [randn(3, 1)], {"shape": (2, 3, 4)}, lambda x: np.broadcast_to(x, (2, 3, 4))),
     ("slice", [randn(3, 5)], {"axis": 1, "start": 1, "stop": 4}, lambda x: x[:, 1:4]),
     ("size", [randn(3, 5, 2)], {"axis": (0, 2), "dtype": "f64"}, lambda x: np.float64(6)),
+    # one process: nothing to reduce across (several: tests/test_mpi.py)
+    ("all_reduce", [randn(2, 3)], {"op": "mean"}, lambda x: x),
 ]
 
 

@@ -24,9 +24,10 @@ RUNTIME_DIR = ROOT / "runtime"          # installed as graphc.runtime
 RUNTIME_PACKAGE = "graphc.runtime"
 # What the runtime may import: the layers below it (tests/test_layers.py) and itself, numpy, the
 # standard library, tqdm (the progress bar), and what is imported only when used: scikit-learn
-# (the digits data set), llvmlite and pycuda (through the llvm and cuda backends).
+# (the digits data set), llvmlite and pycuda (through the llvm and cuda backends), mpi4py
+# (runtime/distributed.py, a data-parallel run's ranks).
 ALLOWED_GRAPHC = LAYERS["core"] + LAYERS["backends"] + LAYERS["runtime"]
-ALLOWED_PACKAGES = ("numpy", "tqdm", "sklearn", "llvmlite", "pycuda")
+ALLOWED_PACKAGES = ("numpy", "tqdm", "sklearn", "llvmlite", "pycuda", "mpi4py")
 # Made unimportable in the isolated process: lark and every module of the compiler and CLI layers
 # (the package graphc itself stays: it is every module's parent, and imports nothing eagerly).
 FORBIDDEN = ("lark",) + tuple(m for m in LAYERS["compiler"] + LAYERS["cli"] if m != "graphc")

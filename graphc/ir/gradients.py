@@ -13,7 +13,7 @@ import math
 
 from graphc.ir.emit import Emit
 from graphc.ir.node import Node
-from graphc.ir.ops import OPS
+from graphc.ir.ops import OPS, apply
 from graphc.ir.shapes import reduced_shape
 
 
@@ -181,6 +181,10 @@ RULES = {
     "window_add": lambda e, n, g, w: [e("window", g, **_window_attrs(n))],
     "pad": _pad,
     "slice": _slice,
+    # The ranks' losses add up (each a mean over its shard, `mean` divides by the ranks): what
+    # reaches a rank's copy of x is every rank's g, reduced the same way.
+    "all_reduce": lambda e, n, g, w: [apply("all_reduce", [g], {"op": n.attr["op"]}, loc=e.loc,
+                                            tags=e.tags)],
 }
 
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from graphc.ir import collective
 from graphc.ir.ops import Attr, OpDef, Operand, TypeError_, register
 from graphc.ir.shapes import (
     broadcast,
@@ -533,3 +534,21 @@ register(OpDef("uniform", 1, _uniform_dtype, lambda ops, attrs: tuple(attrs["sha
                attrs={"shape": Attr("ints", required=True), "stream": Attr("int", 0),
                       "dtype": Attr("dtype", "f32")},
                doc="uniform [0, 1) numbers hashed from (key, stream, element index)"))
+
+
+# --- collectives -----------------------------------------------------------------------------------
+# Data-parallel training: the train step built for N ranks reduces its flattened gradients across
+# the ranks (graphc.optim.reduce_across_ranks). The group is the process's (graphc.ir.collective):
+# one process reduces nothing. Never folded nor precomputed: every run reduces.
+
+def _all_reduce_dtype(ops, attrs):
+    if attrs["op"] not in collective.OPS:
+        raise TypeError_(f"all_reduce: op must be one of {', '.join(collective.OPS)}, not "
+                         f"{attrs['op']!r}", attr="op")
+    return float_dtype("all_reduce", ops)
+
+
+register(OpDef("all_reduce", 1, _all_reduce_dtype, lambda ops, attrs: ops[0].type.shape,
+               collective.all_reduce, kind="collective", numpy_out=True,
+               attrs={"op": Attr("str", "mean")},
+               doc="x reduced elementwise (mean or sum) over the ranks of a data-parallel run"))

@@ -30,7 +30,7 @@ def splat_value(node: Node):
 def folded(node: Node) -> Node | None:
     """`node` as a constant, or None when it is not a scalar over constants."""
     op = op_table.OPS[node.op]
-    if (not node.inputs or node.shape != () or op.kind in ("source", "random", "composite")
+    if (not node.inputs or node.shape != () or op.kind in ("source", "random", "collective", "composite")
             or any(i.op != "const" for i in node.inputs)):
         return None
     try:

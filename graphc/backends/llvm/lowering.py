@@ -214,7 +214,9 @@ LOWER = {
 }
 # Primitives this backend declines (none): with LOWER and the planner's ops
 # (kernels/tables.PLANNED) they cover the op table (tests/test_lowering_tables.py).
-UNSUPPORTED: frozenset[str] = frozenset()
+# all_reduce: no kernel can wait on MPI; a graph with one runs split at it, its buffer reduced by
+# the host between two native calls (graphc/backends/split.py, docs/distributed.md).
+UNSUPPORTED: frozenset[str] = frozenset({"all_reduce"})
 
 
 def libm_functions() -> list[str]:

@@ -98,7 +98,7 @@ class _Plan:
             elif node.op == "const":
                 constant[i] = True
                 template[i] = frozen(np.asarray(node.attr["value"], node.dtype.numpy))
-            elif node.op in _SHAPE_ONLY or (op.kind != "random"
+            elif node.op in _SHAPE_ONLY or (op.kind not in ("random", "collective")
                                             and all(constant[j] for j in inputs[i])):
                 constant[i] = True
                 args = [template[j] if constant[j] else _shaped_like(order[j], shapes[j])

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from graphc.onnx.importer import DTYPES, Importer, ImportError_, Value, number
+from graphc.onnx.importer import DTYPES, NUMPY, Importer, ImportError_, Value, number
 
 # op -> the attributes graphc reads (others make the op unsupported, named in the message)
 ATTRS: dict[str, set[str]] = {}
@@ -282,6 +282,49 @@ def _binary(imp, node, values):
         imp.emit(node.output[0], f"{COMPARE[node.op_type]}({a}, {b})", "bool", shape)
     else:
         imp.emit(node.output[0], f"{a} {BINARY[node.op_type]} {b}", da, shape)
+
+
+@handler("Max", "Min", "Sum")
+def _variadic(imp, node, values):
+    like = next((imp.env[i] for i in node.input if isinstance(imp.env[i], Value)), None)
+    terms = [imp.operand(i, like) for i in node.input if i]
+    if len({t[1] for t in terms}) > 1:
+        raise ImportError_("operands of different types; graphc does not promote")
+    fn = {"Max": "maximum", "Min": "minimum"}.get(node.op_type)
+    expr = terms[0][0]
+    for t in terms[1:]:
+        expr = f"{fn}({expr}, {t[0]})" if fn else f"{expr} + {t[0]}"
+    imp.emit(node.output[0], expr, terms[0][1], broadcast(*(t[2] for t in terms)))
+
+
+@handler("Reciprocal")
+def _reciprocal(imp, node, values):
+    x = imp.tensor(node.input[0])
+    imp.emit(node.output[0], f"1 / {x.name}", x.dtype, x.shape)
+
+
+@handler("CastLike", attrs=("saturate", "round_mode"))
+def _cast_like(imp, node, values):
+    target = imp.env[node.input[1]]
+    if is_const(values[0]) and isinstance(target, Value):     # a constant in the data's type
+        imp.env[node.output[0]] = values[0].astype(NUMPY[target.dtype])
+        return
+    x = imp.tensor(node.input[0])
+    to = target.dtype if isinstance(target, Value) else \
+        {np.dtype(v): k for k, v in NUMPY.items()}.get(np.asarray(target).dtype)
+    if to is None:
+        raise ImportError_(f"a cast to {np.asarray(target).dtype}, which graphc lacks")
+    if to == x.dtype:
+        imp.env[node.output[0]] = x
+    else:
+        imp.emit(node.output[0], f"cast({x.name}, {to})", to, x.shape)
+
+
+@handler("Size")
+def _size(imp, node, values):
+    x = imp.tensor(node.input[0])
+    n = product(x.shape)
+    imp.env[node.output[0]] = settle(np.asarray(n, dtype=object))
 
 
 @handler("Where")
@@ -602,7 +645,8 @@ def _layer_norm(imp, node, values):
 @handler("Flatten", attrs=("axis",))
 def _flatten(imp, node, values):
     x = imp.tensor(node.input[0])
-    axis = attributes(node).get("axis", 1) % (x.ndim + 1) if x.ndim else 0
+    axis = attributes(node).get("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
     shape = (product(x.shape[:axis]), product(x.shape[axis:]))
     if axis == 1 and x.ndim > 2:
         imp.emit(node.output[0], f"flatten({x.name})", x.dtype, shape)

@@ -146,7 +146,7 @@ class Importer:
         name = self.fresh(self.origin.get(onnx_name, onnx_name))
         shape = ", ".join(str(d) for d in array.shape)
         self.param_lines.append(f"    param {name}: {dtype}[{shape}] = npz(\"{self.npz_name}\")")
-        self.arrays[name] = np.ascontiguousarray(array)
+        self.arrays[name] = np.array(array, order="C")   # ascontiguousarray makes 0-d 1-d
         value = Value(name, dtype, tuple(array.shape))
         self.param_of[(onnx_name, key)] = value
         return value

@@ -62,11 +62,8 @@ def check_supported(model) -> list[str]:
 
 def _attribute_values(op: str, a: dict) -> set[str]:
     bad = set()
-    if op in ("MaxPool", "AveragePool"):
-        if len(a.get("kernel_shape", [])) != 2:
-            bad.add(f"{len(a.get('kernel_shape', []))}-D pooling (2-D only)")
-        if a.get("storage_order", 0) != 0:
-            bad.add("storage_order=1")
+    if op in ("MaxPool", "AveragePool") and a.get("storage_order", 0) != 0:
+        bad.add("storage_order=1")
     if op == "Conv" and "kernel_shape" in a and len(a["kernel_shape"]) != 2:
         bad.add(f"{len(a['kernel_shape'])}-D convolution (2-D only)")
     if op == "BatchNormalization" and a.get("training_mode", 0):
@@ -465,13 +462,13 @@ def _gemm(imp, node, values):
 # --- convolution and pooling -----------------------------------------------------------------------
 
 def _pads(a: dict, size: tuple, kernel: list, strides: list, dilations: list) -> list[int]:
-    """[top, left, bottom, right], auto_pad resolved."""
+    """[begin of each spatial axis..., end of each...], auto_pad resolved."""
     auto = a.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto in ("NOTSET", ""):
-        return list(a.get("pads", [0, 0, 0, 0]))
+        return list(a.get("pads", [0] * 2 * len(size)))
     if auto == "VALID":
-        return [0, 0, 0, 0]
+        return [0] * 2 * len(size)
     low, high = [], []
     for n, k, s, d in zip(size, kernel, strides, dilations):
         total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
@@ -481,10 +478,10 @@ def _pads(a: dict, size: tuple, kernel: list, strides: list, dilations: list) ->
     return low + high
 
 
-def _pad_expr(x: Value, pads: list[int], extra=(0, 0), value: str = "") -> tuple[str, tuple]:
-    low = [0, 0, pads[0], pads[1]]
-    high = [0, 0, pads[2] + extra[0], pads[3] + extra[1]]
-    shape = x.shape[:2] + (x.shape[2] + low[2] + high[2], x.shape[3] + low[3] + high[3])
+def _pad_expr(x: Value, low: list[int], high: list[int], value: str = "") -> tuple[str, tuple]:
+    """`pad` of the spatial axes (all but the first two)."""
+    low, high = [0, 0] + list(low), [0, 0] + list(high)
+    shape = x.shape[:2] + tuple(n + lo + hi for n, lo, hi in zip(x.shape[2:], low[2:], high[2:]))
     v = f", value={value}" if value else ""
     return f"pad({x.name}, {fmt_list(low)}, {fmt_list(high)}{v})", shape
 
@@ -511,7 +508,7 @@ def _conv(imp, node, values):
     pads = _pads(a, x.shape[2:], kernel, strides, dil)
     src = x
     if pads[0] != pads[2] or pads[1] != pads[3]:
-        expr, shape = _pad_expr(x, pads)
+        expr, shape = _pad_expr(x, pads[:2], pads[2:])
         src = imp.emit(node.output[0] + "_padded", expr, x.dtype, shape)
         pads = [0, 0, 0, 0]
     args = [src.name, w.name]
@@ -530,66 +527,75 @@ def _conv(imp, node, values):
 @handler("MaxPool", "AveragePool", attrs=("auto_pad", "ceil_mode", "dilations", "kernel_shape",
                                           "pads", "strides", "storage_order", "count_include_pad"))
 def _pool(imp, node, values):
+    """2-D pools without dilation or odd padding are graphc's max_pool2d and avg_pool2d; the rest
+    (1-D, 3-D, dilated, ceil_mode, one-sided padding) are a reduction over `window`s."""
     a = attributes(node)
     x = imp.tensor(node.input[0])
     if len(node.output) > 1 and node.output[1]:
         raise ImportError_("its Indices output")
-    if x.ndim != 4:
-        raise ImportError_(f"{x.ndim - 2}-D pooling; graphc pools 2-D images")
+    sp = x.ndim - 2
     kernel = list(a["kernel_shape"])
-    strides = list(a.get("strides", [1, 1]))
-    dil = list(a.get("dilations", [1, 1]))
-    if dil != [1, 1]:
-        raise ImportError_(f"dilations {dil}; graphc's pooling has none")
+    strides = list(a.get("strides", [1] * sp))
+    dil = list(a.get("dilations", [1] * sp))
     pads = _pads(a, x.shape[2:], kernel, strides, dil)
-    extra = [0, 0]
+    low, high = pads[:sp], pads[sp:]
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
+    extra = [0] * sp
     if a.get("ceil_mode", 0):
-        for i, (n, k, s) in enumerate(zip(x.shape[2:], kernel, strides)):
-            span = n + pads[i] + pads[i + 2]
-            out = -(-(span - k) // s) + 1
-            if (out - 1) * s >= n + pads[i]:
+        for i, (n, e, s) in enumerate(zip(x.shape[2:], span, strides)):
+            total = n + low[i] + high[i]
+            out = -(-(total - e) // s) + 1
+            if (out - 1) * s >= n + low[i]:
                 out -= 1
-            extra[i] = max(0, (out - 1) * s + k - span)
-    sym = pads[0] == pads[2] and pads[1] == pads[3] and all(
-        p <= k // 2 for p, k in zip(pads[:2], kernel)) and extra == [0, 0]
-    size = lambda shape: shape[:2] + tuple(  # noqa: E731
-        (n + 2 * p - k) // s + 1 for n, p, k, s in zip(shape[2:], pads[:2] if sym else [0, 0],
-                                                         kernel, strides))
-    opts = _opts(stride=strides)
-    if node.op_type == "MaxPool":
-        if sym:
-            padding = _opts(padding=pads[:2]) if pads[:2] != [0, 0] else ""
-            imp.emit(node.output[0], f"max_pool2d({x.name}, {fmt_list(kernel)}{opts}{padding})",
-                     x.dtype, size(x.shape))
-            return
-        expr, shape = _pad_expr(x, pads, extra, number(-FLT_MAX[x.dtype], x.dtype))
-        p = imp.emit(node.output[0] + "_padded", expr, x.dtype, shape)
-        imp.emit(node.output[0], f"max_pool2d({p.name}, {fmt_list(kernel)}{opts})", x.dtype,
-                 size(shape))
-        return
+            extra[i] = max(0, (out - 1) * s + e - total)
+    padded = [hi + ex for hi, ex in zip(high, extra)]
+    out_shape = lambda shape: shape[:2] + tuple(  # noqa: E731
+        (n - e) // s + 1 for n, e, s in zip(shape[2:], span, strides))
+    plain = sp == 2 and dil == [1, 1] and low == high and extra == [0, 0] and all(
+        p <= k // 2 for p, k in zip(low, kernel))
     include = a.get("count_include_pad", 0)
-    if sym and (include or pads == [0, 0, 0, 0]):
-        padding = _opts(padding=pads[:2]) if pads[:2] != [0, 0] else ""
-        imp.emit(node.output[0], f"avg_pool2d({x.name}, {fmt_list(kernel)}{opts}{padding})",
-                 x.dtype, size(x.shape))
+    fn = "max_pool2d" if node.op_type == "MaxPool" else "avg_pool2d"
+    if plain and (node.op_type == "MaxPool" or include or low == [0, 0]):
+        padding = _opts(padding=low) if low != [0, 0] else ""
+        shape = x.shape[:2] + tuple((n + 2 * p - k) // s + 1
+                                    for n, p, k, s in zip(x.shape[2:], low, kernel, strides))
+        imp.emit(node.output[0], f"{fn}({x.name}, {fmt_list(kernel)}{_opts(stride=strides)}"
+                                 f"{padding})", x.dtype, shape)
         return
-    # The mean over each window's counted cells: the windows' sums (a mean over all k*k cells of
-    # the zero-padded images) divided by the share of the window that counts.
-    expr, shape = _pad_expr(x, pads, extra)
-    p = imp.emit(node.output[0] + "_padded", expr, x.dtype, shape)
-    s = imp.emit(node.output[0] + "_mean", f"avg_pool2d({p.name}, {fmt_list(kernel)}{opts})",
-                 x.dtype, size(shape))
-    ones = imp.emit(node.output[0] + "_ones",
-                    f"cast(equal(slice(slice({x.name}, 0, 0, 1), 1, 0, 1), "
-                    f"slice(slice({x.name}, 0, 0, 1), 1, 0, 1)), {x.dtype})",
+    axes = fmt_list(range(x.ndim, x.ndim + sp))
+    win = f"{fmt_list(kernel)}, {fmt_list(strides)}, {fmt_list(dil)}"
+    if node.op_type == "MaxPool":
+        src = x
+        if any(low) or any(padded):
+            expr, shape = _pad_expr(x, low, padded, number(-FLT_MAX[x.dtype], x.dtype))
+            src = imp.emit(node.output[0] + "_padded", expr, x.dtype, shape)
+        imp.emit(node.output[0], f"max(window({src.name}, {win}), axis={axes})", x.dtype,
+                 out_shape(src.shape))
+        return
+    # The mean over each window's counted cells: the windows' means over all their cells (of
+    # the zero-padded images), divided by the share of each window that counts.
+    src = x
+    if any(low) or any(padded):
+        expr, shape = _pad_expr(x, low, padded)
+        src = imp.emit(node.output[0] + "_padded", expr, x.dtype, shape)
+    mean = f"mean(window({src.name}, {win}), axis={axes})"
+    if src is x:
+        imp.emit(node.output[0], mean, x.dtype, out_shape(src.shape))
+        return
+    m = imp.emit(node.output[0] + "_mean", mean, x.dtype, out_shape(src.shape))
+    corner = x.name
+    for axis in range(2):
+        corner = f"slice({corner}, {axis}, 0, 1)"
+    ones = imp.emit(node.output[0] + "_ones", f"cast(equal({corner}, {corner}), {x.dtype})",
                     x.dtype, (1, 1) + x.shape[2:])
-    inner, ishape = _pad_expr(ones, pads, (0, 0), "1.0" if include else "")
-    if extra != [0, 0]:
-        tmp = imp.emit(node.output[0] + "_counted", inner, x.dtype, ishape)
-        inner, ishape = _pad_expr(tmp, [0, 0, 0, 0], extra)
-    share = imp.emit(node.output[0] + "_share",
-                     f"avg_pool2d({inner}, {fmt_list(kernel)}{opts})", x.dtype, size(ishape))
-    imp.emit(node.output[0], f"{s.name} / {share.name}", x.dtype, s.shape)
+    expr, shape = _pad_expr(ones, low, high, "1.0" if include else "")
+    counted = imp.emit(node.output[0] + "_counted", expr, x.dtype, shape)
+    if any(extra):
+        expr, shape = _pad_expr(counted, [0] * sp, extra)
+        counted = imp.emit(node.output[0] + "_cells", expr, x.dtype, shape)
+    share = imp.emit(node.output[0] + "_share", f"mean(window({counted.name}, {win}), axis={axes})",
+                     x.dtype, out_shape(counted.shape))
+    imp.emit(node.output[0], f"{m.name} / {share.name}", x.dtype, m.shape)
 
 
 # --- normalization -----------------------------------------------------------------------------------

@@ -336,6 +336,15 @@ class ModelBuilder:
         frame.counts[kind] = k
         return ".".join(frame.path + (kind if k == 1 else f"{kind}_{k}",))
 
+    def mark_stat(self, name: str, loc: SourceLoc) -> None:
+        """A declared parameter passed to `batchnorm` as a running statistic: role stat, which
+        train steps set and no optimizer touches."""
+        spec = self.params[name]
+        if spec.explicit_role or name in self.stats:
+            raise self.error(f"{name} is a running statistic of batchnorm here; it cannot also "
+                             f"be {'a ' + spec.role if spec.explicit_role else 'another one'}", loc)
+        spec.role = "stat"
+
     def new_param(self, name: str, ttype: TensorType, init: tuple, role: str | None,
                   loc: SourceLoc) -> Tensor:
         assert name not in self.params, f"internal error: parameter {name} created twice"

@@ -13,7 +13,6 @@ from onnx.backend.base import Backend, BackendRep
 from graphc.onnx.import_cli import write_imported
 from graphc.onnx.importer import import_model
 
-
 # Inputs that set a shape or an option rather than carry data: (op, input position). graphc's
 # shapes are fixed when it compiles, so a model fed one of these is compiled for the value fed.
 SHAPE_OPERANDS = {("Reshape", 1), ("Expand", 1), ("Dropout", 1), ("Dropout", 2)}

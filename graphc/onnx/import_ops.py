@@ -242,6 +242,12 @@ def reshape_target(shape: tuple, target, allowzero: bool) -> tuple:
     return tuple(dims)
 
 
+def attr_number(v: float) -> str:
+    """A float attribute (ONNX stores them as f32) written as briefly as it reads back: 1e-05."""
+    text = str(np.float32(v))
+    return text if "e" in text or "." in text else text + ".0"
+
+
 def fmt_list(xs) -> str:
     return "[" + ", ".join(str(x) for x in xs) + "]"
 
@@ -368,7 +374,7 @@ def _dropout(imp, node, values):
     if p == 0:
         imp.env[node.output[0]] = x
     else:
-        imp.emit(node.output[0], f"dropout({x.name}, {number(p, 'f64')})", x.dtype, x.shape)
+        imp.emit(node.output[0], f"dropout({x.name}, {attr_number(p)})", x.dtype, x.shape)
 
 
 @handler("Identity")
@@ -608,8 +614,16 @@ def _batch_norm(imp, node, values):
     x = imp.tensor(node.input[0])
     g, b, m, v = (imp.tensor(i) for i in node.input[1:5])
     eps = a.get("epsilon", 1e-5)
+    if x.ndim in (2, 4) and all(isinstance(t, Value) and t.name in imp.arrays for t in (g, b, m, v)) \
+            and len({t.name for t in (g, b, m, v)}) == 4:
+        # the layer with its parameters given: fine-tuning updates the running statistics
+        # (ONNX's momentum weighs the old estimate, graphc's the batch's)
+        momentum = attr_number(1.0 - float(np.float32(a.get("momentum", 0.9))))
+        imp.emit(node.output[0], f"batchnorm({x.name}, {g.name}, {b.name}, {m.name}, {v.name}, "
+                                 f"eps={attr_number(eps)}, momentum={momentum})", x.dtype, x.shape)
+        return
     imp.emit(node.output[0], f"batch_norm({x.name}, {g.name}, {b.name}, {m.name}, {v.name}, "
-                             f"eps={number(eps, 'f64')})", x.dtype, x.shape)
+                             f"eps={attr_number(eps)})", x.dtype, x.shape)
 
 
 @handler("LayerNormalization", attrs=("axis", "epsilon", "stash_type"))
@@ -617,7 +631,7 @@ def _layer_norm(imp, node, values):
     a = attributes(node)
     x = imp.tensor(node.input[0])
     axis = a.get("axis", -1) % x.ndim
-    eps = number(a.get("epsilon", 1e-5), x.dtype)
+    eps = attr_number(a.get("epsilon", 1e-5))
     has_b = len(node.input) > 2 and node.input[2] != ""
     extra = [o for o in node.output[1:] if o]
     g = imp.tensor(node.input[1])

@@ -1,0 +1,203 @@
+"""`graphc import` and `graphc.compile_onnx` on models torch.onnx.export writes: an MLP, the
+PyTorch MNIST example CNN, a CNN with batch norm and a transformer encoder block. Forward against
+PyTorch (1e-5 in f32), gradients against torch.autograd (1e-6, the models exported in f64), the
+command line's files and errors, and the npz initializer's checks."""
+from __future__ import annotations
+
+import io
+import re
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the ONNX import tests export models with torch "
+                                            "(pip install -e '.[test]')")
+pytest.importorskip("onnx")
+
+import graphc  # noqa: E402
+from graphc.cli import main  # noqa: E402
+from graphc.errors import GraphcError  # noqa: E402
+from graphc.onnx.importer import sanitize  # noqa: E402
+
+F = torch.nn.functional
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(48, 32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):   # x.view(x.size(0), -1): the Shape -> Gather -> ... -> Reshape chain
+        return self.fc2(torch.tanh(self.fc1(x.view(x.size(0), -1))))
+
+
+class MnistCNN(torch.nn.Module):
+    """PyTorch's examples/mnist/main.py network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = torch.nn.Conv2d(32, 64, 3, 1)
+        self.dropout1, self.dropout2 = torch.nn.Dropout(0.25), torch.nn.Dropout(0.5)
+        self.fc1, self.fc2 = torch.nn.Linear(9216, 128), torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = self.dropout1(F.max_pool2d(x, 2))
+        x = self.dropout2(F.relu(self.fc1(torch.flatten(x, 1))))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class BatchNormCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 5)
+        self.bn1 = torch.nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        x = F.avg_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.bn1(self.fc(x.view(x.size(0), -1)))
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True)
+
+    def forward(self, x):
+        return self.block(x, is_causal=False)
+
+
+def export(model, x, path, dynamic=True, **kw):
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"],
+                          output_names=["out"], dynamic_axes={"x": {0: "batch"}, "out": {0: "batch"}}
+                          if dynamic else None, **kw)
+    return path
+
+
+def randomize_stats(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+CASES = {
+    "mlp": (MLP, (5, 3, 4, 4), True, {}),
+    "mnist_cnn": (MnistCNN, (3, 1, 28, 28), True, {}),
+    # without constant folding torch keeps BatchNormalization (else it folds it into the conv)
+    "bn_cnn": (BatchNormCNN, (4, 3, 8, 8), True, {"do_constant_folding": False}),
+    # a static batch: torch's attention reshapes to [T, N*heads, D], a product with the batch
+    # size that graphc's reshape cannot carry (it keeps a symbolic size whole)
+    "encoder": (Encoder, (2, 5, 16), False, {}),
+}
+
+
+def build(name, tmp_path, dtype=torch.float32, seed=0):
+    cls, shape, dynamic, kw = CASES[name]
+    torch.manual_seed(seed)
+    model = cls().to(dtype)
+    randomize_stats(model)
+    x = torch.randn(*shape, dtype=dtype)
+    path = export(model, x, tmp_path / f"{name}.onnx", dynamic, **kw)
+    return model, x, path
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_pytorch(name, backend, tmp_path):
+    if backend == "llvm":
+        pytest.importorskip("llvmlite")
+    model, x, path = build(name, tmp_path)
+    program = graphc.compile_onnx(path, backend=backend)
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = program.forward(x=x.numpy())["out"]
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    if CASES[name][2]:   # the batch stays symbolic: another batch size runs too
+        x2 = torch.randn(7, *x.shape[1:])
+        with torch.no_grad():
+            np.testing.assert_allclose(program.forward(x=x2.numpy())["out"], model(x2).numpy(),
+                                       rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def torch_grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.numpy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_match_autograd_in_f64(name, tmp_path):
+    model, x, path = build(name, tmp_path, torch.float64)
+    out_shape = model.eval()(x).shape
+    rng = np.random.default_rng(1)
+    if name in ("mlp", "mnist_cnn", "bn_cnn"):
+        loss = "nll" if name == "mnist_cnn" else "cross_entropy"
+        labels = rng.integers(0, out_shape[1], out_shape[0])
+        feeds = {"labels": labels}
+        model.train(name == "bn_cnn")    # dropout off (the export has none); batch norm in training
+        out = model(x)
+        t_loss = F.nll_loss(out, torch.from_numpy(labels)) if loss == "nll" else \
+            F.cross_entropy(out, torch.from_numpy(labels))
+    else:
+        loss = "mse"
+        target = rng.standard_normal(out_shape)
+        feeds = {"target": target}
+        model.eval()     # its dropout is not in the export
+        t_loss = F.mse_loss(model(x), torch.from_numpy(target))
+    want = torch_grads(model, t_loss)
+    program = graphc.compile_onnx(path, loss=loss)
+    got_loss, grads = program.loss_and_grads(x=x.numpy(), **feeds)
+    assert abs(got_loss - t_loss.item()) <= 1e-9 * max(1.0, abs(t_loss.item()))
+    checked = 0
+    for tname, g in want.items():
+        mine = grads[sanitize(tname)]
+        if g.ndim == 2:
+            mine = mine.T           # linear weights: graphc stores [in, out], PyTorch [out, in]
+        np.testing.assert_allclose(mine, g, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(g).max()),
+                                   err_msg=tname)
+        checked += 1
+    assert checked == len(want) >= 4
+
+
+def test_the_written_model_reads_like_the_network(tmp_path, capsys):
+    _, _, path = build("mnist_cnn", tmp_path)
+    out = tmp_path / "imported"
+    assert main(["import", str(path), "-o", str(out), "--loss", "nll", "--data", "mnist"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mnist_cnn.nn", "mnist_cnn.npz"]
+    text = (out / "mnist_cnn.nn").read_text()
+    body = [line.strip() for line in text.splitlines()]
+    assert "input x: f32[N, 1, 28, 28]" in body and "input labels: i64[N]" in body
+    assert 'param conv1_weight: f32[32, 1, 3, 3] = npz("mnist_cnn.npz")' in body
+    assert 'param fc1_weight: f32[9216, 128] = npz("mnist_cnn.npz")' in body
+    ops = [re.sub(r"\(.*", "", line.split(" = ", 1)[1]) for line in body
+           if " = " in line and not line.startswith(("param", "data", "optimizer", "batch",
+                                                      "epochs", "seed", "loss"))]
+    assert ops == ["conv2d", "relu", "conv2d", "relu", "max_pool2d", "flatten", "linear", "relu",
+                   "linear", "log_softmax"]
+    assert "loss = nll(out, labels)" in body and "data      = mnist" in body
+    assert main(["check", str(out / "mnist_cnn.nn")]) == 0
+    capsys.readouterr()
+
+
+def test_shape_arithmetic_folds_into_a_plain_reshape(tmp_path):
+    _, _, path = build("mlp", tmp_path)
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Shape", "Gather", "Unsqueeze", "Concat", "Reshape"} <= ops
+    from graphc.onnx.import_cli import import_file
+    text = import_file(path).source
+    assert "reshape(x, [N, 48])" in text
+    assert text.count(" = ") == 4 + 4     # 4 params; reshape, linear, tanh, linear: a line each

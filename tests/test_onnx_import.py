@@ -4,10 +4,8 @@ PyTorch (1e-5 in f32), gradients against torch.autograd (1e-6, the models export
 command line's files and errors, and the npz initializer's checks."""
 from __future__ import annotations
 
-import io
 import re
 import warnings
-import zipfile
 
 import numpy as np
 import pytest
@@ -201,3 +199,132 @@ def test_shape_arithmetic_folds_into_a_plain_reshape(tmp_path):
     text = import_file(path).source
     assert "reshape(x, [N, 48])" in text
     assert text.count(" = ") == 4 + 4     # 4 params; reshape, linear, tanh, linear: a line each
+
+
+def test_fine_tuning_moves_batch_norm_statistics_as_pytorch_does(tmp_path):
+    model, x, path = build("bn_cnn", tmp_path, torch.float64)
+    program = graphc.compile_source(_imported_with_train_block(path, tmp_path),
+                                    path=str(tmp_path / "bn_cnn.nn"))
+    labels = np.array([0, 1, 2, 3])
+    model.train()
+    with torch.no_grad():
+        model(x)       # one training-mode pass moves PyTorch's running estimates
+    program.train_step(x=x.numpy(), labels=labels)
+    for name in ("bn.running_mean", "bn.running_var", "bn1.running_mean", "bn1.running_var"):
+        np.testing.assert_allclose(program.params[sanitize(name)], model.state_dict()[name].numpy(),
+                                   rtol=1e-6, err_msg=name)
+
+
+def _imported_with_train_block(path, folder) -> str:
+    from graphc.onnx.import_cli import import_file, write_imported
+    imported = import_file(path, "cross_entropy", "digits")
+    return write_imported(imported, folder).read_text()
+
+
+def test_an_imported_model_trains(tmp_path):
+    _, x, path = build("mlp", tmp_path)
+    program = graphc.compile_onnx(path, loss="cross_entropy")
+    labels = np.arange(5) % 10
+    program.lr = 1e-2          # the skeleton's adam(lr=1e-4) is for fine-tuning
+    losses = [program.train_step(x=x.numpy(), labels=labels) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def onnx_model(nodes, inputs, outputs, initializers=()):
+    from onnx import helper
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(initializers)))
+
+
+def test_unsupported_ops_are_one_message_each_and_exit_1(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    nodes = [helper.make_node("Selu", ["x"], ["a"], name="s1"),
+             helper.make_node("Conv", ["a", "w"], ["b"], name="c1", auto_pad="VALID", foo=1),
+             helper.make_node("Selu", ["b"], ["y"], name="s2")]
+    path = tmp_path / "bad.onnx"
+    onnx.save(onnx_model(nodes, [x], [y]), str(path))
+    assert main(["import", str(path), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 2
+    assert "ONNX op Selu is not supported: graphc lacks the op itself (2 nodes: s1, s2)" in err
+    assert "ONNX op Conv is not supported: graphc lacks the attribute foo (1 node: c1)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_files_are_refused(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07garbage" * 10)
+    assert main(["import", str(junk), "-o", str(tmp_path / "o1")]) == 1
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    # external data that points out of the model's folder
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    w.data_location = TensorProto.EXTERNAL
+    del w.external_data[:]
+    w.external_data.add(key="location", value="../secret.bin")
+    w.ClearField("raw_data")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    inner = tmp_path / "models"
+    inner.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
+    path = inner / "ext.onnx"
+    path.write_bytes(onnx_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [x], [y],
+                                [w]).SerializeToString())
+    assert main(["import", str(path), "-o", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert "outside the model's folder" in err and "Traceback" not in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+NPZ_MODEL = """model m {{
+    input x: f32[N, 3]
+    param W: f32[3, 2] = npz({args})
+    output y = x @ W
+}}
+"""
+
+
+def npz_error(tmp_path, args: str, arrays=None) -> str:
+    np.savez(tmp_path / "w.npz", **(arrays or {"W": np.ones((3, 2), np.float32)}))
+    nn = tmp_path / "m.nn"
+    nn.write_text(NPZ_MODEL.format(args=args))
+    with pytest.raises(GraphcError) as err:
+        graphc.compile_file(nn)
+    return err.value.render()
+
+
+def test_the_npz_initializer_reads_the_named_array(tmp_path):
+    np.savez(tmp_path / "w.npz", W=np.arange(6, dtype=np.float32).reshape(3, 2),
+             other=np.ones((3, 2), np.float32))
+    nn = tmp_path / "m.nn"
+    nn.write_text(NPZ_MODEL.format(args='"w.npz"'))
+    assert graphc.compile_file(nn).params["W"].tolist() == [[0, 1], [2, 3], [4, 5]]
+    nn.write_text(NPZ_MODEL.format(args='"w.npz", key="other"'))
+    assert graphc.compile_file(nn).params["W"].tolist() == [[1, 1]] * 3
+
+
+def test_the_npz_initializer_checks_what_it_reads(tmp_path):
+    err = npz_error(tmp_path, '"w.npz"', {"W": np.ones((2, 3), np.float32)})
+    assert "m.nn:3:5: error: param W: npz(\"w.npz\"): array 'W' should be float32[3, 2], found " \
+           "float32[2, 3]" in err and "^~~" in err
+    err = npz_error(tmp_path, '"w.npz"', {"W": np.ones((3, 2), np.float64)})
+    assert "should be float32[3, 2], found float64[3, 2]" in err
+    assert "array 'V' is missing" in npz_error(tmp_path, '"w.npz", "V"')
+    err = npz_error(tmp_path, '"w.npz"', {"W": np.array([None] * 6, dtype=object).reshape(3, 2)})
+    assert "m.nn:3:5" in err and "Traceback" not in err
+    assert "without '..'" in npz_error(tmp_path, '"../w.npz"')
+    assert "without '..'" in npz_error(tmp_path, '"/tmp/w.npz"')
+    assert "must be a string" in npz_error(tmp_path, "3")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    np.savez(outside / "x.npz", W=np.ones((3, 2), np.float32))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "link.npz").symlink_to(outside / "x.npz")
+    (tmp_path / "sub" / "m.nn").write_text(NPZ_MODEL.format(args='"link.npz"'))
+    with pytest.raises(GraphcError) as err:
+        graphc.compile_file(tmp_path / "sub" / "m.nn")
+    assert "leads outside the .nn file's folder" in err.value.render()

@@ -41,5 +41,9 @@ def compile_onnx(path, backend: str | None = "numpy", loss: str = "none", seed: 
                  ) -> Program:
     """Import an ONNX file (as `graphc import` does) and compile it; `loss` adds a label input
     and that loss (cross_entropy, nll, mse) on the first output, so the program trains."""
-    from graphc.onnx.import_cli import compile_onnx as compile_imported
-    return compile_imported(path, backend, loss, seed)
+    import tempfile
+
+    from graphc.onnx.import_cli import import_file, write_imported
+    imported = import_file(path, loss)
+    with tempfile.TemporaryDirectory(prefix="graphc-onnx-") as tmp:
+        return compile_file(write_imported(imported, tmp), backend=backend, seed=seed)

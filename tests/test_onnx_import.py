@@ -254,7 +254,6 @@ def test_unsupported_ops_are_one_message_each_and_exit_1(tmp_path, capsys):
 
 
 def test_bad_files_are_refused(tmp_path, capsys):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x08\x07garbage" * 10)

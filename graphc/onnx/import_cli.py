@@ -1,11 +1,10 @@
-"""`graphc import MODEL.onnx -o DIR`: an ONNX model as DIR/NAME.nn and DIR/NAME.npz; and
-`compile_onnx`, the same in memory made a Program (`graphc.compile_onnx`)."""
+"""`graphc import MODEL.onnx -o DIR`: an ONNX model as DIR/NAME.nn and DIR/NAME.npz
+(`graphc.compile_onnx` in api.py compiles what `import_file` makes)."""
 from __future__ import annotations
 
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +38,6 @@ def write_imported(imported: Imported, out_dir) -> Path:
     atomic_write(out / imported.npz_name, npz_bytes(imported.arrays))
     atomic_write(nn, imported.source.encode("utf-8"))
     return nn
-
-
-def compile_onnx(path, backend: str | None = "numpy", loss: str = "none", seed: int | None = None):
-    """An ONNX file imported and compiled: the Program `compile_file` would make of the .nn file
-    `graphc import` writes (in a temporary folder, removed afterwards)."""
-    from graphc.api import compile_file
-    imported = import_file(path, loss)
-    with tempfile.TemporaryDirectory(prefix="graphc-onnx-") as tmp:
-        nn = write_imported(imported, tmp)
-        return compile_file(nn, backend=backend, seed=seed)
 
 
 def add_commands(sub) -> None:

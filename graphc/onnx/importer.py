@@ -18,30 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from graphc.errors import Diagnostic, GraphcError, error
+from graphc.onnx import import_nn, import_ops  # noqa: F401  (they fill the handler table)
+from graphc.onnx.import_fold import check_supported, convert
+from graphc.onnx.import_types import DTYPES, NUMPY, ONNX_TYPE_NAMES, ImportError_, Value, number
 
 LOSSES = ("cross_entropy", "nll", "mse", "none")
-
-DTYPES = {1: "f32", 11: "f64", 6: "i32", 7: "i64", 9: "bool", 10: "f16"}
-NUMPY = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64,
-         "bool": np.bool_, "f16": np.float16}
-ONNX_TYPE_NAMES = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 8: "string", 12: "uint32",
-                   13: "uint64", 14: "complex64", 15: "complex128", 16: "bfloat16"}
-
-
-class ImportError_(Exception):
-    """A node graphc cannot express; becomes a GraphcError naming the node."""
-
-
-@dataclass
-class Value:
-    """A tensor the .nn model computes: its name there, dtype and shape (ints and names)."""
-    name: str
-    dtype: str
-    shape: tuple
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
 
 @dataclass
@@ -74,22 +55,6 @@ def _reserved() -> frozenset[str]:
              "false", "weights", "biases", "dropout", "N", "f32", "f64", "f16", "bf16", "i32", "i64",
              "bool"}
     return frozenset(words | set(CALLABLE_OPS) | set(LAYERS) | set(INITIALIZERS))
-
-
-def number(value, dtype: str) -> str:
-    """A scalar as a .nn literal (in parentheses when negative)."""
-    if dtype == "bool":
-        raise ImportError_("a boolean constant cannot be written as a number")
-    if dtype.startswith("i"):
-        text = str(int(value))
-    else:
-        v = float(value)
-        if not np.isfinite(v):
-            raise ImportError_(f"the constant {v} is not finite; .nn numbers are finite")
-        text = repr(v)
-        if "e" not in text and "." not in text:
-            text += ".0"
-    return f"({text})" if text.startswith("-") else text
 
 
 class Importer:
@@ -172,7 +137,6 @@ class Importer:
 
     # --- the walk ---------------------------------------------------------------------------------
     def run(self, loss: str, data: str) -> Imported:
-        from graphc.onnx.import_ops import check_supported, convert
         graph = self.model.graph
         problems = check_supported(self.model)
         if problems:

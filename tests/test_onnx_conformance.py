@@ -7,6 +7,7 @@ same graphc primitives the op itself lowers to, which numpy runs), to keep the f
 from __future__ import annotations
 
 import importlib
+import io
 import re
 from functools import cache
 
@@ -31,7 +32,7 @@ OPS = {
     "LayerNormalization": ("layernormalization", r"^test_layer_normalization_"),
     "Gelu": ("gelu", r"^test_gelu_"), "Flatten": ("flatten", r"^test_flatten_"),
     "Reshape": ("reshape", r"^test_reshape_"), "Transpose": ("transpose", r"^test_transpose_"),
-    "Concat": ("concat", r"^test_concat_"), "Dropout": ("dropout", r"^test_(training_)?dropout_"),
+    "Concat": ("concat", r"^test_concat_"), "Dropout": ("dropout", r"^test_(training_)?dropout(_|$)"),
 }
 
 _NO_DTYPE = "graphc has no {} dtype (f16, f32, f64, i32, i64 and bool only)"
@@ -131,3 +132,21 @@ def test_an_unclaimed_op_is_refused_with_one_message_per_op():
     assert "ONNX op Selu is not supported: graphc lacks the op itself (2 nodes: s1, s2)" in text
     assert "ONNX op Softmax is not supported: graphc lacks the attribute bogus (1 node: sm)" in text
     assert text.count("error:") == 2
+
+
+def test_the_backend_runs_under_onnx_backendtest():
+    """The same backend through onnx's own runner (as onnxruntime's and tinygrad's tests use it)."""
+    import unittest
+
+    import onnx.backend.test
+
+    from graphc.onnx.backend import GraphcBackend
+    cases()     # the op modules first: BackendTest adds the rest of onnx's node cases
+    runner = onnx.backend.test.BackendTest(GraphcBackend, __name__)
+    runner.include(r"^test_(gemm|conv|flatten)_.*_cpu$")
+    suite = unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromTestCase(case)
+                               for case in runner.test_cases.values())
+    result = unittest.TextTestRunner(stream=io.StringIO()).run(suite)
+    ran = result.testsRun - len(result.skipped)
+    assert result.wasSuccessful() and ran == len(cases()["Gemm"]) + len(cases()["Conv"]) + len(
+        cases()["Flatten"])

@@ -16,6 +16,7 @@ pytest.importorskip("onnx")
 
 import graphc  # noqa: E402
 from graphc.cli import main  # noqa: E402
+from graphc.compiler import check_source  # noqa: E402
 from graphc.errors import GraphcError  # noqa: E402
 from graphc.onnx.importer import sanitize  # noqa: E402
 
@@ -327,3 +328,41 @@ def test_the_npz_initializer_checks_what_it_reads(tmp_path):
     with pytest.raises(GraphcError) as err:
         graphc.compile_file(tmp_path / "sub" / "m.nn")
     assert "leads outside the .nn file's folder" in err.value.render()
+
+
+def test_the_build_cache_keys_npz_archives_beside_the_file(tmp_path):
+    from graphc import build_cache
+    options = {name: None for name in build_cache.BUILD_OPTIONS} | {"backend": "numpy"}
+    np.savez(tmp_path / "w.npz", W=np.ones((3, 2), np.float32))
+    source = NPZ_MODEL.format(args='"w.npz"').encode()
+    before = build_cache.build_key(str(tmp_path / "m.nn"), source, options)
+    np.savez(tmp_path / "w.npz", W=np.zeros((3, 2), np.float32))
+    assert build_cache.build_key(str(tmp_path / "m.nn"), source, options) != before
+
+
+BN_MODEL = """model m {{
+    input x: f32[N, 3]
+    param g: f32[3] = ones()
+    param b: f32[3] = zeros()
+    param mu: f32[{n}] = zeros()
+    param var: f32[3] = ones(){role}
+    output y = {call}
+}}
+"""
+
+
+def test_batchnorm_with_declared_parameters(tmp_path):
+    checked = check_source(BN_MODEL.format(n=3, role="", call="batchnorm(x, g, b, mu, var)"))
+    assert {n: p.role for n, p in checked.models["m"].params.items()} == {
+        "g": "other", "b": "bias", "mu": "stat", "var": "stat"}
+    assert set(checked.models["m"].stats) == {"mu", "var"}
+    for n, role, call, message in [
+            (4, "", "batchnorm(x, g, b, mu, var)", "running_mean must be a declared parameter of "
+                                                   "type f32[3]: mu is f32[4]"),
+            (3, "", "batchnorm(x, g, b, mu * 2, var)", "must be a declared parameter"),
+            (3, " as weight", "batchnorm(x, g, b, mu, var)", "var is the stat parameter of a layer "
+                                                             "here, but it is declared weight"),
+            (3, "", "batchnorm(x, g, b)", "or the input and four declared parameters")]:
+        with pytest.raises(GraphcError) as err:
+            check_source(BN_MODEL.format(n=n, role=role, call=call), "m.nn")
+        assert message in err.value.render() and "m.nn:7:" in err.value.render()

@@ -336,14 +336,14 @@ class ModelBuilder:
         frame.counts[kind] = k
         return ".".join(frame.path + (kind if k == 1 else f"{kind}_{k}",))
 
-    def mark_stat(self, name: str, loc: SourceLoc) -> None:
-        """A declared parameter passed to `batchnorm` as a running statistic: role stat, which
-        train steps set and no optimizer touches."""
+    def set_layer_role(self, name: str, role: str, loc: SourceLoc) -> None:
+        """The role a layer gives a declared parameter passed to it (batchnorm's running
+        statistics are role stat: train steps set them, no optimizer touches them)."""
         spec = self.params[name]
-        if spec.explicit_role or name in self.stats:
-            raise self.error(f"{name} is a running statistic of batchnorm here; it cannot also "
-                             f"be {'a ' + spec.role if spec.explicit_role else 'another one'}", loc)
-        spec.role = "stat"
+        if spec.role is not None and spec.role != role:
+            raise self.error(f"{name} is the {role} parameter of a layer here, but it is "
+                             f"{'declared' if spec.explicit_role else 'already'} {spec.role}", loc)
+        spec.role = role
 
     def new_param(self, name: str, ttype: TensorType, init: tuple, role: str | None,
                   loc: SourceLoc) -> Tensor:

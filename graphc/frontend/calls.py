@@ -210,8 +210,9 @@ def _batchnorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) 
     if len(args) == 5:      # declared parameters (an imported model's): the stats become role stat
         gamma, beta, mean, var = (_declared_param(b, "batchnorm", what, value, expr, vec)
                                   for what, value, expr in zip(_BN_PARAMS, args[1:], call.args[1:]))
-        for running, expr in ((mean, call.args[3]), (var, call.args[4])):
-            b.mark_stat(running.node.attr["name"], expr.loc)
+        for param, role, expr in zip((gamma, beta, mean, var), ("other", "bias", "stat", "stat"),
+                                     call.args[1:]):
+            b.set_layer_role(param.node.attr["name"], role, expr.loc)
     else:
         prefix = b.layer_prefix("batchnorm")
         gamma = b.new_param(f"{prefix}.gamma", vec, ("ones", ()), "other", call.loc)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from graphc.errors import error
 from graphc.files import read_bytes
-from graphc.onnx import require_onnx
+from graphc.onnx import INSTALL_HINT
 
 MAX_ONNX_BYTES = 2 * 2**30          # protobuf's own limit on one message
 MAX_EXTERNAL_BYTES = 16 * 2**30     # external data of all initializers together
@@ -15,7 +15,10 @@ MAX_EXTERNAL_BYTES = 16 * 2**30     # external data of all initializers together
 
 def load_onnx(path) -> object:
     """The ModelProto of `path`, its external data (if any) loaded from inside its folder."""
-    onnx = require_onnx()
+    try:
+        import onnx
+    except ImportError:
+        raise error(INSTALL_HINT) from None
     path = Path(path)
     data = read_bytes(path, MAX_ONNX_BYTES, "the ONNX model")
     model = onnx.ModelProto()

@@ -366,3 +366,13 @@ def test_batchnorm_with_declared_parameters(tmp_path):
         with pytest.raises(GraphcError) as err:
             check_source(BN_MODEL.format(n=n, role=role, call=call), "m.nn")
         assert message in err.value.render() and "m.nn:7:" in err.value.render()
+
+
+def test_a_size_that_multiplies_the_batch_is_refused_clearly(tmp_path):
+    torch.manual_seed(0)
+    path = export(Encoder(), torch.randn(2, 5, 16), tmp_path / "dyn.onnx", dynamic=True)
+    with pytest.raises(GraphcError) as err:
+        graphc.compile_onnx(path)
+    text = err.value.render()
+    assert "dyn.onnx: error: Mul node '/block/self_attn/Mul'" in text
+    assert "export with a fixed batch size" in text and len(text.splitlines()) == 1

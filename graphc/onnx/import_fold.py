@@ -87,8 +87,9 @@ def _sym_arith(op: str, a, b):
             return s
         if op == "Equal":
             return a == b
-        raise ImportError_(f"a shape computes {a} {op} {b} of the batch size; graphc reshapes "
-                           f"carry a symbolic size only whole")
+        sign = {"Mul": "*", "Add": "+", "Sub": "-", "Div": "/", "Mod": "%"}.get(op, op)
+        raise ImportError_(f"a shape computes {a} {sign} {b} from the batch size; graphc reshapes "
+                           f"carry a symbolic size only whole (export with a fixed batch size)")
     return {"Mul": lambda: a * b, "Add": lambda: a + b, "Sub": lambda: a - b,
             "Div": lambda: a // b, "Equal": lambda: a == b, "Mod": lambda: a % b}[op]()
 
@@ -178,7 +179,8 @@ def product(shape) -> int | str:
     if k == 1 and len(syms) == 1:
         return syms[0]
     raise ImportError_(f"the size {'*'.join([str(k)] + syms)} mixes the batch size with other "
-                       f"axes; graphc reshapes carry a symbolic size only whole")
+                       f"axes; graphc reshapes carry a symbolic size only whole (export with a fixed "
+                       f"batch size)")
 
 
 def reshape_target(shape: tuple, target, allowzero: bool) -> tuple:

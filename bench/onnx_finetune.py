@@ -106,7 +106,7 @@ def main() -> None:
     print(json.dumps({
         "pretrained": {"test_loss": round(start[0], 4), "test_accuracy": round(start[1], 4)},
         "graphc": {"test_loss": float(numbers.get("loss", "nan")),
-                   "test_accuracy": float(numbers.get("accuracy", "nan")),
+                   "test_accuracy": float(numbers.get("accuracy", "nan")) / 100,
                    "seconds": round(graphc_seconds, 1), "eval_output": scored.strip()},
         "pytorch": {"test_loss": round(tuned[0], 4), "test_accuracy": round(tuned[1], 4),
                     "seconds": round(torch_seconds, 1)}}, indent=2))

@@ -106,7 +106,7 @@ class Importer:
                                f"graphc parameters are floating point and constants scalars")
         dtype = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
                  np.dtype(np.float16): "f16"}.get(array.dtype)
-        if dtype is None or False:
+        if dtype is None:
             raise ImportError_(f"constant '{onnx_name}' has dtype {array.dtype}")
         name = self.fresh(self.origin.get(onnx_name, onnx_name))
         shape = ", ".join(str(d) for d in array.shape)
@@ -195,17 +195,15 @@ class Importer:
         self.env[vi.name] = Value(name, dtype, tuple(shape))
 
     def finish(self, inputs, graph, outputs: list[Value], loss: str, data: str) -> Imported:
-        names = []
-        out_lines = []
+        names, out_lines = [], []
         for out, v in zip(graph.output, outputs):
-            wanted = sanitize(out.name)
-            if v.name == wanted or v.name in names:
-                names.append(v.name) if v.name not in names else None
+            if v.name == sanitize(out.name) and v.name not in names:
                 out_lines.append(f"    output {v.name}")
-            else:
-                n = self.fresh(out.name)
-                out_lines.append(f"    output {n} = {v.name}")
-                names.append(n)
+                names.append(v.name)
+            else:       # an output that is another's value, an input or a constant
+                name = self.fresh(out.name)
+                out_lines.append(f"    output {name} = {v.name}")
+                names.append(name)
         loss_lines, train_lines = [], []
         if loss != "none":
             first = outputs[0]

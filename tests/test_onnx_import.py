@@ -376,3 +376,18 @@ def test_a_size_that_multiplies_the_batch_is_refused_clearly(tmp_path):
     text = err.value.render()
     assert "dyn.onnx: error: Mul node '/block/self_attn/Mul'" in text
     assert "export with a fixed batch size" in text and len(text.splitlines()) == 1
+
+
+def test_external_data_inside_the_folder_is_read(tmp_path):
+    import onnx
+    model, x, path = build("mlp", tmp_path)
+    proto = onnx.load(str(path))
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save(proto, str(folder / "mlp.onnx"), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    assert (folder / "weights.bin").stat().st_size > 0
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = graphc.compile_onnx(folder / "mlp.onnx").forward(x=x.numpy())["out"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -5,12 +5,12 @@ artifacts) never pulls in the front end or lark.
 """
 from graphc.version import __version__
 
-__all__ = ["compile_file", "compile_source", "load_artifact", "load_run", "export_onnx",
-           "GraphcError", "__version__"]
+__all__ = ["compile_file", "compile_source", "compile_onnx", "load_artifact", "load_run",
+           "export_onnx", "GraphcError", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("compile_file", "compile_source"):
+    if name in ("compile_file", "compile_source", "compile_onnx"):
         from graphc import api
         return getattr(api, name)
     if name == "export_onnx":

@@ -37,3 +37,15 @@ def compile_file(path, backend: str | None = "numpy", model: str | None = None,
     """Compile a .nn file. `model` picks one when the file holds several; backend None takes
     the one its train block's `device` asks for."""
     return compile_source(read_source(path), backend, model, seed, str(path))
+
+
+def compile_onnx(path, backend: str | None = "numpy", loss: str = "none", seed: int | None = None
+                 ) -> Program:
+    """Import an ONNX file (as `graphc import` does) and compile it; `loss` adds a label input
+    and that loss (cross_entropy, nll, mse) on the first output, so the program trains."""
+    import tempfile
+
+    from graphc.onnx.import_cli import import_file, write_imported
+    imported = import_file(path, loss)
+    with tempfile.TemporaryDirectory(prefix="graphc-onnx-") as tmp:
+        return compile_file(write_imported(imported, tmp), backend=backend, seed=seed)

@@ -1,7 +1,8 @@
 """Incremental `graphc build`: an artifact built before from the same source, options and graphc
 is copied from the cache instead of compiled again, without importing the compiler or numpy.
 
-The key hashes the .nn text and its path, every build option that changes what is built or whether
+The key hashes the .nn text and its path (and, where it uses the npz initializer, the .npz
+archives beside it), every build option that changes what is built or whether
 the build is allowed (`BUILD_OPTIONS`: model, seed, backend, precision, --Werror), the source
 of graphc itself (every .py and .lark file of the installed package, so an edited compiler never
 reuses old artifacts) and, for compiled backends, what their kernel cache is keyed by (the CPU,
@@ -63,6 +64,12 @@ def build_key(path: str, source: bytes, options: dict[str, object]) -> str:
         parts += [cpu_key(), llvmlite.__version__]
     h = hashlib.sha256("\0".join(parts).encode() + b"\0")
     h.update(source)
+    if b"npz(" in source:       # parameters read by the npz initializer: their archives too
+        for archive in sorted(Path(path).parent.glob("*.npz")):
+            h.update(b"\0" + archive.name.encode() + b"\0")
+            with open(archive, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
     return h.hexdigest()[:40]
 
 

@@ -128,6 +128,8 @@ def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
     add_search(sub)
     from graphc.onnx.export_cli import add_commands as add_export
     add_export(sub)
+    from graphc.onnx.import_cli import add_commands as add_import
+    add_import(sub)
     return parser
 
 

@@ -163,8 +163,7 @@ def compile_model(checked: CheckedFile, model: str | None = None, seed: int | No
         seed = train.seed if train else 0
     graphs, state, train_step = program_graphs(ir, train, options, ranks)
     infos = {name: ParamInfo(name, p.type, p.role, p.init) for name, p in ir.params.items()}
-    values = {name: initialize(name, p.type.shape, p.type.dtype.numpy, p.init, seed)
-              for name, p in ir.params.items()}
+    values = {name: _initialize(checked, p, seed) for name, p in ir.params.items()}
     meta = {"source": checked.path, "seed": seed, "task": task_of(ir)}
     norms = [list(node.inputs[0].shape) for node in ir.stats.values() if node.attr["stat"] == "mean"]
     if norms:
@@ -174,6 +173,20 @@ def compile_model(checked: CheckedFile, model: str | None = None, seed: int | No
     if ranks > 1:
         meta["ranks"] = ranks
     return CompiledModel(ir.name, graphs, infos, values, state, meta, train_step)
+
+
+def _initialize(checked: CheckedFile, p, seed: int):
+    """A parameter's starting value; a problem reading an `npz` initializer's archive is
+    reported at the parameter's declaration."""
+    try:
+        return initialize(p.name, p.type.shape, p.type.dtype.numpy, p.init, seed,
+                          Path(checked.path).parent)
+    except GraphcError as err:
+        d = err.diagnostics[0]
+        where = f" ({d.file})" if d.file else ""
+        text = checked.src.line(p.loc.line) if checked.src else None
+        raise GraphcError(Diagnostic(f"param {p.name}: {d.message}{where}", p.loc, d.hint,
+                                     "error", text)) from None
 
 
 def program_graphs(ir: ModelIR, train: TrainConfig | None, options: PipelineOptions | None = None,

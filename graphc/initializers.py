@@ -8,8 +8,11 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import numpy as np
+
+from graphc.files import MAX_DATA_BYTES, Npz, error
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Initializer:
     draw: Callable[..., np.ndarray]
     doc: str
     choices: dict = field(default_factory=dict)   # option -> the words it takes (mode=fan_out)
+    strings: tuple[str, ...] = ()                 # options that take a string (npz's file, key)
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -66,7 +70,41 @@ INITIALIZERS: dict[str, Initializer] = {i.name: i for i in [
     Initializer("orthogonal", {"gain": 1.0}, (), lambda shape, rng, gain: _orthogonal(shape, rng, gain),
                 "gain times a (semi-)orthogonal matrix, as PyTorch's orthogonal_ (axes after the "
                 "first flattened)"),
+    # Drawn by `initialize` itself, which knows the .nn file's folder, the name and the dtype.
+    Initializer("npz", {"file": None, "key": None}, ("file",), lambda shape, rng, file, key: None,
+                "the array `key` (default: the parameter's name) of the .npz file `file`, a path "
+                "relative to the .nn file's folder that stays inside it; shape and dtype must be "
+                "the parameter's", strings=("file", "key")),
 ]}
+
+MAX_NPZ_FILE_BYTES = 16 * 2**30    # an .npz of parameters: the model's parameter limit
+
+
+def npz_path_problem(file: str) -> str | None:
+    """Why `file` may not name an npz initializer's archive (None when it may): a relative path
+    ending in .npz, without `..`, so it stays inside the .nn file's folder."""
+    parts = PurePosixPath(file.replace("\\", "/")).parts
+    if not file.endswith(".npz"):
+        return "the file must be an .npz archive (its name ending in .npz)"
+    if file.startswith(("/", "\\")) or (len(file) > 1 and file[1] == ":") or ".." in parts:
+        return "the file must be a path relative to the .nn file's folder, without '..'"
+    return None
+
+
+def read_npz_param(folder: Path, file: str, key: str, shape: tuple, dtype) -> np.ndarray:
+    """The array `key` of `folder/file`, which must be `dtype[shape]`; read without pickles, its
+    size bounded, the path confined to `folder` (a link out of it is refused too)."""
+    problem = npz_path_problem(file)
+    if problem:
+        raise error(f"npz(\"{file}\"): {problem}")
+    base = Path(folder).resolve()
+    path = (base / file).resolve()
+    if not path.is_relative_to(base):
+        raise error(f"npz(\"{file}\"): the file leads outside the .nn file's folder {base}")
+    with Npz(None, path, MAX_NPZ_FILE_BYTES, "the parameter archive") as archive:
+        return archive.read(key, MAX_DATA_BYTES, np.dtype(dtype), tuple(shape),
+                            f"npz(\"{file}\"): array '{key}'")
+
 
 
 def _draw(rng: np.random.Generator, shape, dist: str, variance: float) -> np.ndarray:
@@ -93,9 +131,15 @@ def param_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
 
 
-def initialize(name: str, shape: tuple[int, ...], dtype: np.dtype, init: tuple, seed: int) -> np.ndarray:
-    """Draw a parameter's starting value. `init` is the frozen spec kept in the IR: (name, options)."""
+def initialize(name: str, shape: tuple[int, ...], dtype: np.dtype, init: tuple, seed: int,
+               folder: Path | None = None) -> np.ndarray:
+    """Draw a parameter's starting value. `init` is the frozen spec kept in the IR: (name, options);
+    `folder` is the .nn file's, where `npz` reads its archive (a GraphcError when it cannot)."""
     init_name, options = init
+    if init_name == "npz":
+        options = dict(options)
+        return read_npz_param(Path(folder or "."), options["file"], options["key"] or name, shape,
+                              dtype)
     spec = INITIALIZERS[init_name]
     values = spec.draw(tuple(shape), param_rng(seed, name), **dict(options))
     return np.array(values, dtype=dtype, order="C")   # ascontiguousarray would make 0-d 1-d

@@ -23,7 +23,7 @@ from graphc.frontend.limits import MAX_EVALUATIONS, MAX_INT, MAX_NESTING, MAX_PA
 from graphc.frontend.params import Scope, count_param_sites, infer_roles, param_functions
 from graphc.frontend.transform import label_span
 from graphc.frontend.values import POISON, DTypeValue, ListValue, ParamSet, Poisoned, Scalar, Tensor, describe
-from graphc.initializers import INITIALIZERS
+from graphc.initializers import INITIALIZERS, npz_path_problem
 from graphc.ir import ops as op_table
 from graphc.ir.node import Node
 from graphc.ir.ops import Attr, TypeError_
@@ -204,6 +204,9 @@ class ModelBuilder:
                                  did_you_mean(key, names) or
                                  (f"{expr.func}() takes {', '.join(names)}" if names
                                   else f"{expr.func}() takes no options"))
+            if key in spec.strings:
+                options[key] = self.string_option(expr.func, key, value_expr)
+                continue
             if key in spec.choices:
                 word = (value_expr.value if isinstance(value_expr, ast.String) else
                         value_expr.name if isinstance(value_expr, ast.Var) else None)
@@ -238,6 +241,16 @@ class ModelBuilder:
             raise self.error(f"uniform(): low must be below high, got {options['low']} and "
                              f"{options['high']}", expr.loc)
         return expr.func, tuple(options.items())
+
+    def string_option(self, fn: str, key: str, expr: ast.Expr) -> str:
+        """An initializer's string option (npz's file and key), checked where it is written."""
+        if not isinstance(expr, ast.String):
+            raise self.error(f"{fn}(): {key} must be a string in double quotes", expr.loc)
+        if key == "file" and npz_path_problem(expr.value):
+            raise self.error(f"{fn}(): {npz_path_problem(expr.value)}", expr.loc)
+        if not expr.value:
+            raise self.error(f"{fn}(): {key} must not be empty", expr.loc)
+        return expr.value
 
     def tensor_type(self, t: ast.TypeExpr, allow_symbols: bool) -> TensorType:
         dtype = DTYPE_NAMES.get(t.dtype)
@@ -322,6 +335,15 @@ class ModelBuilder:
         k = frame.counts.get(kind, 0) + 1
         frame.counts[kind] = k
         return ".".join(frame.path + (kind if k == 1 else f"{kind}_{k}",))
+
+    def set_layer_role(self, name: str, role: str, loc: SourceLoc) -> None:
+        """The role a layer gives a declared parameter passed to it (batchnorm's running
+        statistics are role stat: train steps set them, no optimizer touches them)."""
+        spec = self.params[name]
+        if spec.role is not None and spec.role != role:
+            raise self.error(f"{name} is the {role} parameter of a layer here, but it is "
+                             f"{'declared' if spec.explicit_role else 'already'} {spec.role}", loc)
+        spec.role = role
 
     def new_param(self, name: str, ttype: TensorType, init: tuple, role: str | None,
                   loc: SourceLoc) -> Tensor:

@@ -191,9 +191,10 @@ def _batchnorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) 
     """PyTorch's BatchNorm1d ([N, C]) and BatchNorm2d ([N, C, H, W]): a learned scale (ones, role
     other) and shift (zeros, role bias), and running estimates of each channel's mean and
     variance (role stat) that training steps update and evaluation uses."""
-    if len(args) != 1:
-        raise ArgError(f"batchnorm takes the input only (and eps=, momentum=), got {len(args)} "
-                       f"arguments", call.loc)
+    if len(args) not in (1, 5):
+        raise ArgError(f"batchnorm takes the input only (and eps=, momentum=), or the input and "
+                       f"four declared parameters gamma, beta, running_mean, running_var; got "
+                       f"{len(args)} arguments", call.loc)
     x = b.tensor_arg("batchnorm", args[0], call.args[0])
     options = _options("batchnorm", call, kwargs, {"eps": Attr("float"), "momentum": Attr("float")})
     shape = x.node.type.shape
@@ -205,12 +206,19 @@ def _batchnorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) 
         raise ArgError(f"batchnorm: eps must be positive, got {options['eps']}",
                        call.kwarg_loc("eps", value=True))
     dtype, c = x.node.type.dtype, shape[1]
-    prefix = b.layer_prefix("batchnorm")
     vec = TensorType(dtype, (c,))
-    gamma = b.new_param(f"{prefix}.gamma", vec, ("ones", ()), "other", call.loc)
-    beta = b.new_param(f"{prefix}.beta", vec, ("zeros", ()), "bias", call.loc)
-    mean = b.new_param(f"{prefix}.running_mean", vec, ("zeros", ()), "stat", call.loc)
-    var = b.new_param(f"{prefix}.running_var", vec, ("ones", ()), "stat", call.loc)
+    if len(args) == 5:      # declared parameters (an imported model's): the stats become role stat
+        gamma, beta, mean, var = (_declared_param(b, "batchnorm", what, value, expr, vec)
+                                  for what, value, expr in zip(_BN_PARAMS, args[1:], call.args[1:]))
+        for param, role, expr in zip((gamma, beta, mean, var), ("other", "bias", "stat", "stat"),
+                                     call.args[1:]):
+            b.set_layer_role(param.node.attr["name"], role, expr.loc)
+    else:
+        prefix = b.layer_prefix("batchnorm")
+        gamma = b.new_param(f"{prefix}.gamma", vec, ("ones", ()), "other", call.loc)
+        beta = b.new_param(f"{prefix}.beta", vec, ("zeros", ()), "bias", call.loc)
+        mean = b.new_param(f"{prefix}.running_mean", vec, ("zeros", ()), "stat", call.loc)
+        var = b.new_param(f"{prefix}.running_var", vec, ("ones", ()), "stat", call.loc)
     locs = _option_locs(call, {})
     momentum = {k: options[k] for k in ("momentum",) if k in options}
     for stat, running in (("mean", mean), ("var", var)):
@@ -218,6 +226,18 @@ def _batchnorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) 
                                             call, locs).node
     return b.apply_op("batch_norm", [x, gamma, beta, mean, var],
                       {k: options[k] for k in ("eps",) if k in options}, call, locs)
+
+
+_BN_PARAMS = ("gamma", "beta", "running_mean", "running_var")
+
+
+def _declared_param(b: LayerBuilder, fn: str, what: str, value, expr: ast.Expr,
+                    ttype: TensorType) -> Tensor:
+    t = b.tensor_arg(fn, value, expr)
+    if t.node.op != "param" or t.node.type != ttype:
+        raise ArgError(f"{fn}: {what} must be a declared parameter of type {ttype}: {t.label} is "
+                       f"{t.node.type}", expr.loc)
+    return t
 
 
 def _embedding_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
@@ -307,6 +327,8 @@ LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)"),
 def is_layer_call(call: ast.Call, is_tensor: Callable[[str], bool]) -> bool:
     """Does this call create parameters? `linear(x, 10)` is the layer, `linear(x, W)` the op;
     `embedding(x, 1000, 16)` the layer, `embedding(x, E)` the op."""
+    if call.func == "batchnorm":
+        return len(call.args) == 1       # with its four parameters given, it declares none
     if call.func not in ("linear", "embedding"):
         return call.func in LAYERS
     if len(call.args) != 2:

@@ -18,6 +18,7 @@ import pytest
 
 from graphc.api import build_program
 from graphc.compiler import check_source, read_source
+from graphc.errors import GraphcError
 from graphc.ir import collective
 from graphc.mpi_cli import mpiexec
 
@@ -176,6 +177,36 @@ def _reduction_between_gradients_and_update(backend):
         np.testing.assert_allclose(two.params[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+SUM_LOSS = ("model m {\n    input x: f32[N, 3]\n    input y: f32[N, 2]\n"
+            "    param W: f32[3, 2] = normal(0.1)\n    output p = x @ W\n"
+            "    loss = LOSS\n}\ntrain m { data = digits\n optimizer = sgd(lr=0.1)\n batch = 4 }\n")
+
+
+@pytest.mark.parametrize("loss", ["sum((p - y) * (p - y))", "mse(p, y) + sum(p)",
+                                  "sqrt(mse(p, y))", "mean(sum((p - y) * (p - y), axis=0))",
+                                  "mse(p, y) * mean(p)"])
+def test_a_loss_that_is_not_a_batch_mean_is_refused_for_ranks(loss):
+    """Averaging the ranks' gradients gives one process's gradient only for a mean over the batch:
+    a sum's would be 1/N of it. Refused at the loss line; one process compiles it."""
+    checked = check_source(SUM_LOSS.replace("LOSS", loss), "m.nn")
+    build_program(checked, None, "numpy")
+    with pytest.raises(GraphcError) as caught:
+        build_program(checked, None, "numpy", ranks=2)
+    text = caught.value.render()
+    assert text.startswith("m.nn:6:12: error: data-parallel training averages the 2 ranks' gradients; "
+                           "this loss is not a mean over the batch"), text
+    assert f"loss = {loss}" in text and "^" in text
+
+
+@pytest.mark.parametrize("loss", ["mse(p, y)", "mean((p - y) * (p - y)) + 1e-3 * l2(W)",
+                                  "-(0.5 * mse(p, y) - mean(p)) / 2.0", "mse(p, y) + sum(W * W)"])
+def test_batch_means_compile_for_ranks(loss):
+    """Built-in mean losses, full means, and their linear combinations with terms that do not read
+    the batch; the sum-loss's gradient in the refusal above is what this check keeps out."""
+    checked = check_source(SUM_LOSS.replace("LOSS", loss), "m.nn")
+    assert build_program(checked, None, "numpy", ranks=2).meta["ranks"] == 2
+
+
 def test_ranks_without_mpi_say_how_to_install(monkeypatch, capsys, tmp_path):
     from graphc import cli, mpi_cli
     monkeypatch.setattr(mpi_cli, "mpiexec", lambda: None)
@@ -223,6 +254,7 @@ import sys
 import numpy as np
 from graphc.api import build_program
 from graphc.compiler import check_source, read_source
+from graphc.errors import GraphcError
 from graphc.runtime.distributed import DistributedTrainer, connect
 from graphc.runtime.train import TrainSettings, prepare_data
 group = connect()

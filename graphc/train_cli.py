@@ -134,7 +134,7 @@ def _train(args, group=None) -> int:
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
-        program, base_dir = _load_trainable(args, ranks)
+        program, base_dir = _load_trainable(args, ranks, root)
         program.use_precision(args.precision)
         program.compile()     # native code now: a missing GPU fails before a run folder exists
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
@@ -219,9 +219,10 @@ def _with_settings(program, settings: dict):
     return program
 
 
-def _load_trainable(args, ranks: int = 1):
+def _load_trainable(args, ranks: int = 1, root: bool = True):
     """A program to train from a .nn file or an artifact folder, and the folder that relative
-    data paths are taken from; `ranks` > 1: its train step all-reduces across that many ranks."""
+    data paths are taken from; `ranks` > 1: its train step all-reduces across that many ranks.
+    Lint warnings are printed by rank 0 (`root`) alone; --Werror stops every rank."""
     path = Path(args.file)
     if path.is_dir():
         from graphc.runtime import load_artifact
@@ -237,7 +238,7 @@ def _load_trainable(args, ranks: int = 1):
     from graphc.cli_common import report_lints
     from graphc.compiler import check_source, read_source
     checked = check_source(read_source(path), str(path))
-    report_lints(checked, args.werror)
+    report_lints(checked, args.werror, show=root)
     program = build_program(checked, args.model, args.backend, args.seed, ranks=ranks)
     return program, path.parent
 

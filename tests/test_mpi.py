@@ -307,8 +307,13 @@ def test_one_rank_under_mpiexec_is_bit_identical(two_ranks, tmp_path):
 
 @needs_mpi
 def test_a_batch_the_ranks_do_not_divide_is_refused_once(tmp_path):
-    proc = graphc("train", DIGITS, "--batch", 63, "--ranks", 2, "--out", tmp_path / "run")
+    """Said once, by rank 0; so are the file's lint warnings (here: no seed)."""
+    model = tmp_path / "digits_mlp.nn"
+    model.write_text(DIGITS.read_text().replace("    seed      = 0\n", ""))
+    assert "seed" not in model.read_text().split("train digits_mlp")[1]
+    proc = graphc("train", model, "--batch", 63, "--ranks", 2, "--out", tmp_path / "run")
     assert proc.returncode == 1
+    assert proc.stderr.count("sets no seed") == 1, proc.stderr
     assert proc.stderr.count("the global batch 63 does not split evenly across 2 ranks") == 1
     assert "--batch 62" in proc.stderr and not (tmp_path / "run").exists()
 

@@ -141,12 +141,14 @@ def _train(args, group=None) -> int:
                                     seed=args.seed)
         if group is not None:     # before the run folder: refused, the run leaves nothing
             from graphc.runtime.distributed import check_ranks
-            check_ranks(program, settings.batch, ranks)
+            check_ranks(settings.batch, ranks)
         data = prepare_data(program, settings, args.data_dir, base_dir)
         run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
         if group is not None:           # every rank names rank 0's folder (the time differs)
+            from graphc.runtime.distributed import check_same_settings
             run = RunFolder(group.broadcast(str(run.path)))
+            check_same_settings(group, settings.to_json())    # before rank 0 creates the folder
         if RunFolder.is_run(run.path) and root:
             raise error(f"{run.path}: already holds a run",
                         hint=f"continue it with --resume {run.path}, or choose another --out")

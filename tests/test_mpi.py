@@ -320,16 +320,17 @@ def test_a_batch_the_ranks_do_not_divide_is_refused_once(tmp_path):
 
 @needs_mpi
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
-    """Rank 1 started with another --epochs than rank 0 (MPMD): it says so, prefixed with its
-    rank, and MPI_Abort ends rank 0, which waits in a broadcast, within seconds."""
+    """Rank 1 started with another --epochs than rank 0 (MPMD): every rank sees every rank's
+    settings before rank 0 creates the run folder; one says so, and MPI_Abort ends the others
+    within seconds."""
     command = [sys.executable, "-m", "graphc", "train", DIGITS, "--out", tmp_path / "run",
                "--backend", "numpy", "--epochs"]
     start = time.monotonic()
     proc = run([MPIEXEC, "-n", 1, *command, 2, ":", "-n", 1, *command, 3])
     assert proc.returncode != 0 and time.monotonic() - start < 30
-    assert "rank 1: error: rank 1 trains with other settings than rank 0 (epochs differ)" in proc.stderr
+    assert "error: rank 1 trains with other settings than rank 0 (epochs differ)" in proc.stderr
     assert "graphc: stopping all 2 ranks" in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints" / "last.npz").exists()
+    assert not (tmp_path / "run").exists()       # found before rank 0 creates the run folder
 
 
 @needs_mpi
@@ -347,3 +348,28 @@ def test_a_rank_that_dies_stops_every_rank(tmp_path):
     left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in left, "a rank outlived the run"
     assert not (out / "checkpoints" / "last.npz").exists()      # killed in its first epoch
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank_with_one_message(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group: the launcher, mpiexec, the ranks)
+    ends the run with rank 0's resume hint, and the launcher sends mpiexec no second SIGINT
+    (hydra's "force abort", with its noise)."""
+    out = tmp_path / "run"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "GRAPHC_FAULT"))}
+    proc = subprocess.Popen([sys.executable, "-m", "graphc", "train", str(DIGITS), "--ranks", "2",
+                             "--epochs", "500", "--backend", "numpy", "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=base, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "epoch 1:" not in proc.stdout.readline() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err.count("graphc: interrupted;") == 1 and f"--resume {out} --ranks 2" in err, err
+    assert "Ctrl-C caught" not in err and "force abort" not in err and "HYD" not in err, err

@@ -207,6 +207,60 @@ def test_batch_means_compile_for_ranks(loss):
     assert build_program(checked, None, "numpy", ranks=2).meta["ranks"] == 2
 
 
+class Counting:
+    """A group of one that counts its all-reduces (each the identity)."""
+    size, rank = 1, 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def all_reduce(self, buffer: np.ndarray, op: str) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize("backend", ["llvm", "cuda"])
+def test_adam_steps_across_the_split_match_one_process(backend):
+    """On a compiled backend the train step of N ranks runs in two native parts around the
+    all-reduce; Adam's `new #step` is computed in the first and its moments updated in place in
+    the second. Over 3 Adam steps in a group of one (the all-reduce is the identity) the
+    parameters and optimizer state equal one numpy process's (cuda on the emulated device where
+    pycuda finds no GPU)."""
+    device = contextlib.nullcontext()
+    if backend == "cuda":
+        from cuda_emulator import CXX
+        from emulated_device import emulated_pycuda, gpu_problem
+        if gpu_problem() is not None:
+            if CXX is None:
+                pytest.skip("neither a GPU nor g++ for the emulated device")
+            device = emulated_pycuda()
+    source = ("model m {\n    input x: f32[N, 3]\n    input y: i64[N]\n"
+              "    output p = x -> linear(4) -> tanh -> linear(3)\n"
+              "    loss = cross_entropy(p, y) + 1e-3 * l2(weights)\n}\n"
+              "train m { data = digits\n optimizer = adam(lr=0.05)\n batch = 4 }\n")
+    checked = check_source(source)
+    rng = np.random.default_rng(1)
+    group = Counting()
+    with device:
+        split = build_program(checked, None, backend, ranks=2)
+        ref = build_program(checked, None, "numpy")
+        for _ in range(3):
+            x = rng.standard_normal((4, 3)).astype(np.float32)
+            y = rng.integers(0, 3, 4)
+            previous = collective.use(group)
+            try:
+                loss = split.train_step(x=x, y=y)
+            finally:
+                collective.use(previous)
+            np.testing.assert_allclose(loss, ref.train_step(x=x, y=y), rtol=1e-5)
+        assert group.calls == 3 and int(split.state["#step"]) == 3
+        for name, value in ref.params.items():
+            np.testing.assert_allclose(split.params[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert ref.state and ref.state.keys() == split.state.keys()
+        for name, value in ref.state.items():
+            np.testing.assert_allclose(np.asarray(split.state[name]), np.asarray(value), rtol=1e-5,
+                                       atol=1e-7, err_msg=name)
+
+
 def test_ranks_without_mpi_say_how_to_install(monkeypatch, capsys, tmp_path):
     from graphc import cli, mpi_cli
     monkeypatch.setattr(mpi_cli, "mpiexec", lambda: None)
@@ -296,7 +350,10 @@ def test_a_run_resumes_on_its_ranks_only(two_ranks, tmp_path):
 
 
 @needs_mpi
-def test_one_rank_under_mpiexec_is_bit_identical(two_ranks, tmp_path):
+def test_mpiexec_n_1_takes_the_one_process_path_bit_identically(two_ranks, tmp_path):
+    """Under `mpiexec -n 1` the job's size is 1, so graphc trains as one process (no MPI group, no
+    all-reduce): this checks that mpiexec's environment (PMI_* variables) changes nothing, not
+    the distributed code, which the two-rank tests exercise."""
     model, one, _, _ = two_ranks
     ok(graphc("train", model, "--epochs", 1, "--batch", 64, "--out", tmp_path / "run", "--quiet",
               "--backend", "numpy", launcher=[MPIEXEC, "-n", "1"]))

@@ -252,6 +252,18 @@ def test_artifact_folder_exports_like_its_source(tmp_path):
     assert (tmp_path / "m.onnx").read_bytes() == b.SerializeToString()
 
 
+def test_model_and_seed_are_refused_for_a_folder(tmp_path, capsys):
+    """--model and --seed pick and seed a .nn file's model; an artifact (or run) holds its own."""
+    compile_file(MODELS / "digits_logreg.nn", seed=0).save(tmp_path / "art")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "art"), "-o", str(out), "--seed", "3"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'art'}: --seed only apply to a .nn file" in err and "an artifact holds" in err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(GraphcError, match="--model only apply"):
+        export_onnx(tmp_path / "art", model="digits_logreg")
+
+
 def test_export_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["export", "--help"])

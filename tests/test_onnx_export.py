@@ -258,9 +258,9 @@ def test_model_and_seed_are_refused_for_a_folder(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", str(tmp_path / "art"), "-o", str(out), "--seed", "3"]) == 1
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'art'}: --seed only apply to a .nn file" in err and "an artifact holds" in err
+    assert f"{tmp_path / 'art'}: --seed only applies to a .nn file" in err and "an artifact holds" in err
     assert "Traceback" not in err and not out.exists()
-    with pytest.raises(GraphcError, match="--model only apply"):
+    with pytest.raises(GraphcError, match="--model only applies"):
         export_onnx(tmp_path / "art", model="digits_logreg")
 
 

@@ -57,7 +57,8 @@ def _program(source, model: str | None, seed: int | None):
         given = [flag for flag, value in (("--model", model), ("--seed", seed)) if value is not None]
         if given:
             what = "a run" if RunFolder.is_run(path) else "an artifact"
-            raise error(f"{path}: {' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to a .nn file (which model, "
+            verb = "apply" if len(given) > 1 else "applies"
+            raise error(f"{path}: {' and '.join(given)} only {verb} to a .nn file (which model, "
                         f"the seed of its parameters); {what} holds one model and its parameters",
                         hint=f"leave out {' and '.join(given)}, or export the .nn file")
     if RunFolder.is_run(path):

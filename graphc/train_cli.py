@@ -134,15 +134,11 @@ def _train(args, group=None) -> int:
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
-        program, base_dir = _load_trainable(args, ranks, root)
-        program.use_precision(args.precision)
-        program.compile()     # native code now: a missing GPU fails before a run folder exists
-        settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                                    seed=args.seed)
-        if group is not None:     # before the run folder: refused, the run leaves nothing
-            from graphc.runtime.distributed import check_ranks
-            check_ranks(settings.batch, ranks)
-        data = prepare_data(program, settings, args.data_dir, base_dir)
+        if group is None:
+            program, base_dir, settings, data = _prepare(args)
+        else:     # what every rank met, compared: an error all met alike is said once, cleanly
+            from graphc.runtime.distributed import agree
+            program, base_dir, settings, data = agree(group, lambda: _prepare(args, group))
         run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
         if group is not None:           # every rank names rank 0's folder (the time differs)
@@ -202,6 +198,22 @@ def _train(args, group=None) -> int:
     if not args.quiet:
         print(f"run saved to {run.path}")
     return 0
+
+
+def _prepare(args, group=None):
+    """The program, its folder, the settings and the data of a new run (for each rank of a
+    data-parallel run), all before a run folder exists: refused, the run leaves nothing."""
+    from graphc.runtime.train import TrainSettings, prepare_data
+    ranks, root = (1, True) if group is None else (group.size, group.rank == 0)
+    program, base_dir = _load_trainable(args, ranks, root)
+    program.use_precision(args.precision)
+    program.compile()     # native code now: a missing GPU fails before a run folder exists
+    settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                                seed=args.seed)
+    if group is not None:
+        from graphc.runtime.distributed import check_ranks
+        check_ranks(settings.batch, ranks)
+    return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
 
 
 def _warn(message: str) -> None:

@@ -104,8 +104,14 @@ def guarded(group: MPIGroup, body: Callable[[], int], render: Callable[[BaseExce
     except BaseException as err:       # noqa: BLE001 (every way out must end the other ranks)
         if isinstance(err, SystemExit) and not err.code:
             raise
+        if getattr(err, "every_rank", False):
+            # Every rank stops here, with no collective pending: rank 0 says why, and the job
+            # ends as a normal exit (MPI_Finalize), without MPI_Abort's own message.
+            if group.rank == 0:
+                print(render(err), file=sys.stderr, flush=True)
+            return 1
         if group.rank and isinstance(err, GraphcError):
-            time.sleep(1.0)
+            time.sleep(10.0 if getattr(err, "relayed", False) else 1.0)
         prefix = "" if group.rank == 0 else f"rank {group.rank}: "
         if os.environ.get("GRAPHC_DEBUG"):
             traceback.print_exc()
@@ -114,6 +120,28 @@ def guarded(group: MPIGroup, body: Callable[[], int], render: Callable[[BaseExce
         code = 130 if isinstance(err, KeyboardInterrupt) else 1
         group.abort(code)
         os._exit(code)          # MPI_Abort has ended the job; never back into the caller
+
+
+def agree(group: MPIGroup, body: Callable[[], object]):
+    """body() on every rank (before any other collective), then what each met compared: its result
+    where no rank met an error; an error that every rank met alike (a bad flag, a refused model)
+    is raised marked `every_rank`, so rank 0 alone says it and the job ends without MPI_Abort;
+    otherwise the ranks that met an error raise it and the others relay the first one's."""
+    try:
+        result, mine = body(), None
+    except GraphcError as err:
+        result, mine = None, err
+    said = group.comm.allgather(None if mine is None else mine.render())
+    if all(text is None for text in said):
+        return result
+    if mine is not None:
+        if all(text == said[0] for text in said):
+            mine.every_rank = True
+        elif said[0] is None:
+            mine.relayed = True         # rank 0 says it and ends the job: this rank waits for that
+        raise mine
+    first = next(rank for rank, text in enumerate(said) if text is not None)
+    raise error(f"rank {first} stopped before training, the others not:\n{said[first]}")
 
 
 def check_same_settings(group: MPIGroup, mine: dict) -> None:
@@ -125,9 +153,11 @@ def check_same_settings(group: MPIGroup, mine: dict) -> None:
         if settings != every[0]:
             differ = sorted(k for k in settings.keys() | every[0].keys()
                             if settings.get(k) != every[0].get(k))
-            raise error(f"rank {rank} trains with other settings than rank 0 "
+            err = error(f"rank {rank} trains with other settings than rank 0 "
                         f"({', '.join(differ)} differ)",
                         hint="every rank must read the same .nn file and flags")
+            err.every_rank = True       # every rank saw every rank's settings: all stop here
+            raise err
 
 
 def check_ranks(batch: int, ranks: int) -> None:

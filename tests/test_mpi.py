@@ -364,19 +364,34 @@ def test_mpiexec_n_1_takes_the_one_process_path_bit_identically(two_ranks, tmp_p
 
 @needs_mpi
 def test_a_batch_the_ranks_do_not_divide_is_refused_once(tmp_path):
-    """Said once, by rank 0; so are the file's lint warnings (here: no seed)."""
+    """Said once, by rank 0, without MPI_Abort's message; so are the file's lint warnings (here:
+    no seed)."""
     model = tmp_path / "digits_mlp.nn"
     model.write_text(DIGITS.read_text().replace("    seed      = 0\n", ""))
     assert "seed" not in model.read_text().split("train digits_mlp")[1]
     proc = graphc("train", model, "--batch", 63, "--ranks", 2, "--out", tmp_path / "run")
     assert proc.returncode == 1
     assert proc.stderr.count("sets no seed") == 1, proc.stderr
+    assert "MPI_Abort" not in proc.stderr, proc.stderr      # every rank met it: a clean end
     assert proc.stderr.count("the global batch 63 does not split evenly across 2 ranks") == 1
     assert "--batch 62" in proc.stderr and not (tmp_path / "run").exists()
 
 
 @needs_mpi
-def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+def test_an_error_on_one_rank_before_training_is_said_and_stops_every_rank(tmp_path):
+    """Rank 1 alone is refused (MPMD: its --batch does not split); rank 0 relays its message, and
+    MPI_Abort ends the job."""
+    command = [sys.executable, "-m", "graphc", "train", DIGITS, "--out", tmp_path / "run",
+               "--backend", "numpy", "--batch"]
+    proc = run([MPIEXEC, "-n", 1, *command, 64, ":", "-n", 1, *command, 63])
+    assert proc.returncode != 0
+    assert "rank 1 stopped before training, the others not:" in proc.stderr, proc.stderr
+    assert "the global batch 63 does not split evenly across 2 ranks" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_ranks_with_other_settings_are_refused_before_the_run_folder(tmp_path):
     """Rank 1 started with another --epochs than rank 0 (MPMD): every rank sees every rank's
     settings before rank 0 creates the run folder; one says so, and MPI_Abort ends the others
     within seconds."""
@@ -385,8 +400,8 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     start = time.monotonic()
     proc = run([MPIEXEC, "-n", 1, *command, 2, ":", "-n", 1, *command, 3])
     assert proc.returncode != 0 and time.monotonic() - start < 30
-    assert "error: rank 1 trains with other settings than rank 0 (epochs differ)" in proc.stderr
-    assert "graphc: stopping all 2 ranks" in proc.stderr
+    assert proc.stderr.count("error: rank 1 trains with other settings than rank 0 (epochs differ)") == 1
+    assert "MPI_Abort" not in proc.stderr, proc.stderr      # every rank stops there: a clean end
     assert not (tmp_path / "run").exists()       # found before rank 0 creates the run folder
 
 

@@ -108,29 +108,14 @@ def _train(args, group=None) -> int:
     """`graphc train` in this process; `group` (an MPIGroup): as one rank of a data-parallel run,
     where rank 0 alone writes the run folder and prints."""
     from graphc.runtime.runs import RunFolder
-    from graphc.runtime.train import Trainer, TrainSettings, prepare_data
+    from graphc.runtime.train import Trainer
     root, ranks = group is None or group.rank == 0, 1 if group is None else group.size
     if args.resume:
-        for flag in ("file", "batch", "lr", "seed", "out", "model"):
-            if getattr(args, flag) is not None:
-                raise error(f"--resume continues a run exactly as it was started; "
-                            f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
-                            hint="only --epochs (to train longer) and --data-dir may change")
-        run = RunFolder(args.resume)
-        run.check_confined()
-        config = run.config()
-        if config.get("ranks", 1) != ranks:
-            from graphc.mpi_cli import other_ranks
-            raise other_ranks(run.path, config.get("ranks", 1), ranks)
-        program = run.load_program(args.backend)
-        program.use_precision(args.precision)
-        if args.epochs is not None:    # recorded, so a later plain --resume trains as long
-            config["settings"]["epochs"] = args.epochs
-            if root:
-                run.write_json("config.json", config)
-        settings = TrainSettings.of(_with_settings(program, config["settings"]))
-        data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
-                            config["base_dir"], scaler=config["data"]["scaler"])
+        if group is None:
+            run, config, program, settings, data = _resume(args)
+        else:
+            from graphc.runtime.distributed import agree
+            run, config, program, settings, data = agree(group, lambda: _resume(args, group))
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
@@ -198,6 +183,35 @@ def _train(args, group=None) -> int:
     if not args.quiet:
         print(f"run saved to {run.path}")
     return 0
+
+
+def _resume(args, group=None):
+    """The run folder, its config, program, settings and data of `--resume RUN` (on each rank of
+    a data-parallel run)."""
+    from graphc.runtime.runs import RunFolder
+    from graphc.runtime.train import TrainSettings, prepare_data
+    ranks, root = (1, True) if group is None else (group.size, group.rank == 0)
+    for flag in ("file", "batch", "lr", "seed", "out", "model"):
+        if getattr(args, flag) is not None:
+            raise error(f"--resume continues a run exactly as it was started; "
+                        f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
+                        hint="only --epochs (to train longer) and --data-dir may change")
+    run = RunFolder(args.resume)
+    run.check_confined()
+    config = run.config()
+    if config.get("ranks", 1) != ranks:
+        from graphc.mpi_cli import other_ranks
+        raise other_ranks(run.path, config.get("ranks", 1), ranks)
+    program = run.load_program(args.backend)
+    program.use_precision(args.precision)
+    if args.epochs is not None:    # recorded, so a later plain --resume trains as long
+        config["settings"]["epochs"] = args.epochs
+        if root:
+            run.write_json("config.json", config)
+    settings = TrainSettings.of(_with_settings(program, config["settings"]))
+    data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
+                        config["base_dir"], scaler=config["data"]["scaler"])
+    return run, config, program, settings, data
 
 
 def _prepare(args, group=None):

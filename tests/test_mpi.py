@@ -445,3 +445,18 @@ def test_ctrl_c_stops_every_rank_with_one_message(tmp_path):
     assert proc.returncode == 130, err
     assert err.count("graphc: interrupted;") == 1 and f"--resume {out} --ranks 2" in err, err
     assert "Ctrl-C caught" not in err and "force abort" not in err and "HYD" not in err, err
+
+
+@needs_mpi
+def test_graphc_train_refuses_a_sum_loss_on_ranks_once(tmp_path):
+    """The sum loss of the API test, from the command line: rank 0 says it once, at the loss line,
+    and the job ends cleanly with no run folder."""
+    model = tmp_path / "m.nn"
+    model.write_text(SUM_LOSS.replace("LOSS", "sum((p - y) * (p - y))").replace(
+        "batch = 4 }", "batch = 4\n seed = 0 }"))
+    proc = graphc("train", model, "--ranks", 2, "--out", tmp_path / "run")
+    assert proc.returncode == 1
+    assert proc.stderr.count(f"{model}:6:12: error: data-parallel training averages the 2 ranks' "
+                             f"gradients; this loss is not a mean over the batch") == 1, proc.stderr
+    assert "    loss = sum((p - y) * (p - y))" in proc.stderr and "Traceback" not in proc.stderr
+    assert "MPI_Abort" not in proc.stderr and not (tmp_path / "run").exists()

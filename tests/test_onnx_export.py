@@ -439,3 +439,13 @@ def test_an_error_location_in_a_fifo_or_device_does_not_hang(tmp_path, kind):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{path}:1:1: error: cannot export to ONNX: no"), proc.stdout
+
+
+def test_softmax_patterns_fuse_only_values_nothing_else_reads():
+    """In the forward graph log_softmax is one LogSoftmax; in the train step the backward graph
+    reads its exp and sum, so fusing would compute them twice: the decomposition alone is
+    emitted (and the step still matches graphc, test_five_train_steps_match_graphc)."""
+    program = compile_file(MODELS / "mnist_mlp.nn", seed=0)
+    assert "LogSoftmax" in _ops(build_model(program))
+    step = _ops(build_model(program, graph="train-step"))
+    assert "LogSoftmax" not in step and {"Exp", "ReduceMax", "Log"} <= step

@@ -15,15 +15,16 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-def report_lints(checked, werror: bool) -> str:
-    """Print the file's lint warnings to stderr; with --Werror they are errors. Returns them as
-    printed (the build cache replays them)."""
+def report_lints(checked, werror: bool, show: bool = True) -> str:
+    """Print the file's lint warnings to stderr (`show` False: not printed, as on the ranks but
+    rank 0 of a data-parallel run); with --Werror they are errors. Returns them as printed (the
+    build cache replays them)."""
     from graphc.lints import lint
     found = lint(checked)
     if werror and found:
         raise GraphcError([replace(d, severity="error") for d in found])
     text = "\n".join(d.render() for d in found)
-    if text:
+    if text and show:
         print(text, file=sys.stderr)
     return text
 

@@ -14,6 +14,7 @@ from graphc.frontend.parser import parse
 from graphc.frontend.search_spec import SearchConfig, check_search
 from graphc.frontend.train_spec import check_train
 from graphc.initializers import initialize
+from graphc.ir.collective import not_a_batch_mean
 from graphc.ir.contract import CompiledModel, Feeds, ParamInfo, StateInfo, TrainStep, stat_output
 from graphc.ir.node import Graph, topo_order
 from graphc.optim import train_step_graph
@@ -161,6 +162,8 @@ def compile_model(checked: CheckedFile, model: str | None = None, seed: int | No
     train = checked.trains.get(ir.name)
     if seed is None:
         seed = train.seed if train else 0
+    if ranks > 1 and ir.loss is not None:
+        _check_batch_mean(checked, ir.loss, ranks)
     graphs, state, train_step = program_graphs(ir, train, options, ranks)
     infos = {name: ParamInfo(name, p.type, p.role, p.init) for name, p in ir.params.items()}
     values = {name: _initialize(checked, p, seed) for name, p in ir.params.items()}
@@ -173,6 +176,23 @@ def compile_model(checked: CheckedFile, model: str | None = None, seed: int | No
     if ranks > 1:
         meta["ranks"] = ranks
     return CompiledModel(ir.name, graphs, infos, values, state, meta, train_step)
+
+
+def _check_batch_mean(checked: CheckedFile, loss, ranks: int) -> None:
+    """Refuse, at the loss, a loss that is not a mean over the batch for a data-parallel train
+    step: the ranks' gradients are averaged, which gives one process's gradient only for one."""
+    term = not_a_batch_mean(loss)
+    if term is None:
+        return
+    where = loss.loc or term.loc
+    text = checked.src.line(where.line) if checked.src and where else None
+    what = f"its term {term.op}(...)" if term is not loss else f"it is a {term.op}(...)"
+    raise GraphcError(Diagnostic(
+        f"data-parallel training averages the {ranks} ranks' gradients; this loss is not a mean "
+        f"over the batch ({what}): their mean is not one process's gradient",
+        where, "write the loss as a mean over the batch: a built-in loss (cross_entropy, nll, mse, "
+        "binary_cross_entropy_with_logits) or mean(...), plus terms that do not read the batch "
+        "such as 1e-4 * l2(weights); or train on one process", "error", text))
 
 
 def _initialize(checked: CheckedFile, p, seed: int):

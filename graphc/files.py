@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphc.errors import error
+from graphc.errors import GraphcError, error
 
 MiB, GiB = 1 << 20, 1 << 30
 MAX_JSON_BYTES = 64 * MiB       # graph.json, manifest.json, config.json; a loop state as stored (4 B a char)
@@ -27,6 +27,7 @@ MAX_JSON_DEPTH = 100            # nesting of JSON arrays and objects
 MAX_DATA_BYTES = 4 * GiB        # one data array: an IDX file decompressed, an .npz member
 MAX_CSV_BYTES = 256 * MiB       # a CSV data set (parsed in Python: several times its size in memory)
 MAX_CSV_LINE = 16 * MiB         # one row of a CSV data set
+MAX_SOURCE = 1 * MiB            # a .nn file read again for the source line under an error's caret
 NPY_HEADER_BYTES = 10_000       # numpy's own bound on an .npy header
 _CHUNK = 16 * MiB
 
@@ -88,6 +89,20 @@ def read_bytes(path: Path, limit: int, what: str = "the file") -> bytes:
     if len(data) > limit:
         raise error(f"{what} grew past the limit of {limit:,} bytes while being read", file=path)
     return data
+
+
+def source_line(loc) -> str | None:
+    """The line of its .nn file a SourceLoc points into, for an error's caret; None when the file
+    is gone, not a regular file (a FIFO, a device), over MAX_SOURCE bytes or unreadable. The
+    location may come from a loaded artifact or run, so the path is never trusted further."""
+    if loc is None:
+        return None
+    try:
+        text = read_bytes(Path(loc.file), MAX_SOURCE).decode("utf-8", errors="replace")
+    except (GraphcError, OSError, ValueError):
+        return None
+    lines = text.splitlines()
+    return lines[loc.line - 1] if 1 <= loc.line <= len(lines) else None
 
 
 def parse_json(data: bytes | str, path: Path, depth: int = MAX_JSON_DEPTH):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from graphc.errors import GraphcError, error
 
-INSTALL_HINT = "pip install -e '.[mpi]'"
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")    # runtime.distributed's
+# The variables by which MPICH's, Open MPI's and PMIx's launchers tell a process the job's size.
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 
 
 def launched_size() -> int:
@@ -50,6 +50,7 @@ def launch(args) -> int:
     _refuse_options(args, args.ranks)
     program = mpiexec()
     if importlib.util.find_spec("mpi4py") is None or program is None:
+        from graphc.runtime.distributed import INSTALL_HINT
         missing = "mpi4py" if program else "mpiexec"
         raise error(f"--ranks {args.ranks} starts {args.ranks} processes with MPI, but {missing} "
                     f"is not installed", hint=INSTALL_HINT)
@@ -61,13 +62,16 @@ def launch(args) -> int:
     try:
         status = process.wait()
     except KeyboardInterrupt:
-        # Ctrl-C reached the ranks too (one process group): rank 0 says where the run stands.
-        # Sent to this process alone, it is passed on: mpiexec forwards SIGINT to the ranks.
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        # A terminal's Ctrl-C reached mpiexec and the ranks too (one process group): rank 0 says
+        # where the run stands. A second SIGINT would be hydra's noisy "force abort", so it is
+        # sent only where mpiexec did not end (the signal came to this process alone).
+        for ending in (lambda: None, lambda: process.send_signal(signal.SIGINT), process.kill):
+            ending()
+            try:
+                process.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                pass
         return 130
     if status not in (0, 1, 130):     # 1: a rank said why; else a rank died without a word
         print(f"graphc: a rank of the run stopped abnormally (mpiexec exit status {status}); "

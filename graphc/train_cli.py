@@ -108,45 +108,28 @@ def _train(args, group=None) -> int:
     """`graphc train` in this process; `group` (an MPIGroup): as one rank of a data-parallel run,
     where rank 0 alone writes the run folder and prints."""
     from graphc.runtime.runs import RunFolder
-    from graphc.runtime.train import Trainer, TrainSettings, prepare_data
+    from graphc.runtime.train import Trainer
     root, ranks = group is None or group.rank == 0, 1 if group is None else group.size
     if args.resume:
-        for flag in ("file", "batch", "lr", "seed", "out", "model"):
-            if getattr(args, flag) is not None:
-                raise error(f"--resume continues a run exactly as it was started; "
-                            f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
-                            hint="only --epochs (to train longer) and --data-dir may change")
-        run = RunFolder(args.resume)
-        run.check_confined()
-        config = run.config()
-        if config.get("ranks", 1) != ranks:
-            from graphc.mpi_cli import other_ranks
-            raise other_ranks(run.path, config.get("ranks", 1), ranks)
-        program = run.load_program(args.backend)
-        program.use_precision(args.precision)
-        if args.epochs is not None:    # recorded, so a later plain --resume trains as long
-            config["settings"]["epochs"] = args.epochs
-            if root:
-                run.write_json("config.json", config)
-        settings = TrainSettings.of(_with_settings(program, config["settings"]))
-        data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
-                            config["base_dir"], scaler=config["data"]["scaler"])
+        if group is None:
+            run, config, program, settings, data = _resume(args)
+        else:
+            from graphc.runtime.distributed import agree
+            run, config, program, settings, data = agree(group, lambda: _resume(args, group))
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
-        program, base_dir = _load_trainable(args, ranks)
-        program.use_precision(args.precision)
-        program.compile()     # native code now: a missing GPU fails before a run folder exists
-        settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                                    seed=args.seed)
-        if group is not None:     # before the run folder: refused, the run leaves nothing
-            from graphc.runtime.distributed import check_ranks
-            check_ranks(program, settings.batch, ranks)
-        data = prepare_data(program, settings, args.data_dir, base_dir)
+        if group is None:
+            program, base_dir, settings, data = _prepare(args)
+        else:     # what every rank met, compared: an error all met alike is said once, cleanly
+            from graphc.runtime.distributed import agree
+            program, base_dir, settings, data = agree(group, lambda: _prepare(args, group))
         run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
         if group is not None:           # every rank names rank 0's folder (the time differs)
+            from graphc.runtime.distributed import check_same_settings
             run = RunFolder(group.broadcast(str(run.path)))
+            check_same_settings(group, settings.to_json())    # before rank 0 creates the folder
         if RunFolder.is_run(run.path) and root:
             raise error(f"{run.path}: already holds a run",
                         hint=f"continue it with --resume {run.path}, or choose another --out")
@@ -202,6 +185,51 @@ def _train(args, group=None) -> int:
     return 0
 
 
+def _resume(args, group=None):
+    """The run folder, its config, program, settings and data of `--resume RUN` (on each rank of
+    a data-parallel run)."""
+    from graphc.runtime.runs import RunFolder
+    from graphc.runtime.train import TrainSettings, prepare_data
+    ranks, root = (1, True) if group is None else (group.size, group.rank == 0)
+    for flag in ("file", "batch", "lr", "seed", "out", "model"):
+        if getattr(args, flag) is not None:
+            raise error(f"--resume continues a run exactly as it was started; "
+                        f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
+                        hint="only --epochs (to train longer) and --data-dir may change")
+    run = RunFolder(args.resume)
+    run.check_confined()
+    config = run.config()
+    if config.get("ranks", 1) != ranks:
+        from graphc.mpi_cli import other_ranks
+        raise other_ranks(run.path, config.get("ranks", 1), ranks)
+    program = run.load_program(args.backend)
+    program.use_precision(args.precision)
+    if args.epochs is not None:    # recorded, so a later plain --resume trains as long
+        config["settings"]["epochs"] = args.epochs
+        if root:
+            run.write_json("config.json", config)
+    settings = TrainSettings.of(_with_settings(program, config["settings"]))
+    data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
+                        config["base_dir"], scaler=config["data"]["scaler"])
+    return run, config, program, settings, data
+
+
+def _prepare(args, group=None):
+    """The program, its folder, the settings and the data of a new run (for each rank of a
+    data-parallel run), all before a run folder exists: refused, the run leaves nothing."""
+    from graphc.runtime.train import TrainSettings, prepare_data
+    ranks, root = (1, True) if group is None else (group.size, group.rank == 0)
+    program, base_dir = _load_trainable(args, ranks, root)
+    program.use_precision(args.precision)
+    program.compile()     # native code now: a missing GPU fails before a run folder exists
+    settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                                seed=args.seed)
+    if group is not None:
+        from graphc.runtime.distributed import check_ranks
+        check_ranks(settings.batch, ranks)
+    return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}\nhint: try a smaller --lr; the run goes on", file=sys.stderr,
           flush=True)
@@ -219,9 +247,10 @@ def _with_settings(program, settings: dict):
     return program
 
 
-def _load_trainable(args, ranks: int = 1):
+def _load_trainable(args, ranks: int = 1, root: bool = True):
     """A program to train from a .nn file or an artifact folder, and the folder that relative
-    data paths are taken from; `ranks` > 1: its train step all-reduces across that many ranks."""
+    data paths are taken from; `ranks` > 1: its train step all-reduces across that many ranks.
+    Lint warnings are printed by rank 0 (`root`) alone; --Werror stops every rank."""
     path = Path(args.file)
     if path.is_dir():
         from graphc.runtime import load_artifact
@@ -237,7 +266,7 @@ def _load_trainable(args, ranks: int = 1):
     from graphc.cli_common import report_lints
     from graphc.compiler import check_source, read_source
     checked = check_source(read_source(path), str(path))
-    report_lints(checked, args.werror)
+    report_lints(checked, args.werror, show=root)
     program = build_program(checked, args.model, args.backend, args.seed, ranks=ranks)
     return program, path.parent
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -102,8 +104,14 @@ def guarded(group: MPIGroup, body: Callable[[], int], render: Callable[[BaseExce
     except BaseException as err:       # noqa: BLE001 (every way out must end the other ranks)
         if isinstance(err, SystemExit) and not err.code:
             raise
+        if getattr(err, "every_rank", False):
+            # Every rank stops here, with no collective pending: rank 0 says why, and the job
+            # ends as a normal exit (MPI_Finalize), without MPI_Abort's own message.
+            if group.rank == 0:
+                print(render(err), file=sys.stderr, flush=True)
+            return 1
         if group.rank and isinstance(err, GraphcError):
-            time.sleep(1.0)
+            time.sleep(10.0 if getattr(err, "relayed", False) else 1.0)
         prefix = "" if group.rank == 0 else f"rank {group.rank}: "
         if os.environ.get("GRAPHC_DEBUG"):
             traceback.print_exc()
@@ -114,7 +122,45 @@ def guarded(group: MPIGroup, body: Callable[[], int], render: Callable[[BaseExce
         os._exit(code)          # MPI_Abort has ended the job; never back into the caller
 
 
-def check_ranks(program, batch: int, ranks: int) -> None:
+def agree(group: MPIGroup, body: Callable[[], object]):
+    """body() on every rank (before any other collective), then what each met compared: its result
+    where no rank met an error; an error that every rank met alike (a bad flag, a refused model)
+    is raised marked `every_rank`, so rank 0 alone says it and the job ends without MPI_Abort;
+    otherwise the ranks that met an error raise it and the others relay the first one's."""
+    try:
+        result, mine = body(), None
+    except GraphcError as err:
+        result, mine = None, err
+    said = group.comm.allgather(None if mine is None else mine.render())
+    if all(text is None for text in said):
+        return result
+    if mine is not None:
+        if all(text == said[0] for text in said):
+            mine.every_rank = True
+        elif said[0] is None:
+            mine.relayed = True         # rank 0 says it and ends the job: this rank waits for that
+        raise mine
+    first = next(rank for rank, text in enumerate(said) if text is not None)
+    raise error(f"rank {first} stopped before training, the others not:\n{said[first]}")
+
+
+def check_same_settings(group: MPIGroup, mine: dict) -> None:
+    """Every rank must train with rank 0's settings (an MPMD launch may give ranks other flags);
+    checked by every rank alike (all of them see all settings), before rank 0 creates the run
+    folder, and again at the start of the loop."""
+    every = group.comm.allgather(mine)
+    for rank, settings in enumerate(every):
+        if settings != every[0]:
+            differ = sorted(k for k in settings.keys() | every[0].keys()
+                            if settings.get(k) != every[0].get(k))
+            err = error(f"rank {rank} trains with other settings than rank 0 "
+                        f"({', '.join(differ)} differ)",
+                        hint="every rank must read the same .nn file and flags")
+            err.every_rank = True       # every rank saw every rank's settings: all stop here
+            raise err
+
+
+def check_ranks(batch: int, ranks: int) -> None:
     """What a run on `ranks` ranks needs of its global batch."""
     if batch % ranks:
         raise error(f"the global batch {batch} does not split evenly across {ranks} ranks",
@@ -130,21 +176,24 @@ class DistributedTrainer(Trainer):
     def __init__(self, group: MPIGroup, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.group = group
-        check_ranks(self.program, self.settings.batch, group.size)
+        check_ranks(self.settings.batch, group.size)
         # Dropout masks are drawn from (seed, step) over the rows a process holds: each rank
         # keys its own (rank 0 the one-process run's), or every shard would get the same mask.
         if group.rank:
             self.program.seed = (self.settings.seed + group.rank * 0x9E3779B1) & 0x7FFFFFFF
+        # Ctrl-C (SIGINT to every rank) is noted, and every rank stops at the same step: a rank
+        # that left at once could leave another blocked in the step's all-reduce for ever.
+        self.interrupted = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._note_interrupt)
+
+    def _note_interrupt(self, signum, frame) -> None:
+        self.interrupted = True
 
     def share_start(self) -> None:
         """Every rank starts from rank 0's parameters, optimizer state and loop state (drawn by
         it, or read from its checkpoint on --resume)."""
-        settings = self.group.broadcast(self.settings.to_json())
-        if settings != self.settings.to_json():
-            differ = sorted(k for k in settings if settings[k] != self.settings.to_json().get(k))
-            raise error(f"rank {self.group.rank} trains with other settings than rank 0 "
-                        f"({', '.join(differ)} differ)",
-                        hint="every rank must read the same .nn file and flags")
+        check_same_settings(self.group, self.settings.to_json())
         program = self.program
         for name, value in self.group.broadcast_arrays(dict(program.params.items())).items():
             program.params[name] = value
@@ -166,6 +215,8 @@ class DistributedTrainer(Trainer):
     def shard(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This rank's rows of a global batch: the rank-th of `ranks` slices as equal as they can
         be; the group weights the all-reduce by the slice's share of the batch where they differ."""
+        if self.group.comm.allreduce(self.interrupted, op=self.group.MPI.LOR):
+            raise KeyboardInterrupt       # on every rank, before the same step
         rows, ranks, rank = len(next(iter(feed.values()))), self.group.size, self.group.rank
         start, stop = rows * rank // ranks, rows * (rank + 1) // ranks
         self.group.share = None if rows % ranks == 0 else (stop - start) / rows

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import GraphcError, error
+from graphc.files import source_line
 from graphc.ir import OPS
 from graphc.ir.node import Graph, Node
 from graphc.ir.reference import evaluate_node
 
 TRAIN_STEP = "train_step"
-MAX_SOURCE = 1 << 20        # the .nn file read for the source line under the caret, at most
 
 
 @dataclass(frozen=True)
@@ -122,21 +121,7 @@ def _culprit_error(node: Node, value: np.ndarray, operands: list[np.ndarray], wh
             "sqrt": "sqrt of a negative value",
             "pow": "a power that overflows or a fractional power of a negative value"}.get(
         node.op, f"the learning rate is {lr:g}: a smaller one may keep values in range")
-    return error(what, loc=node.loc, hint=hint, line_text=_source_line(node))
-
-
-def _source_line(node: Node) -> str | None:
-    loc = node.loc
-    if loc is None:
-        return None
-    try:
-        path = Path(loc.file)
-        if not path.is_file() or path.stat().st_size > MAX_SOURCE:
-            return None
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    return lines[loc.line - 1] if 1 <= loc.line <= len(lines) else None
+    return error(what, loc=node.loc, hint=hint, line_text=source_line(node.loc))
 
 
 class Divergence:

@@ -18,6 +18,7 @@ import pytest
 
 from graphc.api import build_program
 from graphc.compiler import check_source, read_source
+from graphc.errors import GraphcError
 from graphc.ir import collective
 from graphc.mpi_cli import mpiexec
 
@@ -176,6 +177,90 @@ def _reduction_between_gradients_and_update(backend):
         np.testing.assert_allclose(two.params[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+SUM_LOSS = ("model m {\n    input x: f32[N, 3]\n    input y: f32[N, 2]\n"
+            "    param W: f32[3, 2] = normal(0.1)\n    output p = x @ W\n"
+            "    loss = LOSS\n}\ntrain m { data = digits\n optimizer = sgd(lr=0.1)\n batch = 4 }\n")
+
+
+@pytest.mark.parametrize("loss", ["sum((p - y) * (p - y))", "mse(p, y) + sum(p)",
+                                  "sqrt(mse(p, y))", "mean(sum((p - y) * (p - y), axis=0))",
+                                  "mse(p, y) * mean(p)"])
+def test_a_loss_that_is_not_a_batch_mean_is_refused_for_ranks(loss):
+    """Averaging the ranks' gradients gives one process's gradient only for a mean over the batch:
+    a sum's would be 1/N of it. Refused at the loss line; one process compiles it."""
+    checked = check_source(SUM_LOSS.replace("LOSS", loss), "m.nn")
+    build_program(checked, None, "numpy")
+    with pytest.raises(GraphcError) as caught:
+        build_program(checked, None, "numpy", ranks=2)
+    text = caught.value.render()
+    assert text.startswith("m.nn:6:12: error: data-parallel training averages the 2 ranks' gradients; "
+                           "this loss is not a mean over the batch"), text
+    assert f"loss = {loss}" in text and "^" in text
+
+
+@pytest.mark.parametrize("loss", ["mse(p, y)", "mean((p - y) * (p - y)) + 1e-3 * l2(W)",
+                                  "-(0.5 * mse(p, y) - mean(p)) / 2.0", "mse(p, y) + sum(W * W)"])
+def test_batch_means_compile_for_ranks(loss):
+    """Built-in mean losses, full means, and their linear combinations with terms that do not read
+    the batch; the sum-loss's gradient in the refusal above is what this check keeps out."""
+    checked = check_source(SUM_LOSS.replace("LOSS", loss), "m.nn")
+    assert build_program(checked, None, "numpy", ranks=2).meta["ranks"] == 2
+
+
+class Counting:
+    """A group of one that counts its all-reduces (each the identity)."""
+    size, rank = 1, 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def all_reduce(self, buffer: np.ndarray, op: str) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize("backend", ["llvm", "cuda"])
+def test_adam_steps_across_the_split_match_one_process(backend):
+    """On a compiled backend the train step of N ranks runs in two native parts around the
+    all-reduce; Adam's `new #step` is computed in the first and its moments updated in place in
+    the second. Over 3 Adam steps in a group of one (the all-reduce is the identity) the
+    parameters and optimizer state equal one numpy process's (cuda on the emulated device where
+    pycuda finds no GPU)."""
+    device = contextlib.nullcontext()
+    if backend == "cuda":
+        from cuda_emulator import CXX
+        from emulated_device import emulated_pycuda, gpu_problem
+        if gpu_problem() is not None:
+            if CXX is None:
+                pytest.skip("neither a GPU nor g++ for the emulated device")
+            device = emulated_pycuda()
+    source = ("model m {\n    input x: f32[N, 3]\n    input y: i64[N]\n"
+              "    output p = x -> linear(4) -> tanh -> linear(3)\n"
+              "    loss = cross_entropy(p, y) + 1e-3 * l2(weights)\n}\n"
+              "train m { data = digits\n optimizer = adam(lr=0.05)\n batch = 4 }\n")
+    checked = check_source(source)
+    rng = np.random.default_rng(1)
+    group = Counting()
+    with device:
+        split = build_program(checked, None, backend, ranks=2)
+        ref = build_program(checked, None, "numpy")
+        for _ in range(3):
+            x = rng.standard_normal((4, 3)).astype(np.float32)
+            y = rng.integers(0, 3, 4)
+            previous = collective.use(group)
+            try:
+                loss = split.train_step(x=x, y=y)
+            finally:
+                collective.use(previous)
+            np.testing.assert_allclose(loss, ref.train_step(x=x, y=y), rtol=1e-5)
+        assert group.calls == 3 and int(split.state["#step"]) == 3
+        for name, value in ref.params.items():
+            np.testing.assert_allclose(split.params[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert ref.state and ref.state.keys() == split.state.keys()
+        for name, value in ref.state.items():
+            np.testing.assert_allclose(np.asarray(split.state[name]), np.asarray(value), rtol=1e-5,
+                                       atol=1e-7, err_msg=name)
+
+
 def test_ranks_without_mpi_say_how_to_install(monkeypatch, capsys, tmp_path):
     from graphc import cli, mpi_cli
     monkeypatch.setattr(mpi_cli, "mpiexec", lambda: None)
@@ -223,6 +308,7 @@ import sys
 import numpy as np
 from graphc.api import build_program
 from graphc.compiler import check_source, read_source
+from graphc.errors import GraphcError
 from graphc.runtime.distributed import DistributedTrainer, connect
 from graphc.runtime.train import TrainSettings, prepare_data
 group = connect()
@@ -264,7 +350,10 @@ def test_a_run_resumes_on_its_ranks_only(two_ranks, tmp_path):
 
 
 @needs_mpi
-def test_one_rank_under_mpiexec_is_bit_identical(two_ranks, tmp_path):
+def test_mpiexec_n_1_takes_the_one_process_path_bit_identically(two_ranks, tmp_path):
+    """Under `mpiexec -n 1` the job's size is 1, so graphc trains as one process (no MPI group, no
+    all-reduce): this checks that mpiexec's environment (PMI_* variables) changes nothing, not
+    the distributed code, which the two-rank tests exercise."""
     model, one, _, _ = two_ranks
     ok(graphc("train", model, "--epochs", 1, "--batch", 64, "--out", tmp_path / "run", "--quiet",
               "--backend", "numpy", launcher=[MPIEXEC, "-n", "1"]))
@@ -275,24 +364,45 @@ def test_one_rank_under_mpiexec_is_bit_identical(two_ranks, tmp_path):
 
 @needs_mpi
 def test_a_batch_the_ranks_do_not_divide_is_refused_once(tmp_path):
-    proc = graphc("train", DIGITS, "--batch", 63, "--ranks", 2, "--out", tmp_path / "run")
+    """Said once, by rank 0, without MPI_Abort's message; so are the file's lint warnings (here:
+    no seed)."""
+    model = tmp_path / "digits_mlp.nn"
+    model.write_text(DIGITS.read_text().replace("    seed      = 0\n", ""))
+    assert "seed" not in model.read_text().split("train digits_mlp")[1]
+    proc = graphc("train", model, "--batch", 63, "--ranks", 2, "--out", tmp_path / "run")
     assert proc.returncode == 1
+    assert proc.stderr.count("sets no seed") == 1, proc.stderr
+    assert "MPI_Abort" not in proc.stderr, proc.stderr      # every rank met it: a clean end
     assert proc.stderr.count("the global batch 63 does not split evenly across 2 ranks") == 1
     assert "--batch 62" in proc.stderr and not (tmp_path / "run").exists()
 
 
 @needs_mpi
-def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
-    """Rank 1 started with another --epochs than rank 0 (MPMD): it says so, prefixed with its
-    rank, and MPI_Abort ends rank 0, which waits in a broadcast, within seconds."""
+def test_an_error_on_one_rank_before_training_is_said_and_stops_every_rank(tmp_path):
+    """Rank 1 alone is refused (MPMD: its --batch does not split); rank 0 relays its message, and
+    MPI_Abort ends the job."""
+    command = [sys.executable, "-m", "graphc", "train", DIGITS, "--out", tmp_path / "run",
+               "--backend", "numpy", "--batch"]
+    proc = run([MPIEXEC, "-n", 1, *command, 64, ":", "-n", 1, *command, 63])
+    assert proc.returncode != 0
+    assert "rank 1 stopped before training, the others not:" in proc.stderr, proc.stderr
+    assert "the global batch 63 does not split evenly across 2 ranks" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_ranks_with_other_settings_are_refused_before_the_run_folder(tmp_path):
+    """Rank 1 started with another --epochs than rank 0 (MPMD): every rank sees every rank's
+    settings before rank 0 creates the run folder; one says so, and MPI_Abort ends the others
+    within seconds."""
     command = [sys.executable, "-m", "graphc", "train", DIGITS, "--out", tmp_path / "run",
                "--backend", "numpy", "--epochs"]
     start = time.monotonic()
     proc = run([MPIEXEC, "-n", 1, *command, 2, ":", "-n", 1, *command, 3])
     assert proc.returncode != 0 and time.monotonic() - start < 30
-    assert "rank 1: error: rank 1 trains with other settings than rank 0 (epochs differ)" in proc.stderr
-    assert "graphc: stopping all 2 ranks" in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints" / "last.npz").exists()
+    assert proc.stderr.count("error: rank 1 trains with other settings than rank 0 (epochs differ)") == 1
+    assert "MPI_Abort" not in proc.stderr, proc.stderr      # every rank stops there: a clean end
+    assert not (tmp_path / "run").exists()       # found before rank 0 creates the run folder
 
 
 @needs_mpi
@@ -310,3 +420,43 @@ def test_a_rank_that_dies_stops_every_rank(tmp_path):
     left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in left, "a rank outlived the run"
     assert not (out / "checkpoints" / "last.npz").exists()      # killed in its first epoch
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank_with_one_message(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group: the launcher, mpiexec, the ranks)
+    ends the run with rank 0's resume hint, and the launcher sends mpiexec no second SIGINT
+    (hydra's "force abort", with its noise)."""
+    out = tmp_path / "run"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "GRAPHC_FAULT"))}
+    proc = subprocess.Popen([sys.executable, "-m", "graphc", "train", str(DIGITS), "--ranks", "2",
+                             "--epochs", "500", "--backend", "numpy", "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=base, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "epoch 1:" not in proc.stdout.readline() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err.count("graphc: interrupted;") == 1 and f"--resume {out} --ranks 2" in err, err
+    assert "Ctrl-C caught" not in err and "force abort" not in err and "HYD" not in err, err
+
+
+@needs_mpi
+def test_graphc_train_refuses_a_sum_loss_on_ranks_once(tmp_path):
+    """The sum loss of the API test, from the command line: rank 0 says it once, at the loss line,
+    and the job ends cleanly with no run folder."""
+    model = tmp_path / "m.nn"
+    model.write_text(SUM_LOSS.replace("LOSS", "sum((p - y) * (p - y))").replace(
+        "batch = 4 }", "batch = 4\n seed = 0 }"))
+    proc = graphc("train", model, "--ranks", 2, "--out", tmp_path / "run")
+    assert proc.returncode == 1
+    assert proc.stderr.count(f"{model}:6:12: error: data-parallel training averages the 2 ranks' "
+                             f"gradients; this loss is not a mean over the batch") == 1, proc.stderr
+    assert "    loss = sum((p - y) * (p - y))" in proc.stderr and "Traceback" not in proc.stderr
+    assert "MPI_Abort" not in proc.stderr and not (tmp_path / "run").exists()

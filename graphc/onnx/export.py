@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphc.errors import GraphcError, error
+from graphc.errors import error
 from graphc.ir.contract import LR_INPUT, RNG_INPUT, rng_key
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import bind_shape
@@ -53,6 +53,14 @@ def _program(source, model: str | None, seed: int | None):
         return source
     path = Path(source)
     from graphc.runtime.runs import RunFolder
+    if path.is_dir():
+        given = [flag for flag, value in (("--model", model), ("--seed", seed)) if value is not None]
+        if given:
+            what = "a run" if RunFolder.is_run(path) else "an artifact"
+            verb = "apply" if len(given) > 1 else "applies"
+            raise error(f"{path}: {' and '.join(given)} only {verb} to a .nn file (which model, "
+                        f"the seed of its parameters); {what} holds one model and its parameters",
+                        hint=f"leave out {' and '.join(given)}, or export the .nn file")
     if RunFolder.is_run(path):
         from graphc.runtime import load_run
         return load_run(path, backend="numpy")
@@ -262,4 +270,4 @@ def summary(proto) -> str:
     return f"{len(proto.graph.node)} nodes ({top}); inputs {inputs}; outputs {shown}"
 
 
-__all__ = ["export_onnx", "build_model", "random_feeds", "GraphcError"]
+__all__ = ["export_onnx", "build_model", "random_feeds"]

@@ -369,6 +369,12 @@ def _gather(imp, node, values):
     idx = values[1]
     axis = attributes(node).get("axis", 0) % x.ndim
     n = x.shape[axis]
+    if isinstance(idx, Value) and axis == 0 and x.ndim == 2 and x.dtype.startswith("f") \
+            and idx.dtype.startswith(("i", "u")) and not isinstance(n, str):
+        # Rows of a [vocab, dim] table picked by computed indices: graphc's embedding (which
+        # refuses an index outside [0, vocab), where ONNX takes a negative one from the end).
+        imp.emit(node.output[0], f"embedding({idx.name}, {x.name})", x.dtype, idx.shape + (x.shape[1],))
+        return
     if not is_const(idx) or idx.ndim > 1 or isinstance(n, str):
         raise ImportError_("a gather of data by computed or many-axis indices (graphc reads a "
                            "constant index, or a run of them, along a known axis)")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from graphc.errors import GraphcError, error
+from graphc.files import source_line
 from graphc.ir.node import Graph, Node
 from graphc.ir.types import DType, dim_factors
 
@@ -101,9 +102,18 @@ class Lowering:
         if node.type.dtype is DType.bf16:
             raise refuse(node, f"{node.label()} is bf16, which this exporter does not write "
                                f"(numpy, which holds the values, has no bf16)")
-        limit = 4 * len(self.graph.nodes()) + 1000
-        if sys.getrecursionlimit() < limit:
-            sys.setrecursionlimit(limit)
+        limit, previous = 4 * len(self.graph.nodes()) + 1000, sys.getrecursionlimit()
+        if previous >= limit:
+            return self._lower(node)
+        # Lowering recurses into a node's inputs: a deep graph needs a deeper stack, for this
+        # call only (the process's limit is put back).
+        sys.setrecursionlimit(limit)
+        try:
+            return self._lower(node)
+        finally:
+            sys.setrecursionlimit(previous)
+
+    def _lower(self, node: Node) -> str:
         if node.op in ("input", "param", "state") or (node.op == "uniform" and self.opset < 18):
             name = self.sources(node)
         elif node.op == "const":
@@ -118,7 +128,9 @@ class Lowering:
             if name is None:
                 handler = HANDLERS.get(node.op)
                 if handler is None:
-                    raise refuse(node, f"the op `{node.op}` has no ONNX lowering")
+                    why = UNSUPPORTED.get(node.op)
+                    raise refuse(node, f"the op `{node.op}` has no ONNX lowering"
+                                       + (f" ({why})" if why else ""))
                 name = handler(self, node, [self.value(i) for i in node.inputs])
         self.names[id(node)] = name
         return name
@@ -176,24 +188,8 @@ class Lowering:
 
 def refuse(node: Node, message: str) -> GraphcError:
     """The error of graph content ONNX export cannot express, at the node's `.nn` location."""
-    return error(f"cannot export to ONNX: {message}", node.loc, line_text=_line(node),
+    return error(f"cannot export to ONNX: {message}", node.loc, line_text=source_line(node.loc),
                  hint="docs/onnx.md lists what export supports")
-
-
-def _line(node: Node) -> str | None:
-    loc = node.loc
-    if loc is None:
-        return None
-    try:
-        with open(loc.file, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                if number == loc.line:
-                    return line[:4096]
-                if number > loc.line or number > 1_000_000:
-                    break
-    except OSError:
-        pass
-    return None
 
 
 # --- one handler per primitive ------------------------------------------------------------------
@@ -212,7 +208,17 @@ HANDLERS: dict[str, Callable[[Lowering, Node, list[str]], str]] = {
         ("div", "Div"), ("pow", "Pow"), ("maximum", "Max"), ("minimum", "Min"),
         ("greater", "Greater"), ("greater_equal", "GreaterOrEqual"), ("less", "Less"),
         ("less_equal", "LessOrEqual"), ("equal", "Equal"), ("where", "Where"),
-        ("matmul", "MatMul")]}
+        ("matmul", "MatMul"),
+        # An exported model runs as one process, the group of one where an all-reduce (of a
+        # train step built for N ranks) is the identity; docs/onnx.md says so.
+        ("all_reduce", "Identity")]}
+
+# The source ops, named by the exporter (graph inputs or initializers) or written as constants
+# in Lowering.value, not by a handler; composites are decomposed before export.
+SOURCES = frozenset({"input", "param", "state", "const"})
+# Primitives export refuses, with the reason; every primitive of graphc.ir.OPS is in HANDLERS,
+# SOURCES or here, or is a composite (tests/test_onnx_export.py checks it).
+UNSUPPORTED: dict[str, str] = {}
 
 
 def handler(op: str):

@@ -62,13 +62,20 @@ def _shift(x_minus_max: Node) -> tuple[Node, int] | None:
     return x, axes[0]
 
 
+def _unread(lw, absorbed: list[Node], shared: Node, readers: int) -> bool:
+    """Whether nothing outside the pattern reads what it absorbs (`absorbed` once each, `shared`
+    `readers` times): else, as in a train step whose backward graph reads the intermediates, the
+    decomposition is emitted anyway and fusing would do the work twice."""
+    return all(lw.single_use(n) for n in absorbed) and lw.uses.get(id(shared), 0) <= readers
+
+
 @pattern("div", "Softmax")
 def softmax(lw, node: Node):
     e, total = node.inputs
     if e.op != "exp" or total.op != "sum" or total.inputs[0] != e or not total.attr["keepdims"]:
         return None
     found = _shift(e.inputs[0])
-    if found is None or _axes(total) != (found[1],):
+    if found is None or _axes(total) != (found[1],) or not _unread(lw, [total, e.inputs[0]], e, 2):
         return None
     x, axis = found
     return lw.emit("Softmax", [lw.value(x)], node, lw.out_name(node), axis=axis)
@@ -83,7 +90,7 @@ def log_softmax(lw, node: Node):
     if total.inputs[0].op != "exp" or total.inputs[0].inputs[0] != s or not total.attr["keepdims"]:
         return None
     found = _shift(s)
-    if found is None or _axes(total) != (found[1],):
+    if found is None or _axes(total) != (found[1],) or not _unread(lw, [lse, total, total.inputs[0]], s, 2):
         return None
     x, axis = found
     return lw.emit("LogSoftmax", [lw.value(x)], node, lw.out_name(node), axis=axis)

@@ -6,7 +6,8 @@ runs its kernels in order. The text is meant to be read (`graphc build --backend
 graph_main_KEY(ptr bufs, ptr dims, ptr blas, ptr status) -> i32: `bufs` holds a pointer per buffer
 of the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the addresses of sgemm and
 dgemm (or null), and `status` three i64 words that a failing check fills (code, value, the index
-of the kernel that failed).
+of the kernel that failed). Built `timed` (`graphc time`), graph_main stores the cycle counter
+before and after each kernel from status[3] on, and `graphc_ticks` reads it for the host.
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ class Function:
 
 
 class Module:
-    def __init__(self, blas_int_bits: int):
+    def __init__(self, blas_int_bits: int, timed: bool = False):
         self.blas_int = f"i{blas_int_bits}"
+        self.timed = timed
         self.declarations: dict[str, str] = {}
         self.functions: dict[str, str] = {}      # kernel name -> text; equal kernels once
         self.mains: list[str] = []
@@ -234,9 +236,13 @@ class Module:
             ptr = main.emit(f"getelementptr ptr, ptr %bufs, i64 {b}")
             main.lines.append(f"  %b{b} = load ptr, ptr {ptr}")
         failures = []
+        if self.timed:
+            self._tick(main, 0)
         for index, (name, buffers, checks) in enumerate(calls):
             args = "".join(f"ptr %b{b}, " for b in buffers)
             main.do(f"call void @{name}({args}ptr %dims, ptr %status, ptr %blas)")
+            if self.timed:
+                self._tick(main, index + 1)
             if checks:        # stop at a failed check: nothing later may run
                 code = main.emit("load i64, ptr %status")
                 failed = main.emit(f"icmp ne i64 {code}, 0")
@@ -257,6 +263,11 @@ class Module:
                         f"[{', '.join(sstr(s) for s in buf.shape)}]{where}")
         self.mains.append("\n".join(head) + f"\ndefine i32 @graph_main_{key}(ptr %bufs, ptr %dims, "
                           "ptr %blas, ptr %status) {\nentry:\n" + "\n".join(main.lines) + "\n}\n")
+
+    def _tick(self, main: Function, slot: int) -> None:
+        """status[3 + slot] = the cycle counter now (a timed module)."""
+        now = main.call("llvm.readcyclecounter", "i64", [])
+        main.do(f"store i64 {now}, ptr {main.emit(f'getelementptr i64, ptr %status, i64 {3 + slot}')}")
 
     def text(self) -> str:
         return "\n".join(["; graphc: generated LLVM IR", ""] + sorted(self.declarations.values())
@@ -477,9 +488,13 @@ def _dtype(e) -> DType:
     return e.dtype
 
 
-def build_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64) -> Module:
-    """One module for the graphs of a program: `graph_main_KEY` for each plan."""
-    module = Module(blas_int_bits)
+def build_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64, timed: bool = False) -> Module:
+    """One module for the graphs of a program: `graph_main_KEY` for each plan (timed: reading
+    the cycle counter around every kernel, see the module's docstring)."""
+    module = Module(blas_int_bits, timed)
     for key, plan in plans.items():
         module.render_graph(key, plan)
+    if timed:
+        module.mains.append("define i64 @graphc_ticks() {\nentry:\n"
+                            "  %now = call i64 @llvm.readcyclecounter()\n  ret i64 %now\n}\n")
     return module

@@ -46,6 +46,10 @@ class Timing:
     iterations: int
     kernels: list[KernelTime]
     step_seconds: float           # the whole step, median, on the ordinary executor
+    total_seconds: float = 0.0    # the timed steps' kernels together, median over the steps
+    fastest: tuple[float, float] = (0.0, 0.0)   # the fastest untimed step, the fastest timed total
+    rss_mb: float | None = None   # the process's resident set before the first step (Linux)
+    peak_rss_mb: float | None = None   # its peak (VmHWM) over the first step, reset before it
 
     @property
     def kernel_seconds(self) -> float:
@@ -116,28 +120,59 @@ def time_program(program, batch: int, iterations: int, warmup: int = 2, seed: in
         return program.train_step(**inputs) if key == "train_step" else program.forward(**inputs)
 
     plain = program._executors[key]
+    program.compile()             # native code loaded before the memory is measured
+    rss, peak = _measured_step(step)
     timed = executor_class(program.backend)(graph, program.updates(key), timed=True)
     dims = dict.fromkeys({s for n in graph.nodes() for s in symbols(n.shape)}, batch)
     kernels, read = _kernels(timed, program.backend, dims)
     per_kernel, whole = [], []
     try:
         for i in range(warmup + iterations):
-            program._executors[key] = plain
-            t0 = time.perf_counter()
-            step()
-            t1 = time.perf_counter()
-            program._executors[key] = timed
-            step()
-            if i >= warmup:
-                whole.append(t1 - t0)
-                per_kernel.append(read())
+            # alternately first: the second of two steps in a row runs after the first one's
+            # threads (the BLAS's, the kernels' worker), which can make it slower
+            for run in ((plain, timed) if i % 2 else (timed, plain)):
+                program._executors[key] = run
+                t0 = time.perf_counter()
+                step()
+                t1 = time.perf_counter()
+                if i >= warmup and run is plain:
+                    whole.append(t1 - t0)
+                elif i >= warmup:
+                    per_kernel.append(read())
     finally:
         program._executors[key] = plain
     medians = np.median(np.array(per_kernel), axis=0)
     for k, seconds in zip(kernels, medians):
         k.seconds = float(seconds)
+    totals = [float(np.sum(times)) for times in per_kernel]
     return Timing(program.name, key, program.backend, batch, iterations, kernels,
-                  statistics.median(whole))
+                  statistics.median(whole), statistics.median(totals), (min(whole), min(totals)),
+                  rss, peak)
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _measured_step(step) -> tuple[float | None, float | None]:
+    """(resident set before, peak resident set during) one call of `step`, in MB: the peak is
+    VmHWM, reset first through /proc/self/clear_refs (Linux; None elsewhere)."""
+    rss = _status_mb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        step()
+        return rss, None
+    step()
+    return rss, _status_mb("VmHWM")
 
 
 def _kernels(executor, backend: str, dims: dict[str, int]):
@@ -204,9 +239,13 @@ def format_timing(t: Timing, source_lines: dict[str, list[str]] | None = None) -
         out.append(f"  {phase:<9} {secs * 1e3:9.3f} ms  {100 * secs / step:5.1f}%  "
                    f"{flops / 1e6:10.2f} MFLOP  {flops / max(secs, 1e-12) / 1e9:7.1f} GFLOP/s  "
                    f"({len(ks)} kernels)")
-    total, whole = t.kernel_seconds, t.step_seconds
+    total, whole = t.total_seconds, t.step_seconds
     out.append(f"  kernels   {total * 1e3:9.3f} ms  {t.flops / 1e6:.2f} MFLOP, "
-               f"{t.flops / max(total, 1e-12) / 1e9:.1f} GFLOP/s")
+               f"{t.flops / max(total, 1e-12) / 1e9:.1f} GFLOP/s (the timed steps' median total)")
     out.append(f"  step      {whole * 1e3:9.3f} ms  measured (whole {t.graph.replace('_', ' ')}, "
                f"untimed); the kernels are {100 * total / whole:.1f}% of it")
+    if t.peak_rss_mb is not None and t.rss_mb is not None:
+        out.append(f"  memory    peak resident set {t.peak_rss_mb:.1f} MB over the first step, "
+                   f"{t.peak_rss_mb - t.rss_mb:.1f} MB over the {t.rss_mb:.1f} MB before it "
+                   f"(the planned peak: graphc build --stats)")
     return "\n".join(out)

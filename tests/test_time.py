@@ -40,20 +40,24 @@ def nn_file(tmp_path):
 @pytest.mark.parametrize("backend", ["numpy", "llvm"])
 def test_kernels_cover_the_step_and_carry_their_source(backend):
     program = compile_source(SOURCE, backend=backend)
-    t = time_program(program, batch=32, iterations=15)
-    assert t.graph == "train_step" and t.batch == 32
+    t = time_program(program, batch=256, iterations=15)
+    assert t.graph == "train_step" and t.batch == 256
     assert all(k.seconds >= 0 for k in t.kernels)
     # every phase is there, and the convolution's line (4) has forward and backward kernels
     assert {k.phase for k in t.kernels} == {"forward", "backward", "update"}
     conv = [k for k in t.kernels if k.locs and k.locs[0].line == 4 and k.flops]
     assert {"forward", "backward"} <= {k.phase for k in conv}
-    # the convolution's product: W [8, 9] @ columns [9, 32*10*10], 2*M*K*N operations, once
+    # the convolution's product: W [8, 9] @ columns [9, 256*10*10], 2*M*K*N operations, once
     # forward and once for each gradient that exists (the weight's; x needs none)
-    products = sorted(k.flops for k in t.kernels if k.flops == 2 * 8 * 9 * 32 * 100)
+    products = sorted(k.flops for k in t.kernels if k.flops == 2 * 8 * 9 * 256 * 100)
     assert len(products) == 2
-    # the kernels' total stands beside the whole step, measured untimed (the test machine is
-    # shared and noisy: the documented agreement is a few percent on a quiet one)
-    assert 0.6 * t.step_seconds < t.kernel_seconds < 1.15 * t.step_seconds
+    # the kernels' total stands beside the whole step, measured untimed: the difference is the
+    # Python call around the kernels. Judged on the fastest of each, loosely: other processes
+    # only ever add time, but on a shared machine they add it unevenly (the documented agreement
+    # of the medians, a few percent, is measured on a quiet one).
+    step, total = t.fastest
+    assert 0.5 * step < total < 2.0 * step
+    assert t.kernel_seconds <= 1.2 * t.total_seconds   # the kernels' medians add up to at most it
     text = format_timing(t, {"<string>": SOURCE.splitlines()})
     assert re.search(r"^  step +[\d.]+ ms  measured", text, re.M)
     assert re.search(r"forward +[\d.]+ ms", text) and re.search(r"update +[\d.]+ ms", text)

@@ -16,7 +16,7 @@ from graphc.backends.kernels import plan_kernels
 from graphc.backends.kernels.ir import sval
 from graphc.backends.kernels.memory import ALIGN, plan_arena
 from graphc.backends.kernels.tables import check_lowerable
-from graphc.backends.llvm import jit
+from graphc.backends.llvm import jit, threads
 from graphc.backends.llvm.lowering import LOWER, UNSUPPORTED
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir.contract import Update
@@ -66,9 +66,10 @@ class _Code:
             return
         self._compiled = jit.Compiled(*jit.module_objects(self.identity(), self.parts))
         blas = jit.blas()
+        pool = threads.pool_address(self._compiled) if threads.enabled() else None
         for key, ex in self.executors.items():
             ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
-            ex._blas[:] = [blas.sgemm or None, blas.dgemm or None]
+            ex._blas[:] = [blas.sgemm or None, blas.dgemm or None, pool]
 
 
 # Fewer functions than this per part, and a part costs more (a context, a target machine, a pass
@@ -139,7 +140,7 @@ class LLVMExecutor:
         self.graph = graph
         self.timed = timed
         check_lowerable(graph, "llvm", LOWER, UNSUPPORTED)
-        self.plan = plan_kernels(graph, updates)
+        self.plan = plan_kernels(graph, updates, ordered=True)
         in_place = set(self.plan.aliases.values())
         self.scalar_inputs = []       # 0-d inputs (#lr, #rng) are copied into buffers of our own
         self.array_inputs = []
@@ -159,7 +160,7 @@ class LLVMExecutor:
         self._frames: dict[tuple, _Frame] = {}
         self._status = np.zeros(3 + (len(self.plan.kernels) + 1 if timed else 0), dtype=np.int64)
         self._status_address = self._status.ctypes.data
-        self._blas = (ctypes.c_void_p * 2)()
+        self._blas = (ctypes.c_void_p * 3)()     # sgemm, dgemm, the kernels' thread pool
         self._lock = threading.Lock()
 
     @classmethod

@@ -104,7 +104,7 @@ publish:
   store ptr %blas, ptr %blasp
   store i64 %count, ptr %countp
   store atomic i64 0, ptr %done monotonic, align 8
-  %st = load i64, ptr %state
+  %st = load atomic i64, ptr %state monotonic, align 8
   %seq = lshr i64 %st, 40
   %seq1 = add i64 %seq, 1
   %seqw = shl i64 %seq1, 40

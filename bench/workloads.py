@@ -23,6 +23,8 @@ class Workload:
     batch: int
     kind: str                   # "train": one Adam step; "infer": one forward pass
     nn_file: str                # in bench/models/
+    convs: tuple = ()           # (in, out, kernel) of each 3x3 convolution before a 2x2 max-pool (g)
+    image: tuple = ()           # the input [C, H, W] of a convolutional net (g); else sizes[0]
 
     @property
     def layers(self) -> list[tuple[int, int]]:
@@ -43,6 +45,11 @@ WORKLOADS = {w.key: w for w in [
     Workload("d1", "(d) inference, (a)'s forward at batch 1", (784, 256, 10), 1, "infer", "mnist_mlp.nn"),
     Workload("d64", "(d) inference, (a)'s forward at batch 64", (784, 256, 10), 64, "infer",
              "mnist_mlp.nn"),
+    # (g): PyTorch's MNIST CNN; sizes are its dense layers, after the convolutions and the pool
+    Workload("g", "(g) MNIST CNN (PyTorch's example, no dropout), batch 64, Adam: train step",
+             (9216, 128, 10), 64, "train", "mnist_cnn.nn", ((1, 32, 3), (32, 64, 3)), (1, 28, 28)),
+    Workload("g1", "(g) inference, the MNIST CNN's forward at batch 1", (9216, 128, 10), 1, "infer",
+             "mnist_cnn.nn", ((1, 32, 3), (32, 64, 3)), (1, 28, 28)),
 ]}
 
 
@@ -54,6 +61,8 @@ def select(keys: str) -> list[Workload]:
             continue
         if key == "d":
             chosen += [WORKLOADS["d1"], WORKLOADS["d64"]]
+        elif key == "g":        # the CNN's train step and its batch-1 inference
+            chosen += [WORKLOADS["g"], WORKLOADS["g1"]]
         elif key in WORKLOADS:
             chosen.append(WORKLOADS[key])
         else:
@@ -65,12 +74,34 @@ def matmul_shapes(w: Workload) -> list[tuple[int, int, int, str]]:
     """(M, K, N, layout) of every matrix product a step needs: the forward product of each layer,
     and in training the weight gradient (x.T @ g) and, past the first layer, the input gradient
     (g @ W.T). Layouts: "nn", "tn" (left operand transposed), "nt" (right operand transposed)."""
+    if w.convs:
+        return _conv_matmul_shapes(w)
     shapes = [(w.batch, k, n, "nn") for k, n in w.layers]
     if w.kind == "train":
         for i, (k, n) in enumerate(w.layers):
             shapes.append((k, w.batch, n, "tn"))
             if i > 0:
                 shapes.append((w.batch, n, k, "nt"))
+    return shapes
+
+
+def _conv_matmul_shapes(w: Workload) -> list[tuple[int, int, int, str]]:
+    """(g): each convolution as the GEMM of its im2col formulation, W [O, C*k*k] @ columns
+    [C*k*k, N*OH*OW], its weight gradient (G @ columns.T) and, past the first, its input
+    gradient (W.T @ G); then the dense layers, every one with its input gradient."""
+    shapes, size = [], w.image[1]
+    for i, (c, o, k) in enumerate(w.convs):
+        size -= k - 1
+        pixels = w.batch * size * size
+        shapes.append((o, c * k * k, pixels, "nn"))
+        if w.kind == "train":
+            shapes.append((o, pixels, c * k * k, "nt"))
+            if i > 0:
+                shapes.append((c * k * k, o, pixels, "tn"))
+    shapes += [(w.batch, k, n, "nn") for k, n in w.layers]
+    if w.kind == "train":
+        for k, n in w.layers:
+            shapes += [(k, w.batch, n, "tn"), (w.batch, n, k, "nt")]
     return shapes
 
 
@@ -86,7 +117,7 @@ def prepare(w: Workload, folder: Path) -> Path:
 
     program = graphc.compile_file(MODELS_DIR / w.nn_file, backend="numpy")
     rng = np.random.default_rng(DATA_SEED)
-    x = rng.random((N_BATCHES, w.batch, w.sizes[0]), dtype=np.float32)
+    x = rng.random((N_BATCHES, w.batch) + (w.image or (w.sizes[0],)), dtype=np.float32)
     y = rng.integers(0, w.sizes[-1], size=(N_BATCHES, w.batch), dtype=np.int64)
     arrays = {f"param:{name}": np.array(value) for name, value in program.params.items()}
     if w.kind == "train":

@@ -130,6 +130,8 @@ def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
     add_export(sub)
     from graphc.onnx.import_cli import add_commands as add_import
     add_import(sub)
+    from graphc.time_cli import add_commands as add_time
+    add_time(sub)
     return parser
 
 
@@ -326,7 +328,8 @@ def _print_stats(program, batch: int | None) -> None:
     n = batch or int(train.get("batch") or 64)
     rows = [("program", "kernels", "MFLOP", "MB moved", "peak MB", "temps MB", "unplanned MB", "nodes")]
     for key, graph in program.graphs.items():
-        plan = plan_kernels(graph, program.updates(key))
+        # the llvm backend's plan (its kernels run their points in order: col2im in one pass)
+        plan = plan_kernels(graph, program.updates(key), ordered=program.backend == "llvm")
         stats = plan_stats(plan, dict.fromkeys(plan.symbols, n))
         rows.append((key, str(stats["kernels"]), f"{stats['flops'] / 1e6:.2f}",
                      f"{stats['bytes_moved'] / 1e6:.2f}", f"{stats['peak_bytes'] / 1e6:.2f}",

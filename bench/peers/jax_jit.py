@@ -25,14 +25,14 @@ def _log_probs(params, x):
     return jax.nn.log_softmax(h, axis=1)
 
 
-def _loss(params, x, y):
-    return -jnp.mean(jnp.take_along_axis(_log_probs(params, x), y[:, None], axis=1))
+def _loss(params, x, y, log_probs=_log_probs):
+    return -jnp.mean(jnp.take_along_axis(log_probs(params, x), y[:, None], axis=1))
 
 
-@partial(jax.jit, donate_argnums=(0,))
-def _train_step(state, x, y):
+@partial(jax.jit, donate_argnums=(0,), static_argnums=(3,))
+def _train_step(state, x, y, log_probs=_log_probs):
     params, m, v, t = state
-    loss, grads = jax.value_and_grad(_loss)(params, x, y)
+    loss, grads = jax.value_and_grad(partial(_loss, log_probs=log_probs))(params, x, y)
     t = t + 1
     correction1, correction2 = 1 - BETA1 ** t, 1 - BETA2 ** t
     m = jax.tree.map(lambda m, g: BETA1 * m + (1 - BETA1) * g, m, grads)
@@ -47,10 +47,17 @@ _forward = jax.jit(_log_probs)
 
 
 class JaxRunner(Runner):
-    def __init__(self, w: Workload, params, x, y):
+    def __init__(self, w: Workload, params, x, y, model=None):
+        """`model`: (initial parameters, log_probs function) of another network than the MLP
+        (cnn_peers.py: workload (g))."""
         self.train = w.kind == "train"
-        layers = [(jnp.asarray(params[f"W{i}"]), jnp.asarray(params[f"b{i}"]))
-                  for i in range(1, len(w.layers) + 1)]
+        self.log_probs, self.forward = _log_probs, _forward
+        if model is not None:
+            layers, self.log_probs = model
+            self.forward = jax.jit(self.log_probs)
+        else:
+            layers = [(jnp.asarray(params[f"W{i}"]), jnp.asarray(params[f"b{i}"]))
+                      for i in range(1, len(w.layers) + 1)]
         zeros = jax.tree.map(jnp.zeros_like, layers)
         self.state = (layers, zeros, jax.tree.map(jnp.zeros_like, layers), jnp.float32(0))
         self.xs = [jax.device_put(x[i]) for i in range(N_BATCHES)]
@@ -59,8 +66,8 @@ class JaxRunner(Runner):
     def run(self, i: int):
         xb, yb = self.xs[i % N_BATCHES], self.ys[i % N_BATCHES]
         if not self.train:
-            return _forward(self.state[0], xb)
-        self.state, loss = _train_step(self.state, xb, yb)
+            return self.forward(self.state[0], xb)
+        self.state, loss = _train_step(self.state, xb, yb, self.log_probs)
         return loss
 
     def sync(self, result) -> None:
@@ -72,4 +79,7 @@ class JaxRunner(Runner):
 
 
 def build(w: Workload, params, x, y, options) -> JaxRunner:
+    if w.convs:
+        from bench.peers.cnn_peers import build_jax
+        return build_jax(w, params, x, y)
     return JaxRunner(w, params, x, y)

@@ -88,4 +88,6 @@ class NumpyMLP(Runner):
 
 
 def build(w: Workload, params, x, y, options) -> NumpyMLP:
+    if w.convs:
+        raise NotImplementedError("no convolutional network by hand (workload g)")
     return NumpyMLP(w, params, x, y)

@@ -13,6 +13,9 @@ from bench.workloads import N_BATCHES, Workload
 
 
 def _model(w: Workload, params: dict[str, np.ndarray]) -> nn.Sequential:
+    if w.convs:                 # (g): the MNIST CNN
+        from bench.peers.cnn_peers import torch_model
+        return torch_model(w, params)
     layers: list[nn.Module] = []
     for i, (k, n) in enumerate(w.layers, start=1):
         linear = nn.Linear(k, n)

@@ -165,7 +165,9 @@ RULES = {
     # Both written with the output y, which is bounded: no overflow at large |x|.
     "tanh": lambda e, n, g, w: [e("mul", g, e("sub", e.const(1.0, n.dtype), e("mul", n, n)))],
     "sigmoid": lambda e, n, g, w: [e("mul", g, e("mul", n, e("sub", e.const(1.0, n.dtype), n)))],
-    "relu": lambda e, n, g, w: [_mask(e, e("greater", n.inputs[0], _zero(e, n)), g)],
+    # relu(x) > 0 exactly where x > 0: the mask reads the output, so the input (a layer's
+    # pre-activation) is not kept for the backward pass and fuses with the relu
+    "relu": lambda e, n, g, w: [_mask(e, e("greater", n, _zero(e, n)), g)],
     "where": lambda e, n, g, w: [None, _mask(e, n.inputs[0], g) if w[1] else None,
                                  e("where", n.inputs[0], _zero(e, g), g) if w[2] else None],
     "cast": lambda e, n, g, w: [e("cast", g, dtype=n.inputs[0].dtype.value)],

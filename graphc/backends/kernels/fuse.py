@@ -6,6 +6,12 @@ iteration shape, so nothing is computed twice and no intermediate array exists. 
 optimizer's bias corrections) are recomputed in every kernel that reads them. Layout ops
 (transpose, broadcast, slice, most reshapes) cost nothing: they become strides of the accesses that
 read them. Matrix products are kernels of their own that a backend may hand to a BLAS.
+For a backend that runs a kernel's points in order (llvm: `ordered`), col2im (window_add) is one
+kernel, and image results follow the axis order of what they are computed from (a convolution's
+product gives [C, N, H, W]; see docs/backends.md, "Convolutions").
+
+Over 500 lines: one planner whose rules (grouping, layouts, the kernel of each op) share its
+buffers and layouts; the rules are short methods, split by op.
 """
 from __future__ import annotations
 
@@ -77,8 +83,9 @@ def _pointwise_reader(consumer: Node) -> bool:
 
 
 class _Planner:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, ordered: bool = False):
         self.graph = graph
+        self.ordered = ordered
         self.order = graph.nodes()
         self.position = {id(n): i for i, n in enumerate(self.order)}
         self.consumers: dict[int, list[Node]] = {id(n): [] for n in self.order}
@@ -251,10 +258,38 @@ class _Planner:
                 self.values[id(node)] = self.contiguous(node, out)
             elif node is g.anchor or id(node) in self.output_ids:
                 out = self.new_buffer(node)
-                layout = self.contiguous(node, out)
+                layout = self._follow(node, g, out) if self.ordered else None
+                layout = layout or self.contiguous(node, out)
                 stores.append(Store(self.access(layout, node.shape, space), expr(node), None, node))
                 self.values[id(node)] = layout
         self._emit(g.anchor.op, space, g.reduce_axes, loads, stores, list(g.members))
+
+    def _follow(self, node: Node, g: _Group, buffer: int) -> Layout | None:
+        """The layout of an image kernel's result (3 axes or more) where the first operand of
+        its group that covers its whole shape lies in another axis order: that order (a
+        convolution's product is [C, N, H, W]: its bias, ReLU and their gradients then stream
+        both ways, and the gradient reshaped back into [C, N*H*W] for the next product needs no
+        copy). None: row-major."""
+        if node.type.ndim < 3:
+            return None
+        members = {id(m) for m in g.members}
+        for m in g.members:
+            for x in m.inputs:
+                value = self.values.get(id(x))
+                if id(x) in members or not isinstance(value, Layout) or x.shape != node.shape:
+                    continue
+                order = _axis_order(value, x.shape)
+                if order is None:
+                    return None
+                if order == list(range(len(order))):
+                    return None
+                dims = dims_of(node.shape)
+                inner = row_major(tuple(dims[a] for a in order))
+                strides = [ZERO] * len(dims)
+                for pos, axis in enumerate(order):
+                    strides[axis] = inner[pos]
+                return Layout(buffer, tuple(strides))
+        return None
 
     def _layout_of(self, node: Node) -> Layout:
         value = self.values[id(node)]
@@ -320,10 +355,18 @@ class _Planner:
             start += part.shape[axis]
         self.values[id(node)] = layout
 
-    def _fill(self, node: Node, value: Const | SizeOf) -> Layout:
-        """A new buffer for node, every element set to the scalar `value`."""
+    def _fill(self, node: Node, value: Const | SizeOf, order: list[int] | None = None) -> Layout:
+        """A new buffer for node, every element set to the scalar `value`; its axes laid out in
+        `order` (outermost first; default row-major)."""
         out = self.new_buffer(node)
         layout = self.contiguous(node, out)
+        if order is not None:
+            dims = dims_of(node.shape)
+            inner = row_major(tuple(dims[a] for a in order))
+            strides = [ZERO] * len(dims)
+            for pos, axis in enumerate(order):
+                strides[axis] = inner[pos]
+            layout = Layout(out, tuple(strides))
         self._emit("fill", node.shape, (), [],
                    [Store(self.access(layout, node.shape, node.shape), value, None, node)], [node])
         return layout
@@ -344,18 +387,54 @@ class _Planner:
         self.values[id(node)] = layout
 
     def _window_add(self, node: Node) -> None:
-        """Windows added back where they were read: a zeroed buffer, then one kernel per kernel
-        offset adding that offset's slice of every window in place (no two points of a kernel
-        touch the same element, so each kernel is an ordinary read-modify-write)."""
+        """Windows added back where they were read (col2im): a zeroed buffer, then the windows'
+        elements added in place. Where the backend runs a kernel's points in order (`ordered`),
+        one kernel does it in one pass: over the lead axes (batch, channel) and the kernel
+        offsets in the order the windows lie in memory, then the window positions. The windows
+        are read once, in order; the kernel offsets' passes over the images of a channel run
+        while they are in the cache; each element still gets its terms in the order of the
+        kernel offsets. Otherwise one kernel per kernel offset adds that offset's slice of every
+        window (no two points of such a kernel touch the same element)."""
         g = node.inputs[0]
         a = node.attr
         k = len(a["kernel"])
         lead = node.type.ndim - k
-        layout = self._fill(node, Const(0.0, node.dtype))
         value = self.values[id(g)]
+        order = None
+        if self.ordered and isinstance(value, Layout):
+            # the images in the order of the windows' lead axes ([C, N, H, W] after a product)
+            order = sorted(range(lead), key=lambda i: -_weight(value.strides[i]))
+            order += list(range(lead, lead + k))
+        layout = self._fill(node, Const(0.0, node.dtype), order)
+        positions = g.shape[lead: lead + k]
+        out_lead, out_steps = layout.strides[:lead], layout.strides[lead:]
+        out_positions = tuple(smul((s, ()), st) for s, st in zip(a["stride"], out_steps))
+        out_offsets = tuple(smul((d, ()), st) for d, st in zip(a["dilation"], out_steps))
+        if self.ordered:
+            # the lead and kernel-offset axes outermost, in the order the windows lie in
+            # memory (a matrix product's [C*kh*kw, N*OH*OW] result: C, kh, kw, then N), so the
+            # windows stream in once; the positions innermost, along rows
+            g_outer = (value.strides[:lead] + value.strides[lead + k:] if isinstance(value, Layout)
+                       else (ZERO,) * (lead + k))
+            outer = sorted(range(lead + k), key=lambda i: -_weight(g_outer[i]))
+            sizes = g.shape[:lead] + tuple(a["kernel"])
+            space = tuple(sizes[i] for i in outer) + positions
+            out_outer = out_lead + out_offsets
+            acc = Access(layout.buffer, self._zero_unit(space, tuple(out_outer[i] for i in outer)
+                                                        + out_positions))
+            loads = [acc]
+            if isinstance(value, Layout):
+                strides = tuple(g_outer[i] for i in outer) + value.strides[lead: lead + k]
+                loads.append(Access(value.buffer, self._zero_unit(space, strides), value.offset))
+                term = Load(1, g.dtype)
+            else:
+                term = value
+            total = Op("add", (Load(0, node.dtype), term), (), node.dtype)
+            self._emit("window_add", space, (), loads, [Store(acc, total, None, node)], [node])
+            self.values[id(node)] = layout
+            return
         space = g.shape[: g.type.ndim - k]
-        out_strides = (layout.strides[:lead]
-                       + tuple(smul((s, ()), st) for s, st in zip(a["stride"], layout.strides[lead:])))
+        out_strides = out_lead + out_positions
         for offsets in itertools.product(*map(range, a["kernel"])):
             target: Offset = ()
             for o, d, st in zip(offsets, a["dilation"], layout.strides[lead:]):
@@ -374,6 +453,11 @@ class _Planner:
             total = Op("add", (Load(0, node.dtype), term), (), node.dtype)
             self._emit("window_add", space, (), loads, [Store(acc, total, None, node)], [node])
         self.values[id(node)] = layout
+
+    @staticmethod
+    def _zero_unit(space, strides) -> tuple:
+        """Strides with those of axes of size 1 zeroed, as `access` gives them."""
+        return tuple(ZERO if d == 1 else s for d, s in zip(space, strides))
 
     def _layout(self, node: Node):
         x = node.inputs[0]
@@ -419,11 +503,35 @@ class _Planner:
         return self.access(value, node.shape, node.shape), dims_of(node.shape), node.dtype
 
 
-def plan_kernels(graph: Graph, updates: Sequence[Update] = ()) -> KernelPlan:
+def _weight(size) -> float:
+    """A stride's size for ordering axes: symbolic sizes (the batch) count as large."""
+    return size[0] * 1e6 ** len(size[1])
+
+
+def _axis_order(layout: Layout, shape) -> list[int] | None:
+    """The axes of `shape` from outermost to innermost where `layout` is a whole buffer in some
+    axis order (a transposed row-major array, no offset, no broadcast); else None."""
+    if layout.offset or any(d == 1 for d in shape):
+        return None
+    dims = dims_of(shape)
+    order = sorted(range(len(dims)), key=lambda a: -_weight(layout.strides[a]))
+    inner = row_major(tuple(dims[a] for a in order))
+    if any(layout.strides[a] != inner[pos] for pos, a in enumerate(order)):
+        return None
+    return order
+
+
+def plan_kernels(graph: Graph, updates: Sequence[Update] = (), ordered: bool = False) -> KernelPlan:
     """Fuse a lowered (primitive) graph into kernels over buffers; `updates` (the train step's
-    contract, graphc.ir.contract) are written in place where they can be."""
-    plan = _Planner(graph).build()
+    contract, graphc.ir.contract) are written in place where they can be. `ordered`: the backend
+    runs each kernel's points one after another in loop order (llvm), so a kernel's points may
+    add into the same element (window_add in one pass); a backend that runs points at once
+    (cuda) leaves it False."""
+    plan = _Planner(graph, ordered).build()
     plan_in_place_updates(plan, [u for u, _, _ in bind_updates(graph, updates)])
+    if ordered:
+        from graphc.backends.kernels.schedule import hoist_last_readers
+        hoist_last_readers(plan, dict.fromkeys(plan.symbols, 64))
     return plan
 
 

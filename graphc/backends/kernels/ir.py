@@ -212,6 +212,39 @@ def _remap_index(expr, mapping: dict[int, int], memo: dict):
     return out
 
 
+def memory_order(kernel: Kernel) -> Kernel:
+    """The same kernel with its loops in the order memory is walked (outermost the largest
+    stride) where that is not the space's own order: an elementwise kernel by its first store, a
+    reduction over trailing axes by its first load (the kept axes only). An image stored
+    [C, N, H, W] is then streamed. Matrix products, kernels that read what they write in place
+    (col2im's order is its own), reductions over leading axes and kernels that read their position
+    (one_hot's Index, uniform's FlatIndex) keep their order."""
+    if kernel.matmul is not None or not kernel.stores:
+        return kernel
+    rank = len(kernel.space)
+    kept = rank - len(kernel.reduce_axes)
+    if kernel.reduce_axes and (set(kernel.reduce_axes) != set(range(kept, rank)) or not kernel.loads):
+        return kernel
+    if {a.buffer for a in kernel.loads} & {s.access.buffer for s in kernel.stores}:
+        return kernel
+    if any(isinstance(e, (Index, FlatIndex)) for e in walk(s.expr for s in kernel.stores)):
+        return kernel
+    strides = (kernel.loads[0] if kernel.reduce_axes else kernel.stores[0].access).strides
+
+    def weight(size: Size) -> float:
+        return size[0] * 1e6 ** len(size[1])
+    order = sorted(range(kept), key=lambda a: -weight(strides[a])) + list(range(kept, rank))
+    if order == list(range(rank)):
+        return kernel
+
+    def permute(a: Access) -> Access:
+        return Access(a.buffer, tuple(a.strides[k] for k in order), a.offset)
+    return Kernel(kernel.name, tuple(kernel.space[k] for k in order), kernel.reduce_axes,
+                  [permute(a) for a in kernel.loads],
+                  [Store(permute(s.access), s.expr, s.reduce, s.node) for s in kernel.stores],
+                  kernel.nodes, None)
+
+
 def coalesce(kernel: Kernel) -> Kernel:
     """The same kernel over fewer, longer loops: axes of size 1 are dropped, and neighbouring axes
     that every access walks as one (stride[k] == stride[k+1] * size[k+1]) are merged, so an

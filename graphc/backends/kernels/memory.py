@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from graphc.backends.kernels.ir import KernelPlan, Op, expr_ops, sprod, sval
+from graphc.backends.kernels.ir import Kernel, KernelPlan, Op, expr_ops, sprod, sval
 
 ALIGN = 64
 
@@ -55,14 +55,20 @@ def plan_arena(plan: KernelPlan, dims: dict[str, int]) -> Arena:
     return Arena(offsets, max((o + s for o, s, _, _ in placed), default=0))
 
 
+def kernel_flops(k: Kernel, dims: dict[str, int]) -> int:
+    """A kernel's floating-point operations: an op per point of its space for each op of its
+    expressions and each reduction (a matrix product: 2*M*K*N)."""
+    points = sval(sprod(k.space), dims)
+    ops = sum(1 for s in k.stores for o in expr_ops(s.expr) if isinstance(o, Op)
+              and o.op not in ("cast", "stop_gradient"))
+    return points * (ops + sum(1 for s in k.stores if s.reduce))
+
+
 def plan_stats(plan: KernelPlan, dims: dict[str, int]) -> dict:
     """Kernels, floating-point operations, bytes moved and peak memory at the given sizes."""
     flops = moved = 0
     for k in plan.kernels:
-        points = sval(sprod(k.space), dims)
-        ops = sum(1 for s in k.stores for o in expr_ops(s.expr) if isinstance(o, Op)
-                  and o.op not in ("cast", "stop_gradient"))
-        flops += points * (ops + sum(1 for s in k.stores if s.reduce))
+        flops += kernel_flops(k, dims)
         for access, dtype in [(a, plan.buffers[a.buffer].dtype) for a in k.loads] + \
                              [(s.access, plan.buffers[s.access.buffer].dtype) for s in k.stores]:
             touched = sprod(sz for sz, st in zip(k.space, access.strides) if st[0] != 0)

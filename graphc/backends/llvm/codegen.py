@@ -6,11 +6,14 @@ runs its kernels in order. The text is meant to be read (`graphc build --backend
 graph_main_KEY(ptr bufs, ptr dims, ptr blas, ptr status) -> i32: `bufs` holds a pointer per buffer
 of the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the addresses of sgemm and
 dgemm (or null), and `status` three i64 words that a failing check fills (code, value, the index
-of the kernel that failed).
+of the kernel that failed). Built `timed` (`graphc time`), graph_main stores the cycle counter
+before and after each kernel from status[3] on, and `graphc_ticks` reads it for the host.
+Over 500 lines (barely): the module, the BLAS call and the loop nest share Function's naming.
 """
 from __future__ import annotations
 
 import hashlib
+import platform
 import re
 
 from graphc.backends.kernels.ir import (
@@ -24,11 +27,13 @@ from graphc.backends.kernels.ir import (
     Op,
     SizeOf,
     coalesce,
+    memory_order,
     sprod,
     sstr,
     walk,
 )
 from graphc.backends.kernels.tables import render_failure
+from graphc.backends.llvm import threads
 from graphc.backends.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS, SUFFIX, cast, const
 from graphc.ir.types import DType
 
@@ -36,6 +41,7 @@ from graphc.ir.types import DType
 SMALL_GEMM = 32 * 32 * 32
 THIN_GEMM = 4
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+LOOP_ID = "LOOPID"          # where a kernel's loop metadata number goes
 
 
 def _comment(text: str) -> str:
@@ -88,8 +94,9 @@ class Function:
 
 
 class Module:
-    def __init__(self, blas_int_bits: int):
+    def __init__(self, blas_int_bits: int, timed: bool = False):
         self.blas_int = f"i{blas_int_bits}"
+        self.timed = timed
         self.declarations: dict[str, str] = {}
         self.functions: dict[str, str] = {}      # kernel name -> text; equal kernels once
         self.mains: list[str] = []
@@ -122,13 +129,16 @@ class Module:
 
     # --- kernels --------------------------------------------------------------------------------
 
-    def render_kernel(self, kernel: Kernel) -> tuple[str, list[int], bool]:
-        """(the kernel's function name, the buffers it takes in order, whether it checks)."""
-        kernel = coalesce(kernel)
+    def render_kernel(self, kernel: Kernel) -> tuple[str, list[int], bool, tuple | None]:
+        """(the kernel's function name, the buffers it takes in order, whether it checks, and
+        for a kernel that takes a range of its outer loop (threads.py): (the outer loop's
+        count, the kernel's points) as sizes, else None)."""
+        kernel = coalesce(memory_order(kernel))
         buffers = sorted({self.resolve(a.buffer) for a in kernel.loads}
                          | {self.resolve(s.access.buffer) for s in kernel.stores})
         self.args = {b: f"%arg{i}" for i, b in enumerate(buffers)}
         f = Function(self, kernel.name)
+        split = threads.splittable(kernel, self.resolve)
         params = "".join(f"ptr noalias %arg{i}, " for i in range(len(buffers)))
         header = (f"; {_comment(kernel.label)}: space [{', '.join(sstr(s) for s in kernel.space)}]"
                   + (f", reduce {list(kernel.reduce_axes)}" if kernel.reduce_axes else ""))
@@ -138,15 +148,21 @@ class Module:
             self.size(f, s, sizes)
         space = [self.size(f, s, sizes) for s in kernel.space]
         if kernel.matmul is None or not self._blas_call(f, kernel, space, sizes):
-            LoopNest(self, f, kernel, space, sizes).render()
+            LoopNest(self, f, kernel, space, sizes, split).render()
         f.do("ret void")
         # noinline: each kernel is optimized and emitted once, not again inside every graph_main.
-        body = (f"({params}ptr %dims, ptr %status, ptr %blas) noinline {{\nentry:\n"
-                + "\n".join(f.lines) + "\n}\n")
+        body = (f"({params}ptr %dims, ptr %status, ptr %blas{', i64 %lo, i64 %hi' if split else ''}) "
+                "noinline {\nentry:\n" + "\n".join(f.lines) + "\n}\n")
         # Named by content, so a kernel that several graphs share is compiled once.
-        name = f"{kernel.name.split('_', 1)[-1]}_{hashlib.sha1(body.encode()).hexdigest()[:10]}"
-        self.functions.setdefault(name, f"{header}\ndefine internal void @{name}{body}")
-        return name, buffers, f.checked
+        digest = hashlib.sha1(body.encode()).hexdigest()
+        name = f"{kernel.name.split('_', 1)[-1]}_{digest[:10]}"
+        text = f"{header}\ndefine internal void @{name}{body}"
+        if LOOP_ID in body:       # the loop metadata, numbered by content too
+            number = str(int(digest[:7], 16))
+            text = (text.replace(LOOP_ID, number)
+                    + f'!{number} = distinct !{{!{number}, !{{!"llvm.loop.unroll.disable"}}}}\n')
+        self.functions.setdefault(name, text)
+        return name, buffers, f.checked, (kernel.space[0], sprod(kernel.space)) if split else None
 
     def resolve(self, buffer: int) -> int:
         return self.plan.aliases.get(buffer, buffer)
@@ -230,13 +246,21 @@ class Module:
         self.plan = plan
         calls = [self.render_kernel(kernel) for kernel in plan.kernels]
         main = Function(self, f"graph_main_{key}")
-        for b in sorted({b for _, bufs, _ in calls for b in bufs}):
+        for b in sorted({b for _, bufs, _, _ in calls for b in bufs}):
             ptr = main.emit(f"getelementptr ptr, ptr %bufs, i64 {b}")
             main.lines.append(f"  %b{b} = load ptr, ptr {ptr}")
         failures = []
-        for index, (name, buffers, checks) in enumerate(calls):
+        if self.timed:
+            self._tick(main, 0)
+        sizes: dict = {}
+        for index, (name, buffers, checks, split) in enumerate(calls):
             args = "".join(f"ptr %b{b}, " for b in buffers)
-            main.do(f"call void @{name}({args}ptr %dims, ptr %status, ptr %blas)")
+            if split:
+                self._dispatch(main, name, buffers, split, sizes)
+            else:
+                main.do(f"call void @{name}({args}ptr %dims, ptr %status, ptr %blas)")
+            if self.timed:
+                self._tick(main, index + 1)
             if checks:        # stop at a failed check: nothing later may run
                 code = main.emit("load i64, ptr %status")
                 failed = main.emit(f"icmp ne i64 {code}, 0")
@@ -258,6 +282,32 @@ class Module:
         self.mains.append("\n".join(head) + f"\ndefine i32 @graph_main_{key}(ptr %bufs, ptr %dims, "
                           "ptr %blas, ptr %status) {\nentry:\n" + "\n".join(main.lines) + "\n}\n")
 
+    def _dispatch(self, main: Function, kernel: str, buffers: list[int], split: tuple, sizes) -> None:
+        """A call of a kernel that takes a range of its outer loop: on both cores through
+        graphc_parallel when it is large and the host gave a pool, else the whole range here."""
+        count, points = (self.size(main, s, sizes) for s in split)
+        task = f"task_{kernel}_{'_'.join(map(str, buffers))}"
+        self.functions.setdefault(task, threads.task(task, kernel, buffers))
+        big = main.emit(f"icmp uge i64 {points}, {threads.MIN_POINTS}")
+        pool = main.emit(f"load ptr, ptr {main.emit('getelementptr ptr, ptr %blas, i64 2')}")
+        go = main.emit(f"and i1 {big}, {main.emit(f'icmp ne ptr {pool}, null')}")
+        par, ser, done = (main.fresh(h).lstrip("%") for h in ("par", "ser", "next"))
+        main.do(f"br i1 {go}, label %{par}, label %{ser}")
+        main.label(par)
+        main.do(f"call void @graphc_parallel(ptr {pool}, ptr @{task}, ptr %bufs, ptr %dims, "
+                f"ptr %status, ptr %blas, i64 {count})")
+        main.do(f"br label %{done}")
+        main.label(ser)
+        args = "".join(f"ptr %b{b}, " for b in buffers)
+        main.do(f"call void @{kernel}({args}ptr %dims, ptr %status, ptr %blas, i64 0, i64 {count})")
+        main.do(f"br label %{done}")
+        main.label(done)
+
+    def _tick(self, main: Function, slot: int) -> None:
+        """status[3 + slot] = the cycle counter now (a timed module)."""
+        now = main.call("llvm.readcyclecounter", "i64", [])
+        main.do(f"store i64 {now}, ptr {main.emit(f'getelementptr i64, ptr %status, i64 {3 + slot}')}")
+
     def text(self) -> str:
         return "\n".join(["; graphc: generated LLVM IR", ""] + sorted(self.declarations.values())
                          + [""] + list(self.functions.values()) + self.mains)
@@ -267,8 +317,11 @@ class LoopNest:
     """The loops of one kernel. Reductions over trailing axes accumulate in registers; others
     accumulate into the output, which is first filled with the reduction's identity."""
 
-    def __init__(self, module: Module, f: Function, kernel: Kernel, space: list[str], sizes: dict):
+    def __init__(self, module: Module, f: Function, kernel: Kernel, space: list[str], sizes: dict,
+                 split: bool = False):
+        """`split`: the outer loop runs over [%lo, %hi) (threads.py)."""
         self.m, self.f, self.k = module, f, kernel
+        self.split = split
         self.space, self.sizes = space, sizes
         rank = len(kernel.space)
         suffix = rank
@@ -304,26 +357,37 @@ class LoopNest:
         if axis == len(k.space):
             self.body()
         else:
-            self.for_range(self.space[axis], lambda i: (self.index.append(i), self.loop(axis + 1),
-                                                        self.index.pop()), f"i{axis}_")
+            # The innermost loop (or the last kept axis, before reduced ones of known counts) of
+            # a known count of 8 or more is not unrolled: fully unrolled, the loop around it
+            # would be vectorized instead, with gathers (col2im, im2col, pooling).
+            count = self.space[axis]
+            inner = axis == len(k.space) - 1 or (
+                self.register_from == axis + 1
+                and all(self.space[a].isdigit() for a in range(axis + 1, len(k.space))))
+            whole = inner and count.isdigit() and int(count) >= 8
+            bounds = ("%lo", "%hi") if axis == 0 and self.split else ("0", count)
+            self.for_range(bounds[1], lambda i: (self.index.append(i), self.loop(axis + 1),
+                                                 self.index.pop()), f"i{axis}_", whole, bounds[0])
         if axis == self.register_from:
             self.finish_accumulators()
 
-    def for_range(self, count: str, body, hint: str) -> None:
+    def for_range(self, count: str, body, hint: str, whole: bool = False, start: str = "0") -> None:
+        """A counted loop from `start` to `count`; `whole`: kept a loop (not unrolled), so the
+        vectorizer sees it."""
         f = self.f
         head, latch, done = (f.fresh(hint + n).lstrip("%") for n in ("loop", "latch", "done"))
         pre = f.block
-        nonempty = f.emit(f"icmp sgt i64 {count}, 0")
+        nonempty = f.emit(f"icmp slt i64 {start}, {count}")
         f.do(f"br i1 {nonempty}, label %{head}, label %{done}")
         f.label(head)
         i = f.fresh(hint)
-        f.lines.append(f"  {i} = phi i64 [0, %{pre}], [{i}.next, %{latch}]")
+        f.lines.append(f"  {i} = phi i64 [{start}, %{pre}], [{i}.next, %{latch}]")
         body(i)
         f.do(f"br label %{latch}")
         f.label(latch)
         f.lines.append(f"  {i}.next = add nuw nsw i64 {i}, 1")
         more = f.emit(f"icmp slt i64 {i}.next, {count}")
-        f.do(f"br i1 {more}, label %{head}, label %{done}")
+        f.do(f"br i1 {more}, label %{head}, label %{done}" + (f", !llvm.loop !{LOOP_ID}" if whole else ""))
         f.label(done)
 
     # --- values ----------------------------------------------------------------------------------
@@ -477,9 +541,21 @@ def _dtype(e) -> DType:
     return e.dtype
 
 
-def build_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64) -> Module:
-    """One module for the graphs of a program: `graph_main_KEY` for each plan."""
-    module = Module(blas_int_bits)
+def build_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64, timed: bool = False) -> Module:
+    """One module for the graphs of a program: `graph_main_KEY` for each plan (timed: reading
+    the cycle counter around every kernel, see the module's docstring)."""
+    module = Module(blas_int_bits, timed)
     for key, plan in plans.items():
         module.render_graph(key, plan)
+    pause = platform.machine().lower() in ("x86_64", "amd64")
+    functions, worker = threads.helpers(pause)
+    module.functions.update(functions)
+    module.mains.append(worker)
+    module.declare("usleep", "i32", ["i32"])
+    module.declare("sched_yield", "i32", [])
+    if pause:
+        module.declare("llvm.x86.sse2.pause", "void", [])
+    if timed:
+        module.mains.append("define i64 @graphc_ticks() {\nentry:\n"
+                            "  %now = call i64 @llvm.readcyclecounter()\n  ret i64 %now\n}\n")
     return module

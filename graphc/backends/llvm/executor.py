@@ -16,7 +16,7 @@ from graphc.backends.kernels import plan_kernels
 from graphc.backends.kernels.ir import sval
 from graphc.backends.kernels.memory import ALIGN, plan_arena
 from graphc.backends.kernels.tables import check_lowerable
-from graphc.backends.llvm import jit
+from graphc.backends.llvm import jit, threads
 from graphc.backends.llvm.lowering import LOWER, UNSUPPORTED
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir.contract import Update
@@ -28,6 +28,7 @@ class _Code:
 
     def __init__(self, executors: dict[str, LLVMExecutor]):
         self.executors = executors
+        self.timed = any(ex.timed for ex in executors.values())
         self._module = None
         self._identity: str | None = None
         self._compiled = None
@@ -38,7 +39,7 @@ class _Code:
         if self._module is None:
             from graphc.backends.llvm.codegen import build_module  # not needed on a cache hit
             plans = {key: ex.plan for key, ex in self.executors.items()}
-            self._module = build_module(plans, jit.blas().int_bits)
+            self._module = build_module(plans, jit.blas().int_bits, self.timed)
         return self._module
 
     def text(self) -> str:
@@ -53,7 +54,8 @@ class _Code:
         linked executor asks for it."""
         if self._identity is None:
             plans = {key: ex.plan for key, ex in self.executors.items()}
-            self._identity = f"blas int{jit.blas().int_bits}\n{plans!r}"
+            self._identity = (f"blas int{jit.blas().int_bits}" + (" timed" if self.timed else "")
+                              + f"\n{plans!r}")
         return self._identity
 
     def compile(self, load: bool = True) -> None:
@@ -64,9 +66,10 @@ class _Code:
             return
         self._compiled = jit.Compiled(*jit.module_objects(self.identity(), self.parts))
         blas = jit.blas()
+        pool = threads.pool_address(self._compiled) if threads.enabled() else None
         for key, ex in self.executors.items():
             ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
-            ex._blas[:] = [blas.sgemm or None, blas.dgemm or None]
+            ex._blas[:] = [blas.sgemm or None, blas.dgemm or None, pool]
 
 
 # Fewer functions than this per part, and a part costs more (a context, a target machine, a pass
@@ -131,11 +134,13 @@ class LLVMExecutor:
     name = "llvm"
     source_suffix = ".ll"
 
-    def __init__(self, graph: Graph, updates: Sequence[Update] = ()):
-        """`updates`: the train step's contract (graphc.ir.contract), written in place."""
+    def __init__(self, graph: Graph, updates: Sequence[Update] = (), timed: bool = False):
+        """`updates`: the train step's contract (graphc.ir.contract), written in place. `timed`:
+        compiled to time every kernel (`kernel_seconds` after each run; `graphc time`)."""
         self.graph = graph
+        self.timed = timed
         check_lowerable(graph, "llvm", LOWER, UNSUPPORTED)
-        self.plan = plan_kernels(graph, updates)
+        self.plan = plan_kernels(graph, updates, ordered=True)
         in_place = set(self.plan.aliases.values())
         self.scalar_inputs = []       # 0-d inputs (#lr, #rng) are copied into buffers of our own
         self.array_inputs = []
@@ -153,9 +158,9 @@ class LLVMExecutor:
         self._fn = None
         self._code = _Code({"graph": self})
         self._frames: dict[tuple, _Frame] = {}
-        self._status = np.zeros(3, dtype=np.int64)
+        self._status = np.zeros(3 + (len(self.plan.kernels) + 1 if timed else 0), dtype=np.int64)
         self._status_address = self._status.ctypes.data
-        self._blas = (ctypes.c_void_p * 2)()
+        self._blas = (ctypes.c_void_p * 3)()     # sgemm, dgemm, the kernels' thread pool
         self._lock = threading.Lock()
 
     @classmethod
@@ -253,6 +258,21 @@ class LLVMExecutor:
         if frame.external_outputs:       # in the graph's order, as the numpy backend returns them
             out = {name: out[name] for name in self._output_order if name in out}
         return out
+
+    def kernel_ticks(self) -> np.ndarray:
+        """The cycle counter ticks each kernel of the last run took (a timed executor)."""
+        assert self.timed, "internal error: kernel times need an executor built timed"
+        return np.diff(self._status[3:])
+
+    def ticks_per_second(self, seconds: float = 0.05) -> float:
+        """The cycle counter's rate (a timed executor), measured against the host's clock."""
+        import time
+        ticks = ctypes.CFUNCTYPE(ctypes.c_int64)(self._code._compiled.address("graphc_ticks"))
+        t0, c0 = time.perf_counter(), ticks()
+        while time.perf_counter() - t0 < seconds:
+            pass
+        t1, c1 = time.perf_counter(), ticks()
+        return (c1 - c0) / (t1 - t0)
 
     def _external(self, slot: int, params: dict, state: dict | None) -> np.ndarray:
         for s, _, value in self.scalar_inputs:

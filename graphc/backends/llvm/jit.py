@@ -34,6 +34,8 @@ def _llvm():
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     _register_libm(llvm)
+    from graphc.backends.llvm.threads import register_symbols
+    register_symbols(llvm)
     return llvm
 
 

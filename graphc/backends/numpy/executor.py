@@ -11,6 +11,7 @@ plan, a line each. Graph outputs get fresh arrays, never pool buffers: callers k
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -38,9 +39,11 @@ _LOADS_FROM = ("feeds", "params", "state")      # where a run finds each kind of
 class NumpyExecutor:
     name = "numpy"
 
-    def __init__(self, graph: Graph, updates: Sequence[Update] = ()):
+    def __init__(self, graph: Graph, updates: Sequence[Update] = (), timed: bool = False):
         """`updates`: the train step's contract (graphc.ir.contract), which the executor groups
-        and runs in place; a graph without updates runs node by node."""
+        and runs in place; a graph without updates runs node by node. `timed`: every step's
+        time is recorded (`graphc time`; `_Plan.step_seconds`)."""
+        self.timed = timed
         for node in graph.nodes():
             op = OPS[node.op]
             assert op.kind == "source" or not op.is_composite, (
@@ -139,9 +142,12 @@ class _Plan:
                 taken.append((name, i, i in fresh))
                 fresh.discard(i)        # a second output of the same node gets its own copy
         new_views = {slot: view for g, _ in groups for view, slot in g.new_views}
+        # timed: the clock after each step, and after the updates (the last entry)
+        self.times = np.zeros(len(steps) + 2) if ex.timed else None
+        self.step_nodes = [[order[i]] for _, i, *_ in steps] + [[order[i] for i in sorted(grouped)]]
         self.run_step = _compile_run(steps, loads, scalars, template, groups, taken,
                                      [(name, new_views[i]) for name, i in ex.outputs if i in grouped],
-                                     [name for name, _ in ex.outputs])
+                                     [name for name, _ in ex.outputs], self.times)
 
     def run(self, feeds, params, state) -> dict[str, np.ndarray]:
         try:
@@ -289,7 +295,7 @@ def _plan_steps(order: list[Node], inputs: list[tuple[int, ...]], shapes: list[t
 def _compile_run(steps: list[tuple], loads: list[tuple[int, int, str]], scalars: set[int],
                  template: list, groups: list[tuple[UpdateGroup, list]],
                  taken: list[tuple[str, int, bool]], updated: list[tuple[str, np.ndarray]],
-                 names: list[str]) -> Callable:
+                 names: list[str], times: np.ndarray | None = None) -> Callable:
     """A run of the plan as one generated Python function of the feeds, params and state: the
     loads, a line per step, the outputs taken, the update groups' lines, the result. Values are
     local variables `v<slot>`; functions, buffers and constants are bound once. Interpreting a
@@ -299,13 +305,19 @@ def _compile_run(steps: list[tuple], loads: list[tuple[int, int, str]], scalars:
     the update writes in place); `names`: the result's keys in order. When every updated param
     and state passed in was that storage already (a run given the last run's results), updates
     are not returned, as the compiled backends do: the arrays passed in hold them. A ValueError
-    leaves with its step's line (_failed_step)."""
+    leaves with its step's line (_failed_step). With `times`, the clock is read into it before
+    the first step (times[0]), after each step p (times[p + 1], on the step's line) and after
+    the updates (times[-1])."""
     scope: dict = {"empty": np.empty, "asarray": np.asarray, "array": np.array,
                    "copyto": np.copyto}
     scope |= {f"v{j}": constant for j, constant in enumerate(template) if constant is not None}
     lines = []
     for i, kind, name in loads:
         lines.append(f"v{i} = {_LOADS_FROM[kind]}[{name!r}]" + ("[()]" if i in scalars else ""))
+    timed = times is not None
+    if timed:
+        scope["T"], scope["clock"] = times, time.perf_counter
+        lines.append("T[0] = clock()")
     first = len(lines) + 2                      # the line of the first step, after the def
     for p, (fn, i, form, a, b, c, out) in enumerate(steps):
         scope[f"f{p}"], scope[f"o{p}"] = fn, out
@@ -317,12 +329,14 @@ def _compile_run(steps: list[tuple], loads: list[tuple[int, int, str]], scalars:
             args += f", out=o{p}"
         elif form in (_UNARY_NEW, _BINARY_NEW):
             args += f", out=empty(*o{p})"
-        lines.append(f"v{i} = f{p}({args})")
+        lines.append(f"v{i} = f{p}({args})" + (f"; T[{p + 1}] = clock()" if timed else ""))
     for k, (_, i, fresh) in enumerate(taken):
         lines.append(f"r{k} = asarray(v{i})" if fresh else f"r{k} = array(v{i}, copy=True)")
     lines.append("adopted = True")
     for k, (group, copied) in enumerate(groups):
         lines += group.source(f"g{k}_", copied, scope)
+    if timed:
+        lines.append(f"T[{len(steps) + 1}] = clock()")
     results = {name: f"r{k}" for k, (name, _, _) in enumerate(taken)}
     returned = [name for name in names if name in results]
     lines.append("if adopted: return {" + ", ".join(f"{n!r}: {results[n]}" for n in returned) + "}")

@@ -16,6 +16,7 @@ from graphc.backends.kernels.tables import PLANNED
 from graphc.backends.llvm import codegen as llvm_codegen
 from graphc.backends.llvm import executor as llvm_executor
 from graphc.backends.llvm import lowering as llvm_lowering
+from graphc.backends.llvm import threads as llvm_threads
 from graphc.backends.numpy import calls as numpy_calls
 from graphc.compiler import check_source, program_graphs
 from graphc.errors import GraphcError
@@ -59,7 +60,8 @@ def test_the_jits_math_functions_derive_from_the_llvm_table():
 
 def test_every_c_function_the_llvm_code_declares_is_registered_with_the_jit():
     """The op cases' kernels (every elementwise op, f32 and f64) as one module: what it declares
-    besides LLVM intrinsics is a C math function some table entry says it calls."""
+    besides LLVM intrinsics is a C math function some table entry says it calls, or one of the
+    thread pool's (threads.C_FUNCTIONS)."""
     plans = {}
     for case in OP_CASES:
         for dtype in ("f32", "f64") if case.floats else ("f32",):
@@ -67,6 +69,7 @@ def test_every_c_function_the_llvm_code_declares_is_registered_with_the_jit():
             plans[f"{case.name}_{dtype}".replace("-", "_")] = plan_kernels(program.graphs["forward"])
     declared = {fn for fn in llvm_codegen.build_module(plans).declarations if not fn.startswith("llvm.")}
     registered = {name + suffix for name in llvm_lowering.libm_functions() for suffix in ("", "f")}
+    registered |= set(llvm_threads.C_FUNCTIONS)
     assert declared and declared <= registered, sorted(declared - registered)
 
 

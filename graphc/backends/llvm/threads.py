@@ -238,9 +238,13 @@ def pool_address(compiled) -> int:
         return _pool.ctypes.data
 
 
+# The C library functions the generated thread code calls (registered with the JIT below).
+C_FUNCTIONS = ("usleep", "sched_yield")
+
+
 def register_symbols(llvm) -> None:
     """The C library's usleep (the worker's naps) and sched_yield (a caller waiting long for a
     chunk the worker holds: on a busy machine the worker may have lost its core), for the JIT."""
     libc = ctypes.CDLL(None)
-    for name in ("usleep", "sched_yield"):
+    for name in C_FUNCTIONS:
         llvm.add_symbol(name, ctypes.cast(getattr(libc, name), ctypes.c_void_p).value)

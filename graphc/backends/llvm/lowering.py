@@ -199,6 +199,12 @@ def _one_hot(f, args, dts, attrs, out):
     return f.emit(f"select i1 {hit}, {IR_TYPE[out]} {const(1, out)}, {IR_TYPE[out]} {const(0, out)}")
 
 
+def _causal_mask(f, args, dts, attrs, out):
+    x, row, col = args
+    keep = f.emit(f"icmp sle i64 {col}, {row}")
+    return f.emit(f"select i1 {keep}, {IR_TYPE[out]} {x}, {IR_TYPE[out]} {const(attrs['value'], out)}")
+
+
 LOWER = {
     "neg": _neg, "abs": _abs, "relu": _relu, "sigmoid": _sigmoid, "stop_gradient": _identity,
     "exp": _float_call("exp"), "log": _float_call("log"), "sqrt": _float_call("sqrt"),
@@ -211,6 +217,7 @@ LOWER = {
     "less": _compare("olt", "slt"), "less_equal": _compare("ole", "sle"),
     "equal": _compare("oeq", "eq"), "not_equal": _compare("une", "ne"),
     "where": _where, "cast": _cast, "uniform": _uniform, "one_hot": _one_hot,
+    "causal_mask": _causal_mask,
 }
 # Primitives this backend declines (none): with LOWER and the planner's ops
 # (kernels/tables.PLANNED) they cover the op table (tests/test_lowering_tables.py).

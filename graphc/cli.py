@@ -126,6 +126,8 @@ def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
     add_report(sub)
     from graphc.search_cli import add_commands as add_search
     add_search(sub)
+    from graphc.steps_cli import add_commands as add_sample
+    add_sample(sub)
     return parser
 
 

@@ -109,6 +109,9 @@ def cmd_train(args) -> int:
             config["settings"]["epochs"] = args.epochs
             run.write_json("config.json", config)
         settings = TrainSettings.of(_with_settings(program, config["settings"]))
+        if settings.steps is not None:          # a language model on text: by steps
+            from graphc.steps_cli import resume_steps
+            return resume_steps(args, run, config, program, settings)
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                             config["base_dir"], scaler=config["data"]["scaler"])
     else:
@@ -119,9 +122,12 @@ def cmd_train(args) -> int:
         program.compile()     # native code now: a missing GPU fails before a run folder exists
         settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                     seed=args.seed)
+        out = args.out or Path("runs") / f"{_run_name(program.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if settings.steps is not None:          # a language model on text: by steps
+            from graphc.steps_cli import train_steps
+            return train_steps(args, program, settings, base_dir, Path(out))
         data = prepare_data(program, settings, args.data_dir, base_dir)
-        run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
-                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
+        run = RunFolder(out)
         if RunFolder.is_run(run.path):
             raise error(f"{run.path}: already holds a run",
                         hint=f"continue it with --resume {run.path}, or choose another --out")

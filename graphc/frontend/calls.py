@@ -142,15 +142,21 @@ def _linear_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> 
     n = convert_attr("linear", "n", Attr("int"), args[1], call.args[1].loc)
     if n < 1:
         raise ArgError(f"linear: the number of outputs must be at least 1, got {n}", call.args[1].loc)
-    unknown = set(kwargs) - {"bias"}
+    unknown = set(kwargs) - {"bias", "std"}
     if unknown:
         name = sorted(unknown)[0]
         raise ArgError(f"linear has no option '{name}'", call.kwarg_loc(name),
-                       did_you_mean(name, ["bias"]) or "linear takes n and bias")
+                       did_you_mean(name, ["bias", "std"]) or "linear takes n, bias and std")
     bias = True
     if "bias" in kwargs:
         bias = convert_attr("linear", "bias", Attr("bool"), kwargs["bias"],
                             call.kwarg_loc("bias", value=True))
+    init = ("kaiming", (("fan_in", None),))
+    if "std" in kwargs:     # N(0, std) instead of Kaiming's (GPT-2 draws its layers with std 0.02)
+        std = convert_attr("linear", "std", Attr("float"), kwargs["std"], call.kwarg_loc("std", value=True))
+        if not std > 0:
+            raise ArgError(f"linear: std must be positive, got {std}", call.kwarg_loc("std", value=True))
+        init = ("normal", (("mean", 0.0), ("std", float(std))))
     if not x.node.type.dtype.is_float or not x.node.type.shape:
         raise ArgError(f"linear: needs floating-point features: {x.label} is {x.node.type}", call.loc)
     fan_in = x.node.type.shape[-1]
@@ -159,8 +165,7 @@ def _linear_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> 
                        f"its size must be known", call.loc)
     dtype = x.node.type.dtype
     prefix = b.layer_prefix("linear")
-    w = b.new_param(f"{prefix}.W", TensorType(dtype, (fan_in, n)), ("kaiming", (("fan_in", None),)),
-                    "weight", call.loc)
+    w = b.new_param(f"{prefix}.W", TensorType(dtype, (fan_in, n)), init, "weight", call.loc)
     operands = [x, w]
     if bias:
         operands.append(b.new_param(f"{prefix}.b", TensorType(dtype, (n,)), ("zeros", ()), "bias",
@@ -367,7 +372,7 @@ def _option_locs(call: ast.Call, positional: dict[str, int]) -> dict:
     return locs | {k.name: k.value.loc for k in call.kwargs}
 
 
-LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)"),
+LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true, std=kaiming)"),
           "embedding": Layer("embedding", _embedding_layer, "embedding(x, vocab, dim)"),
           "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5)"),
           "batchnorm": Layer("batchnorm", _batchnorm_layer, "batchnorm(x, eps=1e-5, momentum=0.1)"),

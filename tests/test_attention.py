@@ -89,8 +89,8 @@ def test_positional_embedding_is_a_learned_table_added_by_broadcasting():
     }""")
     assert p.params["h.positional_embedding.P"].shape == (5, 4)
     x = rng.integers(0, 9, (2, 5))
-    np.testing.assert_allclose(p.forward(x=x)["h"], p.params["h.embedding.E"][x] + p.params["h.positional_embedding.P"],
-                               rtol=1e-6)
+    want = p.params["h.embedding.E"][x] + p.params["h.positional_embedding.P"]
+    np.testing.assert_allclose(p.forward(x=x)["h"], want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("body, message", [

@@ -121,7 +121,8 @@ def test_warmup_cosine_is_nanogpts_schedule():
     ("eval_every = 10", "eval_every goes with steps"),
 ])
 def test_step_settings_are_checked_where_written(settings, message):
-    src = f"model m {{ input x: f32[N, 4]\n output x }}\ntrain m {{\n optimizer = sgd(lr=0.1)\n {settings}\n}}\n"
+    src = (f"model m {{ input x: f32[N, 4]\n output x }}\n"
+           f"train m {{\n optimizer = sgd(lr=0.1)\n {settings}\n}}\n")
     with pytest.raises(GraphcError, match=message) as info:
         check_source(src, "m.nn")
     assert "m.nn:" in str(info.value)

@@ -327,7 +327,7 @@ def _multihead_attention_layer(b: LayerBuilder, call: ast.Call, args: list, kwar
     d_model = _size_arg(fn, "d_model", args[1], call.args[1])
     heads = _size_arg(fn, "heads", args[2], call.args[2])
     options = _options(fn, call, kwargs, {"causal": Attr("bool"), "bias": Attr("bool"),
-                                          "dropout": Attr("float")})
+                                          "dropout": Attr("float"), "out_std": Attr("float")})
     if d_model % heads:
         raise ArgError(f"{fn}: d_model {d_model} is not a multiple of heads {heads}", call.args[2].loc)
     shape = x.node.type.shape
@@ -337,13 +337,17 @@ def _multihead_attention_layer(b: LayerBuilder, call: ast.Call, args: list, kwar
     p = options.get("dropout", 0.0)
     if not 0.0 <= p < 1.0:
         raise ArgError(f"{fn}: dropout must be in [0, 1), got {p}", call.kwarg_loc("dropout", value=True))
+    out_std = options.get("out_std", 0.02)
+    if not out_std > 0:
+        raise ArgError(f"{fn}: out_std must be positive, got {out_std}",
+                       call.kwarg_loc("out_std", value=True))
     dtype, c = x.node.type.dtype, shape[-1]
     prefix = b.layer_prefix(fn)
     bias = options.get("bias", True)
 
     def project(x: Tensor, name: str, n_in: int) -> Tensor:
-        w = b.new_param(f"{prefix}.W{name}", TensorType(dtype, (n_in, d_model)), _GPT_INIT, "weight",
-                        call.loc)
+        init = _GPT_INIT if name != "o" else ("normal", (("mean", 0.0), ("std", float(out_std))))
+        w = b.new_param(f"{prefix}.W{name}", TensorType(dtype, (n_in, d_model)), init, "weight", call.loc)
         out = b.apply_op("matmul", [x, w], {}, call)
         if bias:
             out = b.apply_op("add", [out, b.new_param(f"{prefix}.b{name}", TensorType(dtype, (d_model,)),
@@ -384,7 +388,7 @@ LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true, std=
                             "avg_pool(x, kernel, stride=kernel, padding=0)"),
           "multihead_attention": Layer("multihead_attention", _multihead_attention_layer,
                                        "multihead_attention(x, d_model, heads, causal=true, bias=true, "
-                                       "dropout=0.0)"),
+                                       "dropout=0.0, out_std=0.02)"),
           "positional_embedding": Layer("positional_embedding", _positional_embedding_layer,
                                         "positional_embedding(T, dim)")}
 

@@ -112,9 +112,22 @@ def _print_row(args):
 
 # --- sample -----------------------------------------------------------------------------------------
 
+def _open_model(target: str, backend: str | None, precision):
+    """The trained program of a run folder, or an artifact folder's."""
+    from graphc.runtime import load_artifact
+    from graphc.runtime.runs import RunFolder
+    if RunFolder.is_run(target):
+        program, _ = RunFolder(target).load_trained(backend)
+    elif Path(target).is_dir():
+        program = load_artifact(target, backend=backend)
+    else:
+        raise error(f"{target}: no such run or artifact folder")
+    program.use_precision(precision)
+    return program
+
+
 def cmd_sample(args) -> int:
-    from graphc.train_cli import _open_target
-    program, _ = _open_target(args)
+    program = _open_model(args.target, args.backend, args.precision)
     text = program.meta.get("text")
     if not text:
         raise error(f"{args.target}: not a language model trained on text data (its artifact "

@@ -132,7 +132,7 @@ def test_step_settings_are_checked_where_written(settings, message):
 
 def test_train_by_steps_then_sample(folder, monkeypatch, capsys):
     monkeypatch.chdir(folder)
-    assert main(["train", "lm.nn", "--out", "run", "--backend", "llvm"]) == 0
+    assert main(["train", "lm.nn", "--out", "run", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "step 10:" in out and "step 30:" in out and "val: loss" in out
     run = RunFolder(folder / "run")
@@ -159,7 +159,7 @@ def test_train_by_steps_then_sample(folder, monkeypatch, capsys):
 
 def test_resume_is_bit_identical(folder, monkeypatch, capsys):
     monkeypatch.chdir(folder)
-    assert main(["train", "lm.nn", "--out", "whole", "--quiet"]) == 0
+    assert main(["train", "lm.nn", "--out", "whole", "--quiet", "--backend", "numpy"]) == 0
     original = StepTrainer.end_interval
 
     def interrupted(self):
@@ -167,10 +167,10 @@ def test_resume_is_bit_identical(folder, monkeypatch, capsys):
         if self.state.step == 20:
             raise KeyboardInterrupt
     monkeypatch.setattr(StepTrainer, "end_interval", interrupted)
-    assert main(["train", "lm.nn", "--out", "cut", "--quiet"]) == 130
+    assert main(["train", "lm.nn", "--out", "cut", "--quiet", "--backend", "numpy"]) == 130
     assert "holds 20 steps" in capsys.readouterr().err
     monkeypatch.setattr(StepTrainer, "end_interval", original)
-    assert main(["train", "--resume", "cut", "--quiet"]) == 0
+    assert main(["train", "--resume", "cut", "--quiet", "--backend", "numpy"]) == 0
     for name in ("metrics.csv", "scores.json"):
         whole = (folder / "whole" / name).read_text()
         cut = (folder / "cut" / name).read_text()

@@ -55,7 +55,8 @@ METHOD = {
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--workloads", default="a,b,c,d,e",
-                   help="comma list of a, b, c, d (inference at batch 1 and 64), e (compile times)")
+                   help="comma list of a, b, c, d (inference at batch 1 and 64), e (compile times), "
+                        "f (a character-level GPT's train step; not in the default list)")
     p.add_argument("--peers", default="all", help="'all' or a comma list of "
                    f"{', '.join(n for n in peers.PEERS if n != 'floor')} (the floor is always run)")
     p.add_argument("--repeats", type=int, help="timed blocks per peer and process set (default 10)")

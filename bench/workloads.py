@@ -45,6 +45,9 @@ WORKLOADS = {w.key: w for w in [
     Workload("d1", "(d) inference, (a)'s forward at batch 1", (784, 256, 10), 1, "infer", "mnist_mlp.nn"),
     Workload("d64", "(d) inference, (a)'s forward at batch 64", (784, 256, 10), 64, "infer",
              "mnist_mlp.nn"),
+    # (f): a character-level GPT (bench/gpt.py): token ids in, not images; its own inputs and shapes
+    Workload("f", "(f) char GPT 4x128, 4 heads, context 64, batch 12, AdamW: train step", (65, 128, 65),
+             12, "train", "gpt.nn"),
     # (g): PyTorch's MNIST CNN; sizes are its dense layers, after the convolutions and the pool
     Workload("g", "(g) MNIST CNN (PyTorch's example, no dropout), batch 64, Adam: train step",
              (9216, 128, 10), 64, "train", "mnist_cnn.nn", ((1, 32, 3), (32, 64, 3)), (1, 28, 28)),
@@ -66,7 +69,7 @@ def select(keys: str) -> list[Workload]:
         elif key in WORKLOADS:
             chosen.append(WORKLOADS[key])
         else:
-            raise ValueError(f"unknown workload {key!r}: choose from a, b, c, d, e")
+            raise ValueError(f"unknown workload {key!r}: choose from a, b, c, d, e, f")
     return chosen
 
 
@@ -74,6 +77,9 @@ def matmul_shapes(w: Workload) -> list[tuple[int, int, int, str]]:
     """(M, K, N, layout) of every matrix product a step needs: the forward product of each layer,
     and in training the weight gradient (x.T @ g) and, past the first layer, the input gradient
     (g @ W.T). Layouts: "nn", "tn" (left operand transposed), "nt" (right operand transposed)."""
+    if w.key == "f":
+        from bench import gpt
+        return gpt.matmul_shapes(w.batch, w.kind == "train")
     if w.convs:
         return _conv_matmul_shapes(w)
     shapes = [(w.batch, k, n, "nn") for k, n in w.layers]
@@ -115,6 +121,9 @@ def prepare(w: Workload, folder: Path) -> Path:
     graphc numpy's first losses (training) or its first output (inference)."""
     import graphc
 
+    if w.key == "f":
+        from bench import gpt
+        return gpt.prepare(w, folder, MODELS_DIR, N_BATCHES, DATA_SEED, CHECK_STEPS)
     program = graphc.compile_file(MODELS_DIR / w.nn_file, backend="numpy")
     rng = np.random.default_rng(DATA_SEED)
     x = rng.random((N_BATCHES, w.batch) + (w.image or (w.sizes[0],)), dtype=np.float32)

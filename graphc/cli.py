@@ -132,6 +132,8 @@ def make_parser(own_only: bool = False) -> argparse.ArgumentParser:
     add_import(sub)
     from graphc.time_cli import add_commands as add_time
     add_time(sub)
+    from graphc.steps_cli import add_commands as add_sample
+    add_sample(sub)
     return parser
 
 

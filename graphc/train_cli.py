@@ -116,6 +116,9 @@ def _train(args, group=None) -> int:
         else:
             from graphc.runtime.distributed import agree
             run, config, program, settings, data = agree(group, lambda: _resume(args, group))
+        if settings.steps is not None:          # a language model on text: by steps
+            from graphc.steps_cli import resume_steps
+            return resume_steps(args, run, config, program, settings)
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
@@ -126,6 +129,9 @@ def _train(args, group=None) -> int:
             program, base_dir, settings, data = agree(group, lambda: _prepare(args, group))
         run = RunFolder(args.out or Path("runs") / f"{_run_name(program.name)}-"
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
+        if settings.steps is not None:          # a language model on text: by steps
+            from graphc.steps_cli import train_steps
+            return train_steps(args, program, settings, base_dir, run.path)
         if group is not None:           # every rank names rank 0's folder (the time differs)
             from graphc.runtime.distributed import check_same_settings
             run = RunFolder(group.broadcast(str(run.path)))
@@ -209,6 +215,9 @@ def _resume(args, group=None):
         if root:
             run.write_json("config.json", config)
     settings = TrainSettings.of(_with_settings(program, config["settings"]))
+    if settings.steps is not None:      # text by steps: the step trainer reads its own data
+        _one_process_steps(ranks)
+        return run, config, program, settings, None
     data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                         config["base_dir"], scaler=config["data"]["scaler"])
     return run, config, program, settings, data
@@ -224,10 +233,19 @@ def _prepare(args, group=None):
     program.compile()     # native code now: a missing GPU fails before a run folder exists
     settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                 seed=args.seed)
+    if settings.steps is not None:      # text by steps: the step trainer reads its own data
+        _one_process_steps(ranks)
+        return program, base_dir, settings, None
     if group is not None:
         from graphc.runtime.distributed import check_ranks
         check_ranks(settings.batch, ranks)
     return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
+
+
+def _one_process_steps(ranks: int) -> None:
+    if ranks > 1:
+        raise error("training by steps (text data) runs in one process; --ranks and mpiexec "
+                    "train by epochs", hint="leave out --ranks")
 
 
 def _warn(message: str) -> None:

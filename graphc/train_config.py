@@ -71,6 +71,11 @@ class TrainConfig:
     augment: tuple[AugmentSpec, ...]            # training batches only, in this order
     early_stop: EarlyStopSpec | None
     backend: str = "auto"                       # graphc.targets.backend_for reads it
+    # Training by steps (a text data set): so many optimizer steps on random windows, evaluated
+    # every `eval_every` steps on `eval_batches` batches of each split. None: by epochs.
+    steps: int | None = None
+    eval_every: int | None = None
+    eval_batches: int = 20
     written: tuple[str, ...] = ()
 
     @property
@@ -105,7 +110,13 @@ class TrainConfig:
                    clip_grad_norm=_number(data.get("clip_grad_norm")),
                    augment=tuple(call_from_json(AugmentSpec, a) for a in data.get("augment") or ()),
                    early_stop=call_from_json(EarlyStopSpec, early) if early else None,
-                   backend=str(data.get("backend", "auto")))
+                   backend=str(data.get("backend", "auto")),
+                   steps=_count(data.get("steps")), eval_every=_count(data.get("eval_every")),
+                   eval_batches=int(data.get("eval_batches", 20)))
+
+
+def _count(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _number(value) -> float | None:

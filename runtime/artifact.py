@@ -128,6 +128,8 @@ MANIFEST_SCHEMA = {
     "train_step?": {"loss": str, "updates": ListOf(dict), "feeds": dict},
     # the input preprocessing the graphs hold (graphc.ir.preprocess.Preprocessing.from_json checks it)
     "preprocess?": dict,
+    # a language model's character vocabulary and context (runtime/text_data.py; graphc sample)
+    "text?": {"vocab": str, "context": int},
 }
 GRAPH_SCHEMA = {"format": str, "version": int, "graphs": MapOf(dict)}
 
@@ -179,7 +181,7 @@ def read_artifact(path, backend: str | None = "numpy") -> dict:
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise error(f"{folder}: malformed artifact: {_reason(err)}") from None
     values = _load_params(folder / PARAMS_FILE, blobs[PARAMS_FILE], infos)
-    meta = {k: manifest[k] for k in ("source", "seed", "task", "train", "batch_norm", "ranks")
+    meta = {k: manifest[k] for k in ("source", "seed", "task", "train", "batch_norm", "ranks", "text")
             if k in manifest}
     if not _shapes(meta.get("batch_norm", [])):
         raise error(f"{folder / MANIFEST_FILE}: malformed artifact: bad batch_norm entry")

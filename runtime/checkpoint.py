@@ -49,8 +49,9 @@ def load_checkpoint(path: Path, program) -> dict:
 SCHEDULE_SCHEMA = {"epoch": int, "lr": float, "best?": (float, type(None)), "bad_epochs?": int}
 LOOP_SCHEMA = {"epoch": int, "schedule": SCHEDULE_SCHEMA, "best": (float, type(None)), "best_epoch": int,
                "bad_epochs": int, "stopped_early": bool, "history": ListOf(dict)}
+STEPS_SCHEMA = {"step": int, "best": (float, type(None)), "history": ListOf(dict)}   # runtime/steps.py
 META_SCHEMA = {"format": str, "version": int, "model": str, "loop?": LOOP_SCHEMA, "seed?": int,
-               "rng?": dict}
+               "rng?": dict, "steps?": STEPS_SCHEMA}
 
 
 def read_checkpoint(path: Path, program) -> tuple[dict, dict, dict]:

@@ -35,12 +35,16 @@ CONFIG_SCHEMA = {
     "settings": {"data": list, "optimizer": list, "schedule": list, "early_stop": (list, _NONE),
                  "batch": int, "epochs": int, "seed": int, "validation": float, "test": float,
                  "scale": str, "augment?": ListOf(list), "device?": str, "backend?": str,
-                 "clip_grad_value?": (float, _NONE), "clip_grad_norm?": (float, _NONE)},
+                 "clip_grad_value?": (float, _NONE), "clip_grad_norm?": (float, _NONE),
+                 "steps?": (int, _NONE), "eval_every?": (int, _NONE), "eval_batches?": int},
     "data": {"source": str, "sizes": MapOf(int), "scaler": dict, "features": str, "labels": str,
              "classes": (ListOf(str), _NONE), "preprocess?": dict},
     "base_dir": str, "data_dir?": (str, _NONE), "track_norms?": (int, _NONE),
     "ranks?": int,          # data-parallel ranks (runtime.distributed); absent: one process
 }
+# a run trained by steps on text (runtime/steps.py) records its text data instead
+TEXT_CONFIG_SCHEMA = {**CONFIG_SCHEMA, "data": {"text": {"source": str, "vocab": str, "context": int,
+                                                         "sizes": MapOf(int)}}}
 # what atomic_write leaves behind when killed: "." + the file's name + "." + 8 random characters
 _TEMPORARY = re.compile(r"\.(config\.json|scores\.json|metrics\.csv|metrics\.jsonl|last\.npz|"
                         r"best\.npz|final\.npz)\.[A-Za-z0-9_]{8}")
@@ -75,7 +79,8 @@ class RunFolder:
 
     def config(self) -> dict:
         config = self.read_json(CONFIG)
-        check_schema(config, CONFIG_SCHEMA, self.path / CONFIG)
+        text = isinstance(config, dict) and isinstance(config.get("data"), dict) and "text" in config["data"]
+        check_schema(config, TEXT_CONFIG_SCHEMA if text else CONFIG_SCHEMA, self.path / CONFIG)
         if (config.get("track_norms") or 1) < 1:
             raise error("track_norms must be at least 1", file=self.path / CONFIG)
         return config
@@ -107,8 +112,8 @@ class RunFolder:
         for checkpoint in (self.final, self.last):
             if checkpoint.is_file():
                 load_checkpoint(checkpoint, program)
-                if program.preprocessing is None:
-                    program.add_preprocessing(self.preprocessing())
+                if program.preprocessing is None and "text" not in (self.config().get("data") or {}):
+                    program.add_preprocessing(self.preprocessing())   # (text feeds token ids)
                 return program, checkpoint
         raise error(f"{self.path}: the run has no checkpoint yet",
                     hint="it stopped before its first epoch ended; train it again")
@@ -148,6 +153,16 @@ class RunFolder:
         atomic_write(self.path / "metrics.csv", text.getvalue().encode())
         lines = "".join(json.dumps(row) + "\n" for row in history)
         atomic_write(self.path / "metrics.jsonl", lines.encode())
+
+    def write_rows(self, name: str, rows: list[dict], columns: list[str]) -> None:
+        """NAME.csv (those columns) and NAME.jsonl from all the rows (training by steps)."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+        atomic_write(self.path / f"{name}.csv", text.getvalue().encode())
+        atomic_write(self.path / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def write_json(self, name: str, value: dict) -> None:
         atomic_write(self.path / name, (json.dumps(value, indent=1) + "\n").encode())

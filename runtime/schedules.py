@@ -1,5 +1,6 @@
 """Learning-rate schedules, stepped once per epoch like PyTorch's lr_scheduler: the train loop
-reads `lr` before an epoch and reports the validation loss after it. State round-trips through
+reads `lr` before an epoch and reports the validation loss after it (warmup_cosine, and constant
+when training by steps, are read per step instead: runtime/steps.py). State round-trips through
 JSON so a resumed run continues the schedule exactly."""
 from __future__ import annotations
 
@@ -93,8 +94,23 @@ class Plateau(Schedule):
         self.bad_epochs = int(state.get("bad_epochs", 0))
 
 
+class WarmupCosine(Schedule):
+    """Per training step (training by steps reads `at(step)` before each one): nanoGPT's
+    schedule, lr * (step + 1) / (warmup + 1) for the first `warmup` steps, then a cosine from lr
+    down to `min_lr` at step `steps`, and `min_lr` after."""
+
+    def at(self, step: int) -> float:
+        warmup, steps, floor = self.options["warmup"], self.options["steps"], self.options["min_lr"]
+        if step < warmup:
+            return self.base_lr * (step + 1) / (warmup + 1)
+        if step > steps:
+            return floor
+        ratio = (step - warmup) / max(steps - warmup, 1)
+        return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.base_lr - floor)
+
+
 SCHEDULES = {"constant": Constant, "step": Step, "exponential": Exponential, "cosine": Cosine,
-             "plateau": Plateau}
+             "plateau": Plateau, "warmup_cosine": WarmupCosine}
 
 
 def make_schedule(spec: tuple[str, dict] | list, base_lr: float) -> Schedule:

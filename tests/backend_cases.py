@@ -194,6 +194,22 @@ OP_CASES = [
            ("window(x, kernel=[2, 3], stride=[2, 1], dilation=[1, 2]) * 2.0",
             "window_add(g, size=[5, 7], kernel=[2, 3], stride=[2, 2], dilation=[1, 1])",
             "pad(x, low=[0, 1, 2, 0], high=[0, 0, 1, 3], value=-1.5)")),
+    # batched products over four axes (attention's heads), with broadcast batches and transposed
+    # operands, large enough for the BLAS path
+    OpCase("batched_matmul", "a: T[N, 2, 40, 48]; b: T[N, 2, 48, 36]; W: T[48, 40]; c: T[2, 40, 48]; "
+                             "s: T[N, 40, 48]",
+           ("a @ b", "a @ W", "c @ b", "a @ transpose(a, [0, 1, 3, 2])",
+            "transpose(a, [0, 1, 3, 2]) @ a", "s @ W", "transpose(a, [0, 2, 1, 3]) @ W",
+            "transpose(b, [0, 1, 3, 2]) @ transpose(a, [0, 1, 3, 2])")),
+    # sequence models: causal masks, attention over [N, H, T, D], losses over [N, T, V]
+    OpCase("causal_mask", "s: T[N, 2, 5, 5]; r: T[N, 7, 7]",
+           ("causal_mask(s)", "softmax(causal_mask(s))", "causal_mask(r, value=0.0)",
+            "causal_mask(r * 2, value=-1e4) + 1")),
+    OpCase("attention", "q: T[N, 2, 5, 4]; k: T[N, 2, 5, 4]; v: T[N, 2, 5, 3]; w: T[N, 6, 4]",
+           ("attention(q, k, v)", "attention(q, k, v, causal=false)", "attention(w, w, w)",
+            "attention(q, k, v, dropout=0.2)")),
+    OpCase("sequence_loss", "z: T[N, 6, 9]; y: i64[N, 6] labels9",
+           ("cross_entropy(z, y)", "nll(log_softmax(z), y)", "cross_entropy(z * 20, y)")),
     OpCase("mse", "a: T[N, 13]; b: T[N, 13]; f: T[N]; t: T[N]", ("mse(a, b)", "mse(f, t)")),
     OpCase("nll", "z: T[N, 10]; y: i64[N] labels10",
            ("nll(log_softmax(z, axis=1), y)", "nll(z, y)")),

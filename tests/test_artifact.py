@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import LARGE_MODELS
 
 import graphc
 from graphc import cli
@@ -19,7 +20,7 @@ from graphc.errors import GraphcError
 from graphc.runtime import load_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = sorted((ROOT / "models").glob("*.nn"))
+MODELS = [m for m in sorted((ROOT / "models").glob("*.nn")) if m.stem not in LARGE_MODELS]  # (conftest)
 MLP = ROOT / "models" / "mnist_mlp.nn"
 
 

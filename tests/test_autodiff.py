@@ -109,6 +109,15 @@ CASES = [
     ("batch_norm", [randn(4, 2, 3, 2) * 2 + 1, randn(2), randn(2), randn(2), pos(2)], {"train": True}),
     ("running_stat", [randn(4, 2, 3, 2), randn(2)], {"stat": "var"}),
     ("all_reduce", [randn(2, 3)], {"op": "sum"}),       # one process (several: test_mpi.py)
+    # sequence models: attention over [N, H, T, D] (causal, with dropout on its weights), masks,
+    # a loss over every position
+    ("causal_mask", [randn(2, 4, 4)], {"value": -3.0}),
+    ("attention", [randn(2, 2, 4, 3), randn(2, 2, 4, 3), randn(2, 2, 4, 2)], {}),
+    ("attention", [randn(2, 4, 3), randn(2, 5, 3), randn(2, 5, 2)], {"causal": False}),
+    ("attention", [randn(2, 2, 4, 3), randn(2, 2, 4, 3), randn(2, 2, 4, 2)],
+     {"dropout": 0.3, "train": True, "stream": 1}),
+    ("cross_entropy", [randn(2, 3, 5), np.array([[2, 0, 4], [1, 1, 3]])], {}),
+    ("matmul", [randn(2, 2, 3, 4), randn(2, 2, 4, 5)], {}), ("matmul", [randn(2, 2, 3, 4), randn(4, 5)], {}),
 ]
 
 

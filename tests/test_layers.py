@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "runtime": ("graphc.runtime",),
     "compiler": ("graphc.frontend", "graphc.grammar", "graphc.passes", "graphc.autodiff",
                  "graphc.optim", "graphc.compiler", "graphc.lints"),
-    "cli": ("graphc.cli", "graphc.cli_common", "graphc.cli_types", "graphc.train_cli",
+    "cli": ("graphc.cli", "graphc.cli_common", "graphc.cli_types", "graphc.train_cli", "graphc.steps_cli",
             "graphc.search", "graphc.search_cli", "graphc.search_results", "graphc.report",
             "graphc.report_cli", "graphc.draw", "graphc.gradcheck", "graphc.build_cache",
             "graphc.__main__", "graphc.api", "graphc.onnx", "graphc"),

@@ -80,6 +80,9 @@ COMPOSITE_CASES = [
     ("l2", [randn(3, 4), randn(5)], {}),
     ("l1", [randn(3, 4)], {}),
     ("dropout", [randn(4, 6)], {"p": 0.4}),       # evaluation: the identity
+    ("attention", [randn(2, 3, 5, 4), randn(2, 3, 5, 4), randn(2, 3, 5, 2)], {}),
+    ("attention", [randn(2, 5, 4), randn(2, 6, 4), randn(2, 6, 3)], {"causal": False}),
+    ("cross_entropy", [randn(2, 5, 10), LABELS[None].repeat(2, 0)], {}),     # a sequence's logits
 ]
 
 
@@ -173,6 +176,7 @@ PRIMITIVE_CASES = [
     ("size", [randn(3, 5, 2)], {"axis": (0, 2), "dtype": "f64"}, lambda x: np.float64(6)),
     # one process: nothing to reduce across (several: tests/test_mpi.py)
     ("all_reduce", [randn(2, 3)], {"op": "mean"}, lambda x: x),
+    ("causal_mask", [randn(2, 4, 4)], {}, lambda x: np.where(np.tril(np.ones((4, 4), bool)), x, -np.inf)),
 ]
 
 

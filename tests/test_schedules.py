@@ -24,7 +24,7 @@ def lrs(schedule, epochs: int, losses=None) -> list[float]:
 # --- closed forms ------------------------------------------------------------------------------
 
 def test_the_table_holds_every_schedule():
-    assert set(SCHEDULES) == {"constant", "step", "exponential", "cosine", "plateau"}
+    assert set(SCHEDULES) == {"constant", "step", "exponential", "cosine", "plateau", "warmup_cosine"}
 
 
 def test_constant():

@@ -79,6 +79,9 @@ class JaxRunner(Runner):
 
 
 def build(w: Workload, params, x, y, options) -> JaxRunner:
+    if w.key == "f":        # the GPT (bench/peers/gpt_peers.py)
+        from bench.peers.gpt_peers import build_jax
+        return build_jax(w, params, x, y, options)
     if w.convs:
         from bench.peers.cnn_peers import build_jax
         return build_jax(w, params, x, y)

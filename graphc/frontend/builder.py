@@ -541,6 +541,8 @@ class ModelBuilder:
                 return self.dropout(expr, args, kwargs)
             if fn in LAYERS and _is_layer_form(fn, args):
                 return LAYERS[fn].build(self, expr, args, kwargs)
+            if fn == "attention":
+                return self.attention(expr, args, kwargs)
             if fn in CALLABLE_OPS:
                 return self.call_op(expr, args, kwargs)
         except ArgError as err:
@@ -589,6 +591,23 @@ class ModelBuilder:
         self.random_streams += 1
         return self.make("dropout", [(x.node, x.label)], {"p": p, "stream": self.random_streams - 1},
                          expr)
+
+    def attention(self, expr: ast.Call, args: list, kwargs: dict):
+        """The attention op; with dropout, its weights draw their own stream, as a dropout site."""
+        for hidden in ("stream", "train"):
+            if hidden in kwargs:
+                raise ArgError(f"attention has no option '{hidden}'", expr.kwarg_loc(hidden),
+                               "attention takes causal and dropout")
+        if len(args) > 3:
+            raise ArgError(f"attention takes q, k and v (then causal=, dropout=), got {len(args)} "
+                           f"arguments", expr.loc)
+        out = self.call_op(expr, args, kwargs)
+        if out.node.attr["dropout"] == 0.0:
+            return out
+        self.random_streams += 1
+        node = op_table.apply("attention", out.node.inputs,
+                              {**out.node.attr, "stream": self.random_streams - 1}, loc=expr.loc)
+        return Tensor(node, out.label)
 
     def call_def(self, expr: ast.Call, args: list, kwargs: dict):
         d = self.defs[expr.func]

@@ -142,15 +142,21 @@ def _linear_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> 
     n = convert_attr("linear", "n", Attr("int"), args[1], call.args[1].loc)
     if n < 1:
         raise ArgError(f"linear: the number of outputs must be at least 1, got {n}", call.args[1].loc)
-    unknown = set(kwargs) - {"bias"}
+    unknown = set(kwargs) - {"bias", "std"}
     if unknown:
         name = sorted(unknown)[0]
         raise ArgError(f"linear has no option '{name}'", call.kwarg_loc(name),
-                       did_you_mean(name, ["bias"]) or "linear takes n and bias")
+                       did_you_mean(name, ["bias", "std"]) or "linear takes n, bias and std")
     bias = True
     if "bias" in kwargs:
         bias = convert_attr("linear", "bias", Attr("bool"), kwargs["bias"],
                             call.kwarg_loc("bias", value=True))
+    init = ("kaiming", (("fan_in", None),))
+    if "std" in kwargs:     # N(0, std) instead of Kaiming's (GPT-2 draws its layers with std 0.02)
+        std = convert_attr("linear", "std", Attr("float"), kwargs["std"], call.kwarg_loc("std", value=True))
+        if not std > 0:
+            raise ArgError(f"linear: std must be positive, got {std}", call.kwarg_loc("std", value=True))
+        init = ("normal", (("mean", 0.0), ("std", float(std))))
     if not x.node.type.dtype.is_float or not x.node.type.shape:
         raise ArgError(f"linear: needs floating-point features: {x.label} is {x.node.type}", call.loc)
     fan_in = x.node.type.shape[-1]
@@ -159,8 +165,7 @@ def _linear_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> 
                        f"its size must be known", call.loc)
     dtype = x.node.type.dtype
     prefix = b.layer_prefix("linear")
-    w = b.new_param(f"{prefix}.W", TensorType(dtype, (fan_in, n)), ("kaiming", (("fan_in", None),)),
-                    "weight", call.loc)
+    w = b.new_param(f"{prefix}.W", TensorType(dtype, (fan_in, n)), init, "weight", call.loc)
     operands = [x, w]
     if bias:
         operands.append(b.new_param(f"{prefix}.b", TensorType(dtype, (n,)), ("zeros", ()), "bias",
@@ -306,13 +311,92 @@ def _pool_layer(op: str):
     return build
 
 
+# --- sequence models ----------------------------------------------------------------------------
+# GPT-2's initialization for the tables and projections: N(0, 0.02), biases zero.
+_GPT_INIT = ("normal", (("mean", 0.0), ("std", 0.02)))
+
+
+def _size_arg(fn: str, what: str, value, expr: ast.Expr) -> int:
+    n = convert_attr(fn, what, Attr("int"), value, expr.loc)
+    if n < 1:
+        raise ArgError(f"{fn}: {what} must be at least 1, got {n}", expr.loc)
+    return n
+
+
+def _positional_embedding_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    """A learned table P: [T, dim] (N(0, 0.02), role weight), added to token embeddings [N, T, dim]
+    by broadcasting: `h = x -> embedding(V, d) + positional_embedding(T, d)`."""
+    if len(args) != 2 or kwargs:
+        raise ArgError("positional_embedding takes the context length and the dimension: "
+                       "positional_embedding(T, dim)", call.loc)
+    t = _size_arg("positional_embedding", "T", args[0], call.args[0])
+    dim = _size_arg("positional_embedding", "dim", args[1], call.args[1])
+    prefix = b.layer_prefix("positional_embedding")
+    return b.new_param(f"{prefix}.P", TensorType(DType.f32, (t, dim)), _GPT_INIT, "weight", call.loc)
+
+
+def _multihead_attention_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
+    """Multi-head self-attention over x: [..., T, C]: projections Wq, Wk, Wv: [C, d_model] and
+    Wo: [d_model, d_model] (N(0, 0.02)) with biases, heads split by reshape and transpose, the
+    `attention` op per head, heads merged back and projected."""
+    if len(args) != 3:
+        raise ArgError("multihead_attention takes the input, the model width and the number of "
+                       "heads: x -> multihead_attention(d_model, heads)", call.loc)
+    fn = "multihead_attention"
+    x = b.tensor_arg(fn, args[0], call.args[0])
+    d_model = _size_arg(fn, "d_model", args[1], call.args[1])
+    heads = _size_arg(fn, "heads", args[2], call.args[2])
+    options = _options(fn, call, kwargs, {"causal": Attr("bool"), "bias": Attr("bool"),
+                                          "dropout": Attr("float"), "out_std": Attr("float")})
+    if d_model % heads:
+        raise ArgError(f"{fn}: d_model {d_model} is not a multiple of heads {heads}", call.args[2].loc)
+    shape = x.node.type.shape
+    if x.node.type.ndim < 2 or isinstance(shape[-1], str) or not x.node.type.dtype.is_float:
+        raise ArgError(f"{fn}: needs floating-point sequences [..., T, C] with a known C: "
+                       f"{x.label} is {x.node.type}", call.loc)
+    p = options.get("dropout", 0.0)
+    if not 0.0 <= p < 1.0:
+        raise ArgError(f"{fn}: dropout must be in [0, 1), got {p}", call.kwarg_loc("dropout", value=True))
+    out_std = options.get("out_std", 0.02)
+    if not out_std > 0:
+        raise ArgError(f"{fn}: out_std must be positive, got {out_std}",
+                       call.kwarg_loc("out_std", value=True))
+    dtype, c = x.node.type.dtype, shape[-1]
+    prefix = b.layer_prefix(fn)
+    bias = options.get("bias", True)
+
+    def project(x: Tensor, name: str, n_in: int) -> Tensor:
+        init = _GPT_INIT if name != "o" else ("normal", (("mean", 0.0), ("std", float(out_std))))
+        w = b.new_param(f"{prefix}.W{name}", TensorType(dtype, (n_in, d_model)), init, "weight", call.loc)
+        out = b.apply_op("matmul", [x, w], {}, call)
+        if bias:
+            out = b.apply_op("add", [out, b.new_param(f"{prefix}.b{name}", TensorType(dtype, (d_model,)),
+                                                      ("zeros", ()), "bias", call.loc)], {}, call)
+        return out
+
+    lead, t, width = shape[:-2], shape[-2], d_model // heads
+    split = lead + (t, heads, width)
+    order = tuple(range(len(lead))) + tuple(len(lead) + a for a in (1, 0, 2))   # [.., H, T, D]
+    qkv = [b.apply_op("transpose", [b.apply_op("reshape", [project(x, n, c)], {"shape": split}, call)],
+                      {"axes": order}, call) for n in "qkv"]
+    stream = 0
+    if p > 0:
+        b.random_streams += 1
+        stream = b.random_streams - 1
+    y = b.apply_op("attention", qkv, {"causal": options.get("causal", True), "dropout": p,
+                                      "stream": stream}, call)
+    merged = b.apply_op("reshape", [b.apply_op("transpose", [y], {"axes": order}, call)],
+                        {"shape": lead + (t, d_model)}, call)
+    return project(merged, "o", d_model)
+
+
 def _option_locs(call: ast.Call, positional: dict[str, int]) -> dict:
     """Where each option of a layer is written, so an op's complaint about one points at it."""
     locs = {name: call.args[i].loc for name, i in positional.items() if i < len(call.args)}
     return locs | {k.name: k.value.loc for k in call.kwargs}
 
 
-LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)"),
+LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true, std=kaiming)"),
           "embedding": Layer("embedding", _embedding_layer, "embedding(x, vocab, dim)"),
           "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5)"),
           "batchnorm": Layer("batchnorm", _batchnorm_layer, "batchnorm(x, eps=1e-5, momentum=0.1)"),
@@ -321,7 +405,12 @@ LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true)"),
           "max_pool": Layer("max_pool", _pool_layer("max_pool2d"),
                             "max_pool(x, kernel, stride=kernel, padding=0)"),
           "avg_pool": Layer("avg_pool", _pool_layer("avg_pool2d"),
-                            "avg_pool(x, kernel, stride=kernel, padding=0)")}
+                            "avg_pool(x, kernel, stride=kernel, padding=0)"),
+          "multihead_attention": Layer("multihead_attention", _multihead_attention_layer,
+                                       "multihead_attention(x, d_model, heads, causal=true, bias=true, "
+                                       "dropout=0.0, out_std=0.02)"),
+          "positional_embedding": Layer("positional_embedding", _positional_embedding_layer,
+                                        "positional_embedding(T, dim)")}
 
 
 def is_layer_call(call: ast.Call, is_tensor: Callable[[str], bool]) -> bool:

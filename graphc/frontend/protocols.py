@@ -15,6 +15,7 @@ class LayerBuilder(Protocol):
     """The builder as a layer (linear, conv, batchnorm, ...) sees it: it reads its tensor
     arguments, names and creates its parameters, and applies ops."""
     stats: dict[str, Node]
+    random_streams: int         # dropout sites numbered so far (each draws its own stream)
 
     def tensor_arg(self, fn: str, value, expr: ast.Expr) -> Tensor: ...
 

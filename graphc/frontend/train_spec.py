@@ -34,10 +34,17 @@ SCHEDULES = {
     "plateau": {"patience": Opt("int", 10, low=0), "factor": _frac(0.1),
                 "min_lr": Opt("float", 0.0, low=0)},
     "cosine": {"epochs": Opt("int", required=True, low=1)},
+    # Per step (training by steps): nanoGPT's linear warmup, then cosine decay to min_lr by
+    # `steps` (default: the train block's steps), min_lr after.
+    "warmup_cosine": {"warmup": Opt("int", 0, low=0), "steps": Opt("int", None, low=1),
+                      "min_lr": Opt("float", 0.0, low=0)},
 }
+STEP_SCHEDULES = ("constant", "warmup_cosine")
 DATASETS = {"digits": {}, "mnist": {}, "fashion_mnist": {},
             "npz": {"path": Opt("str", required=True)},
-            "csv": {"path": Opt("str", required=True), "label": Opt("str", required=True)}}
+            "csv": {"path": Opt("str", required=True), "label": Opt("str", required=True)},
+            # characters of a text file, random windows of `context` (runtime/text_data.py)
+            "text": {"path": Opt("str", required=True), "context": Opt("int", required=True, low=1)}}
 EARLY_STOP = {"early_stop": {"patience": Opt("int", required=True, low=1),
                              "on": Opt("choice", "val_loss", choices=("val_loss", "val_accuracy"))}}
 # Augmentations of training images (runtime/augment.py implements them, in the same order).
@@ -72,6 +79,10 @@ SETTINGS = {
     "clip_grad_norm": ("the gradients' largest global norm", Opt("float", None, low=0, low_open=True)),
     # Random changes to each training batch's images; a list of calls, applied in order.
     "augment": ("augmentation", AUGMENTATIONS),
+    # Training by steps (text data): optimizer steps, and the evaluations along the way.
+    "steps": ("the number of training steps", Opt("int", None, low=1)),
+    "eval_every": ("steps between evaluations", Opt("int", None, low=1)),
+    "eval_batches": ("batches per evaluation", Opt("int", 20, low=1)),
 }
 
 
@@ -144,6 +155,35 @@ def _option_loc(call: ast.Expr, position: int, name: str):
     return call.loc
 
 
+def _check_steps(checker: SettingsChecker, train: ast.Train, settings: dict, src: SourceText) -> None:
+    """Training by steps goes with text data (random windows have no epochs), per-step schedules
+    with training by steps."""
+    def at(name: str):
+        return next((s.loc for s in train.settings if s.name == name), train.name_loc)
+    data = settings.get("data", ("digits", {}))[0]
+    steps = settings.get("steps")
+    schedule = settings.get("schedule", ("constant", {}))
+    if data == "text" and steps is None:
+        checker.errors.append(src.diagnostic(
+            "text data is trained by steps: random windows of the text have no epochs",
+            at("data"), "add, for example, steps = 2000"))
+    if steps is not None and data != "text":
+        checker.errors.append(src.diagnostic(
+            f"steps trains on random windows of text data; {data} is trained by epochs",
+            at("steps"), "use epochs = N, or data = text(\"FILE\", context=T)"))
+    for name in ("eval_every", "eval_batches"):
+        if name in settings and name in {s.name for s in train.settings} and steps is None:
+            checker.errors.append(src.diagnostic(f"{name} goes with steps", at(name),
+                                                 "add steps = N"))
+    if steps is not None and schedule[0] not in STEP_SCHEDULES:
+        checker.errors.append(src.diagnostic(
+            f"schedule {schedule[0]} is stepped per epoch; training by steps takes "
+            f"{' or '.join(STEP_SCHEDULES)}", at("schedule")))
+    if steps is None and schedule[0] == "warmup_cosine":
+        checker.errors.append(src.diagnostic("warmup_cosine is stepped per training step: it needs "
+                                             "steps = N", at("schedule")))
+
+
 def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
     """The train block checked and resolved. With `model` (its checked ModelIR), settings that
     depend on the model (augment's image sizes) are checked against it too."""
@@ -178,6 +218,7 @@ def check_train(train: ast.Train, src: SourceText, model=None) -> TrainConfig:
         checker.errors.append(src.diagnostic(
             f"train {train.model}: device = cuda, but backend = {settings['backend']} runs on the "
             f"CPU", where.loc, "leave the backend out (or say backend = cuda) to run on the GPU"))
+    _check_steps(checker, train, settings, src)
     if "optimizer" not in settings and "optimizer" not in seen:
         checker.errors.append(src.diagnostic(
             f"train {train.model}: no optimizer", train.name_loc,

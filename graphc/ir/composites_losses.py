@@ -63,35 +63,41 @@ def _class_loss_rule(name, what):
         return scores.type.dtype
 
     def shape_rule(ops, attrs):
+        # [batch, classes] against [batch], or a sequence's [batch, T, classes] against [batch, T]
+        # (a language model: the mean runs over every position).
         scores, labels = ops
-        if scores.type.ndim != 2:
-            raise TypeError_(f"{name}: {what} must be [batch, classes]: {scores}")
-        if labels.type.ndim != 1:
-            raise TypeError_(f"{name}: labels must be [batch]: {labels}")
-        if scores.type.shape[0] != labels.type.shape[0]:
-            raise TypeError_(f"{name}: batch sizes differ: {scores}, {labels} "
-                             f"({scores.type.shape[0]} != {labels.type.shape[0]})")
+        if scores.type.ndim not in (2, 3):
+            raise TypeError_(f"{name}: {what} must be [batch, classes] or [batch, T, classes]: "
+                             f"{scores}")
+        if labels.type.ndim != scores.type.ndim - 1:
+            want = "[batch]" if scores.type.ndim == 2 else "[batch, T]"
+            raise TypeError_(f"{name}: labels must be {want} beside {scores}: {labels}")
+        for axis, what_axis in enumerate(("batch sizes", "sequence lengths")[:labels.type.ndim]):
+            if scores.type.shape[axis] != labels.type.shape[axis]:
+                raise TypeError_(f"{name}: {what_axis} differ: {scores}, {labels} "
+                                 f"({scores.type.shape[axis]} != {labels.type.shape[axis]})")
         return ()
     return dtype_rule, shape_rule
 
 
 def _nll_np(logp, y):
-    return -np.mean(logp[np.arange(len(y)), y])
+    return -np.mean(np.take_along_axis(logp, y[..., None], axis=-1))
 
 
 def _nll_decompose(emit, inputs, attrs):
     logp, y = inputs
-    picked = emit("sum", emit("mul", logp, emit("one_hot", y, depth=logp.shape[1],
-                                                dtype=logp.dtype.value)), axis=1)
+    picked = emit("sum", emit("mul", logp, emit("one_hot", y, depth=logp.shape[-1],
+                                                dtype=logp.dtype.value)), axis=logp.type.ndim - 1)
     return emit("neg", emit("mean", picked))
 
 
 composite("nll", 2, *_class_loss_rule("nll", "log-probabilities"), _nll_np, _nll_decompose,
           doc="negative log-likelihood of integer labels under log-probabilities")
 composite("cross_entropy", 2, *_class_loss_rule("cross_entropy", "logits"),
-          lambda z, y: _nll_np(np_log_softmax(z, 1), y),
+          lambda z, y: _nll_np(np_log_softmax(z, -1), y),
           lambda emit, inputs, attrs: _nll_decompose(
-              emit, [log_softmax_decompose(emit, inputs[:1], {"axis": 1}), inputs[1]], {}),
+              emit, [log_softmax_decompose(emit, inputs[:1], {"axis": inputs[0].type.ndim - 1}),
+                     inputs[1]], {}),
           doc="cross-entropy of integer labels under logits (log_softmax + nll)")
 
 

@@ -15,6 +15,7 @@ from graphc.ir.emit import Emit
 from graphc.ir.node import Node
 from graphc.ir.ops import OPS, apply
 from graphc.ir.shapes import reduced_shape
+from graphc.ir.types import dim_factors, product_dim
 
 
 def _zero(e: Emit, like: Node) -> Node:
@@ -47,8 +48,24 @@ def _matmul(e, node, g, wants):
         t = e("matmul", _swap_last(e, a), g2)
         db = e("reshape", t, shape=t.shape[:-1])
         return [e("matmul", g2, b2) if wants[0] else None, db if wants[1] else None]
+    if b.type.ndim == 2 and a.type.ndim > 2 and wants[1]:
+        # [..., m, k] @ [k, n] (a layer over a sequence): the weight's gradient is one product over
+        # every row, not one per batch element summed afterwards.
+        rows = product_dim(*_times(a.shape[:-1]))
+        a2 = e("reshape", a, shape=(rows, a.shape[-1]))
+        g2 = e("reshape", g, shape=(rows, g.shape[-1]))
+        return [e("matmul", g, _swap_last(e, b)) if wants[0] else None,
+                e("matmul", _swap_last(e, a2), g2)]
     return [e("matmul", g, _swap_last(e, b)) if wants[0] else None,
             e("matmul", _swap_last(e, a), g) if wants[1] else None]
+
+
+def _times(dims) -> tuple[int, list[str]]:
+    coef, syms = 1, []
+    for d in dims:
+        c, s = dim_factors(d)
+        coef, syms = coef * c, syms + list(s)
+    return coef, syms
 
 
 def _keepdims_grad(e: Emit, node: Node, g: Node) -> Node:
@@ -187,6 +204,7 @@ RULES = {
     # reaches a rank's copy of x is every rank's g, reduced the same way.
     "all_reduce": lambda e, n, g, w: [apply("all_reduce", [g], {"op": n.attr["op"]}, loc=e.loc,
                                             tags=e.tags)],
+    "causal_mask": lambda e, n, g, w: [e("causal_mask", g, value=0.0)],
 }
 
 

@@ -163,6 +163,33 @@ register(OpDef("one_hot", 1, _one_hot_dtype, lambda ops, attrs: ops[0].type.shap
                numpy_out=True, doc="one-hot rows of integer labels"))
 
 
+# --- causal masking (attention) -------------------------------------------------------------------
+
+def _causal_mask_shape(ops, attrs):
+    x = ops[0]
+    if x.type.ndim < 2:
+        raise TypeError_(f"causal_mask: needs scores [..., T, S] with at least two axes: {x}")
+    return x.type.shape
+
+
+def _causal_mask(x, value=float("-inf"), out=None):
+    t, s = x.shape[-2:]
+    keep = np.arange(s)[None, :] <= np.arange(t)[:, None]      # column <= row: the past and now
+    fill = np.asarray(value, dtype=x.dtype)
+    if out is None:
+        return np.where(keep, x, fill)
+    np.copyto(out, np.where(keep, x, fill))
+    return out
+
+
+# Position j of row i is kept when j <= i, else set to `value` (-inf: softmax gives it weight 0).
+# An op, not a folded [T, T] constant: backends compare the two loop indices inside the fused
+# kernel, so no mask is stored or read.
+register(OpDef("causal_mask", 1, lambda ops, attrs: ops[0].type.dtype, _causal_mask_shape, _causal_mask,
+               attrs={"value": Attr("float", float("-inf"))}, numpy_out=True,
+               doc="x[..., i, j] where j <= i, else value (a causal attention mask)"))
+
+
 # --- reductions ------------------------------------------------------------------------------------
 
 def _reduction(name, fn, doc):

@@ -557,6 +557,11 @@ def _one_hot(values, args, dts, attrs, out):
     return f"(({label}) == {cls} ? {literal(1, out)} : {literal(0, out)})"
 
 
+def _causal_mask(values, args, dts, attrs, out):
+    x, row, col = args
+    return f"(({col}) <= ({row}) ? {x} : {literal(attrs['value'], out)})"
+
+
 def _sigmoid(values, args, dts, attrs, out):
     one = literal(1, out)
     return f"{one} / ({one} + {'exp' if out is DType.f64 else 'expf'}(-{args[0]}))"
@@ -577,7 +582,7 @@ LOWER = {
     "greater": _binary(">"), "greater_equal": _binary(">="), "less": _binary("<"),
     "less_equal": _binary("<="), "equal": _binary("=="), "not_equal": _binary("!="),
     "where": lambda v, a, d, at, o: f"({a[0]} ? {a[1]} : {a[2]})",
-    "cast": _cast, "uniform": _uniform, "one_hot": _one_hot,
+    "cast": _cast, "uniform": _uniform, "one_hot": _one_hot, "causal_mask": _causal_mask,
 }
 # Primitives this backend declines (none): with LOWER and the planner's ops
 # (kernels/tables.PLANNED) they cover the op table (tests/test_lowering_tables.py).

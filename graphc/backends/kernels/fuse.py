@@ -238,6 +238,8 @@ class _Planner:
                             else lay, Index(len(space) - 1))
                 elif node.op == "uniform":
                     args = (expr(node.inputs[0]), FlatIndex())
+                elif node.op == "causal_mask":     # compares the row and column indices
+                    args = (expr(node.inputs[0]), Index(len(space) - 2), Index(len(space) - 1))
                 else:
                     args = tuple(expr(i) for i in node.inputs)
                 e = Op(node.op, args, node.attrs, node.dtype)
@@ -334,7 +336,7 @@ class _Planner:
         cmap = list(range(nb)) + ([nb] if a2 else []) + ([kaxis + 1] if b2 else [])
         store_acc = strides_for(lc, node.shape, cmap)
         expr = Op("mul", (Load(0, a.dtype), Load(1, b.dtype)), (), node.dtype)
-        blas = (0, 1) if (a2 and b2 and nb == 0) else None
+        blas = (0, 1) if (a2 and b2) else None     # batched too: the llvm backend loops GEMMs
         self._emit("matmul", space, (kaxis,), loads, [Store(store_acc, expr, "sum", node)], [node], blas)
         self.values[id(node)] = lc
 

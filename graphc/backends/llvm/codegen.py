@@ -1,7 +1,8 @@
 """Renders the kernel plans of a program's graphs as one LLVM module: a function per distinct
 kernel (graphs share many: `evaluate` repeats `forward`) and a `graph_main_KEY` per graph, which
 runs its kernels in order. The text is meant to be read (`graphc build --backend llvm
---emit-source DIR`).
+--emit-source DIR`). Over 500 lines on purpose: every kernel form (loop nests, reductions, the
+BLAS calls of plain and batched products) is rendered here, beside the Function it writes.
 
 graph_main_KEY(ptr bufs, ptr dims, ptr blas, ptr status) -> i32: `bufs` holds a pointer per buffer
 of the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the addresses of sgemm and
@@ -18,6 +19,8 @@ import re
 
 from graphc.backends.kernels.ir import (
     ONE,
+    ZERO,
+    Access,
     Const,
     FlatIndex,
     Index,
@@ -26,8 +29,10 @@ from graphc.backends.kernels.ir import (
     Load,
     Op,
     SizeOf,
+    Store,
     coalesce,
     memory_order,
+    smul,
     sprod,
     sstr,
     walk,
@@ -169,41 +174,48 @@ class Module:
 
     def _blas_call(self, f: Function, kernel: Kernel, space: list[str], sizes: dict) -> bool:
         """C = A @ B through the BLAS when both operands are plain or transposed matrices, with the
-        generated loop as the path for small products (the call costs more than the work there)."""
+        generated loop as the path for small products (the call costs more than the work there).
+        A batched product ([..., M, K] @ [..., K, N], attention's heads) first folds batch axes
+        along which B stays put into M (a layer over a sequence is one GEMM over all its rows),
+        then calls the GEMM once per remaining batch element."""
+        original, kernel = kernel, _rows_merged(kernel)
         a, b = kernel.loads
         out = kernel.stores[0].access
         dtype = kernel.stores[0].expr.dtype
-        if dtype not in (DType.f32, DType.f64) or out.strides[1][0] != 0:
+        nb = len(kernel.space) - 3
+        if dtype not in (DType.f32, DType.f64) or out.strides[nb + 1][0] != 0:
             return False
-        m, k, n = kernel.space
-        if a.strides[1] == ONE:
-            trans_a, lda = NO_TRANS, (a.strides[0], k)
-        elif a.strides[0] == ONE:
-            trans_a, lda = TRANS, (a.strides[1], m)
+        m, k, n = kernel.space[nb:]
+        sa, sb = a.strides[nb:], b.strides[nb:]
+        if sa[1] == ONE:
+            trans_a, lda = NO_TRANS, (sa[0], k)
+        elif sa[0] == ONE:
+            trans_a, lda = TRANS, (sa[1], m)
         else:
             return False
-        if b.strides[2] == ONE:
-            trans_b, ldb = NO_TRANS, (b.strides[1], n)
-        elif b.strides[1] == ONE:
-            trans_b, ldb = TRANS, (b.strides[2], k)
+        if sb[2] == ONE:
+            trans_b, ldb = NO_TRANS, (sb[1], n)
+        elif sb[1] == ONE:
+            trans_b, ldb = TRANS, (sb[2], k)
         else:
             return False
-        if out.strides[2] != ONE or out.offset:
+        if out.strides[nb + 2] != ONE or out.offset or out.strides[nb] != n:
             return False
         t = IR_TYPE[dtype]
-        mkn = f.emit(f"mul i64 {f.emit(f'mul i64 {space[0]}, {space[1]}')}, {space[2]}")
+        # Every size the calls need, here in the entry block, which dominates the loop below.
+        mkn_sizes = [self.size(f, x, sizes) for x in (m, k, n)]
+        batch = [self.size(f, x, sizes) for x in kernel.space[:nb]]
+        strides = [[self.size(f, acc.strides[i], sizes) for i in range(nb)] for acc in (a, b, out)]
+        mkn = f.emit(f"mul i64 {f.emit(f'mul i64 {mkn_sizes[0]}, {mkn_sizes[1]}')}, {mkn_sizes[2]}")
         # Few multiply-adds, or a product with a single row (a batch of one) or a tiny inner
         # dimension: the generated loop streams B once and beats the BLAS call.
         tiny = f.emit(f"icmp ule i64 {mkn}, {SMALL_GEMM}")
-        thin = f.emit(f"icmp ule i64 {f.emit(f'call i64 @llvm.umin.i64(i64 {space[0]}, i64 {space[1]})')}, "
-                      f"{THIN_GEMM}")
+        shortest = f.emit(f"call i64 @llvm.umin.i64(i64 {mkn_sizes[0]}, i64 {mkn_sizes[1]})")
+        thin = f.emit(f"icmp ule i64 {shortest}, {THIN_GEMM}")
         self.declare("llvm.umin.i64", "i64", ["i64", "i64"])
         slot = 0 if dtype is DType.f32 else 1
         fn = f.emit(f"load ptr, ptr {f.emit(f'getelementptr ptr, ptr %blas, i64 {slot}')}")
         no_blas = f.emit(f"icmp eq ptr {fn}, null")      # numpy links no CBLAS graphc could find
-        small = f.emit(f"or i1 {f.emit(f'or i1 {tiny}, {thin}')}, {no_blas}")
-        f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
-        f.label("call_blas")
         bi = self.blas_int
 
         def ld(pair):
@@ -216,20 +228,49 @@ class Module:
         def dim(v):
             return v if bi == "i64" else f.emit(f"trunc i64 {v} to {bi}")
 
-        def base(acc):
+        lds = (ld(lda), ld(ldb))
+        dims = [dim(v) for v in mkn_sizes]
+        bases = []
+        for acc in (a, b, out):
             ptr = self.ptr(acc.buffer)
-            if not acc.offset:
-                return ptr
-            off = self.offset(f, acc.offset, sizes)
-            return f.emit(f"getelementptr {t}, ptr {ptr}, i64 {off}")
-        args = [("i32", ROW_MAJOR), ("i32", trans_a), ("i32", trans_b), (bi, dim(space[0])),
-                (bi, dim(space[2])), (bi, dim(space[1])), (t, const(1, dtype)), ("ptr", base(a)),
-                (bi, ld(lda)), ("ptr", base(b)), (bi, ld(ldb)), (t, const(0, dtype)),
-                ("ptr", self.ptr(out.buffer)), (bi, dim(space[2]))]
+            bases.append(f.emit(f"getelementptr {t}, ptr {ptr}, i64 {self.offset(f, acc.offset, sizes)}")
+                         if acc.offset else ptr)
+        small = f.emit(f"or i1 {f.emit(f'or i1 {tiny}, {thin}')}, {no_blas}")
+        f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
+        f.label("call_blas")
+        ptrs = bases
+        if nb:
+            total = batch[0]
+            for v in batch[1:]:
+                total = f.emit(f"mul i64 {total}, {v}")
+            counter = f.emit("alloca i64")
+            f.do(f"store i64 0, ptr {counter}")
+            f.do("br label %batch_head")
+            f.label("batch_head")
+            i = f.emit(f"load i64, ptr {counter}")
+            f.do(f"br i1 {f.emit(f'icmp uge i64 {i}, {total}')}, label %batch_done, label %batch_body")
+            f.label("batch_body")
+            rest, offsets = i, ["0", "0", "0"]
+            for axis in reversed(range(nb)):
+                index = f.emit(f"urem i64 {rest}, {batch[axis]}") if axis else rest
+                if axis:
+                    rest = f.emit(f"udiv i64 {rest}, {batch[axis]}")
+                for j in range(3):
+                    step = f.emit(f"mul i64 {index}, {strides[j][axis]}")
+                    offsets[j] = f.emit(f"add i64 {offsets[j]}, {step}")
+            ptrs = [f.emit(f"getelementptr {t}, ptr {p}, i64 {o}") for p, o in zip(bases, offsets)]
+        args = [("i32", ROW_MAJOR), ("i32", trans_a), ("i32", trans_b), (bi, dims[0]),
+                (bi, dims[2]), (bi, dims[1]), (t, const(1, dtype)), ("ptr", ptrs[0]),
+                (bi, lds[0]), ("ptr", ptrs[1]), (bi, lds[1]), (t, const(0, dtype)),
+                ("ptr", ptrs[2]), (bi, dims[2])]
         f.do(f"call void {fn}({', '.join(f'{ty} {v}' for ty, v in args)})")
+        if nb:
+            f.do(f"store i64 {f.emit(f'add i64 {i}, 1')}, ptr {counter}")
+            f.do("br label %batch_head")
+            f.label("batch_done")
         f.do("ret void")
         f.label("small_gemm")
-        LoopNest(self, f, kernel, space, sizes).render()
+        LoopNest(self, f, original, space, sizes).render()
         return True
 
     def offset(self, f: Function, offset, sizes: dict) -> str:
@@ -521,6 +562,30 @@ class LoopNest:
         self._flat(store, body)
 
 
+def _rows_merged(kernel: Kernel) -> Kernel:
+    """A matrix-product kernel whose batch axes just before M, along which B does not move and A
+    (untransposed) and C run on row after row, folded into M: [N, T, K] @ [K, M] is one GEMM of
+    N*T rows."""
+    nb = len(kernel.space) - 3
+    a, b = kernel.loads
+    out = kernel.stores[0].access
+    space, sa, sb, so = list(kernel.space), list(a.strides), list(b.strides), list(out.strides)
+    while nb and sb[nb - 1] == ZERO and sa[nb + 1] == ONE \
+            and sa[nb - 1] == smul(sa[nb], space[nb]) and so[nb - 1] == smul(so[nb], space[nb]):
+        space[nb] = smul(space[nb - 1], space[nb])
+        for strides in (sa, sb, so):
+            del strides[nb - 1]
+        del space[nb - 1]
+        nb -= 1
+    if nb == len(kernel.space) - 3:
+        return kernel
+    store = kernel.stores[0]
+    return Kernel(kernel.name, tuple(space), (nb + 1,),
+                  [Access(a.buffer, tuple(sa), a.offset), Access(b.buffer, tuple(sb), b.offset)],
+                  [Store(Access(out.buffer, tuple(so), out.offset), store.expr, store.reduce, store.node)],
+                  kernel.nodes, kernel.matmul)
+
+
 def _sizes_used(plan: KernelPlan, kernel: Kernel) -> list:
     out = list(kernel.space)
     for a in list(kernel.loads) + [s.access for s in kernel.stores]:
@@ -529,9 +594,10 @@ def _sizes_used(plan: KernelPlan, kernel: Kernel) -> list:
     out.append(sprod(kernel.space[a] for a in kernel.reduce_axes))
     out.extend(plan.buffers[s.access.buffer].elements for s in kernel.stores if s.reduce)
     out.extend(e.size for e in walk(s.expr for s in kernel.stores) if isinstance(e, SizeOf))
-    if kernel.matmul is not None:
-        m, k, n = (kernel.space + (ONE, ONE, ONE))[:3]
-        out.extend([m, k, n])
+    if kernel.matmul is not None:       # the folded rows of a batched product (_rows_merged)
+        merged = _rows_merged(kernel)
+        out.extend(merged.space)
+        out.extend(x for acc in list(merged.loads) + [merged.stores[0].access] for x in acc.strides)
     return [s for s in out if s[1]]
 
 

@@ -234,6 +234,19 @@ def _log1p(lw, node, ins):
                    lw.out_name(node))
 
 
+@handler("causal_mask")
+def _causal_mask(lw, node, ins):
+    # Where(keep, x, value) with keep a [T, S] constant (j <= i): attention's T is a size the
+    # model fixes (its context), never the batch.
+    t, s = node.shape[-2:]
+    if not (isinstance(t, int) and isinstance(s, int)):
+        raise refuse(node, f"{node.label()}: a causal mask over symbolic sizes [{t}, {s}] is not "
+                           f"exported (ONNX needs its [T, S] keep-mask as a constant)")
+    keep = lw.const(np.arange(s)[None, :] <= np.arange(t)[:, None], np.dtype(bool))
+    fill = lw.const(node.attr["value"], node.dtype)
+    return lw.emit("Where", [keep, ins[0], fill], node, lw.out_name(node))
+
+
 @handler("not_equal")
 def _not_equal(lw, node, ins):
     return lw.emit("Not", [lw.emit("Equal", ins, node)], node, lw.out_name(node))

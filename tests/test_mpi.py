@@ -460,3 +460,17 @@ def test_graphc_train_refuses_a_sum_loss_on_ranks_once(tmp_path):
                              f"gradients; this loss is not a mean over the batch") == 1, proc.stderr
     assert "    loss = sum((p - y) * (p - y))" in proc.stderr and "Traceback" not in proc.stderr
     assert "MPI_Abort" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_training_by_steps_is_refused_for_ranks_once(tmp_path):
+    """A language model on text trains by steps in one process: --ranks says so once, cleanly,
+    before any run folder exists."""
+    from test_text_steps import MODEL, TEXT
+    (tmp_path / "tiny.txt").write_text(TEXT)
+    (tmp_path / "lm.nn").write_text(MODEL.replace("V, 16", f"{len(set(TEXT))}, 16"))
+    proc = graphc("train", tmp_path / "lm.nn", "--ranks", 2, "--out", tmp_path / "run")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("training by steps (text data) runs in one process") == 1, proc.stderr
+    assert "MPI_Abort" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -57,6 +57,8 @@ def cmd_eval(args) -> int:
     from graphc.runtime.train import TrainSettings, evaluate_arrays, prepare_data
     program, config = _open_target(args)
     settings = TrainSettings.of(program)
+    if settings.steps is not None:        # a language model trained by steps on text
+        return _eval_text(args, program, settings, config)
     # A run's program and a trained/ artifact hold their preprocessing: they take the raw split.
     if config is not None:
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
@@ -68,6 +70,23 @@ def cmd_eval(args) -> int:
     x, y = data.splits[args.split]
     scores = evaluate_arrays(program, x, y, data.features, data.labels, batch=args.batch)
     print(f"{args.split}: {_scores(scores)} ({len(y):,} samples)")
+    return 0
+
+
+def _eval_text(args, program, settings, config) -> int:
+    """The loss of a model trained by steps over a whole split of its text (consecutive
+    windows, as the run's last evaluation): train or val; text has no test split."""
+    from graphc.runtime.steps import StepTrainer
+    from graphc.steps_cli import load_text_data
+    if args.split == "test":
+        raise error("a model trained by steps on text has a train and a val split, no test split",
+                    hint="pass --split val")
+    base_dir = config["base_dir"] if config is not None else _source_dir(program)
+    vocab = (program.meta.get("text") or {}).get("vocab")
+    data = load_text_data(settings, base_dir, vocab=vocab)
+    loss = StepTrainer(program, settings, data).evaluate_split(args.split)
+    windows = len(data.windows(args.split)[0])
+    print(f"{args.split}: loss {loss:.4f} ({windows:,} windows of {data.context} characters)")
     return 0
 
 

@@ -4,6 +4,7 @@ line on a tiny text."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -140,6 +141,15 @@ def test_train_by_steps_then_sample(folder, monkeypatch, capsys):
     assert [int(r[0]) for r in rows] == [10, 20, 30]
     assert float(rows[-1][4]) < float(rows[0][4]) < math.log(len(set(TEXT)))   # val loss falls
     assert run.config()["data"]["text"]["vocab"] == "".join(sorted(set(TEXT)))
+
+    # graphc eval scores the run (and its trained/ artifact) over the whole split, as the run's
+    # last line did; text has no test split
+    final = re.search(r"val: loss (\d+\.\d+)", out).group(1)
+    for target in ("run", "run/trained"):
+        assert main(["eval", target, "--split", "val", "--backend", "numpy"]) == 0
+        assert capsys.readouterr().out.startswith(f"val: loss {final} (")
+    assert main(["eval", "run", "--backend", "numpy"]) == 1
+    assert "no test split" in capsys.readouterr().err
 
     assert main(["sample", "run", "--prompt", "ROMEO:", "--tokens", "40", "--seed", "3"]) == 0
     first = capsys.readouterr().out

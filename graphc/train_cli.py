@@ -208,13 +208,16 @@ def _resume(args, group=None):
         raise other_ranks(run.path, config.get("ranks", 1), ranks)
     program = run.load_program(args.backend)
     program.use_precision(args.precision)
+    if args.epochs is not None and config["settings"].get("steps") is not None:
+        raise error(f"{run.path} trains by steps ({config['settings']['steps']}); --epochs does "
+                    f"not apply to it", hint="leave out --epochs")
     if args.epochs is not None:    # recorded, so a later plain --resume trains as long
         config["settings"]["epochs"] = args.epochs
         if root:
             run.write_json("config.json", config)
     settings = TrainSettings.of(_with_settings(program, config["settings"]))
     if settings.steps is not None:      # text by steps: the step trainer reads its own data
-        _one_process_steps(ranks)
+        _one_process_steps(args, ranks)
         return run, config, program, settings, None
     data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                         config["base_dir"], scaler=config["data"]["scaler"])
@@ -232,7 +235,7 @@ def _prepare(args, group=None):
     settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                 seed=args.seed)
     if settings.steps is not None:      # text by steps: the step trainer reads its own data
-        _one_process_steps(ranks)
+        _one_process_steps(args, ranks)
         return program, base_dir, settings, None
     if group is not None:
         from graphc.runtime.distributed import check_ranks
@@ -240,10 +243,15 @@ def _prepare(args, group=None):
     return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
 
 
-def _one_process_steps(ranks: int) -> None:
+def _one_process_steps(args, ranks: int) -> None:
+    """What training by steps does not do, refused before anything is written."""
     if ranks > 1:
         raise error("training by steps (text data) runs in one process; --ranks and mpiexec "
                     "train by epochs", hint="leave out --ranks")
+    for flag in ("track_norms", "check_numerics"):
+        if getattr(args, flag):
+            raise error(f"--{flag.replace('_', '-')} watches training by epochs; a model trained "
+                        f"by steps on text does not record it", hint="leave it out")
 
 
 def _warn(message: str) -> None:

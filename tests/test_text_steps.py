@@ -180,6 +180,10 @@ def test_resume_is_bit_identical(folder, monkeypatch, capsys):
     assert main(["train", "lm.nn", "--out", "cut", "--quiet", "--backend", "numpy"]) == 130
     assert "holds 20 steps" in capsys.readouterr().err
     monkeypatch.setattr(StepTrainer, "end_interval", original)
+    config = (folder / "cut" / "config.json").read_text()
+    assert main(["train", "--resume", "cut", "--epochs", "3", "--backend", "numpy"]) == 1
+    assert "trains by steps (30); --epochs does not apply" in capsys.readouterr().err
+    assert (folder / "cut" / "config.json").read_text() == config       # nothing recorded
     assert main(["train", "--resume", "cut", "--quiet", "--backend", "numpy"]) == 0
     for name in ("metrics.csv", "scores.json"):
         whole = (folder / "whole" / name).read_text()
@@ -226,3 +230,14 @@ def test_the_bundled_gpt_trains_on_tiny_shakespeare():
     batch = trainer.batch(7)
     losses = [program.train_step(**batch) for _ in range(3)]
     assert losses[-1] < losses[0] < math.log(65) + 0.1, losses
+
+
+@pytest.mark.parametrize("flag", ["--track-norms", "--check-numerics"])
+def test_epoch_only_flags_are_refused_for_training_by_steps(folder, monkeypatch, capsys, flag):
+    monkeypatch.chdir(folder)
+    argv = ["train", "lm.nn", "--out", "run", "--backend", "numpy", flag]
+    if flag == "--track-norms":
+        argv.append("5")
+    assert main(argv) == 1
+    assert f"{flag} watches training by epochs" in capsys.readouterr().err
+    assert not (folder / "run").exists()

@@ -77,7 +77,7 @@ def _eval_text(args, program, settings, config) -> int:
     """The loss of a model trained by steps over a whole split of its text (consecutive
     windows, as the run's last evaluation): train or val; text has no test split."""
     from graphc.runtime.steps import StepTrainer
-    from graphc.steps_cli import load_text_data
+    from graphc.runtime.text_data import load_text_data
     if args.split == "test":
         raise error("a model trained by steps on text has a train and a val split, no test split",
                     hint="pass --split val")

@@ -11,6 +11,7 @@ import numpy as np
 import graphc
 from graphc.cli_types import natural, positive, positive_float
 from graphc.errors import error
+from graphc.eval_cli import _open_target
 
 
 def add_commands(sub) -> None:
@@ -35,19 +36,11 @@ def add_commands(sub) -> None:
 
 # --- train ------------------------------------------------------------------------------------------
 
-def load_text_data(settings, base_dir, vocab: str | None = None):
-    from graphc.runtime.text_data import load_text
-    options = settings.data.options
-    path = Path(options["path"])
-    return load_text(path if path.is_absolute() else Path(base_dir) / path, int(options["context"]),
-                     vocab=vocab)
-
-
 def train_steps(args, program, settings, base_dir, run_path: Path) -> int:
     """A new run of a model trained by steps."""
     from graphc.runtime.runs import RunFolder
     from graphc.runtime.steps import StepTrainer
-    from graphc.runtime.text_data import check_model
+    from graphc.runtime.text_data import check_model, load_text_data
     from graphc.runtime.train import feature_and_label
     data = load_text_data(settings, base_dir)
     check_model(program, data, *feature_and_label(program))
@@ -67,6 +60,7 @@ def train_steps(args, program, settings, base_dir, run_path: Path) -> int:
 
 def resume_steps(args, run, config: dict, program, settings) -> int:
     from graphc.runtime.steps import StepTrainer
+    from graphc.runtime.text_data import load_text_data
     vocab = (program.meta.get("text") or {}).get("vocab")
     data = load_text_data(settings, config["base_dir"], vocab=vocab)
     trainer = StepTrainer(program, settings, data, run, on_eval=_print_row(args))
@@ -112,22 +106,8 @@ def _print_row(args):
 
 # --- sample -----------------------------------------------------------------------------------------
 
-def _open_model(target: str, backend: str | None, precision):
-    """The trained program of a run folder, or an artifact folder's."""
-    from graphc.runtime import load_artifact
-    from graphc.runtime.runs import RunFolder
-    if RunFolder.is_run(target):
-        program, _ = RunFolder(target).load_trained(backend)
-    elif Path(target).is_dir():
-        program = load_artifact(target, backend=backend)
-    else:
-        raise error(f"{target}: no such run or artifact folder")
-    program.use_precision(precision)
-    return program
-
-
 def cmd_sample(args) -> int:
-    program = _open_model(args.target, args.backend, args.precision)
+    program, _ = _open_target(args)      # a run's trained program, or an artifact's
     text = program.meta.get("text")
     if not text:
         raise error(f"{args.target}: not a language model trained on text data (its artifact "

@@ -111,3 +111,12 @@ def check_model(program, data: TextData, features: str, labels: str) -> None:
                     f"but the output {program.outputs[0]} is {out}, scoring {classes} of them",
                     hint=f"make the last axis of {program.outputs[0]} (and the embedding's "
                          f"vocabulary) {data.vocab_size}")
+
+
+def load_text_data(settings, base_dir, vocab: str | None = None) -> TextData:
+    """The text a train block's `data = text(FILE, context=T)` names, FILE taken from `base_dir`
+    where relative (the .nn file's folder), with a trained model's `vocab` where given."""
+    options = settings.data.options
+    path = Path(options["path"])
+    return load_text(path if path.is_absolute() else Path(base_dir) / path, int(options["context"]),
+                     vocab=vocab)

@@ -136,20 +136,27 @@ def test_running_statistics_are_averaged_in_the_same_buffer():
         np.testing.assert_allclose(two.params[name], 2 * one.params[name], rtol=1e-6, err_msg=name)
 
 
+def device_for(backend: str):
+    """The context a backend's test runs in: the emulated device for cuda where pycuda finds no
+    GPU (skipped without g++), else nothing."""
+    if backend != "cuda":
+        return contextlib.nullcontext()
+    from cuda_emulator import CXX
+    from emulated_device import emulated_pycuda, gpu_problem
+    if gpu_problem() is None:
+        return contextlib.nullcontext()
+    if CXX is None:
+        pytest.skip("neither a GPU nor g++ for the emulated device")
+    return emulated_pycuda()
+
+
 @pytest.mark.parametrize("backend", ["numpy", "llvm", "cuda"])
 def test_the_reduction_sits_between_gradients_and_update(backend):
     """With a group whose all-reduce doubles, a step equals a one-process step on doubled
     gradients (plain SGD: the update is linear in them), and the loss is doubled: one call per
     step, on the numpy backend inside the graph, on llvm and cuda between their two native
     parts (cuda on the emulated device where pycuda finds no GPU)."""
-    device = contextlib.nullcontext()
-    if backend == "cuda":
-        from cuda_emulator import CXX
-        from emulated_device import emulated_pycuda, gpu_problem
-        if gpu_problem() is not None:
-            if CXX is None:
-                pytest.skip("neither a GPU nor g++ for the emulated device")
-            device = emulated_pycuda()
+    device = device_for(backend)
     with device:
         _reduction_between_gradients_and_update(backend)
 
@@ -225,14 +232,7 @@ def test_adam_steps_across_the_split_match_one_process(backend):
     the second. Over 3 Adam steps in a group of one (the all-reduce is the identity) the
     parameters and optimizer state equal one numpy process's (cuda on the emulated device where
     pycuda finds no GPU)."""
-    device = contextlib.nullcontext()
-    if backend == "cuda":
-        from cuda_emulator import CXX
-        from emulated_device import emulated_pycuda, gpu_problem
-        if gpu_problem() is not None:
-            if CXX is None:
-                pytest.skip("neither a GPU nor g++ for the emulated device")
-            device = emulated_pycuda()
+    device = device_for(backend)
     source = ("model m {\n    input x: f32[N, 3]\n    input y: i64[N]\n"
               "    output p = x -> linear(4) -> tanh -> linear(3)\n"
               "    loss = cross_entropy(p, y) + 1e-3 * l2(weights)\n}\n"

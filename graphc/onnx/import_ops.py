@@ -88,10 +88,7 @@ def _cast_like(imp, node, values):
         {np.dtype(v): k for k, v in NUMPY.items()}.get(np.asarray(target).dtype)
     if to is None:
         raise ImportError_(f"a cast to {np.asarray(target).dtype}, which graphc lacks")
-    if to == x.dtype:
-        imp.env[node.output[0]] = x
-    else:
-        imp.emit(node.output[0], f"cast({x.name}, {to})", to, x.shape)
+    _cast_to(imp, node, x, to)
 
 
 @handler("Size")
@@ -153,16 +150,21 @@ def _identity(imp, node, values):
     imp.env[node.output[0]] = imp.tensor(node.input[0])
 
 
+def _cast_to(imp, node, x, to) -> None:
+    """node's output: x as dtype `to` (x itself where it has that dtype already)."""
+    if to == x.dtype:
+        imp.env[node.output[0]] = x
+    else:
+        imp.emit(node.output[0], f"cast({x.name}, {to})", to, x.shape)
+
+
 @handler("Cast", attrs=("to", "saturate", "round_mode"))
 def _cast(imp, node, values):
     x = imp.tensor(node.input[0])
     to = DTYPES.get(attributes(node)["to"])
     if to is None:
         raise ImportError_(f"a cast to ONNX type {attributes(node)['to']}, which graphc lacks")
-    if to == x.dtype:
-        imp.env[node.output[0]] = x
-    else:
-        imp.emit(node.output[0], f"cast({x.name}, {to})", to, x.shape)
+    _cast_to(imp, node, x, to)
 
 
 # --- matrix products -------------------------------------------------------------------------------

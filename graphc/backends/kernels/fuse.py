@@ -424,15 +424,10 @@ class _Planner:
             out_outer = out_lead + out_offsets
             acc = Access(layout.buffer, self._zero_unit(space, tuple(out_outer[i] for i in outer)
                                                         + out_positions))
-            loads = [acc]
             if isinstance(value, Layout):
                 strides = tuple(g_outer[i] for i in outer) + value.strides[lead: lead + k]
-                loads.append(Access(value.buffer, self._zero_unit(space, strides), value.offset))
-                term = Load(1, g.dtype)
-            else:
-                term = value
-            total = Op("add", (Load(0, node.dtype), term), (), node.dtype)
-            self._emit("window_add", space, (), loads, [Store(acc, total, None, node)], [node])
+                value = Access(value.buffer, self._zero_unit(space, strides), value.offset)
+            self._add_into(space, acc, value, node)
             self.values[id(node)] = layout
             return
         space = g.shape[: g.type.ndim - k]
@@ -442,19 +437,25 @@ class _Planner:
             for o, d, st in zip(offsets, a["dilation"], layout.strides[lead:]):
                 target = offset_add(target, smul((o * d, ()), st))
             acc = self.access(Layout(layout.buffer, out_strides, target), space, space)
-            loads = [acc]
+            addend = value
             if isinstance(value, Layout):
                 here: Offset = value.offset
                 for o, st in zip(offsets, value.strides[g.type.ndim - k:]):
                     here = offset_add(here, smul((o, ()), st))
                 part = Layout(value.buffer, value.strides[: g.type.ndim - k], here)
-                loads.append(self.access(part, space, space))
-                term = Load(1, g.dtype)
-            else:
-                term = value
-            total = Op("add", (Load(0, node.dtype), term), (), node.dtype)
-            self._emit("window_add", space, (), loads, [Store(acc, total, None, node)], [node])
+                addend = self.access(part, space, space)
+            self._add_into(space, acc, addend, node)
         self.values[id(node)] = layout
+
+    def _add_into(self, space, acc: Access, addend, node: Node) -> None:
+        """One window_add kernel over `space`: acc += addend (an Access of the gradient read, or
+        an expression of it)."""
+        loads = [acc]
+        if isinstance(addend, Access):
+            loads.append(addend)
+            addend = Load(1, node.dtype)
+        total = Op("add", (Load(0, node.dtype), addend), (), node.dtype)
+        self._emit("window_add", space, (), loads, [Store(acc, total, None, node)], [node])
 
     @staticmethod
     def _zero_unit(space, strides) -> tuple:

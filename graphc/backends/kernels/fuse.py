@@ -219,9 +219,10 @@ class _Planner:
         count = sprod(size_of(x.shape[a]) for a in axes)
         return Const(count[0], node.dtype) if not count[1] else SizeOf(count, node.dtype)
 
-    def _emit(self, name_hint: str, space: tuple, reduce_axes, loads, stores, nodes, matmul=None):
+    def _emit(self, name_hint: str, space: tuple, reduce_axes, loads, stores, nodes, matmul=None,
+              window_axes: int = 0):
         kernel = Kernel(f"k{len(self.kernels)}_{name_hint}", dims_of(space), tuple(reduce_axes),
-                        loads, stores, nodes, matmul)
+                        loads, stores, nodes, matmul, window_axes)
         self.kernels.append(kernel)
         return kernel
 
@@ -282,7 +283,8 @@ class _Planner:
                 layout = layout or self.contiguous(node, out)
                 stores.append(Store(self.access(layout, node.shape, space), expr(node), None, node))
                 self.values[id(node)] = layout
-        self._emit(g.anchor.op, space, g.reduce_axes, loads, stores, list(g.members))
+        window_axes = len(g.anchor.attr["kernel"]) if g.anchor.op == "window_add" else 0
+        self._emit(g.anchor.op, space, g.reduce_axes, loads, stores, list(g.members), None, window_axes)
 
     def _scatter_store(self, node: Node, g: _Group, value) -> Store:
         """A window_add of windows that do not overlap, in the kernel over the windows: each

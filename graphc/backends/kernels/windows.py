@@ -146,7 +146,10 @@ class _Rewrite:
         d = new_scatter.inputs[0]
         args = [mask, d, new_other] if branch == 1 else [mask, new_other, d]
         inner = op_table.apply("where", args, loc=node.loc, tags=node.tags)
-        return op_table.apply("window_add", [inner], a, loc=node.loc, name=node.name, tags=node.tags)
+        # the scatter stands for the pooling's gradient (`graphc time` names its line), the mask
+        # inside it for the ReLU's
+        return op_table.apply("window_add", [inner], a, loc=new_scatter.loc, name=node.name,
+                              tags=new_scatter.tags)
 
 
 def _clonable(node: Node) -> bool:

@@ -7,8 +7,10 @@ optimizer's bias corrections) are recomputed in every kernel that reads them. La
 (transpose, broadcast, slice, most reshapes) cost nothing: they become strides of the accesses that
 read them. Matrix products are kernels of their own that a backend may hand to a BLAS.
 For a backend that runs a kernel's points in order (llvm: `ordered`), col2im (window_add) is one
-kernel, and image results follow the axis order of what they are computed from (a convolution's
-product gives [C, N, H, W]; see docs/backends.md, "Convolutions").
+kernel, a window_add of windows that do not overlap (pooling's gradient, after the rewrites of
+windows.py) fuses into the kernel of what it scatters, and image results follow the axis order of
+what they are computed from (a convolution's product gives [C, N, H, W]; see docs/backends.md,
+"Convolutions").
 
 Over 500 lines: one planner whose rules (grouping, layouts, the kernel of each op) share its
 buffers and layouts; the rules are short methods, split by op.

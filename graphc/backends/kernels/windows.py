@@ -7,10 +7,10 @@ max-pooling's gradient (graphc/ir/gradients.py `_max`) is `g * hit / ties` over 
 The planner would give the sum, its input, the quotient, the zeroed image, the scatter and the
 mask a kernel each. Two rewrites here, each computing bit for bit the same values:
 
-- A sum over small window axes (known sizes, at most SMALL_WINDOW elements) that is read only
-  broadcast back over its input's shape is spelled out as elementwise adds of its input at each
-  window offset (each read through a broadcast slice, a view), in the order numpy adds them
-  (((v0 + v1) + v2) + v3): it fuses into its reader.
+- A sum over the offsets of a window (its operand reads a `window` view; known sizes, at most
+  SMALL_WINDOW elements) that is read only broadcast back over its input's shape is spelled out
+  as elementwise adds of its input at each window offset (each read through a broadcast slice,
+  a view), in the order numpy adds them (((v0 + v1) + v2) + v3): it fuses into its reader.
 - A `where(mask, window_add(d), c)` (c a constant, not -0.0) over windows that cover the image
   exactly once (stride = kernel, no dilation, nothing left over) is `window_add(where(mask',
   d, c))`, with mask' the mask's elementwise expression over windowed views of its operands:
@@ -105,7 +105,14 @@ class _Rewrite:
         keep_shape = tuple(1 if a in axes else d for a, d in enumerate(e.shape))
         if kept.shape != keep_shape or e.dtype != total.dtype or not e.dtype.is_float \
                 or any(isinstance(s, str) for s in sizes) \
-                or not 2 <= math.prod(sizes) <= SMALL_WINDOW or not _clonable(e):
+                or not 2 <= math.prod(sizes) <= SMALL_WINDOW or not _clonable(e) \
+                or axes != tuple(range(ndim - len(axes), ndim)):
+            return None
+        # only over a window's offsets (pooling's ties): each offset's term is computed at every
+        # element of the window, which is cheap there (a compare) but not for any small axis
+        leaves: list[Node] = []
+        self.clone(e, lambda leaf: leaves.append(leaf) or leaf, {})
+        if not any(leaf.op == "window" and len(leaf.attr["kernel"]) == len(axes) for leaf in leaves):
             return None
         out = None
         for offsets in itertools.product(*map(range, sizes)):

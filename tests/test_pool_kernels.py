@@ -3,6 +3,8 @@ rule of fuse.py): one kernel for the pooling's backward and the ReLU mask after 
 gradient each window's elements get is numpy's, ties included (shared equally among them)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,7 @@ train pool {{ optimizer = sgd(lr=0.1) }}
 # windows (the planner's general col2im), and no ReLU before the pooling
 CASES = {
     "exact": ((12, 10), "max_pool2d(relu(x * s), 2)"),
+    "rows": ((24, 24), "max_pool2d(relu(x * s), 2)"),
     "leftover": ((13, 11), "max_pool2d(relu(x * s), 2)"),
     "overlap": ((11, 9), "max_pool2d(relu(x * s), 3, stride=2)"),
     "no_relu": ((12, 10), "max_pool2d(x * s, 2)"),
@@ -93,3 +96,20 @@ def test_pooling_gradient_and_relu_mask_are_one_kernel():
     assert add.window_axes == 0 and add.stores[0].access in add.loads
     # a backend that runs a kernel's points at once (cuda) keeps a kernel per window offset
     assert len(_pool_kernels("exact", ordered=False)) == 5
+
+
+def test_pooled_rows_are_vectorized():
+    """The 12 windows of a pooled row are fewer iterations than LLVM's vectorizer takes on by
+    itself: the forward max and the fused gradient ask for it (llvm.loop.vectorize.enable)."""
+    source, (k, stride, oh, ow) = _source("rows")
+    program = compile_source(source, backend="llvm")
+    x = np.ones((2, 3, 24, 24), np.float32)
+    program.loss_and_grads(x=x, v=np.ones((2, 3, oh, ow), np.float32))
+    text = program._executors["train_step"].source()
+    vectorized = set(re.findall(r"^!(\d+) = distinct !\{.*llvm\.loop\.vectorize\.enable", text, re.M))
+    asking = set()
+    for function in text.split("\ndefine ")[1:]:
+        name = function.split("(", 1)[0]
+        if any(loop in vectorized for loop in re.findall(r"!llvm\.loop !(\d+)", function)):
+            asking.add(re.sub(r"_[0-9a-f]{10}$", "", name.split("@", 1)[1]))
+    assert {"max", "window_add"} <= asking

@@ -307,15 +307,7 @@ class _Planner:
                     order = sorted(range(lead), key=lambda i: -_weight(read.strides[i]))
         order = None if order is None else order + list(range(lead, lead + k))
         if exact_cover(node):
-            out = self.new_buffer(node)
-            layout = self.contiguous(node, out)
-            if order is not None:
-                dims = dims_of(node.shape)
-                inner = row_major(tuple(dims[i] for i in order))
-                strides = [ZERO] * len(dims)
-                for pos, axis in enumerate(order):
-                    strides[axis] = inner[pos]
-                layout = Layout(out, tuple(strides))
+            layout = self._in_order(node, self.new_buffer(node), order)
         else:
             layout = self._fill(node, Const(0.0, node.dtype), order)
         steps = layout.strides[lead:]
@@ -420,18 +412,22 @@ class _Planner:
     def _fill(self, node: Node, value: Const | SizeOf, order: list[int] | None = None) -> Layout:
         """A new buffer for node, every element set to the scalar `value`; its axes laid out in
         `order` (outermost first; default row-major)."""
-        out = self.new_buffer(node)
-        layout = self.contiguous(node, out)
-        if order is not None:
-            dims = dims_of(node.shape)
-            inner = row_major(tuple(dims[a] for a in order))
-            strides = [ZERO] * len(dims)
-            for pos, axis in enumerate(order):
-                strides[axis] = inner[pos]
-            layout = Layout(out, tuple(strides))
+        layout = self._in_order(node, self.new_buffer(node), order)
         self._emit("fill", node.shape, (), [],
                    [Store(self.access(layout, node.shape, node.shape), value, None, node)], [node])
         return layout
+
+    def _in_order(self, node: Node, buffer: int, order: list[int] | None) -> Layout:
+        """node's elements in `buffer` with its axes laid out in `order` (outermost first;
+        None: row-major)."""
+        if order is None:
+            return self.contiguous(node, buffer)
+        dims = dims_of(node.shape)
+        inner = row_major(tuple(dims[a] for a in order))
+        strides = [ZERO] * len(dims)
+        for pos, axis in enumerate(order):
+            strides[axis] = inner[pos]
+        return Layout(buffer, tuple(strides))
 
     def _pad(self, node: Node) -> None:
         """A filled buffer, then x copied into its interior."""

@@ -278,7 +278,8 @@ def cmd_build(args) -> int:
         from graphc.backends.kernels import plan_kernels
         from graphc.backends.kernels.printer import format_plan
         for graph_key, graph in program.graphs.items():
-            plan = plan_kernels(graph, program.updates(graph_key))
+            # the plan the backend compiles (llvm's kernels run their points in order)
+            plan = plan_kernels(graph, program.updates(graph_key), ordered=program.backend == "llvm")
             print(f"; kernel plan of {graph_key}\n{format_plan(plan)}")
     # Native code for every graph now, into the cache that later runs load it from.
     program.compile(load=False)

@@ -7,8 +7,10 @@ optimizer's bias corrections) are recomputed in every kernel that reads them. La
 (transpose, broadcast, slice, most reshapes) cost nothing: they become strides of the accesses that
 read them. Matrix products are kernels of their own that a backend may hand to a BLAS.
 For a backend that runs a kernel's points in order (llvm: `ordered`), col2im (window_add) is one
-kernel, and image results follow the axis order of what they are computed from (a convolution's
-product gives [C, N, H, W]; see docs/backends.md, "Convolutions").
+kernel, a window_add of windows that do not overlap (pooling's gradient, after the rewrites of
+windows.py) fuses into the kernel of what it scatters, and image results follow the axis order of
+what they are computed from (a convolution's product gives [C, N, H, W]; see docs/backends.md,
+"Convolutions").
 
 Over 500 lines: one planner whose rules (grouping, layouts, the kernel of each op) share its
 buffers and layouts; the rules are short methods, split by op.
@@ -40,6 +42,7 @@ from graphc.backends.kernels.ir import (
     smul,
     sprod,
 )
+from graphc.backends.kernels.windows import exact_cover, rewrite_windows
 from graphc.ir import OPS
 from graphc.ir.contract import Update, bind_updates
 from graphc.ir.node import Graph, Node
@@ -75,11 +78,22 @@ def _axes(node: Node) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axes))
 
 
-def _pointwise_reader(consumer: Node) -> bool:
+def _pointwise_reader(consumer: Node, ordered: bool = False) -> bool:
     """Does `consumer` read each element of its operands at its own position (so a producer of the
-    same shape can be computed inline)? one_hot adds an axis, so it does not."""
+    same shape can be computed inline)? one_hot adds an axis, so it does not; a window_add of
+    windows that do not overlap does, on an `ordered` backend (it puts each element in its place)."""
     kind = OPS[consumer.op].kind
-    return (kind in FUSIBLE and consumer.op != "one_hot") or consumer.op in REDUCE
+    return ((kind in FUSIBLE and consumer.op != "one_hot") or consumer.op in REDUCE
+            or (ordered and _scatters(consumer)))
+
+
+def _scatters(node: Node) -> bool:
+    """A window_add whose windows do not overlap (stride >= dilation * (kernel - 1) + 1): each
+    image element gets at most one term."""
+    if node.op != "window_add":
+        return False
+    a = node.attr
+    return all(s >= d * (k - 1) + 1 for k, s, d in zip(a["kernel"], a["stride"], a["dilation"]))
 
 
 class _Planner:
@@ -110,6 +124,10 @@ class _Planner:
                 g = _Group(node, node.inputs[0].shape, _axes(node), [node])
                 groups.append(g)
                 self.group_of[id(node)] = g
+            elif self.ordered and _scatters(node):
+                g = _Group(node, node.inputs[0].shape, (), [node])
+                groups.append(g)
+                self.group_of[id(node)] = g
             elif kind in FUSIBLE:
                 target = self._join_target(node)
                 if target == "duplicate":
@@ -128,7 +146,7 @@ class _Planner:
 
     def _join_target(self, node: Node) -> _Group | str | None:
         users = self.consumers[id(node)]
-        if not users or not all(_pointwise_reader(u) for u in users):
+        if not users or not all(_pointwise_reader(u, self.ordered) for u in users):
             return None     # graph outputs may join: the kernel stores them as well
         if node.shape == () and node.op != "uniform" and id(node) not in self.output_ids:
             return "duplicate"
@@ -203,9 +221,10 @@ class _Planner:
         count = sprod(size_of(x.shape[a]) for a in axes)
         return Const(count[0], node.dtype) if not count[1] else SizeOf(count, node.dtype)
 
-    def _emit(self, name_hint: str, space: tuple, reduce_axes, loads, stores, nodes, matmul=None):
+    def _emit(self, name_hint: str, space: tuple, reduce_axes, loads, stores, nodes, matmul=None,
+              window_axes: int = 0):
         kernel = Kernel(f"k{len(self.kernels)}_{name_hint}", dims_of(space), tuple(reduce_axes),
-                        loads, stores, nodes, matmul)
+                        loads, stores, nodes, matmul, window_axes)
         self.kernels.append(kernel)
         return kernel
 
@@ -248,7 +267,9 @@ class _Planner:
 
         stores: list[Store] = []
         for node in g.members:
-            if node is g.anchor and node.op in REDUCE:
+            if node is g.anchor and node.op == "window_add":
+                stores.append(self._scatter_store(node, g, expr(node.inputs[0])))
+            elif node is g.anchor and node.op in REDUCE:
                 out = self.new_buffer(node)
                 kept = [a for a in range(len(space)) if a not in g.reduce_axes]
                 out_strides = row_major(tuple(dims_of(space)[a] for a in kept))
@@ -264,7 +285,38 @@ class _Planner:
                 layout = layout or self.contiguous(node, out)
                 stores.append(Store(self.access(layout, node.shape, space), expr(node), None, node))
                 self.values[id(node)] = layout
-        self._emit(g.anchor.op, space, g.reduce_axes, loads, stores, list(g.members))
+        window_axes = len(g.anchor.attr["kernel"]) if g.anchor.op == "window_add" else 0
+        self._emit(g.anchor.op, space, g.reduce_axes, loads, stores, list(g.members), None, window_axes)
+
+    def _scatter_store(self, node: Node, g: _Group, value) -> Store:
+        """A window_add of windows that do not overlap, in the kernel over the windows: each
+        element stored at its place as 0 + element (what adding it into the zeroed image gives,
+        -0.0 included); the image zeroed first where the windows leave elements out. The image
+        axes lie in the order of the lead axes of the group's first operand read whole through
+        windows (a ReLU output in a product's [C, N, H, W] order), so the mask and the next
+        product's read stream."""
+        a = node.attr
+        k = len(a["kernel"])
+        lead = node.type.ndim - k
+        order = None
+        for m in g.members:
+            for x in m.inputs:
+                read = self.values.get(id(x))
+                if (order is None and isinstance(read, Layout) and x.shape == g.space
+                        and all(s[0] != 0 for s in read.strides[:lead])):
+                    order = sorted(range(lead), key=lambda i: -_weight(read.strides[i]))
+        order = None if order is None else order + list(range(lead, lead + k))
+        if exact_cover(node):
+            layout = self._in_order(node, self.new_buffer(node), order)
+        else:
+            layout = self._fill(node, Const(0.0, node.dtype), order)
+        steps = layout.strides[lead:]
+        windows = Layout(layout.buffer, layout.strides[:lead]
+                         + tuple(smul((s, ()), st) for s, st in zip(a["stride"], steps))
+                         + tuple(smul((d, ()), st) for d, st in zip(a["dilation"], steps)))
+        self.values[id(node)] = layout
+        total = Op("add", (Const(0.0, node.dtype), value), (), node.dtype)
+        return Store(self.access(windows, g.space, g.space), total, None, node)
 
     def _follow(self, node: Node, g: _Group, buffer: int) -> Layout | None:
         """The layout of an image kernel's result (3 axes or more) where the first operand of
@@ -360,18 +412,22 @@ class _Planner:
     def _fill(self, node: Node, value: Const | SizeOf, order: list[int] | None = None) -> Layout:
         """A new buffer for node, every element set to the scalar `value`; its axes laid out in
         `order` (outermost first; default row-major)."""
-        out = self.new_buffer(node)
-        layout = self.contiguous(node, out)
-        if order is not None:
-            dims = dims_of(node.shape)
-            inner = row_major(tuple(dims[a] for a in order))
-            strides = [ZERO] * len(dims)
-            for pos, axis in enumerate(order):
-                strides[axis] = inner[pos]
-            layout = Layout(out, tuple(strides))
+        layout = self._in_order(node, self.new_buffer(node), order)
         self._emit("fill", node.shape, (), [],
                    [Store(self.access(layout, node.shape, node.shape), value, None, node)], [node])
         return layout
+
+    def _in_order(self, node: Node, buffer: int, order: list[int] | None) -> Layout:
+        """node's elements in `buffer` with its axes laid out in `order` (outermost first;
+        None: row-major)."""
+        if order is None:
+            return self.contiguous(node, buffer)
+        dims = dims_of(node.shape)
+        inner = row_major(tuple(dims[a] for a in order))
+        strides = [ZERO] * len(dims)
+        for pos, axis in enumerate(order):
+            strides[axis] = inner[pos]
+        return Layout(buffer, tuple(strides))
 
     def _pad(self, node: Node) -> None:
         """A filled buffer, then x copied into its interior."""
@@ -530,6 +586,8 @@ def plan_kernels(graph: Graph, updates: Sequence[Update] = (), ordered: bool = F
     runs each kernel's points one after another in loop order (llvm), so a kernel's points may
     add into the same element (window_add in one pass); a backend that runs points at once
     (cuda) leaves it False."""
+    if ordered:
+        graph = rewrite_windows(graph)
     plan = _Planner(graph, ordered).build()
     plan_in_place_updates(plan, [u for u, _, _ in bind_updates(graph, updates)])
     if ordered:

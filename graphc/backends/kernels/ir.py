@@ -171,6 +171,7 @@ class Kernel:
     stores: list[Store]
     nodes: list[Node]                       # the IR nodes it computes, in order
     matmul: tuple[int, int] | None = None   # (load of A, load of B): space is [.., M, K, N], K reduced
+    window_axes: int = 0                    # the last axes are a window's offsets (a scatter): kept innermost
 
     @property
     def label(self) -> str:
@@ -218,7 +219,9 @@ def memory_order(kernel: Kernel) -> Kernel:
     reduction over trailing axes by its first load (the kept axes only). An image stored
     [C, N, H, W] is then streamed. Matrix products, kernels that read what they write in place
     (col2im's order is its own), reductions over leading axes and kernels that read their position
-    (one_hot's Index, uniform's FlatIndex) keep their order."""
+    (one_hot's Index, uniform's FlatIndex) keep their order. A scatter's window offsets
+    (`window_axes`) stay innermost: each window's elements are computed together (max-pooling's
+    gradient reads its whole window at each of them)."""
     if kernel.matmul is not None or not kernel.stores:
         return kernel
     rank = len(kernel.space)
@@ -233,6 +236,7 @@ def memory_order(kernel: Kernel) -> Kernel:
 
     def weight(size: Size) -> float:
         return size[0] * 1e6 ** len(size[1])
+    kept -= kernel.window_axes
     order = sorted(range(kept), key=lambda a: -weight(strides[a])) + list(range(kept, rank))
     if order == list(range(rank)):
         return kernel
@@ -242,7 +246,7 @@ def memory_order(kernel: Kernel) -> Kernel:
     return Kernel(kernel.name, tuple(kernel.space[k] for k in order), kernel.reduce_axes,
                   [permute(a) for a in kernel.loads],
                   [Store(permute(s.access), s.expr, s.reduce, s.node) for s in kernel.stores],
-                  kernel.nodes, None)
+                  kernel.nodes, None, kernel.window_axes)
 
 
 def coalesce(kernel: Kernel) -> Kernel:
@@ -276,5 +280,7 @@ def coalesce(kernel: Kernel) -> Kernel:
     memo: dict = {}
     stores = [Store(remap(s.access), _remap_index(s.expr, mapping, memo), s.reduce, s.node)
               for s in kernel.stores]
+    first_window = len(kernel.space) - kernel.window_axes
+    window_axes = sum(1 for g in groups if g[0] >= first_window)
     return Kernel(kernel.name, space, reduce_axes, [remap(a) for a in kernel.loads], stores,
-                  kernel.nodes, kernel.matmul)
+                  kernel.nodes, kernel.matmul, window_axes)

@@ -36,6 +36,8 @@ def format_plan(plan: KernelPlan) -> str:
     for k in plan.kernels:
         red = f" reduce {list(k.reduce_axes)}" if k.reduce_axes else ""
         blas = " (matmul: BLAS when large)" if k.matmul else ""
+        if k.window_axes:
+            red += f" (scatter: window offsets {list(range(len(k.space) - k.window_axes, len(k.space)))})"
         lines.append(f"{k.name}: space [{', '.join(sstr(s) for s in k.space)}]{red}{blas}  "
                      f"-- {k.label}")
         for s in k.stores:

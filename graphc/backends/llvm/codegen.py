@@ -47,6 +47,8 @@ SMALL_GEMM = 32 * 32 * 32
 THIN_GEMM = 4
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 LOOP_ID = "LOOPID"          # where a kernel's loop metadata number goes
+SHORT_LOOP_ID = "LOOPSHORTID"   # ... and that of its short kept loops that are vectorized anyway
+TINY_TRIP_COUNT = 16        # LLVM's vectorizer leaves loops of fewer iterations alone unless told
 
 
 def _comment(text: str) -> str:
@@ -166,6 +168,11 @@ class Module:
             number = str(int(digest[:7], 16))
             text = (text.replace(LOOP_ID, number)
                     + f'!{number} = distinct !{{!{number}, !{{!"llvm.loop.unroll.disable"}}}}\n')
+        if SHORT_LOOP_ID in body:
+            number = str(int(digest[7:14], 16))
+            text = (text.replace(SHORT_LOOP_ID, number)
+                    + f'!{number} = distinct !{{!{number}, !{{!"llvm.loop.unroll.disable"}}, '
+                    f'!{{!"llvm.loop.vectorize.enable", i1 true}}}}\n')
         self.functions.setdefault(name, text)
         return name, buffers, f.checked, (kernel.space[0], sprod(kernel.space)) if split else None
 
@@ -398,23 +405,30 @@ class LoopNest:
         if axis == len(k.space):
             self.body()
         else:
-            # The innermost loop (or the last kept axis, before reduced ones of known counts) of
+            # The innermost loop (or the last kept axis, before reduced ones or a scatter's window
+            # offsets of known counts) of
             # a known count of 8 or more is not unrolled: fully unrolled, the loop around it
             # would be vectorized instead, with gathers (col2im, im2col, pooling).
             count = self.space[axis]
             inner = axis == len(k.space) - 1 or (
-                self.register_from == axis + 1
+                (self.register_from == axis + 1 or len(k.space) - k.window_axes == axis + 1)
                 and all(self.space[a].isdigit() for a in range(axis + 1, len(k.space))))
             whole = inner and count.isdigit() and int(count) >= 8
+            # A kept axis (each point its own result) of fewer iterations than the vectorizer
+            # takes on by itself is vectorized on request: the 12 windows of a pooled row, whose
+            # 2x2 offsets are unrolled inside (max-pooling and its gradient).
+            short = whole and int(count) < TINY_TRIP_COUNT and axis not in k.reduce_axes
             bounds = ("%lo", "%hi") if axis == 0 and self.split else ("0", count)
             self.for_range(bounds[1], lambda i: (self.index.append(i), self.loop(axis + 1),
-                                                 self.index.pop()), f"i{axis}_", whole, bounds[0])
+                                                 self.index.pop()), f"i{axis}_", whole, bounds[0],
+                           short)
         if axis == self.register_from:
             self.finish_accumulators()
 
-    def for_range(self, count: str, body, hint: str, whole: bool = False, start: str = "0") -> None:
+    def for_range(self, count: str, body, hint: str, whole: bool = False, start: str = "0",
+                  short: bool = False) -> None:
         """A counted loop from `start` to `count`; `whole`: kept a loop (not unrolled), so the
-        vectorizer sees it."""
+        vectorizer sees it; `short`: and vectorized although its count is small."""
         f = self.f
         head, latch, done = (f.fresh(hint + n).lstrip("%") for n in ("loop", "latch", "done"))
         pre = f.block
@@ -428,7 +442,8 @@ class LoopNest:
         f.label(latch)
         f.lines.append(f"  {i}.next = add nuw nsw i64 {i}, 1")
         more = f.emit(f"icmp slt i64 {i}.next, {count}")
-        f.do(f"br i1 {more}, label %{head}, label %{done}" + (f", !llvm.loop !{LOOP_ID}" if whole else ""))
+        loop_id = SHORT_LOOP_ID if short else LOOP_ID
+        f.do(f"br i1 {more}, label %{head}, label %{done}" + (f", !llvm.loop !{loop_id}" if whole else ""))
         f.label(done)
 
     # --- values ----------------------------------------------------------------------------------

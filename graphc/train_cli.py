@@ -238,13 +238,13 @@ def _prepare(args, group=None):
     from graphc.runtime.train import TrainSettings, prepare_data
     ranks, root = (1, True) if group is None else (group.size, group.rank == 0)
     program, base_dir = _load_trainable(args, ranks, root)
-    program.use_precision(args.precision)
-    program.compile()     # native code now: a missing GPU fails before a run folder exists
     settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                 seed=args.seed)
     _by_steps_or_epochs(args, settings.steps, f"model {program.name}")
     if args.steps is not None:
         settings = replace(settings, steps=args.steps)
+    program.use_precision(args.precision)
+    program.compile()     # native code now: a missing GPU fails before a run folder exists
     if settings.steps is not None:      # text by steps: the step trainer reads its own data
         _one_process_steps(args, ranks)
         return program, base_dir, settings, None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import graphc
@@ -26,6 +27,10 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder of the MNIST/Fashion-MNIST files (default: $GRAPHC_DATA)")
     p.add_argument("--epochs", type=positive, metavar="E", help="override the train block")
+    p.add_argument("--steps", type=positive, metavar="S",
+                   help="override the train block's steps (a model trained by steps on text; a "
+                        "warmup_cosine schedule without steps of its own follows); with --resume, "
+                        "train the run on to S steps")
     p.add_argument("--batch", type=positive, metavar="B", help="override the batch size")
     p.add_argument("--lr", type=positive_float, metavar="LR", help="override the learning rate")
     p.add_argument("--seed", type=natural, metavar="S",
@@ -199,7 +204,7 @@ def _resume(args, group=None):
         if getattr(args, flag) is not None:
             raise error(f"--resume continues a run exactly as it was started; "
                         f"{'FILE' if flag == 'file' else '--' + flag} cannot be given with it",
-                        hint="only --epochs (to train longer) and --data-dir may change")
+                        hint="only --epochs or --steps (to train longer) and --data-dir may change")
     run = RunFolder(args.resume)
     run.check_confined()
     config = run.config()
@@ -208,13 +213,16 @@ def _resume(args, group=None):
         raise other_ranks(run.path, config.get("ranks", 1), ranks)
     program = run.load_program(args.backend)
     program.use_precision(args.precision)
-    if args.epochs is not None and config["settings"].get("steps") is not None:
-        raise error(f"{run.path} trains by steps ({config['settings']['steps']}); --epochs does "
-                    f"not apply to it", hint="leave out --epochs")
-    if args.epochs is not None:    # recorded, so a later plain --resume trains as long
-        config["settings"]["epochs"] = args.epochs
-        if root:
-            run.write_json("config.json", config)
+    steps = config["settings"].get("steps")
+    _by_steps_or_epochs(args, steps, str(run.path))
+    if args.steps is not None and args.steps < steps:
+        raise error(f"{run.path} was started for {steps} steps; --resume trains a run on, not back",
+                    hint=f"give --steps {steps} or more")
+    for flag in ("epochs", "steps"):    # recorded, so a later plain --resume trains as long
+        if getattr(args, flag) is not None:
+            config["settings"][flag] = getattr(args, flag)
+            if root:
+                run.write_json("config.json", config)
     settings = TrainSettings.of(_with_settings(program, config["settings"]))
     if settings.steps is not None:      # text by steps: the step trainer reads its own data
         _one_process_steps(args, ranks)
@@ -230,10 +238,13 @@ def _prepare(args, group=None):
     from graphc.runtime.train import TrainSettings, prepare_data
     ranks, root = (1, True) if group is None else (group.size, group.rank == 0)
     program, base_dir = _load_trainable(args, ranks, root)
-    program.use_precision(args.precision)
-    program.compile()     # native code now: a missing GPU fails before a run folder exists
     settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                 seed=args.seed)
+    _by_steps_or_epochs(args, settings.steps, f"model {program.name}")
+    if args.steps is not None:
+        settings = replace(settings, steps=args.steps)
+    program.use_precision(args.precision)
+    program.compile()     # native code now: a missing GPU fails before a run folder exists
     if settings.steps is not None:      # text by steps: the step trainer reads its own data
         _one_process_steps(args, ranks)
         return program, base_dir, settings, None
@@ -241,6 +252,16 @@ def _prepare(args, group=None):
         from graphc.runtime.distributed import check_ranks
         check_ranks(settings.batch, ranks)
     return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
+
+
+def _by_steps_or_epochs(args, steps: int | None, what: str) -> None:
+    """--epochs for what trains by epochs, --steps for what trains by steps (text)."""
+    if steps is not None and args.epochs is not None:
+        raise error(f"{what} trains by steps ({steps}); --epochs does not apply to it",
+                    hint="give --steps instead")
+    if steps is None and args.steps is not None:
+        raise error(f"{what} trains by epochs; --steps applies to a model trained by steps on "
+                    f"text data", hint="give --epochs instead")
 
 
 def _one_process_steps(args, ranks: int) -> None:

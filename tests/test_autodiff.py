@@ -87,6 +87,7 @@ CASES = [
     ("elu", [randn(6) * 2], {"alpha": 0.7}), ("softplus", [randn(6) * 3], {"beta": 1.5}),
     ("swish", [randn(6) * 2], {}),
     ("layer_norm", [randn(3, 5) * 2 + 1, randn(5), randn(5)], {"eps": 1e-5}),
+    ("layer_norm", [randn(2, 3, 5) * 2 + 1, randn(5)], {"eps": 1e-5}),       # without beta
     ("embedding", [np.array([[2, 0, 2], [1, 2, 2]]), randn(4, 3)], {}),   # repeated rows add up
     ("linear", [randn(3, 4), randn(4, 2), randn(2)], {}), ("flatten", [randn(2, 3, 2)], {}),
     ("mse", [randn(5), randn(5)], {}), ("nll", [randn(4, 5), LABELS], {}),

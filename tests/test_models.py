@@ -178,6 +178,22 @@ def test_layernorm_layer_matches_pytorchs_definition_and_is_never_regularized():
     np.testing.assert_allclose(got["h"], want, rtol=1e-12, atol=1e-12)
 
 
+def test_layernorm_without_bias_has_only_its_scale():
+    src = """model m { input x: f64[N, 3, 6]
+        output h = x -> layernorm(bias=false, eps=1e-3) }
+"""
+    program = graphc.compile_source(src)
+    assert list(program.params) == ["h.gamma"]
+    gamma = np.random.default_rng(1).standard_normal(6)
+    program.params["h.gamma"][...] = gamma
+    x = np.random.default_rng(0).standard_normal((2, 3, 6)) * 3 + 1
+    mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
+    np.testing.assert_allclose(program.forward(x=x)["h"], (x - mean) / np.sqrt(var + 1e-3) * gamma,
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(graphc.GraphcError, match=r"layernorm: bias must be"):
+        graphc.compile_source(src.replace("bias=false", "bias=2"))
+
+
 def _topo(node):
     from graphc.ir.node import topo_order
     return topo_order([node])

@@ -116,6 +116,17 @@ model tokens {
 """
 
 
+def test_layer_norm_without_bias_is_one_layer_normalization():
+    program = compile_source(EMBEDDING_SOURCE.replace("layernorm", "layernorm(bias=false)"), seed=0)
+    program.params["y.layernorm.gamma"][...] = np.linspace(0.5, 2, 4, dtype=np.float32)
+    proto = build_model(program)
+    onnx.checker.check_model(proto, full_check=True)
+    (norm,) = [n for n in proto.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norm.input) == 2 and not _ops(proto) & {"ReduceMean", "Sqrt", "Div"}, _ops(proto)
+    t = np.random.default_rng(7).integers(0, 11, (3, 5))
+    _close(_session(proto).run(None, {"t": t})[0], program.forward(t=t)["y"])
+
+
 def test_embedding_is_a_gather():
     program = compile_source(EMBEDDING_SOURCE, seed=0)
     proto = build_model(program)

@@ -33,6 +33,12 @@ model tokens {
     output y = t -> embedding(11, 4) -> layernorm
 }
 """,
+    "unbiased_layernorm": """
+model tokens {
+    input t: i64[N, 5]
+    output y = t -> embedding(11, 4) -> layernorm(bias=false)
+}
+""",
     "activations": """
 model m {
     input x: f32[N, 6]
@@ -98,9 +104,12 @@ def test_patterns_round_trip(name, opset, tmp_path):
     proto = export_onnx(original, tmp_path / "m.onnx", opset=opset)
     ops = {n.op_type for n in proto.graph.node}
     assert {"layers": {"Conv", "AveragePool", "LayerNormalization", "Gemm"},
-            "embedding": {"Gather", "LayerNormalization"}}.get(name, set()) <= ops, ops
+            "embedding": {"Gather", "LayerNormalization"},
+            "unbiased_layernorm": {"Gather", "LayerNormalization"}}.get(name, set()) <= ops, ops
     assert opset < 20 or "Gelu" in ops
-    _same_forward(original, compile_onnx(tmp_path / "m.onnx"), rng)
+    imported = compile_onnx(tmp_path / "m.onnx")
+    assert len(imported.params) == len(original.params)      # no parameter made up on the way back
+    _same_forward(original, imported, rng)
 
 
 def test_cli_round_trip_on_numpy_and_llvm(tmp_path, capsys):

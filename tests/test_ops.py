@@ -65,6 +65,7 @@ COMPOSITE_CASES = [
     ("running_stat", [randn(5, 3), randn(3)], {"stat": "var", "momentum": 0.3}),
     ("running_stat", [randn(4, 3, 2, 5), randn(3)], {}),
     ("layer_norm", [randn(4, 6) * 3 + 1, randn(6), randn(6)], {"eps": 1e-5}),
+    ("layer_norm", [randn(2, 4, 6) * 3 + 1, randn(6)], {"eps": 1e-3}),        # without beta
     ("embedding", [np.array([[3, 0, 3], [4, 4, 1]]), randn(5, 3)], {}),
     ("prelu", [randn(4, 6), np.abs(randn(6))], {}),
     ("prelu", [randn(2, 3, 4, 4), np.abs(randn(3))], {}),

@@ -184,6 +184,9 @@ def test_resume_is_bit_identical(folder, monkeypatch, capsys):
     assert main(["train", "--resume", "cut", "--epochs", "3", "--backend", "numpy"]) == 1
     assert "trains by steps (30); --epochs does not apply" in capsys.readouterr().err
     assert (folder / "cut" / "config.json").read_text() == config       # nothing recorded
+    assert main(["train", "--resume", "cut", "--steps", "25", "--backend", "numpy"]) == 1
+    assert "was started for 30 steps; --resume trains a run on" in capsys.readouterr().err
+    assert (folder / "cut" / "config.json").read_text() == config
     assert main(["train", "--resume", "cut", "--quiet", "--backend", "numpy"]) == 0
     for name in ("metrics.csv", "scores.json"):
         whole = (folder / "whole" / name).read_text()
@@ -241,3 +244,30 @@ def test_epoch_only_flags_are_refused_for_training_by_steps(folder, monkeypatch,
     assert main(argv) == 1
     assert f"{flag} watches training by epochs" in capsys.readouterr().err
     assert not (folder / "run").exists()
+
+
+def test_steps_on_the_command_line(folder, monkeypatch, capsys):
+    """--steps shortens or lengthens a run (the schedule, written without steps of its own,
+    follows), --resume --steps trains a finished run on; --steps and --epochs each apply to
+    their own kind of training only, refused before a run folder exists."""
+    monkeypatch.chdir(folder)
+    assert main(["train", "lm.nn", "--out", "short", "--steps", "12", "--quiet", "--backend", "numpy"]) == 0
+    rows = [r.split(",") for r in (folder / "short" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [10, 12]
+    assert float(rows[-1][1]) == pytest.approx(3e-4 + (3e-3 - 3e-4) * (1 + math.cos(math.pi * 8 / 9)) / 2)
+    assert main(["train", "--resume", "short", "--steps", "20", "--quiet", "--backend", "numpy"]) == 0
+    rows = [r.split(",") for r in (folder / "short" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [10, 12, 20]
+    assert RunFolder(folder / "short").config()["settings"]["steps"] == 20
+    assert main(["train", "lm.nn", "--out", "e", "--epochs", "2", "--backend", "numpy"]) == 1
+    assert "model lm trains by steps (30); --epochs does not apply" in capsys.readouterr().err
+    (folder / "mlp.nn").write_text("""model m { input x: f32[N, 4]
+        input y: i64[N]
+        output p = x -> linear(3) -> log_softmax(axis=1)
+        loss = nll(p, y) }
+    train m { data = npz("d.npz") optimizer = sgd(lr=0.1) epochs = 1 }
+""")
+    assert main(["train", "mlp.nn", "--out", "s", "--steps", "5", "--backend", "numpy"]) == 1
+    assert "model m trains by epochs; --steps applies to a model trained by steps" in \
+        capsys.readouterr().err
+    assert not (folder / "e").exists() and not (folder / "s").exists()

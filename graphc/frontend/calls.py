@@ -175,12 +175,14 @@ def _linear_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> 
 
 def _layernorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
     """PyTorch's LayerNorm over the last axis: a learned scale (ones) and shift (zeros), roles
-    other and bias, so `l2(weights)` never reaches them."""
+    other and bias, so `l2(weights)` never reaches them. `bias=false` leaves the shift out
+    (PyTorch's `bias=False`, nanoGPT's layer norms)."""
     if len(args) != 1:
-        raise ArgError(f"layernorm takes the input only (and eps=), got {len(args)} arguments",
+        raise ArgError(f"layernorm takes the input only (and eps=, bias=), got {len(args)} arguments",
                        call.loc)
     x = b.tensor_arg("layernorm", args[0], call.args[0])
-    attrs = _options("layernorm", call, kwargs, {"eps": Attr("float")})
+    attrs = _options("layernorm", call, kwargs, {"eps": Attr("float"), "bias": Attr("bool")})
+    bias = attrs.pop("bias", True)
     shape = x.node.type.shape
     if not x.node.type.dtype.is_float or not shape or isinstance(shape[-1], str):
         raise ArgError(f"layernorm: needs floating-point features with a known last axis: "
@@ -188,8 +190,11 @@ def _layernorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) 
     dtype, n = x.node.type.dtype, shape[-1]
     prefix = b.layer_prefix("layernorm")
     gamma = b.new_param(f"{prefix}.gamma", TensorType(dtype, (n,)), ("ones", ()), "other", call.loc)
-    beta = b.new_param(f"{prefix}.beta", TensorType(dtype, (n,)), ("zeros", ()), "bias", call.loc)
-    return b.apply_op("layer_norm", [x, gamma, beta], attrs, call)
+    operands = [x, gamma]
+    if bias:
+        operands.append(b.new_param(f"{prefix}.beta", TensorType(dtype, (n,)), ("zeros", ()), "bias",
+                                    call.loc))
+    return b.apply_op("layer_norm", operands, attrs, call)
 
 
 def _batchnorm_layer(b: LayerBuilder, call: ast.Call, args: list, kwargs: dict) -> Tensor:
@@ -398,7 +403,7 @@ def _option_locs(call: ast.Call, positional: dict[str, int]) -> dict:
 
 LAYERS = {"linear": Layer("linear", _linear_layer, "linear(x, n, bias=true, std=kaiming)"),
           "embedding": Layer("embedding", _embedding_layer, "embedding(x, vocab, dim)"),
-          "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5)"),
+          "layernorm": Layer("layernorm", _layernorm_layer, "layernorm(x, eps=1e-5, bias=true)"),
           "batchnorm": Layer("batchnorm", _batchnorm_layer, "batchnorm(x, eps=1e-5, momentum=0.1)"),
           "conv": Layer("conv", _conv_layer,
                         "conv(x, out_channels, kernel, stride=1, padding=0, dilation=1, bias=true)"),

@@ -12,33 +12,35 @@ from graphc.ir.types import DType, TensorType
 
 
 def _layer_norm_shape(ops, attrs):
-    x, gamma, beta = ops
+    x = ops[0]
     if x.type.ndim < 1 or isinstance(x.type.shape[-1], str):
         raise TypeError_(f"layer_norm: the last axis of {x} must have a known size")
-    for name, p in (("gamma", gamma), ("beta", beta)):
+    for name, p in zip(("gamma", "beta"), ops[1:]):
         if p.type.shape != (x.type.shape[-1],):
             raise TypeError_(f"layer_norm: {name} must be [{x.type.shape[-1]}], one per feature "
                              f"of the last axis: {p}")
     return x.type.shape
 
 
-def _layer_norm_np(x, gamma, beta, eps):
+def _layer_norm_np(x, gamma, beta=None, eps=1e-5):
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)          # biased, as PyTorch normalizes
-    return (x - mean) / np.sqrt(var + x.dtype.type(eps)) * gamma + beta
+    scaled = (x - mean) / np.sqrt(var + x.dtype.type(eps)) * gamma
+    return scaled if beta is None else scaled + beta
 
 
 def _layer_norm_decompose(emit, inputs, attrs):
-    x, gamma, beta = inputs
+    x, gamma = inputs[:2]
     centered = emit("sub", x, emit("mean", x, axis=-1, keepdims=True))
     var = emit("mean", emit("mul", centered, centered), axis=-1, keepdims=True)
     scale = emit("sqrt", emit("add", var, emit.const(attrs["eps"], x.dtype)))
-    return emit("add", emit("mul", emit("div", centered, scale), gamma), beta)
+    scaled = emit("mul", emit("div", centered, scale), gamma)
+    return scaled if len(inputs) == 2 else emit("add", scaled, inputs[2])
 
 
-composite("layer_norm", 3, lambda ops, a: same_dtype("layer_norm", ops), _layer_norm_shape,
+composite("layer_norm", (2, 3), lambda ops, a: same_dtype("layer_norm", ops), _layer_norm_shape,
           _layer_norm_np, _layer_norm_decompose, {"eps": Attr("float", 1e-5)},
-          "each row normalized over the last axis (mean 0, variance 1), then * gamma + beta")
+          "each row normalized over the last axis (mean 0, variance 1), then * gamma (+ beta)")
 
 
 # --- batch norm (PyTorch's BatchNorm1d / BatchNorm2d) ------------------------------------------------

@@ -188,11 +188,10 @@ def _layer_norm(imp, node, values):
     bv = values[2] if has_b else None
     b_shape = tuple(np.shape(bv)) if is_const(bv) else \
         getattr(imp.env.get(node.input[2]) if has_b else None, "shape", None)
-    if axis == x.ndim - 1 and not extra and has_b and g.shape == x.shape[-1:] \
-            and b_shape == x.shape[-1:]:
-        b = imp.tensor(node.input[2])
-        imp.emit(node.output[0], f"layer_norm({x.name}, {g.name}, {b.name}, eps={eps})",
-                 x.dtype, x.shape)
+    if axis == x.ndim - 1 and not extra and g.shape == x.shape[-1:] \
+            and (not has_b or b_shape == x.shape[-1:]):
+        b = f", {imp.tensor(node.input[2]).name}" if has_b else ""
+        imp.emit(node.output[0], f"layer_norm({x.name}, {g.name}{b}, eps={eps})", x.dtype, x.shape)
         return
     axes = fmt_list(range(axis, x.ndim))
     kept = x.shape[:axis] + (1,) * (x.ndim - axis)

@@ -312,6 +312,21 @@ def _last_mean(node: Node) -> Node | None:
     return x
 
 
+def _normalized(normalized: Node, d) -> tuple[Node, float] | None:
+    """(x, eps) of (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) over the last axis."""
+    centered, std = normalized.inputs
+    eps = _std(std)
+    if centered.op != "sub" or eps is None:
+        return None
+    x, mean = centered.inputs
+    if _last_mean(mean) != x or d != x.type.shape[-1]:
+        return None
+    sq = _last_mean(eps[0])
+    if sq is None or sq.op != "mul" or sq.inputs[0] != centered or sq.inputs[1] != centered:
+        return None
+    return x, eps[1]
+
+
 @pattern("add", "LayerNormalization")
 def layer_norm(lw, node: Node):
     if lw.opset < 17:
@@ -320,19 +335,30 @@ def layer_norm(lw, node: Node):
     if found is None:
         return None
     normalized, gamma, beta = found
-    centered, std = normalized.inputs
-    eps = _std(std)
-    if centered.op != "sub" or eps is None:
-        return None
-    x, mean = centered.inputs
     d = node.type.shape[-1]
-    if _last_mean(mean) != x or gamma.type.shape != (d,) or beta.type.shape != (d,):
+    parts = _normalized(normalized, d)
+    if parts is None or gamma.type.shape != (d,) or beta.type.shape != (d,):
         return None
-    sq = _last_mean(eps[0])
-    if sq is None or sq.op != "mul" or sq.inputs[0] != centered or sq.inputs[1] != centered:
-        return None
+    x, eps = parts
     return lw.emit("LayerNormalization", [lw.value(x), lw.value(gamma), lw.value(beta)], node,
-                   lw.out_name(node), axis=-1, epsilon=eps[1])
+                   lw.out_name(node), axis=-1, epsilon=eps)
+
+
+@pattern("mul", "LayerNormalization")
+def layer_norm_without_bias(lw, node: Node):
+    """layernorm(bias=false): normalized * gamma, LayerNormalization without its B."""
+    if lw.opset < 17:
+        return None
+    d = node.type.shape[-1]
+    for normalized, gamma in _pairs(node):
+        if normalized.op != "div" or gamma.type.shape != (d,):
+            continue
+        parts = _normalized(normalized, d)
+        if parts is not None:
+            x, eps = parts
+            return lw.emit("LayerNormalization", [lw.value(x), lw.value(gamma)], node,
+                           lw.out_name(node), axis=-1, epsilon=eps)
+    return None
 
 
 @pattern("mul", "Gelu")

@@ -329,7 +329,7 @@ def _normalized(normalized: Node, d) -> tuple[Node, float] | None:
 
 @pattern("add", "LayerNormalization")
 def layer_norm(lw, node: Node):
-    if lw.opset < 17:
+    if lw.opset < 17 or node.type.ndim < 1:
         return None
     found = _scale_shift(node)
     if found is None:
@@ -347,7 +347,7 @@ def layer_norm(lw, node: Node):
 @pattern("mul", "LayerNormalization")
 def layer_norm_without_bias(lw, node: Node):
     """layernorm(bias=false): normalized * gamma, LayerNormalization without its B."""
-    if lw.opset < 17:
+    if lw.opset < 17 or node.type.ndim < 1:
         return None
     d = node.type.shape[-1]
     for normalized, gamma in _pairs(node):

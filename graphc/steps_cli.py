@@ -58,11 +58,8 @@ def train_steps(args, program, settings, base_dir, run_path: Path) -> int:
     return _run(args, StepTrainer(program, settings, data, run, on_eval=_print_row(args)), resumed=False)
 
 
-def resume_steps(args, run, config: dict, program, settings) -> int:
+def resume_steps(args, run, program, settings, data) -> int:
     from graphc.runtime.steps import StepTrainer
-    from graphc.runtime.text_data import load_text_data
-    vocab = (program.meta.get("text") or {}).get("vocab")
-    data = load_text_data(settings, config["base_dir"], vocab=vocab)
     trainer = StepTrainer(program, settings, data, run, on_eval=_print_row(args))
     run.remove_temporaries()
     if run.last.exists() or run.last.is_symlink():

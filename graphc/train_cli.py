@@ -121,7 +121,7 @@ def _train(args, group=None) -> int:
             run, config, program, settings, data = agree(group, lambda: _resume(args, group))
         if settings.steps is not None:          # a language model on text: by steps
             from graphc.steps_cli import resume_steps
-            return resume_steps(args, run, config, program, settings)
+            return resume_steps(args, run, program, settings, data)
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
@@ -211,24 +211,28 @@ def _resume(args, group=None):
     if config.get("ranks", 1) != ranks:
         from graphc.mpi_cli import other_ranks
         raise other_ranks(run.path, config.get("ranks", 1), ranks)
-    program = run.load_program(args.backend)
-    program.use_precision(args.precision)
     steps = config["settings"].get("steps")
     _by_steps_or_epochs(args, steps, str(run.path))
-    if args.steps is not None and args.steps < steps:
-        raise error(f"{run.path} was started for {steps} steps; --resume trains a run on, not back",
-                    hint=f"give --steps {steps} or more")
-    for flag in ("epochs", "steps"):    # recorded, so a later plain --resume trains as long
-        if getattr(args, flag) is not None:
-            config["settings"][flag] = getattr(args, flag)
-            if root:
-                run.write_json("config.json", config)
-    settings = TrainSettings.of(_with_settings(program, config["settings"]))
-    if settings.steps is not None:      # text by steps: the step trainer reads its own data
+    if steps is not None:
         _one_process_steps(args, ranks)
-        return run, config, program, settings, None
-    data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
-                        config["base_dir"], scaler=config["data"]["scaler"])
+        if args.steps is not None and args.steps < steps:
+            raise error(f"{run.path} is set for {steps} steps; --resume trains a run on, not back",
+                        hint=f"give --steps {steps} or more")
+    program = run.load_program(args.backend)
+    program.use_precision(args.precision)
+    overrides = {flag: getattr(args, flag) for flag in ("epochs", "steps")
+                 if getattr(args, flag) is not None}
+    config["settings"].update(overrides)
+    settings = TrainSettings.of(_with_settings(program, config["settings"]))
+    if settings.steps is not None:      # text by steps, with the run's vocabulary
+        from graphc.runtime.text_data import load_text_data
+        vocab = (program.meta.get("text") or {}).get("vocab")
+        data = load_text_data(settings, config["base_dir"], vocab=vocab)
+    else:
+        data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
+                            config["base_dir"], scaler=config["data"]["scaler"])
+    if overrides and root:      # recorded once all is checked: a later plain --resume goes as far
+        run.write_json("config.json", config)
     return run, config, program, settings, data
 
 
@@ -241,17 +245,27 @@ def _prepare(args, group=None):
     settings = TrainSettings.of(program, epochs=args.epochs, batch=args.batch, lr=args.lr,
                                 seed=args.seed)
     _by_steps_or_epochs(args, settings.steps, f"model {program.name}")
-    if args.steps is not None:
-        settings = replace(settings, steps=args.steps)
+    if settings.steps is not None:
+        _one_process_steps(args, ranks)
+        settings = _fixed_horizon(replace(settings, steps=args.steps or settings.steps))
     program.use_precision(args.precision)
     program.compile()     # native code now: a missing GPU fails before a run folder exists
     if settings.steps is not None:      # text by steps: the step trainer reads its own data
-        _one_process_steps(args, ranks)
         return program, base_dir, settings, None
     if group is not None:
         from graphc.runtime.distributed import check_ranks
         check_ranks(settings.batch, ranks)
     return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
+
+
+def _fixed_horizon(settings):
+    """A warmup_cosine schedule without steps of its own decays over the run's steps: written
+    into the run's settings, so that `--resume --steps` trains on at its floor, as `--resume
+    --epochs` does past a cosine's period, instead of warming the rate up again."""
+    name, options = settings.schedule
+    if name != "warmup_cosine" or options.get("steps") is not None:
+        return settings
+    return replace(settings, schedule=type(settings.schedule)(name, {**options, "steps": settings.steps}))
 
 
 def _by_steps_or_epochs(args, steps: int | None, what: str) -> None:

@@ -185,7 +185,7 @@ def test_resume_is_bit_identical(folder, monkeypatch, capsys):
     assert "trains by steps (30); --epochs does not apply" in capsys.readouterr().err
     assert (folder / "cut" / "config.json").read_text() == config       # nothing recorded
     assert main(["train", "--resume", "cut", "--steps", "25", "--backend", "numpy"]) == 1
-    assert "was started for 30 steps; --resume trains a run on" in capsys.readouterr().err
+    assert "is set for 30 steps; --resume trains a run on" in capsys.readouterr().err
     assert (folder / "cut" / "config.json").read_text() == config
     assert main(["train", "--resume", "cut", "--quiet", "--backend", "numpy"]) == 0
     for name in ("metrics.csv", "scores.json"):
@@ -255,10 +255,18 @@ def test_steps_on_the_command_line(folder, monkeypatch, capsys):
     rows = [r.split(",") for r in (folder / "short" / "metrics.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == [10, 12]
     assert float(rows[-1][1]) == pytest.approx(3e-4 + (3e-3 - 3e-4) * (1 + math.cos(math.pi * 8 / 9)) / 2)
+    config = (folder / "short" / "config.json").read_text()
+    assert main(["train", "--resume", "short", "--steps", "20", "--check-numerics",
+                 "--backend", "numpy"]) == 1
+    assert "--check-numerics watches training by epochs" in capsys.readouterr().err
+    assert (folder / "short" / "config.json").read_text() == config         # nothing recorded
     assert main(["train", "--resume", "short", "--steps", "20", "--quiet", "--backend", "numpy"]) == 0
     rows = [r.split(",") for r in (folder / "short" / "metrics.csv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == [10, 12, 20]
-    assert RunFolder(folder / "short").config()["settings"]["steps"] == 20
+    # trained on at the schedule's floor: the decay keeps the 12 steps the run started with
+    assert float(rows[-1][1]) == pytest.approx(3e-4)
+    settings = RunFolder(folder / "short").config()["settings"]
+    assert settings["steps"] == 20 and settings["schedule"][1]["steps"] == 12
     assert main(["train", "lm.nn", "--out", "e", "--epochs", "2", "--backend", "numpy"]) == 1
     assert "model lm trains by steps (30); --epochs does not apply" in capsys.readouterr().err
     (folder / "mlp.nn").write_text("""model m { input x: f32[N, 4]

@@ -5,13 +5,15 @@ max-pooling's gradient (graphc/ir/gradients.py `_max`) is `g * hit / ties` over 
 `[N, C, OH, OW, kh, kw]`, where `ties` is the sum of `hit` over each window broadcast back, then
 `window_add` puts each window's elements back into the image, and ReLU's gradient masks the image.
 The planner would give the sum, its input, the quotient, the zeroed image, the scatter and the
-mask a kernel each. Two rewrites here, each computing bit for bit the same values:
+mask a kernel each. Two rewrites here:
 
 - A sum over the offsets of a window (its operand reads a `window` view; known sizes, at most
   SMALL_WINDOW elements) that is read only broadcast back over its input's shape is spelled out
   as elementwise adds of its input at each window offset (each read through a broadcast slice,
-  a view), in the order numpy adds them (((v0 + v1) + v2) + v3): it fuses into its reader.
-- A `where(mask, window_add(d), c)` (c a constant, not -0.0) over windows that cover the image
+  a view), in index order (((v0 + v1) + v2) + v3): it fuses into its reader. For max-pooling's
+  tie counts (small integers) that is exact in any order, so bit for bit numpy's; a float sum
+  may round differently, within the reassociation llvm's sums already allow.
+- A `where(mask, window_add(d), c)` (c a constant that is not negative) over windows that cover the image
   exactly once (stride = kernel, no dilation, nothing left over) is `window_add(where(mask',
   d, c))`, with mask' the mask's elementwise expression over windowed views of its operands:
   each element of the image gets `0 + x` either way (with c: `0 + c = c`).

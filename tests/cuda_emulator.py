@@ -33,6 +33,7 @@ from graphc.backends.kernels.memory import ALIGN, plan_arena
 CXX = shutil.which("g++")
 
 SHIM = r"""
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -113,8 +114,8 @@ static void gc_fiber_main() {
 static void gc_launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& body) {
     static std::mutex one_launch_at_a_time;     // the state above is the running launch's
     std::lock_guard<std::mutex> hold(one_launch_at_a_time);
-    if (threads == 0 || threads > 1024 || threads % 32) {
-        std::fprintf(stderr, "cuda emulator: %u threads a block (a multiple of 32 up to 1024)\n", threads);
+    if (threads == 0 || threads > 1024) {
+        std::fprintf(stderr, "cuda emulator: %u threads a block (1 to 1024)\n", threads);
         std::abort();
     }
     blockDim = {threads, 1, 1};
@@ -123,7 +124,7 @@ static void gc_launch(unsigned gx, unsigned gy, unsigned threads, const std::fun
     gc_fibers.resize(threads);
     while (gc_stacks.size() < threads) gc_stacks.emplace_back(new char[GC_STACK]);
     gc_block = {threads, 0, 0};
-    for (unsigned w = 0; w < threads / 32; ++w) gc_warp_barrier[w] = {32, 0, 0};
+    for (unsigned w = 0; w * 32 < threads; ++w) gc_warp_barrier[w] = {std::min(32u, threads - w * 32), 0, 0};
     for (unsigned by = 0; by < gy; ++by)
         for (unsigned bx = 0; bx < gx; ++bx) {
             blockIdx = {bx, by, 0};

@@ -4,8 +4,8 @@ threads are fibers (ucontext) on the launching thread, run in turn, each until i
 barrier or returns; `__syncthreads` is a barrier over them, `__shfl_down_sync` an exchange through
 a per-warp buffer between two barriers, `__shared__` a static (blocks run one after another).
 Launches are replayed like graphc/backends/cuda/executor.py does, on host memory. (Fibers, not one
-OS thread per emulated thread: the same interleavings at barriers, without thread start-up and
-futex hand-offs, which made the emulated tests cost about ten times as much on two cores.) Threads
+OS thread per emulated thread: the same synchronization at barriers, without the thread start-ups
+and futex hand-offs that made the emulated tests five to ten times slower on two cores.) Threads
 run in index order between barriers, so a missing barrier before reading what a higher thread or
 lane writes (a shuffle, a tree reduction in shared memory) reads a stale value and fails; a
 barrier that some threads of a block never reach aborts with a message instead of hanging.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from conftest import LARGE_MODELS
 
 import graphc
 from graphc.backends.cuda import codegen
-from graphc.backends.host import usable_cores
 from graphc.backends.kernels import plan_kernels
 from graphc.backends.kernels.memory import plan_arena
 from graphc.cli import main
@@ -47,48 +45,11 @@ def _plans(program) -> dict:
     return {key: plan_kernels(graph, program.updates(key)) for key, graph in program.graphs.items()}
 
 
-def _op_cases_module() -> str:
-    module = codegen.Module()
-    for case in OP_CASES:
-        for dtype in (("f32", "f64") if case.floats else ("f32",)):
-            program = graphc.compile_source(case.source(dtype))
-            for key, plan in _plans(program).items():
-                module.render_graph(f"{case.name}_{dtype}_{key}", plan)
-    return module.text()
-
-
-@pytest.fixture(scope="module")
-def compiled(request, tmp_path_factory):
-    """The nvcc runs of the compile tests selected in this module (each bundled model's kernels,
-    the op cases' kernels, mnist_mlp's in TF32), started together on the usable cores;
-    `compiled(name)` waits for one: (its source, its launches, nvcc's result). One nvcc run
-    mostly uses one core, and the op cases' run alone takes as long as all the models' together."""
-    chosen = [item for item in request.session.items if item.module is request.module]
-    names = {item.originalname for item in chosen}
-    jobs = {}
-    if "test_every_op_cases_kernels_compile_without_warnings" in names:
-        jobs["op_cases"] = (_op_cases_module(), None, ())
-    if "test_tf32_gemms_use_the_tensor_cores_and_compile" in names:
-        plans = _plans(graphc.compile_file("bench/models/mnist_mlp.nn"))
-        jobs["tf32"] = (*codegen.render_module(plans, precision="tf32"), ("-Xptxas", "-v"))
-    for item in chosen:
-        if item.originalname == "test_every_models_kernels_compile_without_warnings":
-            path = item.callspec.params["path"]
-            jobs[path.stem] = (*codegen.render_module(_plans(graphc.compile_file(path))), ("-Xptxas", "-v"))
-    folder = tmp_path_factory.mktemp("nvcc")
-    pool = ThreadPoolExecutor(max_workers=max(1, min(usable_cores(), len(jobs))))
-    runs = {name: pool.submit(_nvcc, text, folder, name, *flags) for name, (text, _, flags) in jobs.items()}
-    pool.shutdown(wait=False)
-    yield lambda name: (jobs[name][0], jobs[name][1], runs[name].result())
-    for run in runs.values():
-        run.cancel()
-    pool.shutdown(wait=True)
-
-
 @needs_nvcc
 @pytest.mark.parametrize("path", MODELS, ids=[p.stem for p in MODELS])
-def test_every_models_kernels_compile_without_warnings(path, compiled):
-    text, launches, done = compiled(path.stem)
+def test_every_models_kernels_compile_without_warnings(path, tmp_path):
+    text, launches = codegen.render_module(_plans(graphc.compile_file(path)))
+    done = _nvcc(text, tmp_path, path.stem, "-Xptxas", "-v")
     assert done.returncode == 0 and "warning" not in done.stderr.lower(), done.stderr[-3000:]
     # Every launch names a kernel of the file, and every matrix product became a GEMM tile.
     names = set(re.findall(r'__global__ void (?:__launch_bounds__\([\d, ]+\) )?(\w+)\(', text))
@@ -111,8 +72,14 @@ def _assert_gemm_tiles_do_not_spill(ptxas: str) -> None:
 
 
 @needs_nvcc
-def test_every_op_cases_kernels_compile_without_warnings(compiled):
-    _, _, done = compiled("op_cases")
+def test_every_op_cases_kernels_compile_without_warnings(tmp_path):
+    module = codegen.Module()
+    for case in OP_CASES:
+        for dtype in (("f32", "f64") if case.floats else ("f32",)):
+            program = graphc.compile_source(case.source(dtype))
+            for key, plan in _plans(program).items():
+                module.render_graph(f"{case.name}_{dtype}_{key}", plan)
+    done = _nvcc(module.text(), tmp_path, "op_cases")
     assert done.returncode == 0 and "warning" not in done.stderr.lower(), done.stderr[-3000:]
 
 
@@ -214,16 +181,15 @@ def test_f32_gemm_tiles_load_four_floats_at_once_with_a_scalar_fallback():
 
 
 @needs_nvcc
-def test_tf32_gemms_use_the_tensor_cores_and_compile(compiled):
+def test_tf32_gemms_use_the_tensor_cores_and_compile(tmp_path):
     program = graphc.compile_file("bench/models/mnist_mlp.nn")
     plans = _plans(program)
     text, launches = codegen.render_module(plans, precision="tf32")
-    compiled_text, _, done = compiled("tf32")
-    assert compiled_text == text
     assert text.count("nvcuda::wmma::mma_sync") == len(
         {launch.kernel for graph in launches.values() for launch in graph if launch.kind == "gemm"})
     assert "__float_to_tf32" in text and "#include <mma.h>" in text
     assert "nvcuda::wmma" not in codegen.render_module(plans)[0]      # f32 is the default
+    done = _nvcc(text, tmp_path, "tf32", "-Xptxas", "-v")
     assert done.returncode == 0 and "warning" not in done.stderr.lower(), done.stderr[-3000:]
     _assert_gemm_tiles_do_not_spill(done.stderr)
 

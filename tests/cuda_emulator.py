@@ -1,8 +1,14 @@
 """Runs graphc's generated CUDA C on the CPU, to check what the kernels compute where there is no
 GPU. The .cu file is compiled as C++20 with a small header that stands in for CUDA: a block's
-threads are real threads, `__syncthreads` a barrier over them, `__shfl_down_sync` an exchange
-through a per-warp buffer between two barriers, `__shared__` a static (blocks run one after
-another). Launches are replayed like graphc/backends/cuda/executor.py does, on host memory.
+threads are fibers (ucontext) on the launching thread, run in turn, each until it waits at a
+barrier or returns; `__syncthreads` is a barrier over them, `__shfl_down_sync` an exchange through
+a per-warp buffer between two barriers, `__shared__` a static (blocks run one after another).
+Launches are replayed like graphc/backends/cuda/executor.py does, on host memory. (Fibers, not one
+OS thread per emulated thread: the same synchronization at barriers, without the thread start-ups
+and futex hand-offs that made the emulated tests five to ten times slower on two cores.) Threads
+run in index order between barriers, so a missing barrier before reading what a higher thread or
+lane writes (a shuffle, a tree reduction in shared memory) reads a stale value and fails; a
+barrier that some threads of a block never reach aborts with a message instead of hanging.
 
 What it cannot show: timing, occupancy, races that a GPU's scheduling would expose, and the GPU's
 own float rounding (FMA contraction differs). Those need a GPU (tests/test_cuda_backend.py).
@@ -27,18 +33,22 @@ from graphc.backends.kernels.memory import ALIGN, plan_arena
 CXX = shutil.which("g++")
 
 SHIM = r"""
-#include <atomic>
-#include <barrier>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <thread>
+#include <memory>
+#include <mutex>
 #include <vector>
+#include <ucontext.h>
 using std::exp; using std::log; using std::sqrt; using std::tanh; using std::log1p; using std::pow;
 using std::fabs; using std::fmax; using std::fmin; using std::erf;
 struct gc_dim3 { unsigned x = 0, y = 0, z = 0; };
-static thread_local gc_dim3 threadIdx, blockIdx;
+// The running fiber's (set before it is resumed; a fiber sees only its own values).
+static gc_dim3 threadIdx, blockIdx;
 static gc_dim3 blockDim, gridDim;
 #define __global__
 #define __device__
@@ -50,17 +60,41 @@ static gc_dim3 blockDim, gridDim;
 struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 typedef unsigned short __half;          // f16 is not emulated
-static std::barrier<>* gc_block;
-static std::vector<std::barrier<>*> gc_warp_barrier;
+
+// A block's threads are fibers on the launching thread, run round robin: each runs until it
+// waits at a barrier or returns. A barrier lets its waiters on once all its threads arrived.
+struct gc_fiber { ucontext_t ctx; bool done; };
+struct gc_barrier { unsigned n = 0, count = 0, gen = 0; };
+static ucontext_t gc_main;
+static std::vector<gc_fiber> gc_fibers;
+static std::vector<std::unique_ptr<char[]>> gc_stacks;
+static const size_t GC_STACK = 256 * 1024;
+static unsigned gc_current;
+static unsigned long long gc_progress;         // arrivals and exits: a round without any is a deadlock
+static const std::function<void()>* gc_body;
+static gc_barrier gc_block;
+static gc_barrier gc_warp_barrier[32];
 static unsigned long long gc_slots[1024];
-inline void __syncthreads() { gc_block->arrive_and_wait(); }
+
+inline void gc_yield() {
+    asm volatile("" ::: "memory");             // memory written by other fibers is read afresh
+    swapcontext(&gc_fibers[gc_current].ctx, &gc_main);
+    asm volatile("" ::: "memory");
+}
+inline void gc_wait(gc_barrier& b) {
+    const unsigned gen = b.gen;
+    ++gc_progress;
+    if (++b.count == b.n) { b.count = 0; ++b.gen; return; }
+    while (b.gen == gen) gc_yield();
+}
+inline void __syncthreads() { gc_wait(gc_block); }
 template <class T> T __shfl_down_sync(unsigned, T v, int offset) {
     const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     std::memcpy(&gc_slots[threadIdx.x], &v, sizeof(T));
-    gc_warp_barrier[warp]->arrive_and_wait();
+    gc_wait(gc_warp_barrier[warp]);
     T out = v;
     if (lane + offset < 32) std::memcpy(&out, &gc_slots[threadIdx.x + offset], sizeof(T));
-    gc_warp_barrier[warp]->arrive_and_wait();
+    gc_wait(gc_warp_barrier[warp]);
     return out;
 }
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
@@ -71,25 +105,53 @@ inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long cm
 inline float __half2float(__half) { return 0; }
 inline __half __float2half(float) { return 0; }
 
+static void gc_fiber_main() {
+    (*gc_body)();
+    gc_fibers[gc_current].done = true;
+    ++gc_progress;
+}                                               // then on to uc_link, the scheduler
+
 static void gc_launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& body) {
+    static std::mutex one_launch_at_a_time;     // the state above is the running launch's
+    std::lock_guard<std::mutex> hold(one_launch_at_a_time);
+    if (threads == 0 || threads > 1024) {
+        std::fprintf(stderr, "cuda emulator: %u threads a block (1 to 1024)\n", threads);
+        std::abort();
+    }
     blockDim = {threads, 1, 1};
     gridDim = {gx, gy, 1};
+    gc_body = &body;
+    gc_fibers.resize(threads);
+    while (gc_stacks.size() < threads) gc_stacks.emplace_back(new char[GC_STACK]);
+    gc_block = {threads, 0, 0};
+    for (unsigned w = 0; w * 32 < threads; ++w) gc_warp_barrier[w] = {std::min(32u, threads - w * 32), 0, 0};
     for (unsigned by = 0; by < gy; ++by)
         for (unsigned bx = 0; bx < gx; ++bx) {
-            std::barrier<> block(threads);
-            gc_block = &block;
-            std::vector<std::barrier<>*> warps;
-            for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(new std::barrier<>(32));
-            gc_warp_barrier = warps;
-            std::vector<std::thread> pool;
-            for (unsigned t = 0; t < threads; ++t)
-                pool.emplace_back([&, t, bx, by] {
+            blockIdx = {bx, by, 0};
+            for (unsigned t = 0; t < threads; ++t) {
+                gc_fiber& f = gc_fibers[t];
+                getcontext(&f.ctx);
+                f.ctx.uc_stack.ss_sp = gc_stacks[t].get();
+                f.ctx.uc_stack.ss_size = GC_STACK;
+                f.ctx.uc_link = &gc_main;
+                makecontext(&f.ctx, gc_fiber_main, 0);
+                f.done = false;
+            }
+            for (unsigned left = threads; left;) {
+                const unsigned long long before = gc_progress;
+                for (unsigned t = 0; t < threads; ++t) {
+                    if (gc_fibers[t].done) continue;
+                    gc_current = t;
                     threadIdx = {t, 0, 0};
-                    blockIdx = {bx, by, 0};
-                    body();
-                });
-            for (auto& th : pool) th.join();
-            for (auto* w : warps) delete w;
+                    swapcontext(&gc_main, &gc_fibers[t].ctx);
+                    if (gc_fibers[t].done) --left;
+                }
+                if (left && gc_progress == before) {
+                    std::fprintf(stderr, "cuda emulator: deadlock, %u threads of block (%u, %u) wait at a "
+                                 "barrier that the others never reach\n", left, bx, by);
+                    std::abort();
+                }
+            }
         }
 }
 """

@@ -29,10 +29,15 @@ NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed")
 
 
-def _nvcc(source: str, tmp_path: Path, name: str, *flags: str) -> subprocess.CompletedProcess:
+def _nvcc(source: str, tmp_path: Path, name: str, *flags: str, output: str = "cubin"
+          ) -> subprocess.CompletedProcess:
+    """nvcc on `source` with warnings as errors. `output` "cubin": the device code alone, as the
+    executor compiles it (graphc/backends/cuda/executor.py: compile_cubin, pycuda's --cubin);
+    "c": an object file, host side included, as a program that builds an emitted .cu does."""
     cu = tmp_path / f"{name}.cu"
     cu.write_text(source)
-    return subprocess.run([NVCC, f"-arch={ARCH}", "-c", str(cu), "-o", str(tmp_path / f"{name}.o"),
+    target = tmp_path / (name + (".cubin" if output == "cubin" else ".o"))
+    return subprocess.run([NVCC, f"-arch={ARCH}", f"-{output}", str(cu), "-o", str(target),
                            "-Werror", "all-warnings", *flags], capture_output=True, text=True)
 
 
@@ -250,7 +255,7 @@ def test_build_emits_self_contained_cuda_without_pycuda(tmp_path, capsys):
     text = cu.read_text()
     assert text.startswith("// graphc: generated CUDA C") and "(train_step): " in text
     if NVCC:
-        done = _nvcc(text, tmp_path, "emitted")
+        done = _nvcc(text, tmp_path, "emitted", output="c")
         assert done.returncode == 0, done.stderr[-2000:]
 
 

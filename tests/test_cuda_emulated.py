@@ -1,5 +1,5 @@
 """What the generated CUDA kernels compute, checked without a GPU: the .cu of every op case and of
-the bundled models runs on the CPU through tests/cuda_emulator.py (a block's threads as threads,
+the bundled models runs on the CPU through tests/cuda_emulator.py (a block's threads as fibers,
 barriers and warp shuffles emulated) and is compared with the numpy backend, the reference, to the
 llvm backend's tolerances. A GPU run (tests/test_cuda_backend.py) checks the same on hardware."""
 from __future__ import annotations

@@ -27,12 +27,13 @@ import graphc
 from graphc.cli import main
 from graphc.errors import GraphcError
 from graphc.runtime import load_artifact
+from graphc.runtime.augment import BLOCK
 from graphc.runtime.checkpoint import load_checkpoint
 from graphc.runtime.data import Scaler
 from graphc.runtime.program import ProgramError
 from graphc.runtime.runs import METRIC_COLUMNS
 from graphc.runtime.schedules import make_schedule
-from graphc.runtime.train import KILL_AT_STEP, Data, Trainer, TrainSettings, prepare_data
+from graphc.runtime.train import EVAL_BATCH, KILL_AT_STEP, Data, Trainer, TrainSettings, prepare_data
 from graphc.targets import auto_backend
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -968,11 +969,14 @@ def test_every_model_trains_two_epochs(model, request):
     p = graphc.compile_file(model)
     settings = replace(TrainSettings.of(p), epochs=2)
     if settings.data[0] in ("mnist", "fashion_mnist"):
-        # MNIST is slow in full: two epochs of 2,000 samples (batches as in the train block),
-        # shaped as the model takes them (images for the CNNs)
+        # MNIST is slow in full: two epochs of a slice of it, shaped as the model takes it (images
+        # for the CNNs). Training batches as in the train block: the augmenter's BLOCK of them and
+        # a short one (two blocks, a last batch of 16); to validate and test on, an evaluation
+        # chunk and a short one (means weighted by chunk size)
         _, full = request.getfixturevalue("mnist_data")
         shape = tuple(p.train_inputs[full.features].shape[1:])
-        subset = {k: (x[:2000].reshape((-1,) + shape), y[:2000]) for k, (x, y) in full.splits.items()}
+        sizes = {"train": settings.batch * BLOCK + 16, "val": EVAL_BATCH + 44, "test": EVAL_BATCH + 44}
+        subset = {k: (x[:sizes[k]].reshape((-1,) + shape), y[:sizes[k]]) for k, (x, y) in full.splits.items()}
         data = Data(subset, full.scaler, full.features, full.labels, full.source)
     else:
         data = prepare_data(p, settings, base_dir=model.parent)

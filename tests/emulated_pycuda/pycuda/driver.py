@@ -14,7 +14,8 @@ bytes: NaN in floats), not zeros.
 was left queued, i.e. the device went idle for the host), for tests of the runtime's overlap.
 
 Kernels other than the GEMM stride over their work by the grid, so they run with two blocks of
-64 threads (emulated threads are real threads); GEMM launches run with their whole grid.
+64 threads (emulated threads are fibers, tests/cuda_emulator.py); GEMM launches run with
+their whole grid.
 """
 from __future__ import annotations
 

@@ -84,3 +84,29 @@ def test_two_threads_compute_what_one_does(monkeypatch):
     assert losses1 == losses2
     for name in params1:
         np.testing.assert_array_equal(params1[name], params2[name])
+
+
+def test_an_idle_worker_naps_instead_of_spinning():
+    """Between steps (and during a BLAS call) the worker naps, its naps growing to a
+    millisecond: it kept half a core busy before, slowing whatever else ran on the machine. A
+    program without BLAS calls, so that the process's CPU time while idle is the worker's."""
+    import resource
+    import time
+    if not threads.enabled():
+        import pytest
+        pytest.skip("one usable core: the kernels run without a worker thread")
+    program = compile_source("model m { input x: f32[N, 4096]\n output y = relu(x) * 2.0 }",
+                             backend="llvm")
+    x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
+    for _ in range(3):
+        program.forward(x=x)
+    executor_source = program._executors["forward"].source()
+    assert "call void @graphc_parallel" in executor_source      # the pool has work, a worker runs
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    before, start = cpu(), time.perf_counter()
+    time.sleep(1.0)
+    busy = (cpu() - before) / (time.perf_counter() - start)
+    assert busy < 0.15, f"an idle worker used {busy:.0%} of a core"

@@ -109,6 +109,47 @@ def _abs(f, args, dts, attrs, out):
     return f.call(f"llvm.abs.{SUFFIX[out]}", t, [(t, args[0]), ("i1", "false")])
 
 
+# exp in f32 as Cephes' expf: n = round(x / ln 2), r = x - n ln 2 in two parts, a degree-5
+# polynomial for exp(r) on [-ln 2 / 2, ln 2 / 2], then the scale 2^n applied as two halves of
+# the exponent (so results down to the subnormals and up to overflow come out right). Within 2 ulp
+# of the C library's (tests/test_llvm_backend.py sweeps every binade) and vectorizable, where a
+# call of expf per element is not (softmax, GELU's gradient, sigmoid). f64 and f16 call the
+# C library.
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+
+
+def _exp(f, args, dts, attrs, out):
+    if out is not DType.f32:
+        return _float_call("exp")(f, args, dts, attrs, out)
+    t, x = "float", args[0]
+    # clamped to where expf is neither 0 nor inf throughout (beyond: 0 and inf from the scale);
+    # llvm.minimum/maximum propagate NaN, and the NaN is selected back at the end
+    hi = f.call("llvm.minimum.f32", t, [(t, x), (t, const(89.0, out))])
+    xc = f.call("llvm.maximum.f32", t, [(t, hi), (t, const(-104.0, out))])
+    n = f.call("llvm.rint.f32", t, [(t, f.emit(f"fmul float {xc}, {const(1.4426950408889634, out)}"))])
+    r = f.emit(f"fsub float {xc}, {f.emit(f'fmul float {n}, {const(_LN2_HI, out)}')}")
+    r = f.emit(f"fsub float {r}, {f.emit(f'fmul float {n}, {const(_LN2_LO, out)}')}")
+    acc = const(_EXP_POLY[0], out)
+    for c in _EXP_POLY[1:]:
+        acc = f.emit(f"fadd {FLAGS} float {f.emit(f'fmul {FLAGS} float {acc}, {r}')}, {const(c, out)}")
+    r2 = f.emit(f"fmul {FLAGS} float {r}, {r}")
+    p = f.emit(f"fadd {FLAGS} float {f.emit(f'fmul {FLAGS} float {acc}, {r2}')}, {r}")
+    p = f.emit(f"fadd {FLAGS} float {p}, {const(1.0, out)}")
+    k = f.emit(f"fptosi float {n} to i32")                  # in [-150, 129]
+    k1 = f.emit(f"ashr i32 {k}, 1")
+    k2 = f.emit(f"sub i32 {k}, {k1}")
+
+    def power(e):       # 2^e for e in [-75, 64], written into a float's exponent field
+        biased = f.emit(f"add i32 {e}, 127")
+        return f.emit(f"bitcast i32 {f.emit(f'shl i32 {biased}, 23')} to float")
+    scaled = f.emit(f"fmul float {p}, {power(k1)}")
+    value = f.emit(f"fmul float {scaled}, {power(k2)}")
+    nan = f.emit(f"fcmp uno float {x}, 0.0")
+    return f.emit(f"select i1 {nan}, float {x}, float {value}")
+
+
 @_calls("fmax")
 def _relu(f, args, dts, attrs, out):
     return _extremum("maximum", "smax", "or")(f, [args[0], const(0, out)], dts, attrs, out)
@@ -118,7 +159,7 @@ def _relu(f, args, dts, attrs, out):
 def _sigmoid(f, args, dts, attrs, out):
     # 1 / (1 + exp(-x)): exp overflows to inf for very negative x, and 1/inf is the right 0.
     t = IR_TYPE[out]
-    e = _float_call("exp")(f, [f.emit(f"fneg {t} {args[0]}")], dts, attrs, out)
+    e = _exp(f, [f.emit(f"fneg {t} {args[0]}")], dts, attrs, out)
     d = f.emit(f"fadd {FLAGS} {t} {const(1, out)}, {e}")
     return f.emit(f"fdiv {FLAGS} {t} {const(1, out)}, {d}")
 
@@ -237,7 +278,7 @@ def _causal_mask(f, args, dts, attrs, out):
 
 LOWER = {
     "neg": _neg, "abs": _abs, "relu": _relu, "sigmoid": _sigmoid, "stop_gradient": _identity,
-    "exp": _float_call("exp"), "log": _float_call("log"), "sqrt": _float_call("sqrt"),
+    "exp": _calls("exp")(_exp), "log": _float_call("log"), "sqrt": _float_call("sqrt"),
     "log1p": _float_call("log1p"), "tanh": _float_call("tanh"),
     "erf": _erf,
     "add": _arith("fadd", "add"), "sub": _arith("fsub", "sub"), "mul": _arith("fmul", "mul"),

@@ -13,10 +13,12 @@ an old task can never be taken for a new one; the task's fields are read only af
 claim (the task is then unfinished, so they are its own). The caller waits for every chunk to be
 done, then hands the pool back. A second graph running at the same time (another Python thread)
 finds the pool owned and runs its kernel alone. The worker spins briefly between tasks, then
-sleeps in short naps (`usleep`), so an idle step costs the other core almost nothing; a caller
-never waits for the worker to wake: it takes every chunk that is left, and while it waits for a
-chunk the worker holds it spins briefly, then yields its core (on a machine shared with other
-processes the worker may have been descheduled mid-chunk).
+sleeps in naps (`usleep`) that grow from 50 µs to 1 ms while it stays idle, so an idle program, or
+one inside a BLAS call that uses both cores, costs the other core a few percent (spinning on, it
+took over half of it from other processes and from BLAS's own threads); a caller never waits for
+the worker to wake: it takes every chunk that is left, and while it waits for a chunk the worker
+holds it spins briefly, then yields its core (on a machine shared with other processes the worker
+may have been descheduled mid-chunk).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import numpy as np
 MIN_POINTS = 1 << 16      # smaller kernels run on the calling thread (a task costs about a µs)
 CHUNKS = 16               # per task, at most (one per outer index below that)
 SPINS = 4000              # idle polls with `pause` before the worker naps
-NAP_US = 50
+NAP_US = 50               # its first nap; each further one 50 µs longer, up to
+MAX_NAP_US = 1000         # (so an idle worker wakes about a thousand times a second)
 # pool words
 OWNER, STATE, DONE, FN, BUFS, DIMS, STATUS, BLAS, COUNT, QUIT = range(10)
 POOL_WORDS = 16
@@ -139,7 +142,7 @@ entry:
 {fields}
   br label %poll
 poll:
-  %idle = phi i64 [0, %entry], [0, %again], [%idle1, %spin], [0, %nap]
+  %idle = phi i64 [0, %entry], [0, %again], [%idle1, %spin], [%idle1, %nap]
   %q = load atomic i64, ptr %quitp acquire, align 8
   %stop = icmp ne i64 %q, 0
   br i1 %stop, label %exit, label %look
@@ -155,7 +158,12 @@ nothing:
 spin:
 {relax}  br label %poll
 nap:
-  %r = call i32 @usleep(i32 {NAP_US})
+  %naps = sub i64 %idle1, {SPINS}
+  %grown = mul i64 %naps, {NAP_US}
+  %short = icmp ult i64 %grown, {MAX_NAP_US}
+  %us64 = select i1 %short, i64 %grown, i64 {MAX_NAP_US}
+  %us = trunc i64 %us64 to i32
+  %r = call i32 @usleep(i32 %us)
   br label %poll
 exit:
   ret void

@@ -222,8 +222,11 @@ def _resume(args, group=None):
     program.use_precision(args.precision)
     overrides = {flag: getattr(args, flag) for flag in ("epochs", "steps")
                  if getattr(args, flag) is not None}
+    if "steps" in overrides and "horizon" not in config:
+        config["horizon"] = steps
     config["settings"].update(overrides)
-    settings = TrainSettings.of(_with_settings(program, config["settings"]))
+    settings = _with_horizon(TrainSettings.of(_with_settings(program, config["settings"])),
+                             config.get("horizon"))
     if settings.steps is not None:      # text by steps, with the run's vocabulary
         from graphc.runtime.text_data import load_text_data
         vocab = (program.meta.get("text") or {}).get("vocab")
@@ -247,7 +250,7 @@ def _prepare(args, group=None):
     _by_steps_or_epochs(args, settings.steps, f"model {program.name}")
     if settings.steps is not None:
         _one_process_steps(args, ranks)
-        settings = _fixed_horizon(replace(settings, steps=args.steps or settings.steps))
+        settings = replace(settings, steps=args.steps or settings.steps)
     program.use_precision(args.precision)
     program.compile()     # native code now: a missing GPU fails before a run folder exists
     if settings.steps is not None:      # text by steps: the step trainer reads its own data
@@ -258,14 +261,22 @@ def _prepare(args, group=None):
     return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
 
 
-def _fixed_horizon(settings):
-    """A warmup_cosine schedule without steps of its own decays over the run's steps: written
-    into the run's settings, so that `--resume --steps` trains on at its floor, as `--resume
-    --epochs` does past a cosine's period, instead of warming the rate up again."""
-    name, options = settings.schedule
-    if name != "warmup_cosine" or options.get("steps") is not None:
+def _follows_steps(schedule) -> bool:
+    """A warmup_cosine schedule without steps of its own: it decays over the block's steps."""
+    name, options = schedule
+    return name == "warmup_cosine" and options.get("steps") is None
+
+
+def _with_horizon(settings, horizon: int | None):
+    """The settings a resumed run trains with: a schedule that follows the block's steps keeps
+    decaying over the steps the run was started with (`horizon`, in config.json once `--resume
+    --steps` changed them), so the extra steps train at its floor, as `--resume --epochs` does
+    past a cosine's period, instead of warming the rate up again. Kept out of the settings
+    themselves, so the run's trained model, trained anew, follows its new steps."""
+    if horizon is None or not _follows_steps(settings.schedule):
         return settings
-    return replace(settings, schedule=type(settings.schedule)(name, {**options, "steps": settings.steps}))
+    name, options = settings.schedule
+    return replace(settings, schedule=type(settings.schedule)(name, {**options, "steps": horizon}))
 
 
 def _by_steps_or_epochs(args, steps: int | None, what: str) -> None:

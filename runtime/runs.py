@@ -43,8 +43,11 @@ CONFIG_SCHEMA = {
     "ranks?": int,          # data-parallel ranks (runtime.distributed); absent: one process
 }
 # a run trained by steps on text (runtime/steps.py) records its text data instead
+# ... and, once `--resume --steps` changed its steps, the steps a schedule that follows them
+# keeps decaying over (graphc/train_cli.py)
 TEXT_CONFIG_SCHEMA = {**CONFIG_SCHEMA, "data": {"text": {"source": str, "vocab": str, "context": int,
-                                                         "sizes": MapOf(int)}}}
+                                                         "sizes": MapOf(int)}},
+                      "horizon?": int}
 # what atomic_write leaves behind when killed: "." + the file's name + "." + 8 random characters
 _TEMPORARY = re.compile(r"\.(config\.json|scores\.json|metrics\.csv|metrics\.jsonl|last\.npz|"
                         r"best\.npz|final\.npz)\.[A-Za-z0-9_]{8}")

@@ -265,8 +265,14 @@ def test_steps_on_the_command_line(folder, monkeypatch, capsys):
     assert [int(r[0]) for r in rows] == [10, 12, 20]
     # trained on at the schedule's floor: the decay keeps the 12 steps the run started with
     assert float(rows[-1][1]) == pytest.approx(3e-4)
-    settings = RunFolder(folder / "short").config()["settings"]
-    assert settings["steps"] == 20 and settings["schedule"][1]["steps"] == 12
+    config = RunFolder(folder / "short").config()
+    assert config["settings"]["steps"] == 20 and config["horizon"] == 12
+    assert config["settings"]["schedule"][1].get("steps") is None
+    # its trained model, trained anew for 20 steps, decays over those 20
+    assert main(["train", "short/trained", "--out", "again", "--steps", "20", "--quiet",
+                 "--backend", "numpy"]) == 0
+    rows = [r.split(",") for r in (folder / "again" / "metrics.csv").read_text().splitlines()[1:]]
+    assert float(rows[0][1]) == pytest.approx(3e-4 + (3e-3 - 3e-4) * (1 + math.cos(math.pi * 6 / 17)) / 2)
     assert main(["train", "lm.nn", "--out", "e", "--epochs", "2", "--backend", "numpy"]) == 1
     assert "model lm trains by steps (30); --epochs does not apply" in capsys.readouterr().err
     (folder / "mlp.nn").write_text("""model m { input x: f32[N, 4]

@@ -337,12 +337,7 @@ class _Planner:
                     return None
                 if order == list(range(len(order))):
                     return None
-                dims = dims_of(node.shape)
-                inner = row_major(tuple(dims[a] for a in order))
-                strides = [ZERO] * len(dims)
-                for pos, axis in enumerate(order):
-                    strides[axis] = inner[pos]
-                return Layout(buffer, tuple(strides))
+                return self._in_order(node, buffer, order)
         return None
 
     def _layout_of(self, node: Node) -> Layout:

@@ -77,13 +77,12 @@ def _eval_text(args, program, settings, config) -> int:
     """The loss of a model trained by steps over a whole split of its text (consecutive
     windows, as the run's last evaluation): train or val; text has no test split."""
     from graphc.runtime.steps import StepTrainer
-    from graphc.runtime.text_data import load_text_data
+    from graphc.runtime.text_data import load_text_data, trained_vocab
     if args.split == "test":
         raise error("a model trained by steps on text has a train and a val split, no test split",
                     hint="pass --split val")
     base_dir = config["base_dir"] if config is not None else _source_dir(program)
-    vocab = (program.meta.get("text") or {}).get("vocab")
-    data = load_text_data(settings, base_dir, vocab=vocab)
+    data = load_text_data(settings, base_dir, vocab=trained_vocab(program))
     loss = StepTrainer(program, settings, data).evaluate_split(args.split)
     windows = len(data.windows(args.split)[0])
     print(f"{args.split}: loss {loss:.4f} ({windows:,} windows of {data.context} characters)")

@@ -58,9 +58,9 @@ def train_steps(args, program, settings, base_dir, run_path: Path) -> int:
     return _run(args, StepTrainer(program, settings, data, run, on_eval=_print_row(args)), resumed=False)
 
 
-def resume_steps(args, run, program, settings, data) -> int:
+def resume_steps(args, run, program, settings, data, horizon: int | None) -> int:
     from graphc.runtime.steps import StepTrainer
-    trainer = StepTrainer(program, settings, data, run, on_eval=_print_row(args))
+    trainer = StepTrainer(program, settings, data, run, on_eval=_print_row(args), horizon=horizon)
     run.remove_temporaries()
     if run.last.exists() or run.last.is_symlink():
         trainer.resume()

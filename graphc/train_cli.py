@@ -121,7 +121,7 @@ def _train(args, group=None) -> int:
             run, config, program, settings, data = agree(group, lambda: _resume(args, group))
         if settings.steps is not None:          # a language model on text: by steps
             from graphc.steps_cli import resume_steps
-            return resume_steps(args, run, program, settings, data)
+            return resume_steps(args, run, program, settings, data, config.get("horizon"))
     else:
         if args.file is None:
             raise error("graphc train needs a .nn file, an artifact, or --resume RUN")
@@ -223,14 +223,15 @@ def _resume(args, group=None):
     overrides = {flag: getattr(args, flag) for flag in ("epochs", "steps")
                  if getattr(args, flag) is not None}
     if "steps" in overrides and "horizon" not in config:
+        # the steps its schedule decays over, if it follows them: kept from the run's start, so
+        # the extra steps train at the schedule's floor, as --resume --epochs does past a
+        # cosine's period; out of the settings, so the trained model trained anew follows its own
         config["horizon"] = steps
     config["settings"].update(overrides)
-    settings = _with_horizon(TrainSettings.of(_with_settings(program, config["settings"])),
-                             config.get("horizon"))
+    settings = TrainSettings.of(_with_settings(program, config["settings"]))
     if settings.steps is not None:      # text by steps, with the run's vocabulary
-        from graphc.runtime.text_data import load_text_data
-        vocab = (program.meta.get("text") or {}).get("vocab")
-        data = load_text_data(settings, config["base_dir"], vocab=vocab)
+        from graphc.runtime.text_data import load_text_data, trained_vocab
+        data = load_text_data(settings, config["base_dir"], vocab=trained_vocab(program))
     else:
         data = prepare_data(program, settings, args.data_dir or config.get("data_dir"),
                             config["base_dir"], scaler=config["data"]["scaler"])
@@ -259,24 +260,6 @@ def _prepare(args, group=None):
         from graphc.runtime.distributed import check_ranks
         check_ranks(settings.batch, ranks)
     return program, base_dir, settings, prepare_data(program, settings, args.data_dir, base_dir)
-
-
-def _follows_steps(schedule) -> bool:
-    """A warmup_cosine schedule without steps of its own: it decays over the block's steps."""
-    name, options = schedule
-    return name == "warmup_cosine" and options.get("steps") is None
-
-
-def _with_horizon(settings, horizon: int | None):
-    """The settings a resumed run trains with: a schedule that follows the block's steps keeps
-    decaying over the steps the run was started with (`horizon`, in config.json once `--resume
-    --steps` changed them), so the extra steps train at its floor, as `--resume --epochs` does
-    past a cosine's period, instead of warming the rate up again. Kept out of the settings
-    themselves, so the run's trained model, trained anew, follows its new steps."""
-    if horizon is None or not _follows_steps(settings.schedule):
-        return settings
-    name, options = settings.schedule
-    return replace(settings, schedule=type(settings.schedule)(name, {**options, "steps": horizon}))
 
 
 def _by_steps_or_epochs(args, steps: int | None, what: str) -> None:

@@ -37,16 +37,18 @@ class StepState:
 
 class StepTrainer:
     """Runs `settings.steps` train steps of `program` on batches of `data`, reporting each
-    evaluation's row to `on_eval`; with a run folder, checkpoints at each evaluation."""
+    evaluation's row to `on_eval`; with a run folder, checkpoints at each evaluation. A
+    warmup_cosine schedule without steps of its own decays over `horizon`, by default the
+    steps (a run resumed for more steps keeps the steps it started with: graphc/train_cli.py)."""
 
     def __init__(self, program, settings: TrainSettings, data: TextData, run=None,
-                 on_eval: Callable[[dict], None] | None = None):
+                 on_eval: Callable[[dict], None] | None = None, horizon: int | None = None):
         self.program, self.settings, self.data, self.run = program, settings, data, run
         self.on_eval = on_eval or (lambda row: None)
         self.features, self.labels = feature_and_label(program)
         name, options = settings.schedule
         if name == "warmup_cosine" and options.get("steps") is None:
-            options = {**options, "steps": settings.steps}
+            options = {**options, "steps": horizon or settings.steps}
         self.schedule = make_schedule((name, options), settings.lr)
         self.state = StepState()
         self.eval_every = settings.eval_every or settings.steps

@@ -113,6 +113,11 @@ def check_model(program, data: TextData, features: str, labels: str) -> None:
                          f"vocabulary) {data.vocab_size}")
 
 
+def trained_vocab(program) -> str | None:
+    """The vocabulary a trained model was trained on (its run's or artifact's `text` entry)."""
+    return (program.meta.get("text") or {}).get("vocab")
+
+
 def load_text_data(settings, base_dir, vocab: str | None = None) -> TextData:
     """The text a train block's `data = text(FILE, context=T)` names, FILE taken from `base_dir`
     where relative (the .nn file's folder), with a trained model's `vocab` where given."""

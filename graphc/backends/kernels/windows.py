@@ -29,6 +29,8 @@ import math
 from graphc.ir import OPS
 from graphc.ir import ops as op_table
 from graphc.ir.node import Graph, Node
+from graphc.ir.ops import Operand
+from graphc.ir.shapes import normalize_axes
 
 SMALL_WINDOW = 16
 _POSITIONAL = ("one_hot", "causal_mask", "uniform")    # elementwise ops that read their position
@@ -100,9 +102,7 @@ class _Rewrite:
     def _spelled(self, total: Node, kept: Node) -> Node | None:
         e = total.inputs[0]
         ndim = e.type.ndim
-        axis = total.attr["axis"]
-        axes = tuple(range(ndim)) if axis is None else \
-            tuple(sorted(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,))))
+        axes = normalize_axes("sum", Operand(e.type, ""), total.attr["axis"])
         sizes = [e.shape[a] for a in axes]
         keep_shape = tuple(1 if a in axes else d for a, d in enumerate(e.shape))
         if kept.shape != keep_shape or e.dtype != total.dtype or not e.dtype.is_float \

@@ -244,3 +244,23 @@ def test_an_unchanged_build_is_copied_from_the_build_cache(tmp_path, monkeypatch
         change()
         assert main(build + ["-o", str(tmp_path / "c")]) == 70   # graphc's internal-error status
         assert "compiled again" in capsys.readouterr().err
+
+
+def test_a_per_channel_sum_runs_along_memory_and_splits_across_threads():
+    """A convolution's bias gradient sums the image gradient [N, C, H, W] over N, H and W; the
+    product leaves it stored [C, N, H, W], so the llvm backend runs it as a reduction over
+    trailing axes (channels outermost: each channel's terms in one run, split across threads);
+    a row-major [N, F] summed over N keeps its order."""
+    from graphc.backends.kernels.ir import memory_order
+    from graphc.backends.llvm.threads import splittable
+    program = graphc.compile_file("models/mnist_cnn.nn")
+    plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"), ordered=True)
+    sums = {k.space: k for k in plan.kernels if k.reduce_axes and k.matmul is None}
+    channels = sums[((1, ("N",)), (64, ()), (24, ()), (24, ()))]
+    assert channels.reduce_axes == (0, 2, 3)
+    ordered = memory_order(channels)
+    assert ordered.space == ((64, ()), (1, ("N",)), (24, ()), (24, ()))
+    assert ordered.reduce_axes == (1, 2, 3)
+    assert splittable(coalesce(ordered), lambda b: b)
+    rows = sums[((1, ("N",)), (128, ()))]          # linear(128)'s bias gradient
+    assert rows.reduce_axes == (0,) and memory_order(rows) is rows

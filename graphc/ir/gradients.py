@@ -60,7 +60,7 @@ def _matmul(e, node, g, wants):
     if wants[0]:
         if _known(a) and _columns(b):
             # A convolution's weight [O, C*kh*kw] times its columns [C*kh*kw, N*OH*OW]: the
-            # weight's gradient, a sum over every pixel of the batch, comes out of BLAS 10-15%
+            # weight's gradient, a sum over every pixel of the batch, comes out of BLAS about 10%
             # faster as [C*kh*kw, O] (docs/backends.md, "Convolutions"); it is small, and the
             # update reads it transposed.
             da = e("transpose", e("matmul", b, e("transpose", g, axes=(1, 0))), axes=(1, 0))

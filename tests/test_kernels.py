@@ -244,3 +244,41 @@ def test_an_unchanged_build_is_copied_from_the_build_cache(tmp_path, monkeypatch
         change()
         assert main(build + ["-o", str(tmp_path / "c")]) == 70   # graphc's internal-error status
         assert "compiled again" in capsys.readouterr().err
+
+
+def test_a_per_channel_sum_runs_along_memory_and_splits_across_threads():
+    """A convolution's bias gradient sums the image gradient [N, C, H, W] over N, H and W; the
+    product leaves it stored [C, N, H, W], so the llvm backend runs it as a reduction over
+    trailing axes (channels outermost: each channel's terms in one run, split across threads);
+    a row-major [N, F] summed over N keeps its order."""
+    from graphc.backends.kernels.ir import memory_order
+    from graphc.backends.llvm.threads import splittable
+    program = graphc.compile_file("models/mnist_cnn.nn")
+    plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"), ordered=True)
+    sums = {k.space: k for k in plan.kernels if k.reduce_axes and k.matmul is None}
+    channels = sums[((1, ("N",)), (64, ()), (24, ()), (24, ()))]
+    assert channels.reduce_axes == (0, 2, 3)
+    ordered = memory_order(channels)
+    assert ordered.space == ((64, ()), (1, ("N",)), (24, ()), (24, ()))
+    assert ordered.reduce_axes == (1, 2, 3)
+    assert splittable(coalesce(ordered), lambda b: b)
+    rows = sums[((1, ("N",)), (128, ()))]          # linear(128)'s bias gradient
+    assert rows.reduce_axes == (0,) and memory_order(rows) is rows
+
+
+def test_a_reshape_that_only_splits_axes_of_a_strided_view_is_a_view():
+    """A convolution's weight gradient comes out of its product as [C*kh*kw, O] and is read as
+    [O, C, kh, kw]: the transposed view reshaped by splitting an axis needs no copy kernel. A
+    reshape that merges axes of a strided view does (its elements must be in order)."""
+    from graphc.backends.kernels.fuse import _split_strides
+    # [288, 64] read transposed: [64, 288] with strides (1, 64), split into [64, 32, 3, 3]
+    assert _split_strides(((1, ()), (64, ())), (64, 288), (64, 32, 3, 3)) == \
+        ((1, ()), (576, ()), (192, ()), (64, ()))
+    # a symbolic axis split in three, and axes of size 1 anywhere
+    assert _split_strides(((1, ()), (288, ())), (288, "576*N"), (288, 1, "N", 24, 24, 1)) == \
+        ((1, ()), (0, ()), (165888, ()), (6912, ()), (288, ()), (0, ()))
+    assert _split_strides(((1, ()), (64, ())), (64, 288), (64 * 288,)) is None     # a merge
+    assert _split_strides(((1, ()), (64, ())), (64, 288), (64, 5, 57)) is None      # no split
+    program = graphc.compile_file("models/mnist_cnn.nn")
+    plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"), ordered=True)
+    assert not [k for k in plan.kernels if k.name.endswith("_copy") and len(k.space) == 2]

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from graphc.backends.kernels.ir import (
+    ONE,
     ZERO,
     Access,
     Buffer,
@@ -540,6 +541,9 @@ class _Planner:
         assert node.op == "reshape", f"internal error: no layout rule for {node}"
         if self._is_contiguous(value, x.shape):
             return Layout(value.buffer, row_major(dims_of(node.shape)), value.offset)
+        split = _split_strides(value.strides, x.shape, node.shape)
+        if split is not None:
+            return Layout(value.buffer, split, value.offset)
         out = self.new_buffer(node)       # a reshape of a strided view needs the elements in order
         self._emit("copy", x.shape, (), [self.access(value, x.shape, x.shape)],
                    [Store(Access(out, row_major(dims_of(x.shape))), Load(0, x.dtype), None, node)], [node])
@@ -555,6 +559,47 @@ class _Planner:
         if not isinstance(value, Layout):
             value = self._layout_of(node)
         return self.access(value, node.shape, node.shape), dims_of(node.shape), node.dtype
+
+
+def _split_strides(strides, shape, new_shape) -> tuple | None:
+    """The strides of a reshape that only splits axes (each axis of `shape` becomes a run of axes
+    of `new_shape` of the same total size; axes of size 1 anywhere), from those of a strided view:
+    a split axis's parts step through it as a row-major block would. None for any other reshape
+    (one that merges axes needs its elements in order: a copy)."""
+    old = [(size_of(d), st) for d, st in zip(shape, strides) if size_of(d) != ONE]
+    out = []
+    for d in reversed(new_shape):
+        size = size_of(d)
+        if size == ONE:
+            out.append(ZERO)
+            continue
+        if not old:
+            return None
+        whole, stride = old[-1]
+        if size == whole:
+            out.append(stride)
+            old.pop()
+            continue
+        rest = _quotient(whole, size)
+        if rest is None:
+            return None
+        out.append(stride)
+        old[-1] = (rest, smul(stride, size))
+    if old:
+        return None
+    return tuple(reversed(out))
+
+
+def _quotient(whole, part):
+    """whole / part as a Size where part divides it (coefficients and symbols), else None."""
+    syms = list(whole[1])
+    for s in part[1]:
+        if s not in syms:
+            return None
+        syms.remove(s)
+    if part[0] == 0 or whole[0] % part[0]:
+        return None
+    return (whole[0] // part[0], tuple(syms))
 
 
 def _weight(size) -> float:

@@ -218,32 +218,64 @@ def memory_order(kernel: Kernel) -> Kernel:
     stride) where that is not the space's own order: an elementwise kernel by its first store, a
     reduction over trailing axes by its first load (the kept axes only). An image stored
     [C, N, H, W] is then streamed. Matrix products, kernels that read what they write in place
-    (col2im's order is its own), reductions over leading axes and kernels that read their position
-    (one_hot's Index, uniform's FlatIndex) keep their order. A scatter's window offsets
-    (`window_axes`) stay innermost: each window's elements are computed together (max-pooling's
-    gradient reads its whole window at each of them)."""
+    (col2im's order is its own) and kernels that read their position (one_hot's Index, uniform's
+    FlatIndex) keep their order; a reduction over other axes than the trailing ones becomes one
+    over trailing axes where memory allows (`_kept_outermost`), else keeps its order. A
+    scatter's window offsets (`window_axes`) stay innermost: each window's elements are computed
+    together (max-pooling's gradient reads its whole window at each of them)."""
     if kernel.matmul is not None or not kernel.stores:
         return kernel
     rank = len(kernel.space)
     kept = rank - len(kernel.reduce_axes)
-    if kernel.reduce_axes and (set(kernel.reduce_axes) != set(range(kept, rank)) or not kernel.loads):
+    if kernel.reduce_axes and not kernel.loads:
         return kernel
     if {a.buffer for a in kernel.loads} & {s.access.buffer for s in kernel.stores}:
         return kernel
     if any(isinstance(e, (Index, FlatIndex)) for e in walk(s.expr for s in kernel.stores)):
         return kernel
     strides = (kernel.loads[0] if kernel.reduce_axes else kernel.stores[0].access).strides
-
-    def weight(size: Size) -> float:
-        return size[0] * 1e6 ** len(size[1])
+    if kernel.reduce_axes and set(kernel.reduce_axes) != set(range(kept, rank)):
+        return _kept_outermost(kernel, strides)
     kept -= kernel.window_axes
-    order = sorted(range(kept), key=lambda a: -weight(strides[a])) + list(range(kept, rank))
-    if order == list(range(rank)):
+    order = sorted(range(kept), key=lambda a: -_weight(strides[a])) + list(range(kept, rank))
+    return _permuted(kernel, order, kernel.reduce_axes)
+
+
+def _weight(size: Size) -> float:
+    """A stride's rank among others: symbolic ones (a multiple of the batch) outweigh constants."""
+    return size[0] * 1e6 ** len(size[1])
+
+
+def _kept_outermost(kernel: Kernel, strides) -> Kernel:
+    """A reduction over other axes than the trailing ones (a convolution's bias gradient: an
+    image [N, C, H, W] summed over N, H and W), reordered to a reduction over trailing axes where
+    its first load lays every kept axis out outside every reduced one (that image stored
+    [C, N, H, W], as a product leaves it): then each result's terms are read in one run along
+    memory, the sum is kept in registers, and the kernel splits across threads by its kept axes.
+    Otherwise it keeps its order (a row-major [N, F] summed over N reads its rows in order and
+    adds each into the results)."""
+    if kernel.window_axes:
+        return kernel
+    rank = len(kernel.space)
+    kept = [a for a in range(rank) if a not in kernel.reduce_axes and kernel.space[a] != ONE]
+    summed = [a for a in kernel.reduce_axes if kernel.space[a] != ONE]
+    if (not kept or not summed
+            or min(_weight(strides[a]) for a in kept) <= max(_weight(strides[a]) for a in summed)):
+        return kernel
+    kept = [a for a in range(rank) if a not in kernel.reduce_axes]
+    order = (sorted(kept, key=lambda a: -_weight(strides[a]))
+             + sorted(kernel.reduce_axes, key=lambda a: -_weight(strides[a])))
+    return _permuted(kernel, order, tuple(range(len(kept), rank)))
+
+
+def _permuted(kernel: Kernel, order: list[int], reduce_axes: tuple[int, ...]) -> Kernel:
+    """The kernel with its loops in `order` (outermost first), reducing `reduce_axes`."""
+    if order == list(range(len(kernel.space))):
         return kernel
 
     def permute(a: Access) -> Access:
         return Access(a.buffer, tuple(a.strides[k] for k in order), a.offset)
-    return Kernel(kernel.name, tuple(kernel.space[k] for k in order), kernel.reduce_axes,
+    return Kernel(kernel.name, tuple(kernel.space[k] for k in order), reduce_axes,
                   [permute(a) for a in kernel.loads],
                   [Store(permute(s.access), s.expr, s.reduce, s.node) for s in kernel.stores],
                   kernel.nodes, None, kernel.window_axes)

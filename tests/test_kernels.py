@@ -197,6 +197,34 @@ def test_matrix_products_run_as_loops_where_no_blas_was_found():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_matrix_products_of_overlapping_rows_run_as_loops():
+    """A view whose rows overlap (a window view; a broadcast, as the gradient of a sum over
+    rows is) is no matrix a BLAS reads: the leading dimension was raised to the row length, and
+    llvm read past the rows (NaN, or wrong numbers). Such products run as the generated loop."""
+    from graphc.ir import ops as op_table
+    from graphc.ir.node import Graph
+    from graphc.ir.types import DType, TensorType
+    from graphc.passes import PipelineOptions, run_pipeline
+    from graphc.runtime import Program
+
+    def source(name, shape):
+        return op_table.source("input", TensorType(DType.f32, shape), name=name)
+    x, w = source("x", (8, 300)), source("w", (64, 40))
+    windows = op_table.apply("window", [x], {"kernel": [64], "stride": [1], "dilation": [1]})
+    v, u = source("v", (40,)), source("u", (40, 50))
+    rows = op_table.apply("broadcast_to", [v], {"shape": (64, 40)})
+    graph = run_pipeline(Graph("t", (("windows", op_table.apply("matmul", [windows, w])),
+                                      ("rows", op_table.apply("matmul", [rows, u])))),
+                         PipelineOptions(verify=True))
+    rng = np.random.default_rng(0)
+    feeds = {"x": (8, 300), "w": (64, 40), "v": (40,), "u": (40, 50)}
+    feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in feeds.items()}
+    want = Program("t", {"forward": graph}, {}, {}, backend="numpy").forward(**feeds)
+    got = Program("t", {"forward": graph}, {}, {}, backend="llvm").forward(**feeds)
+    for name in ("windows", "rows"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
 def test_object_cache_key_is_the_same_in_every_process():
     # The key hashes the kernel plans' repr: it must not depend on string hashing (set order).
     script = ("import graphc; p = graphc.compile_file('models/digits_mlp.nn', backend='llvm'); "
@@ -264,6 +292,32 @@ def test_a_per_channel_sum_runs_along_memory_and_splits_across_threads():
     assert splittable(coalesce(ordered), lambda b: b)
     rows = sums[((1, ("N",)), (128, ()))]          # linear(128)'s bias gradient
     assert rows.reduce_axes == (0,) and memory_order(rows) is rows
+    # a row-major [N, 256] times a broadcast [256], summed over N (a per-feature scale's
+    # gradient): the broadcast load does not decide, the rows are read in order
+    from graphc.ir import ops as op_table
+    from graphc.ir.node import Graph
+    from graphc.ir.types import DType, TensorType
+    from graphc.passes import PipelineOptions, run_pipeline
+    v = op_table.source("input", TensorType(DType.f32, (256,)), name="v")
+    x = op_table.source("input", TensorType(DType.f32, ("N", 256)), name="x")
+    total = op_table.apply("sum", [op_table.apply("mul", [v, x])], {"axis": 0})
+    graph = run_pipeline(Graph("t", (("s", total),)), PipelineOptions(verify=True))
+    (kernel,) = [k for k in plan_kernels(graph, ordered=True).kernels if k.reduce_axes]
+    assert memory_order(kernel) is kernel
+
+
+@pytest.mark.parametrize("optimizer", ["adam(lr=1e-3)", "sgd(lr=0.05)", "adagrad(lr=0.05)",
+                                       "sgd(lr=0.05, momentum=0.9)"])
+def test_every_update_of_a_cnn_is_written_in_place(optimizer):
+    """Each parameter's update (and its optimizer state's) is written over it, also a
+    convolution weight whose gradient the product leaves transposed (the update stores
+    row-major where it reads the parameter) and one with an axis of size 1 ([32, 1, 3, 3])."""
+    source = Path("models/mnist_cnn.nn").read_text().replace("adam(lr=1e-3)", optimizer)
+    program = graphc.compile_source(source)
+    plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"), ordered=True)
+    updates = [(name, access) for name, access, _, _ in plan.outputs if name.startswith("new ")]
+    assert len(updates) >= 8
+    assert [name for name, access in updates if access.buffer not in plan.aliases] == []
 
 
 def test_a_reshape_that_only_splits_axes_of_a_strided_view_is_a_view():
@@ -279,6 +333,7 @@ def test_a_reshape_that_only_splits_axes_of_a_strided_view_is_a_view():
         ((1, ()), (0, ()), (165888, ()), (6912, ()), (288, ()), (0, ()))
     assert _split_strides(((1, ()), (64, ())), (64, 288), (64 * 288,)) is None     # a merge
     assert _split_strides(((1, ()), (64, ())), (64, 288), (64, 5, 57)) is None      # no split
+    assert _split_strides(((0, ()), (1, ())), (64, 40), (2, 32, 40)) is None        # a broadcast
     program = graphc.compile_file("models/mnist_cnn.nn")
     plan = plan_kernels(program.graphs["train_step"], program.updates("train_step"), ordered=True)
     assert not [k for k in plan.kernels if k.name.endswith("_copy") and len(k.space) == 2]

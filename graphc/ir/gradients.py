@@ -60,9 +60,9 @@ def _matmul(e, node, g, wants):
     if wants[0]:
         if _known(a) and _columns(b):
             # A convolution's weight [O, C*kh*kw] times its columns [C*kh*kw, N*OH*OW]: the
-            # weight's gradient, a sum over every pixel of the batch, comes out of BLAS about 10%
-            # faster as [C*kh*kw, O] (docs/backends.md, "Convolutions"); it is small, and the
-            # update reads it transposed.
+            # weight's gradient, a sum over every pixel of the batch, comes out of OpenBLAS
+            # about 10% faster as [C*kh*kw, O] (docs/backends.md, "Convolutions"); it is small,
+            # and the update reads it transposed (a view).
             da = e("transpose", e("matmul", b, e("transpose", g, axes=(1, 0))), axes=(1, 0))
         else:
             da = e("matmul", g, _swap_last(e, b))
@@ -75,8 +75,15 @@ def _known(a: Node) -> bool:
 
 
 def _columns(b: Node) -> bool:
-    """b is [k, n] with k known and n a multiple of the batch size (a convolution's columns)."""
-    return b.type.ndim == 2 and isinstance(b.shape[0], int) and not isinstance(b.shape[1], int)
+    """b is a convolution's columns: [C*kh*kw, N*OH*OW] laid out from a `window` view
+    (composites_conv.py: a reshape of a transpose of the windows, or of a group's slice)."""
+    if b.type.ndim != 2 or not isinstance(b.shape[0], int) or b.op != "reshape":
+        return False
+    x = b.inputs[0]
+    if x.op != "transpose":
+        return False
+    x = x.inputs[0]
+    return x.op == "window" or (x.op == "slice" and x.inputs[0].op == "window")
 
 
 def _times(dims) -> tuple[int, list[str]]:

@@ -324,20 +324,20 @@ class _Planner:
         its group that covers its whole shape lies in another axis order: that order (a
         convolution's product is [C, N, H, W]: its bias, ReLU and their gradients then stream
         both ways, and the gradient reshaped back into [C, N*H*W] for the next product needs no
-        copy). None: row-major."""
+        copy). None: row-major, also where the group reads a parameter or optimizer state of
+        the result's shape (an update, written in place over it: a convolution's weight gradient
+        comes out of its product transposed)."""
         if node.type.ndim < 3:
             return None
         members = {id(m) for m in g.members}
-        for m in g.members:
-            for x in m.inputs:
-                value = self.values.get(id(x))
-                if id(x) in members or not isinstance(value, Layout) or x.shape != node.shape:
-                    continue
-                order = _axis_order(value, x.shape)
-                if order is None:
-                    return None
-                if order == list(range(len(order))):
-                    return None
+        whole = [self.values.get(id(x)) for m in g.members for x in m.inputs
+                 if id(x) not in members and x.shape == node.shape]
+        whole = [v for v in whole if isinstance(v, Layout)]
+        if any(self.buffers[v.buffer].kind in ("param", "state") for v in whole):
+            return None
+        for value in whole[:1]:
+            order = _axis_order(value, node.shape)
+            if order is not None and order != list(range(len(order))):
                 return self._in_order(node, buffer, order)
         return None
 
@@ -565,8 +565,11 @@ def _split_strides(strides, shape, new_shape) -> tuple | None:
     """The strides of a reshape that only splits axes (each axis of `shape` becomes a run of axes
     of `new_shape` of the same total size; axes of size 1 anywhere), from those of a strided view:
     a split axis's parts step through it as a row-major block would. None for any other reshape
-    (one that merges axes needs its elements in order: a copy)."""
+    (one that merges axes needs its elements in order: a copy), and for a broadcast view (whose
+    copy a matrix product reads as a matrix)."""
     old = [(size_of(d), st) for d, st in zip(shape, strides) if size_of(d) != ONE]
+    if any(st == ZERO for _, st in old):
+        return None
     out = []
     for d in reversed(new_shape):
         size = size_of(d)
@@ -654,17 +657,25 @@ def plan_in_place_updates(plan: KernelPlan, updates: Sequence[Update]) -> None:
             continue
         index, kernel = found
         store = next(s for s in kernel.stores if s.access.buffer == access.buffer)
-        if (kernel.reduce_axes or store.access != Access(access.buffer, row_major(kernel.space))
-                or kernel.space != shape):
+        dense = row_major(kernel.space)
+        if (kernel.reduce_axes or kernel.space != shape or store.access.offset or access.offset
+                or not _same_walk(store.access.strides, dense, kernel.space)
+                or not _same_walk(access.strides, dense, kernel.space)):
             continue
         own = [a for a in kernel.loads if a.buffer == target.id]
-        if any(a.strides != store.access.strides or a.offset for a in own):
+        if any(a.offset or not _same_walk(a.strides, store.access.strides, kernel.space) for a in own):
             continue
         if any(a.buffer == target.id for k in plan.kernels[index + 1:] for a in k.loads):
             continue
         if any(s.access.buffer == target.id for k in plan.kernels for s in k.stores):
             continue
         plan.aliases[access.buffer] = target.id
+
+
+def _same_walk(strides, others, space) -> bool:
+    """Do two accesses over `space` address the same elements? (An axis of size 1 has whatever
+    stride: `access` gives it 0, a row-major layout the next axis's extent.)"""
+    return all(d == ONE or a == b for d, a, b in zip(space, strides, others))
 
 
 def _writer(plan: KernelPlan, buffer: int):

@@ -235,7 +235,7 @@ def memory_order(kernel: Kernel) -> Kernel:
         return kernel
     strides = (kernel.loads[0] if kernel.reduce_axes else kernel.stores[0].access).strides
     if kernel.reduce_axes and set(kernel.reduce_axes) != set(range(kept, rank)):
-        return _kept_outermost(kernel, strides)
+        return _kept_outermost(kernel)
     kept -= kernel.window_axes
     order = sorted(range(kept), key=lambda a: -_weight(strides[a])) + list(range(kept, rank))
     return _permuted(kernel, order, kernel.reduce_axes)
@@ -246,22 +246,32 @@ def _weight(size: Size) -> float:
     return size[0] * 1e6 ** len(size[1])
 
 
-def _kept_outermost(kernel: Kernel, strides) -> Kernel:
+def _kept_outermost(kernel: Kernel) -> Kernel:
     """A reduction over other axes than the trailing ones (a convolution's bias gradient: an
     image [N, C, H, W] summed over N, H and W), reordered to a reduction over trailing axes where
-    its first load lays every kept axis out outside every reduced one (that image stored
-    [C, N, H, W], as a product leaves it): then each result's terms are read in one run along
-    memory, the sum is kept in registers, and the kernel splits across threads by its kept axes.
-    Otherwise it keeps its order (a row-major [N, F] summed over N reads its rows in order and
-    adds each into the results)."""
+    every load lays its kept axes out outside its reduced ones (that image stored [C, N, H, W],
+    as a product leaves it; a load broadcast along an axis does not count it): then each
+    result's terms are read in one run along memory, the sum is kept in registers, and the
+    kernel splits across threads by its kept axes. Otherwise it keeps its order (a row-major
+    [N, F] summed over N, even times a broadcast [F], reads its rows in order and adds each into
+    the results)."""
     if kernel.window_axes:
         return kernel
     rank = len(kernel.space)
     kept = [a for a in range(rank) if a not in kernel.reduce_axes and kernel.space[a] != ONE]
     summed = [a for a in kernel.reduce_axes if kernel.space[a] != ONE]
-    if (not kept or not summed
-            or min(_weight(strides[a]) for a in kept) <= max(_weight(strides[a]) for a in summed)):
+    if not kept or not summed:
         return kernel
+    streamed = False
+    for load in kernel.loads:
+        outer = [_weight(load.strides[a]) for a in kept if load.strides[a] != ZERO]
+        inner = [_weight(load.strides[a]) for a in summed if load.strides[a] != ZERO]
+        if outer and inner and min(outer) <= max(inner):
+            return kernel
+        streamed = streamed or bool(inner)
+    if not streamed:
+        return kernel
+    strides = kernel.loads[0].strides
     kept = [a for a in range(rank) if a not in kernel.reduce_axes]
     order = (sorted(kept, key=lambda a: -_weight(strides[a]))
              + sorted(kernel.reduce_axes, key=lambda a: -_weight(strides[a])))

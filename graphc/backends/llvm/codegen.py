@@ -194,16 +194,17 @@ class Module:
             return False
         m, k, n = kernel.space[nb:]
         sa, sb = a.strides[nb:], b.strides[nb:]
+        # (each operand's leading dimension: its row stride, its row length, its row count)
         if sa[1] == ONE:
-            trans_a, lda = NO_TRANS, (sa[0], k)
+            trans_a, lda = NO_TRANS, (sa[0], k, m)
         elif sa[0] == ONE:
-            trans_a, lda = TRANS, (sa[1], m)
+            trans_a, lda = TRANS, (sa[1], m, k)
         else:
             return False
         if sb[2] == ONE:
-            trans_b, ldb = NO_TRANS, (sb[1], n)
+            trans_b, ldb = NO_TRANS, (sb[1], n, k)
         elif sb[1] == ONE:
-            trans_b, ldb = TRANS, (sb[2], k)
+            trans_b, ldb = TRANS, (sb[2], k, n)
         else:
             return False
         if out.strides[nb + 2] != ONE or out.offset or out.strides[nb] != n:
@@ -225,17 +226,23 @@ class Module:
         no_blas = f.emit(f"icmp eq ptr {fn}, null")      # numpy links no CBLAS graphc could find
         bi = self.blas_int
 
-        def ld(pair):
-            stride, inner = (self.size(f, pair[0], sizes), self.size(f, pair[1], sizes))
+        def ld(triple):
+            """The leading dimension, and whether the rows overlap: a row stride shorter than a
+            row (a broadcast or window view) over more than one row is no matrix a BLAS reads
+            (the loop below takes it); one row may have any stride."""
+            stride, inner, rows = (self.size(f, x, sizes) for x in triple)
             value = f.emit(f"call i64 @llvm.umax.i64(i64 {stride}, i64 {inner})")
             value = f.emit(f"call i64 @llvm.umax.i64(i64 {value}, i64 1)")
-            return value if bi == "i64" else f.emit(f"trunc i64 {value} to {bi}")
+            overlap = f.emit(f"and i1 {f.emit(f'icmp ult i64 {stride}, {inner}')}, "
+                             f"{f.emit(f'icmp ugt i64 {rows}, 1')}")
+            return (value if bi == "i64" else f.emit(f"trunc i64 {value} to {bi}")), overlap
         self.declare("llvm.umax.i64", "i64", ["i64", "i64"])
 
         def dim(v):
             return v if bi == "i64" else f.emit(f"trunc i64 {v} to {bi}")
 
-        lds = (ld(lda), ld(ldb))
+        (lda_value, overlap_a), (ldb_value, overlap_b) = ld(lda), ld(ldb)
+        lds = (lda_value, ldb_value)
         dims = [dim(v) for v in mkn_sizes]
         bases = []
         for acc in (a, b, out):
@@ -243,6 +250,7 @@ class Module:
             bases.append(f.emit(f"getelementptr {t}, ptr {ptr}, i64 {self.offset(f, acc.offset, sizes)}")
                          if acc.offset else ptr)
         small = f.emit(f"or i1 {f.emit(f'or i1 {tiny}, {thin}')}, {no_blas}")
+        small = f.emit(f"or i1 {small}, {f.emit(f'or i1 {overlap_a}, {overlap_b}')}")
         f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
         f.label("call_blas")
         ptrs = bases

@@ -262,16 +262,17 @@ def _kept_outermost(kernel: Kernel) -> Kernel:
     summed = [a for a in kernel.reduce_axes if kernel.space[a] != ONE]
     if not kept or not summed:
         return kernel
-    streamed = False
+    streamed = []
     for load in kernel.loads:
         outer = [_weight(load.strides[a]) for a in kept if load.strides[a] != ZERO]
         inner = [_weight(load.strides[a]) for a in summed if load.strides[a] != ZERO]
         if outer and inner and min(outer) <= max(inner):
             return kernel
-        streamed = streamed or bool(inner)
+        if inner:
+            streamed.append(load)
     if not streamed:
         return kernel
-    strides = kernel.loads[0].strides
+    strides = streamed[0].strides
     kept = [a for a in range(rank) if a not in kernel.reduce_axes]
     order = (sorted(kept, key=lambda a: -_weight(strides[a]))
              + sorted(kernel.reduce_axes, key=lambda a: -_weight(strides[a])))

@@ -225,6 +225,32 @@ def test_matrix_products_of_overlapping_rows_run_as_loops():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
 
 
+def test_a_products_operand_that_no_blas_reads_is_copied_first():
+    """A split reshape of a transposed matrix is a view whose matrix axes both step by more
+    than one element; a product copies it in order first (else it would run as the loop)."""
+    from graphc.ir import ops as op_table
+    from graphc.ir.node import Graph
+    from graphc.ir.types import DType, TensorType
+    from graphc.passes import PipelineOptions, run_pipeline
+    from graphc.runtime import Program
+    x = op_table.source("input", TensorType(DType.f32, (64, 288)), name="x")
+    w = op_table.source("input", TensorType(DType.f32, (8, 5)), name="w")
+    split = op_table.apply("reshape", [op_table.apply("transpose", [x], {"axes": (1, 0)})],
+                           {"shape": (288, 8, 8)})
+    graph = run_pipeline(Graph("t", (("y", op_table.apply("matmul", [split, w])),)),
+                         PipelineOptions(verify=True))
+    plan = plan_kernels(graph, ordered=True)
+    (product,) = [k for k in plan.kernels if k.matmul]
+    assert all((1, ()) in a.strides[-3:] for a in product.loads)
+    assert any(k.name.endswith("_copy") for k in plan.kernels)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((64, 288)).astype(np.float32),
+             "w": rng.standard_normal((8, 5)).astype(np.float32)}
+    want = Program("t", {"forward": graph}, {}, {}, backend="numpy").forward(**feeds)["y"]
+    got = Program("t", {"forward": graph}, {}, {}, backend="llvm").forward(**feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_object_cache_key_is_the_same_in_every_process():
     # The key hashes the kernel plans' repr: it must not depend on string hashing (set order).
     script = ("import graphc; p = graphc.compile_file('models/digits_mlp.nn', backend='llvm'); "

@@ -352,7 +352,7 @@ class _Planner:
 
     def _matmul(self, node: Node) -> None:
         a, b = node.inputs
-        la, lb = self._layout_of(a), self._layout_of(b)
+        la, lb = self._matrix(a, self._layout_of(a)), self._matrix(b, self._layout_of(b))
         out = self.new_buffer(node)
         lc = self.contiguous(node, out)
         # The iteration space is batch + [M] + [K] + [N]; K (reduced) sits before N so that the
@@ -387,6 +387,19 @@ class _Planner:
         blas = (0, 1) if (a2 and b2) else None     # batched too: the llvm backend loops GEMMs
         self._emit("matmul", space, (kaxis,), loads, [Store(store_acc, expr, "sum", node)], [node], blas)
         self.values[id(node)] = lc
+
+    def _matrix(self, node: Node, layout: Layout) -> Layout:
+        """A product's operand as a BLAS can read it: a view whose two matrix axes both step by
+        more than one element (a split reshape of a transposed view, say) is copied in order
+        first; otherwise the product would run as the generated loop."""
+        dims = dims_of(node.shape)[-2:]
+        if node.type.ndim < 2 or ONE in dims or ONE in layout.strides[-2:]:
+            return layout
+        out = self.new_buffer(node)
+        self._emit("copy", node.shape, (), [self.access(layout, node.shape, node.shape)],
+                   [Store(Access(out, row_major(dims_of(node.shape))), Load(0, node.dtype), None, node)],
+                   [node])
+        return self.contiguous(node, out)
 
     def _concat(self, node: Node) -> None:
         out = self.new_buffer(node)

@@ -47,7 +47,7 @@ from graphc.backends.kernels.windows import exact_cover, rewrite_windows
 from graphc.ir import OPS
 from graphc.ir.contract import Update, bind_updates
 from graphc.ir.node import Graph, Node
-from graphc.ir.types import symbols
+from graphc.ir.types import DType, symbols
 
 FUSIBLE = ("elementwise", "random")
 REDUCE = {"sum": "sum", "mean": "mean", "max": "max"}
@@ -112,6 +112,7 @@ class _Planner:
         self.kernels: list[Kernel] = []
         self.values: dict[int, Layout | Const | SizeOf] = {}   # materialized nodes and scalars
         self.group_of: dict[int, _Group] = {}
+        self.matrix_copies: dict[int, Layout] = {}              # products' operands copied in order
         self.duplicated: set[int] = set()                       # scalars recomputed where read
         self.symbols = sorted({s for n in self.order for s in symbols(n.shape)})
 
@@ -389,17 +390,30 @@ class _Planner:
         self.values[id(node)] = lc
 
     def _matrix(self, node: Node, layout: Layout) -> Layout:
-        """A product's operand as a BLAS can read it: a view whose two matrix axes both step by
-        more than one element (a split reshape of a transposed view, say) is copied in order
-        first; otherwise the product would run as the generated loop."""
-        dims = dims_of(node.shape)[-2:]
-        if node.type.ndim < 2 or ONE in dims or ONE in layout.strides[-2:]:
+        """A product's operand as a BLAS can read it. A float view that no BLAS reads as a
+        matrix is copied in order first (once, however many products read it), else the
+        product would run as the generated loop: both matrix axes stepping by more than one
+        element (a split reshape of a transposed view), a matrix axis broadcast (stride 0: the
+        gradient of a sum over a sequence, read by a linear layer), or rows that overlap (a
+        window view whose row stride is shorter than its known row length)."""
+        if node.type.ndim < 2 or node.dtype not in (DType.f32, DType.f64):
             return layout
+        dims, strides = dims_of(node.shape)[-2:], layout.strides[-2:]
+        if ONE in dims:
+            return layout
+        if ONE in strides and ZERO not in strides:
+            step = strides[0] if strides[1] == ONE else strides[1]
+            length = dims[1] if strides[1] == ONE else dims[0]
+            if step[1] or length[1] or step[0] >= length[0]:
+                return layout
+        if id(node) in self.matrix_copies:
+            return self.matrix_copies[id(node)]
         out = self.new_buffer(node)
         self._emit("copy", node.shape, (), [self.access(layout, node.shape, node.shape)],
                    [Store(Access(out, row_major(dims_of(node.shape))), Load(0, node.dtype), None, node)],
                    [node])
-        return self.contiguous(node, out)
+        self.matrix_copies[id(node)] = self.contiguous(node, out)
+        return self.matrix_copies[id(node)]
 
     def _concat(self, node: Node) -> None:
         out = self.new_buffer(node)

@@ -63,7 +63,7 @@ def _matmul(e, node, g, wants):
             # weight's gradient, a sum over every pixel of the batch, comes out of OpenBLAS
             # about 10% faster as [C*kh*kw, O] (docs/backends.md, "Convolutions"); it is small,
             # and the update reads it transposed (a view).
-            da = e("transpose", e("matmul", b, e("transpose", g, axes=(1, 0))), axes=(1, 0))
+            da = _swap_last(e, e("matmul", b, _swap_last(e, g)))
         else:
             da = e("matmul", g, _swap_last(e, b))
     return [da, e("matmul", _swap_last(e, a), g) if wants[1] else None]

@@ -42,6 +42,7 @@ from graphc.backends.kernels.ir import (
     size_of,
     smul,
     sprod,
+    stride_weight,
 )
 from graphc.backends.kernels.windows import exact_cover, rewrite_windows
 from graphc.ir import OPS
@@ -306,16 +307,13 @@ class _Planner:
                 read = self.values.get(id(x))
                 if (order is None and isinstance(read, Layout) and x.shape == g.space
                         and all(s[0] != 0 for s in read.strides[:lead])):
-                    order = sorted(range(lead), key=lambda i: -_weight(read.strides[i]))
+                    order = sorted(range(lead), key=lambda i: -stride_weight(read.strides[i]))
         order = None if order is None else order + list(range(lead, lead + k))
         if exact_cover(node):
             layout = self._in_order(node, self.new_buffer(node), order)
         else:
             layout = self._fill(node, Const(0.0, node.dtype), order)
-        steps = layout.strides[lead:]
-        windows = Layout(layout.buffer, layout.strides[:lead]
-                         + tuple(smul((s, ()), st) for s, st in zip(a["stride"], steps))
-                         + tuple(smul((d, ()), st) for d, st in zip(a["dilation"], steps)))
+        windows = Layout(layout.buffer, _window_strides(layout.strides, a))
         self.values[id(node)] = layout
         total = Op("add", (Const(0.0, node.dtype), value), (), node.dtype)
         return Store(self.access(windows, g.space, g.space), total, None, node)
@@ -406,14 +404,18 @@ class _Planner:
             length = dims[1] if strides[1] == ONE else dims[0]
             if step[1] or length[1] or step[0] >= length[0]:
                 return layout
-        if id(node) in self.matrix_copies:
-            return self.matrix_copies[id(node)]
-        out = self.new_buffer(node)
-        self._emit("copy", node.shape, (), [self.access(layout, node.shape, node.shape)],
-                   [Store(Access(out, row_major(dims_of(node.shape))), Load(0, node.dtype), None, node)],
-                   [node])
-        self.matrix_copies[id(node)] = self.contiguous(node, out)
+        if id(node) not in self.matrix_copies:
+            self.matrix_copies[id(node)] = self._copied(node, layout, node.shape)
         return self.matrix_copies[id(node)]
+
+    def _copied(self, node: Node, value: Layout, shape) -> Layout:
+        """A copy kernel putting the elements of `value` (viewed as `shape`, which has node's
+        elements) in row-major order in a new buffer of node's: node's layout there."""
+        out = self.new_buffer(node)
+        self._emit("copy", shape, (), [self.access(value, shape, shape)],
+                   [Store(Access(out, row_major(dims_of(shape))), Load(0, node.dtype), None, node)],
+                   [node])
+        return self.contiguous(node, out)
 
     def _concat(self, node: Node) -> None:
         out = self.new_buffer(node)
@@ -484,20 +486,19 @@ class _Planner:
         order = None
         if self.ordered and isinstance(value, Layout):
             # the images in the order of the windows' lead axes ([C, N, H, W] after a product)
-            order = sorted(range(lead), key=lambda i: -_weight(value.strides[i]))
+            order = sorted(range(lead), key=lambda i: -stride_weight(value.strides[i]))
             order += list(range(lead, lead + k))
         layout = self._fill(node, Const(0.0, node.dtype), order)
         positions = g.shape[lead: lead + k]
-        out_lead, out_steps = layout.strides[:lead], layout.strides[lead:]
-        out_positions = tuple(smul((s, ()), st) for s, st in zip(a["stride"], out_steps))
-        out_offsets = tuple(smul((d, ()), st) for d, st in zip(a["dilation"], out_steps))
+        out = _window_strides(layout.strides, a)
+        out_lead, out_positions, out_offsets = out[:lead], out[lead: lead + k], out[lead + k:]
         if self.ordered:
             # the lead and kernel-offset axes outermost, in the order the windows lie in
             # memory (a matrix product's [C*kh*kw, N*OH*OW] result: C, kh, kw, then N), so the
             # windows stream in once; the positions innermost, along rows
             g_outer = (value.strides[:lead] + value.strides[lead + k:] if isinstance(value, Layout)
                        else (ZERO,) * (lead + k))
-            outer = sorted(range(lead + k), key=lambda i: -_weight(g_outer[i]))
+            outer = sorted(range(lead + k), key=lambda i: -stride_weight(g_outer[i]))
             sizes = g.shape[:lead] + tuple(a["kernel"])
             space = tuple(sizes[i] for i in outer) + positions
             out_outer = out_lead + out_offsets
@@ -556,11 +557,7 @@ class _Planner:
             strides = [ZERO] * pad + [ZERO if x.shape[i] == 1 else s for i, s in enumerate(value.strides)]
             return Layout(value.buffer, tuple(strides), value.offset)
         if node.op == "window":
-            k = len(a["kernel"])
-            lead, steps = value.strides[: x.type.ndim - k], value.strides[x.type.ndim - k:]
-            strides = (lead + tuple(smul((s, ()), st) for s, st in zip(a["stride"], steps))
-                       + tuple(smul((d, ()), st) for d, st in zip(a["dilation"], steps)))
-            return Layout(value.buffer, strides, value.offset)
+            return Layout(value.buffer, _window_strides(value.strides, a), value.offset)
         if node.op == "slice":
             axis = a["axis"] % x.type.ndim
             return Layout(value.buffer, value.strides,
@@ -571,21 +568,28 @@ class _Planner:
         split = _split_strides(value.strides, x.shape, node.shape)
         if split is not None:
             return Layout(value.buffer, split, value.offset)
-        out = self.new_buffer(node)       # a reshape of a strided view needs the elements in order
-        self._emit("copy", x.shape, (), [self.access(value, x.shape, x.shape)],
-                   [Store(Access(out, row_major(dims_of(x.shape))), Load(0, x.dtype), None, node)], [node])
-        return self.contiguous(node, out)
+        return self._copied(node, value, x.shape)     # a strided view's elements put in order
 
     @staticmethod
     def _is_contiguous(layout: Layout, shape) -> bool:
-        want = row_major(dims_of(shape))
-        return all(d == 1 or s == w for d, s, w in zip(shape, layout.strides, want))
+        dims = dims_of(shape)
+        return _same_walk(layout.strides, row_major(dims), dims)
 
     def _output(self, name: str, node: Node):
         value = self.values.get(id(node))
         if not isinstance(value, Layout):
             value = self._layout_of(node)
         return self.access(value, node.shape, node.shape), dims_of(node.shape), node.dtype
+
+
+def _window_strides(strides, attrs) -> tuple:
+    """The strides of a `window` view [.., positions.., offsets..] of an image with `strides`:
+    the lead axes' own, then each spatial axis's times the window stride (positions) and times
+    the dilation (offsets within a window)."""
+    k = len(attrs["kernel"])
+    lead, steps = strides[: len(strides) - k], strides[len(strides) - k:]
+    return (lead + tuple(smul((s, ()), st) for s, st in zip(attrs["stride"], steps))
+            + tuple(smul((d, ()), st) for d, st in zip(attrs["dilation"], steps)))
 
 
 def _split_strides(strides, shape, new_shape) -> tuple | None:
@@ -632,18 +636,13 @@ def _quotient(whole, part):
     return (whole[0] // part[0], tuple(syms))
 
 
-def _weight(size) -> float:
-    """A stride's size for ordering axes: symbolic sizes (the batch) count as large."""
-    return size[0] * 1e6 ** len(size[1])
-
-
 def _axis_order(layout: Layout, shape) -> list[int] | None:
     """The axes of `shape` from outermost to innermost where `layout` is a whole buffer in some
     axis order (a transposed row-major array, no offset, no broadcast); else None."""
     if layout.offset or any(d == 1 for d in shape):
         return None
     dims = dims_of(shape)
-    order = sorted(range(len(dims)), key=lambda a: -_weight(layout.strides[a]))
+    order = sorted(range(len(dims)), key=lambda a: -stride_weight(layout.strides[a]))
     inner = row_major(tuple(dims[a] for a in order))
     if any(layout.strides[a] != inner[pos] for pos, a in enumerate(order)):
         return None

@@ -237,12 +237,13 @@ def memory_order(kernel: Kernel) -> Kernel:
     if kernel.reduce_axes and set(kernel.reduce_axes) != set(range(kept, rank)):
         return _kept_outermost(kernel)
     kept -= kernel.window_axes
-    order = sorted(range(kept), key=lambda a: -_weight(strides[a])) + list(range(kept, rank))
+    order = sorted(range(kept), key=lambda a: -stride_weight(strides[a])) + list(range(kept, rank))
     return _permuted(kernel, order, kernel.reduce_axes)
 
 
-def _weight(size: Size) -> float:
-    """A stride's rank among others: symbolic ones (a multiple of the batch) outweigh constants."""
+def stride_weight(size: Size) -> float:
+    """A stride's rank among others for ordering axes: symbolic ones (a multiple of the batch)
+    outweigh constants."""
     return size[0] * 1e6 ** len(size[1])
 
 
@@ -264,8 +265,8 @@ def _kept_outermost(kernel: Kernel) -> Kernel:
         return kernel
     streamed = []
     for load in kernel.loads:
-        outer = [_weight(load.strides[a]) for a in kept if load.strides[a] != ZERO]
-        inner = [_weight(load.strides[a]) for a in summed if load.strides[a] != ZERO]
+        outer = [stride_weight(load.strides[a]) for a in kept if load.strides[a] != ZERO]
+        inner = [stride_weight(load.strides[a]) for a in summed if load.strides[a] != ZERO]
         if outer and inner and min(outer) <= max(inner):
             return kernel
         if inner:
@@ -274,8 +275,8 @@ def _kept_outermost(kernel: Kernel) -> Kernel:
         return kernel
     strides = streamed[0].strides
     kept = [a for a in range(rank) if a not in kernel.reduce_axes]
-    order = (sorted(kept, key=lambda a: -_weight(strides[a]))
-             + sorted(kernel.reduce_axes, key=lambda a: -_weight(strides[a])))
+    order = (sorted(kept, key=lambda a: -stride_weight(strides[a]))
+             + sorted(kernel.reduce_axes, key=lambda a: -stride_weight(strides[a])))
     return _permuted(kernel, order, tuple(range(len(kept), rank)))
 
 

@@ -9,7 +9,7 @@ of the plan, `dims` the symbolic sizes (in plan.symbols order), `blas` the addre
 dgemm (or null), and `status` three i64 words that a failing check fills (code, value, the index
 of the kernel that failed). Built `timed` (`graphc time`), graph_main stores the cycle counter
 before and after each kernel from status[3] on, and `graphc_ticks` reads it for the host.
-Over 500 lines (barely): the module, the BLAS call and the loop nest share Function's naming.
+Over 500 lines: the module, the products' three paths and the loop nest share Function's naming.
 """
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ from graphc.backends.kernels.ir import (
     walk,
 )
 from graphc.backends.kernels.tables import render_failure
-from graphc.backends.llvm import threads
+from graphc.backends.llvm import blas, gemm, threads
+from graphc.backends.llvm.blas import NO_TRANS, TRANS
 from graphc.backends.llvm.lowering import IR_TYPE, LOWER, MEM_TYPE, REDUCE_FLAGS, SUFFIX, cast, const
 from graphc.ir.types import DType
 
 # Below this many multiply-adds a generated loop beats the call into the BLAS.
 SMALL_GEMM = 32 * 32 * 32
 THIN_GEMM = 4
-ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 LOOP_ID = "LOOPID"          # where a kernel's loop metadata number goes
 SHORT_LOOP_ID = "LOOPSHORTID"   # ... and that of its short kept loops that are vectorized anyway
 TINY_TRIP_COUNT = 16        # LLVM's vectorizer leaves loops of fewer iterations alone unless told
@@ -109,6 +109,8 @@ class Module:
         self.mains: list[str] = []
         self.plan: KernelPlan | None = None
         self.args: dict[int, str] = {}           # buffer -> its parameter in the current kernel
+        self.uses_gemm = False                   # a kernel calls gemm.py's graphc_sgemm
+        self.blas_tasks: set[bool] = set()       # ... its BLAS task (True: the f32 one)
 
     def declare(self, fn: str, ret: str, types: list[str]) -> None:
         self.declarations.setdefault(fn, f"declare {ret} @{fn}({', '.join(types)})")
@@ -180,11 +182,13 @@ class Module:
         return self.plan.aliases.get(buffer, buffer)
 
     def _blas_call(self, f: Function, kernel: Kernel, space: list[str], sizes: dict) -> bool:
-        """C = A @ B through the BLAS when both operands are plain or transposed matrices, with the
-        generated loop as the path for small products (the call costs more than the work there).
-        A batched product ([..., M, K] @ [..., K, N], attention's heads) first folds batch axes
-        along which B stays put into M (a layer over a sequence is one GEMM over all its rows),
-        then calls the GEMM once per remaining batch element."""
+        """C = A @ B when both operands are plain or transposed matrices: the generated loop for
+        small products (the call costs more than the work there), graphc's GEMM for short, wide
+        f32 ones (gemm.py), else the BLAS, its calls dealt out to the thread pool (blas.task:
+        a product's rows or columns in two parts, a batch's elements). A batched product
+        ([..., M, K] @ [..., K, N], attention's heads) first folds batch axes along which B stays
+        put into M (a layer over a sequence is one GEMM over all its rows), then calls the GEMM
+        once per remaining batch element."""
         original, kernel = kernel, _rows_merged(kernel)
         a, b = kernel.loads
         out = kernel.stores[0].access
@@ -196,15 +200,15 @@ class Module:
         sa, sb = a.strides[nb:], b.strides[nb:]
         # (each operand's leading dimension: its row stride, its row length, its row count)
         if sa[1] == ONE:
-            trans_a, lda = NO_TRANS, (sa[0], k, m)
+            trans_a, lda_of = NO_TRANS, (sa[0], k, m)
         elif sa[0] == ONE:
-            trans_a, lda = TRANS, (sa[1], m, k)
+            trans_a, lda_of = TRANS, (sa[1], m, k)
         else:
             return False
         if sb[2] == ONE:
-            trans_b, ldb = NO_TRANS, (sb[1], n, k)
+            trans_b, ldb_of = NO_TRANS, (sb[1], n, k)
         elif sb[1] == ONE:
-            trans_b, ldb = TRANS, (sb[2], k, n)
+            trans_b, ldb_of = TRANS, (sb[2], k, n)
         else:
             return False
         if out.strides[nb + 2] != ONE or out.offset or out.strides[nb] != n:
@@ -224,7 +228,6 @@ class Module:
         slot = 0 if dtype is DType.f32 else 1
         fn = f.emit(f"load ptr, ptr {f.emit(f'getelementptr ptr, ptr %blas, i64 {slot}')}")
         no_blas = f.emit(f"icmp eq ptr {fn}, null")      # numpy links no CBLAS graphc could find
-        bi = self.blas_int
 
         def ld(triple):
             """The leading dimension, and whether the rows overlap: a row stride shorter than a
@@ -235,58 +238,96 @@ class Module:
             value = f.emit(f"call i64 @llvm.umax.i64(i64 {value}, i64 1)")
             overlap = f.emit(f"and i1 {f.emit(f'icmp ult i64 {stride}, {inner}')}, "
                              f"{f.emit(f'icmp ugt i64 {rows}, 1')}")
-            return (value if bi == "i64" else f.emit(f"trunc i64 {value} to {bi}")), overlap
+            return value, overlap
         self.declare("llvm.umax.i64", "i64", ["i64", "i64"])
-
-        def dim(v):
-            return v if bi == "i64" else f.emit(f"trunc i64 {v} to {bi}")
-
-        (lda_value, overlap_a), (ldb_value, overlap_b) = ld(lda), ld(ldb)
-        lds = (lda_value, ldb_value)
-        dims = [dim(v) for v in mkn_sizes]
+        (lda, overlap_a), (ldb, overlap_b) = ld(lda_of), ld(ldb_of)
         bases = []
         for acc in (a, b, out):
             ptr = self.ptr(acc.buffer)
             bases.append(f.emit(f"getelementptr {t}, ptr {ptr}, i64 {self.offset(f, acc.offset, sizes)}")
                          if acc.offset else ptr)
+        # The parts the BLAS task calls: a batch's elements (its axes in the block's tail), or
+        # one product's rows or columns (whichever of M and N is longer) in two halves, as for a
+        # batch of exactly one element.
+        words = dict(trans_a=str(trans_a), trans_b=str(trans_b), m=mkn_sizes[0], n=mkn_sizes[2],
+                     k=mkn_sizes[1], a=bases[0], lda=lda, b=bases[1], ldb=ldb, c=bases[2],
+                     ldc=mkn_sizes[2], axes=str(nb))
+        rows = f.emit(f"icmp uge i64 {mkn_sizes[0]}, {mkn_sizes[2]}")
+        a_row = lda if trans_a == NO_TRANS else "1"
+        b_col = "1" if trans_b == NO_TRANS else ldb
+        halves = dict(split=f.emit(f"select i1 {rows}, i64 1, i64 2"), parts="2",
+                      a_step=f.emit(f"select i1 {rows}, i64 {a_row}, i64 0"),
+                      b_step=f.emit(f"select i1 {rows}, i64 0, i64 {b_col}"),
+                      c_step=f.emit(f"select i1 {rows}, i64 {mkn_sizes[2]}, i64 1"))
+        if nb:
+            elements = self.size(f, sprod(kernel.space[:nb]), sizes)
+            one = f.emit(f"icmp eq i64 {elements}, 1")
+            words.update({name: f.emit(f"select i1 {one}, i64 {halves[name]}, i64 {batched}")
+                          for name, batched in (("split", "0"), ("parts", elements), ("a_step", "0"),
+                                                ("b_step", "0"), ("c_step", "0"))})
+            tail = [x for i in range(nb) for x in (batch[i], *(strides[j][i] for j in range(3)))]
+            work = f.emit(f"mul i64 {mkn}, {elements}")
+        else:
+            words.update(halves)
+            tail, work = [], mkn
+        if dtype is DType.f32 and not nb and trans_b == NO_TRANS and gemm.wanted():
+            self._generated_gemm(f, (sa[0], sa[1], sb[1]), bases, mkn_sizes, sizes,
+                                 f.emit(f"or i1 {tiny}, {thin}"))
         small = f.emit(f"or i1 {f.emit(f'or i1 {tiny}, {thin}')}, {no_blas}")
         small = f.emit(f"or i1 {small}, {f.emit(f'or i1 {overlap_a}, {overlap_b}')}")
         f.do(f"br i1 {small}, label %small_gemm, label %call_blas")
         f.label("call_blas")
-        ptrs = bases
-        if nb:
-            total = batch[0]
-            for v in batch[1:]:
-                total = f.emit(f"mul i64 {total}, {v}")
-            counter = f.emit("alloca i64")
-            f.do(f"store i64 0, ptr {counter}")
-            f.do("br label %batch_head")
-            f.label("batch_head")
-            i = f.emit(f"load i64, ptr {counter}")
-            f.do(f"br i1 {f.emit(f'icmp uge i64 {i}, {total}')}, label %batch_done, label %batch_body")
-            f.label("batch_body")
-            rest, offsets = i, ["0", "0", "0"]
-            for axis in reversed(range(nb)):
-                index = f.emit(f"urem i64 {rest}, {batch[axis]}") if axis else rest
-                if axis:
-                    rest = f.emit(f"udiv i64 {rest}, {batch[axis]}")
-                for j in range(3):
-                    step = f.emit(f"mul i64 {index}, {strides[j][axis]}")
-                    offsets[j] = f.emit(f"add i64 {offsets[j]}, {step}")
-            ptrs = [f.emit(f"getelementptr {t}, ptr {p}, i64 {o}") for p, o in zip(bases, offsets)]
-        args = [("i32", ROW_MAJOR), ("i32", trans_a), ("i32", trans_b), (bi, dims[0]),
-                (bi, dims[2]), (bi, dims[1]), (t, const(1, dtype)), ("ptr", ptrs[0]),
-                (bi, lds[0]), ("ptr", ptrs[1]), (bi, lds[1]), (t, const(0, dtype)),
-                ("ptr", ptrs[2]), (bi, dims[2])]
-        f.do(f"call void {fn}({', '.join(f'{ty} {v}' for ty, v in args)})")
-        if nb:
-            f.do(f"store i64 {f.emit(f'add i64 {i}, 1')}, ptr {counter}")
-            f.do("br label %batch_head")
-            f.label("batch_done")
-        f.do("ret void")
+        self._blas_on_pool(f, dtype, words, tail, work)
         f.label("small_gemm")
         LoopNest(self, f, original, space, sizes).render()
         return True
+
+    def _blas_on_pool(self, f: Function, dtype: DType, words: dict, tail: list, work: str) -> None:
+        """The BLAS calls of a product through blas.py's task, on both cores when
+        the product is large and the host gave a pool, else here: its arguments in a block of
+        words (blas.BLAS_ARGS, then each batch axis's size and strides)."""
+        block = "%blas.args"
+        f.lines.insert(0, f"  {block} = alloca [{len(blas.BLAS_ARGS) + len(tail)} x i64], align 8")
+        values = [(words[name], name in blas.POINTER_ARGS) for name in blas.BLAS_ARGS]
+        for i, (value, pointer) in enumerate(values + [(x, False) for x in tail]):
+            slot = f.emit(f"getelementptr i64, ptr {block}, i64 {i}")
+            f.do(f"store {'ptr' if pointer else 'i64'} {value}, ptr {slot}")
+        task = blas.task_name(dtype is DType.f32)
+        self.blas_tasks.add(dtype is DType.f32)
+        pool = f.emit(f"load ptr, ptr {f.emit('getelementptr ptr, ptr %blas, i64 2')}")
+        big = f.emit(f"icmp uge i64 {work}, {blas.PARALLEL_BLAS}")
+        go = f.emit(f"and i1 {big}, {f.emit(f'icmp ne ptr {pool}, null')}")
+        f.do(f"br i1 {go}, label %blas_pool, label %blas_here")
+        f.label("blas_pool")
+        f.do(f"call void @graphc_parallel(ptr {pool}, ptr @{task}, ptr {block}, ptr null, ptr null, "
+             f"ptr %blas, i64 {words['parts']})")
+        f.do("ret void")
+        f.label("blas_here")
+        f.do(f"call void @{task}(ptr {block}, ptr null, ptr null, ptr %blas, i64 0, i64 {words['parts']})")
+        f.do("ret void")
+
+    def _generated_gemm(self, f: Function, strides: tuple, bases: list[str], mkn: list[str],
+                        sizes: dict, small: str) -> None:
+        """Branch to gemm.py's kernel for a product it takes (an f32 C = A @ B, B's rows
+        contiguous along N) where gemm.profitable (or GRAPHC_GEMM=generated) says so and the
+        product is not small: its operands go in an argument block, and the kernel returns."""
+        m, k, n = mkn
+        a_row, a_col, ldb = (self.size(f, s, sizes) for s in strides)
+        use = f.emit(f"xor i1 {small}, true")
+        if gemm.mode() == "auto":
+            use = f.emit(f"and i1 {use}, {gemm.profitable(f.emit, m, k, n)}")
+        f.do(f"br i1 {use}, label %generated_gemm, label %other_gemm")
+        f.label("generated_gemm")
+        f.lines.insert(0, f"  %gemm.args = alloca [{len(gemm.ARGS)} x i64], align 8")
+        values = dict(zip(("a", "b", "c"), bases), m=m, n=n, k=k, a_row=a_row, a_col=a_col, ldb=ldb,
+                      ldc=n)
+        for i, name in enumerate(gemm.ARGS):
+            slot = f.emit(f"getelementptr i64, ptr %gemm.args, i64 {i}")
+            f.do(f"store {'ptr' if name in blas.POINTER_ARGS else 'i64'} {values[name]}, ptr {slot}")
+        f.do("call void @graphc_sgemm(ptr %gemm.args, ptr %blas)")
+        f.do("ret void")
+        f.label("other_gemm")
+        self.uses_gemm = True
 
     def offset(self, f: Function, offset, sizes: dict) -> str:
         total = None
@@ -639,6 +680,13 @@ def build_module(plans: dict[str, KernelPlan], blas_int_bits: int = 64, timed: b
     pause = platform.machine().lower() in ("x86_64", "amd64")
     functions, worker = threads.helpers(pause)
     module.functions.update(functions)
+    if module.uses_gemm:
+        module.functions.update(gemm.functions())
+    for single in sorted(module.blas_tasks):
+        module.functions[blas.task_name(single)] = blas.task(single, module.blas_int)
+    if module.uses_gemm or module.blas_tasks:
+        for name, ret, types in gemm.declarations():
+            module.declare(name, ret, types)
     module.mains.append(worker)
     module.declare("usleep", "i32", ["i32"])
     module.declare("sched_yield", "i32", [])

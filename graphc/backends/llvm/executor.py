@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphc.backends.kernels import plan_kernels
-from graphc.backends.kernels.ir import sval
+from graphc.backends.kernels.ir import sprod, sval
 from graphc.backends.kernels.memory import ALIGN, plan_arena
 from graphc.backends.kernels.tables import check_lowerable
-from graphc.backends.llvm import jit, threads
+from graphc.backends.llvm import blas, gemm, jit, threads
 from graphc.backends.llvm.lowering import LOWER, UNSUPPORTED
 from graphc.errors import Diagnostic, GraphcError
 from graphc.ir.contract import Update
@@ -54,7 +54,8 @@ class _Code:
         linked executor asks for it."""
         if self._identity is None:
             plans = {key: ex.plan for key, ex in self.executors.items()}
-            self._identity = (f"blas int{jit.blas().int_bits}" + (" timed" if self.timed else "")
+            self._identity = (f"blas int{jit.blas().int_bits} gemm {gemm.mode()} {gemm.wanted()}"
+                              + (" timed" if self.timed else "")
                               + f"\n{plans!r}")
         return self._identity
 
@@ -70,6 +71,10 @@ class _Code:
         for key, ex in self.executors.items():
             ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
             ex._blas[:] = [blas.sgemm or None, blas.dgemm or None, pool]
+            calls_blas = any(k.matmul is not None for k in ex.plan.kernels)
+            # with or without the pool (GRAPHC_THREADS=1): the same calls, so the same results
+            ex._blas_threads = (threads.one_blas_thread(blas.threads)
+                                if blas.threads and calls_blas else None)
 
 
 # Fewer functions than this per part, and a part costs more (a context, a target machine, a pass
@@ -125,6 +130,7 @@ class _Frame:
     temp_outputs: list            # (name, view into the arena): copied out after each run
     external_outputs: list        # (name, slot, as_strided arguments): outputs that are views of inputs
     seen: dict                    # slot -> the array its pointer was taken from
+    big_products: bool = False    # a product of PARALLEL_BLAS or more (OpenBLAS to one thread)
 
 
 class LLVMExecutor:
@@ -161,6 +167,7 @@ class LLVMExecutor:
         self._status = np.zeros(3 + (len(self.plan.kernels) + 1 if timed else 0), dtype=np.int64)
         self._status_address = self._status.ctypes.data
         self._blas = (ctypes.c_void_p * 3)()     # sgemm, dgemm, the kernels' thread pool
+        self._blas_threads = None                # OpenBLAS single-threaded while this runs
         self._lock = threading.Lock()
 
     @classmethod
@@ -212,7 +219,9 @@ class LLVMExecutor:
             else:
                 externals.append((name, buf, _view_args(access, shape, dtype, dims)))
         dims_array = np.array(key, dtype=np.int64)
-        return _Frame(memory, pointers, dims_array, dims_array.ctypes.data, temps, externals, {})
+        big = any(k.matmul is not None and sval(sprod(k.space), dims) >= blas.PARALLEL_BLAS
+                  for k in self.plan.kernels)
+        return _Frame(memory, pointers, dims_array, dims_array.ctypes.data, temps, externals, {}, big)
 
     def run(self, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray],
             dims: dict[str, int], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -245,7 +254,12 @@ class LLVMExecutor:
                     array = source[name] = np.array(array, dtype=dtype, order="C")
                 seen[slot] = array
                 pointers[slot] = array.ctypes.data
-        if self._fn(pointers, frame.dims_address, self._blas, self._status_address):
+        if self._blas_threads is None or not frame.big_products:
+            failed = self._fn(pointers, frame.dims_address, self._blas, self._status_address)
+        else:
+            with self._blas_threads:
+                failed = self._fn(pointers, frame.dims_address, self._blas, self._status_address)
+        if failed:
             raise self._failure(self._status)
         out = {name: view.copy() for name, view in frame.temp_outputs}
         for name, slot, view in frame.external_outputs:

@@ -82,7 +82,8 @@ def _renderer_digest() -> str:
     from importlib.util import find_spec  # finds the files without importing the modules
     h = hashlib.sha256()
     for module in ("graphc.backends.kernels.ir", "graphc.backends.llvm.codegen",
-                   "graphc.backends.llvm.lowering", __name__):
+                   "graphc.backends.llvm.lowering", "graphc.backends.llvm.threads",
+                   "graphc.backends.llvm.gemm", "graphc.backends.llvm.blas", __name__):
         h.update(Path(find_spec(module).origin).read_bytes())
     return h.hexdigest()
 
@@ -231,10 +232,29 @@ class Compiled:
 
 @dataclass(frozen=True)
 class Blas:
-    """The CBLAS that numpy links: gemm addresses and its integer width."""
+    """The CBLAS that numpy links: gemm addresses and its integer width, and OpenBLAS's calls
+    that set and read its thread count (None for another BLAS)."""
     sgemm: int = 0
     dgemm: int = 0
     int_bits: int = 64
+    threads: tuple | None = None        # (set_num_threads, get_num_threads) as ctypes functions
+
+
+# OpenBLAS's thread-count calls, as numpy's wheels (scipy-openblas) and a plain build name them
+_THREAD_CALLS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+                 ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                 ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+                 ("openblas_set_num_threads", "openblas_get_num_threads"))
+
+
+def _thread_calls(lib) -> tuple | None:
+    for set_name, get_name in _THREAD_CALLS:
+        set_fn, get_fn = getattr(lib, set_name, None), getattr(lib, get_name, None)
+        if set_fn is not None and get_fn is not None:
+            set_fn.argtypes, set_fn.restype = [ctypes.c_int], None
+            get_fn.argtypes, get_fn.restype = [], ctypes.c_int
+            return set_fn, get_fn
+    return None
 
 
 @functools.cache
@@ -259,7 +279,7 @@ def blas() -> Blas:
                 continue
             if bits == 32 and _is_ilp64(path):
                 bits = 64
-            return Blas(_address(s), _address(d), bits)
+            return Blas(_address(s), _address(d), bits, _thread_calls(lib))
     log.debug("no CBLAS found; matrix products use generated loops")
     return Blas()
 

@@ -13,12 +13,13 @@ an old task can never be taken for a new one; the task's fields are read only af
 claim (the task is then unfinished, so they are its own). The caller waits for every chunk to be
 done, then hands the pool back. A second graph running at the same time (another Python thread)
 finds the pool owned and runs its kernel alone. The worker spins briefly between tasks, then
-sleeps in naps (`usleep`) that grow from 50 µs to 1 ms while it stays idle, so an idle program, or
-one inside a BLAS call that uses both cores, costs the other core a few percent (spinning on, it
-took over half of it from other processes and from BLAS's own threads); a caller never waits for
+sleeps in naps (`usleep`) that grow from 50 µs to 1 ms while it stays idle, so an idle program
+costs the other core a few percent (spinning on, it took over half of it from other processes and
+from BLAS's own threads); a caller never waits for
 the worker to wake: it takes every chunk that is left, and while it waits for a chunk the worker
 holds it spins briefly, then yields its core (on a machine shared with other processes the worker
-may have been descheduled mid-chunk).
+may have been descheduled mid-chunk). Matrix products use the same pool from inside their
+kernels (gemm.py): graphc's GEMM deals out panels of columns, a BLAS call its parts.
 """
 from __future__ import annotations
 
@@ -246,13 +247,56 @@ def pool_address(compiled) -> int:
         return _pool.ctypes.data
 
 
-# The C library functions the generated thread code calls (registered with the JIT below).
-C_FUNCTIONS = ("usleep", "sched_yield")
+class OneBlasThread:
+    """While a graph with a large product runs (blas.PARALLEL_BLAS multiply-adds or more),
+    OpenBLAS runs single-threaded: graphc's pool deals out the products' calls to both cores
+    itself (gemm.py's BLAS task), and with no pool (GRAPHC_THREADS=1) the same calls run in
+    turn, so results do not depend on the thread count. OpenBLAS's own threads spin for a while
+    after each call they serve (its THREAD_TIMEOUT), and beside them the pool's worker had half
+    a core: graphc's GEMM measured at one core's speed in a train step. Counted, so graphs
+    running at once in several Python threads restore the count the first of them found only
+    when the last one is done. The count is the process's: numpy's products in other Python
+    threads run single-threaded meanwhile, and a count set while a graph runs is undone."""
+
+    def __init__(self, calls: tuple):
+        self.set, self.get = calls
+        self.users = 0
+        self.saved = 1
+
+    def __enter__(self):
+        with _lock:
+            if not self.users:
+                self.saved = self.get()
+                if self.saved != 1:
+                    self.set(1)
+            self.users += 1
+
+    def __exit__(self, *exc):
+        with _lock:
+            self.users -= 1
+            if not self.users and self.saved != 1:
+                self.set(self.saved)
+
+
+_one_blas: list[OneBlasThread] = []
+
+
+def one_blas_thread(calls: tuple) -> OneBlasThread:
+    """The process's one OneBlasThread (numpy links one BLAS)."""
+    with _lock:
+        if not _one_blas:
+            _one_blas.append(OneBlasThread(calls))
+        return _one_blas[0]
+
+
+# The C library functions the generated thread and GEMM code calls (registered with the JIT below).
+C_FUNCTIONS = ("usleep", "sched_yield", "malloc", "free")
 
 
 def register_symbols(llvm) -> None:
-    """The C library's usleep (the worker's naps) and sched_yield (a caller waiting long for a
-    chunk the worker holds: on a busy machine the worker may have lost its core), for the JIT."""
+    """The C library's usleep (the worker's naps), sched_yield (a caller waiting long for a
+    chunk the worker holds: on a busy machine the worker may have lost its core), malloc and
+    free (gemm.py's packed blocks), for the JIT."""
     libc = ctypes.CDLL(None)
     for name in C_FUNCTIONS:
         llvm.add_symbol(name, ctypes.cast(getattr(libc, name), ctypes.c_void_p).value)

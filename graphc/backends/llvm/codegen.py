@@ -283,9 +283,9 @@ class Module:
         return True
 
     def _blas_on_pool(self, f: Function, dtype: DType, words: dict, tail: list, work: str) -> None:
-        """The BLAS calls of a product through blas.py's task, on both cores when
-        the product is large and the host gave a pool, else here: its arguments in a block of
-        words (blas.BLAS_ARGS, then each batch axis's size and strides)."""
+        """The BLAS calls of a product through blas.py's task, on both cores when the product is
+        large and the host gave a pool, else here: its arguments in a block of words
+        (blas.BLAS_ARGS, then each batch axis's size and strides)."""
         block = "%blas.args"
         f.lines.insert(0, f"  {block} = alloca [{len(blas.BLAS_ARGS) + len(tail)} x i64], align 8")
         values = [(words[name], name in blas.POINTER_ARGS) for name in blas.BLAS_ARGS]

@@ -143,30 +143,24 @@ def test_a_graph_leaves_openblas_thread_count_as_it_found_it(monkeypatch):
     set_threads, get_threads = blas.threads
     before = get_threads()
     seen = []
-    graph, feeds, _ = _product(300, 64, 100)        # work enough for the pool (PARALLEL_BLAS)
+
+    def run(shape):
+        """Run a product, recording OpenBLAS's count while its graph runs."""
+        graph, feeds, _ = _product(*shape)
+        program = Program("gemm", {"forward": graph}, {}, {}, backend="llvm")
+        executor = program._executors["forward"]
+        executor.compile()
+        assert executor._blas_threads is not None
+        original = executor._fn
+
+        def spy(*args):
+            seen.append(get_threads())
+            return original(*args)
+        executor._fn = spy
+        program.forward(**feeds)
     monkeypatch.setenv("GRAPHC_GEMM", "blas")
-    program = Program("gemm", {"forward": graph}, {}, {}, backend="llvm")
-    executor = program._executors["forward"]
-    executor.compile()
-    assert executor._blas_threads is not None
-    original = executor._fn
-
-    def spy(*args):
-        seen.append(get_threads())
-        return original(*args)
-    executor._fn = spy
-    program.forward(**feeds)
-    small, small_feeds, _ = _product(30, 64, 40)
-    small_program = Program("gemm", {"forward": small}, {}, {}, backend="llvm")
-    small_program.compile()
-    small_executor = small_program._executors["forward"]
-    small_original = small_executor._fn
-
-    def small_spy(*args):
-        seen.append(get_threads())
-        return small_original(*args)
-    small_executor._fn = small_spy
-    small_program.forward(**small_feeds)
+    run((300, 64, 100))         # work enough for the pool (PARALLEL_BLAS)
+    run((30, 64, 40))
     # a graph whose products are all small leaves OpenBLAS alone (two calls saved per step)
     assert seen == [1, before] and get_threads() == before
 

@@ -15,6 +15,14 @@ POINTER_ARGS = ("a", "b", "c")     # the words of an argument block (here, gemm.
 PARALLEL_BLAS = 1 << 20   # multiply-adds of a product worth the pool (about 20 µs on one core)
 
 
+def load_words(names) -> str:
+    """The IR that loads each word of a task's argument block (%args) into %NAME: a pointer for
+    the POINTER_ARGS, else an i64 (codegen.py's `_argument_block` writes the block)."""
+    return "\n".join(f"  %{name}.p = getelementptr i64, ptr %args, i64 {i}\n"
+                     f"  %{name} = load {'ptr' if name in POINTER_ARGS else 'i64'}, ptr %{name}.p"
+                     for i, name in enumerate(names))
+
+
 def task_name(single: bool) -> str:
     return f"graphc_blas_{'s' if single else 'd'}gemm"
 
@@ -27,9 +35,7 @@ def task(single: bool, blas_int: str) -> str:
     (threads.OneBlasThread), so results never depend on the thread count (OpenBLAS rounds
     differently on one thread and several, and picks its small-matrix kernels by size)."""
     t = "float" if single else "double"
-    loads = "\n".join(f"  %{name}.p = getelementptr i64, ptr %args, i64 {i}\n"
-                      f"  %{name} = load {'ptr' if name in POINTER_ARGS else 'i64'}, ptr %{name}.p"
-                      for i, name in enumerate(BLAS_ARGS))
+    loads = load_words(BLAS_ARGS)
 
     def narrow(name):
         return (f"  %{name}.i = trunc i64 %{name} to {blas_int}" if blas_int != "i64"

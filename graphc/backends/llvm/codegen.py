@@ -286,12 +286,8 @@ class Module:
         """The BLAS calls of a product through blas.py's task, on both cores when the product is
         large and the host gave a pool, else here: its arguments in a block of words
         (blas.BLAS_ARGS, then each batch axis's size and strides)."""
-        block = "%blas.args"
-        f.lines.insert(0, f"  {block} = alloca [{len(blas.BLAS_ARGS) + len(tail)} x i64], align 8")
-        values = [(words[name], name in blas.POINTER_ARGS) for name in blas.BLAS_ARGS]
-        for i, (value, pointer) in enumerate(values + [(x, False) for x in tail]):
-            slot = f.emit(f"getelementptr i64, ptr {block}, i64 {i}")
-            f.do(f"store {'ptr' if pointer else 'i64'} {value}, ptr {slot}")
+        block = self._argument_block(f, "blas.args", [words[name] for name in blas.BLAS_ARGS] + tail,
+                                     blas.BLAS_ARGS)
         task = blas.task_name(dtype is DType.f32)
         self.blas_tasks.add(dtype is DType.f32)
         pool = f.emit(f"load ptr, ptr {f.emit('getelementptr ptr, ptr %blas, i64 2')}")
@@ -306,6 +302,18 @@ class Module:
         f.do(f"call void @{task}(ptr {block}, ptr null, ptr null, ptr %blas, i64 0, i64 {words['parts']})")
         f.do("ret void")
 
+    @staticmethod
+    def _argument_block(f: Function, name: str, values: list[str], names: tuple) -> str:
+        """A block of i64 words on the kernel's stack holding `values` (the first len(names) of
+        them named, the rest i64s) for a task that reads it with `blas.load_words(names)`."""
+        block = f"%{name}"
+        f.lines.insert(0, f"  {block} = alloca [{len(values)} x i64], align 8")
+        for i, value in enumerate(values):
+            pointer = i < len(names) and names[i] in blas.POINTER_ARGS
+            slot = f.emit(f"getelementptr i64, ptr {block}, i64 {i}")
+            f.do(f"store {'ptr' if pointer else 'i64'} {value}, ptr {slot}")
+        return block
+
     def _generated_gemm(self, f: Function, strides: tuple, bases: list[str], mkn: list[str],
                         sizes: dict, small: str) -> None:
         """Branch to gemm.py's kernel for a product it takes (an f32 C = A @ B, B's rows
@@ -318,13 +326,10 @@ class Module:
             use = f.emit(f"and i1 {use}, {gemm.profitable(f.emit, m, k, n)}")
         f.do(f"br i1 {use}, label %generated_gemm, label %other_gemm")
         f.label("generated_gemm")
-        f.lines.insert(0, f"  %gemm.args = alloca [{len(gemm.ARGS)} x i64], align 8")
         values = dict(zip(("a", "b", "c"), bases), m=m, n=n, k=k, a_row=a_row, a_col=a_col, ldb=ldb,
                       ldc=n)
-        for i, name in enumerate(gemm.ARGS):
-            slot = f.emit(f"getelementptr i64, ptr %gemm.args, i64 {i}")
-            f.do(f"store {'ptr' if name in blas.POINTER_ARGS else 'i64'} {values[name]}, ptr {slot}")
-        f.do("call void @graphc_sgemm(ptr %gemm.args, ptr %blas)")
+        block = self._argument_block(f, "gemm.args", [values[name] for name in gemm.ARGS], gemm.ARGS)
+        f.do(f"call void @graphc_sgemm(ptr {block}, ptr %blas)")
         f.do("ret void")
         f.label("other_gemm")
         self.uses_gemm = True

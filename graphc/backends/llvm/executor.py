@@ -71,10 +71,9 @@ class _Code:
         for key, ex in self.executors.items():
             ex._fn = _MAIN(self._compiled.address(f"graph_main_{key}"))
             ex._blas[:] = [blas.sgemm or None, blas.dgemm or None, pool]
-            calls_blas = any(k.matmul is not None for k in ex.plan.kernels)
-            # with or without the pool (GRAPHC_THREADS=1): the same calls, so the same results
-            ex._blas_threads = (threads.one_blas_thread(blas.threads)
-                                if blas.threads and calls_blas else None)
+            # with or without the pool (GRAPHC_THREADS=1): the same calls, so the same results;
+            # used by the frames that have a large product (_Frame.big_products)
+            ex._blas_threads = threads.one_blas_thread(blas.threads) if blas.threads else None
 
 
 # Fewer functions than this per part, and a part costs more (a context, a target machine, a pass

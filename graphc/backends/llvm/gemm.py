@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 
-from graphc.backends.llvm.blas import POINTER_ARGS
+from graphc.backends.llvm.blas import load_words
 
 MR = 8                  # rows of C per microkernel call
 NV = 3                  # vectors of 16 floats per row of the tile
@@ -116,9 +116,7 @@ ser:
 
 def _task() -> str:
     """Panels [lo, hi) of NR columns of C (the thread pool's task signature)."""
-    loads = "\n".join(f"  %{name}.p = getelementptr i64, ptr %args, i64 {i}\n"
-                      f"  %{name} = load {'ptr' if name in POINTER_ARGS else 'i64'}, ptr %{name}.p"
-                      for i, name in enumerate(ARGS))
+    loads = load_words(ARGS)
     return f"""define internal void @graphc_sgemm_task(ptr %args, ptr %dims, ptr %status, ptr %blas, \
 i64 %lo, i64 %hi) noinline {{
 entry:
@@ -134,23 +132,15 @@ start:
   %ap = inttoptr i64 %mem.al to ptr
   %bp = getelementptr float, ptr %ap, i64 {A_AREA}
   ; blocks of K of equal length (at most KC), then of M (a multiple of MR, within A_AREA)
-  %k1 = add i64 %k, {KC - 1}
-  %kblocks = udiv i64 %k1, {KC}
-  %kb1 = add i64 %k, %kblocks
-  %kb2 = sub i64 %kb1, 1
-  %kcb = udiv i64 %kb2, %kblocks
+{_ceil_div("kblocks", "%k", KC)}
+{_ceil_div("kcb", "%k", "%kblocks")}
   %mfit0 = udiv i64 {A_AREA}, %kcb
   %mfit1 = udiv i64 %mfit0, {MR}
   %mfit2 = mul i64 %mfit1, {MR}
   %mfit = call i64 @llvm.umax.i64(i64 %mfit2, i64 {MR})
-  %m1 = add i64 %m, %mfit
-  %m2 = sub i64 %m1, 1
-  %mblocks = udiv i64 %m2, %mfit
-  %mb1 = add i64 %m, %mblocks
-  %mb2 = sub i64 %mb1, 1
-  %mb3 = udiv i64 %mb2, %mblocks
-  %mb4 = add i64 %mb3, {MR - 1}
-  %mb5 = udiv i64 %mb4, {MR}
+{_ceil_div("mblocks", "%m", "%mfit")}
+{_ceil_div("mb3", "%m", "%mblocks")}
+{_ceil_div("mb5", "%mb3", MR)}
   %mcb = mul i64 %mb5, {MR}
   %mlast = sub i64 %m, 1
   br label %ic.head
@@ -204,6 +194,12 @@ done:
 {_naive()}
 }}
 """
+
+
+def _ceil_div(name: str, a, b) -> str:
+    """%name = ceil(a / b) for IR values or constants a, b (b > 0)."""
+    return (f"  %{name}.up = add i64 {a}, {b}\n  %{name}.up1 = sub i64 %{name}.up, 1\n"
+            f"  %{name} = udiv i64 %{name}.up1, {b}")
 
 
 def _naive() -> str:
@@ -264,10 +260,10 @@ def _pack_a() -> str:
              "  %pa.more = icmp ult i64 %pa.ir, %mc",
              "  br i1 %pa.more, label %pa.block, label %pa.done",
              "pa.block:",
-             "  %pa.base = mul i64 %pa.ir, %kc"]
+             "  %pa.base = mul i64 %pa.ir, %kc",
+             "  %pa.first = add i64 %ic, %pa.ir"]
     for r in range(MR):
-        lines += [f"  %pa.row{r}.0 = add i64 %ic, %pa.ir",
-                  f"  %pa.row{r} = add i64 %pa.row{r}.0, {r}",
+        lines += [f"  %pa.row{r} = add i64 %pa.first, {r}",
                   f"  %pa.in{r} = icmp ult i64 %pa.row{r}, %m",
                   f"  %pa.rowc{r} = call i64 @llvm.umin.i64(i64 %pa.row{r}, i64 %mlast)",
                   f"  %pa.roff{r} = mul i64 %pa.rowc{r}, %a_row"]

@@ -1,6 +1,6 @@
 """Workload (f), the GPT, in PyTorch (eager and torch.compile) and JAX (jit), as people write it:
 layer norm, causal scaled-dot-product attention over 4 heads, a GELU MLP, the output layer tied to
-the embedding, cross-entropy over every position, gradients clipped to norm 1 and AdamW (β₂ 0.99,
+the embedding, cross-entropy over every position, gradients clipped to norm 1 and AdamW (β₂ 0.999,
 weight decay 0.1 on the matrices and tables: graphc's `weight` role), starting from graphc's
 parameters. torch.compile compiles the loss (forward and backward) and the optimizer's step."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from bench.gpt import CONTEXT, HEADS, LAYERS, VOCAB, WIDTH, block_prefix
 from bench.peers import Runner
 from bench.workloads import N_BATCHES, Workload
 
-LR, BETA1, BETA2, EPS, DECAY, CLIP = 1e-3, 0.9, 0.99, 1e-8, 0.1, 1.0
+LR, BETA1, BETA2, EPS, DECAY, CLIP = 1e-3, 0.9, 0.999, 1e-8, 0.1, 1.0
 
 
 def _decayed(name: str) -> bool:

@@ -58,3 +58,13 @@ def test_compile_table_reads_results_without_the_build_command_series(bench_modu
     old = {"repeats": 3, "build": {"numpy": {"m.nn": {"cold": timings, "warm": timings}}},
            "first_step": {"numpy": {"skipped": "no"}}}
     assert "m.nn" in report.compile_table(old) and "graphc build" not in report.compile_table(old)
+
+
+def test_sample_words_counts_the_share_of_words_the_training_text_has(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import sample_words
+
+    vocabulary = set(sample_words.words("Thou art my LORD; 'tis so. O'er the hill"))
+    assert {"thou", "lord", "'tis", "o'er"} <= vocabulary
+    assert sample_words.known_share("thou art zqx,\nmy Lord wizzle", vocabulary) == pytest.approx(4 / 6)
+    assert sample_words.known_share("\n\n:!", vocabulary) == 0.0

@@ -432,7 +432,10 @@ def test_ctrl_c_stops_every_rank_with_one_message(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "graphc", "train", str(DIGITS), "--ranks", "2",
                              "--epochs", "500", "--backend", "numpy", "--out", str(out)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=base, start_new_session=True)
+                            env=base, start_new_session=True,
+                            # a terminal's foreground job takes SIGINT; a background job (a suite
+                            # started with `&` from a script) inherits it ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + TIMEOUT
         while "epoch 1:" not in proc.stdout.readline() and time.monotonic() < deadline:
